@@ -1,0 +1,98 @@
+"""The ``sgdgeom`` command.
+
+Bad input (a config key, a dataset file, a data root, ...) ends with a one-line
+``sgdgeom: error: ...`` message on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sgdgeom.errors import SgdgeomError
+
+app = typer.Typer(
+    name="sgdgeom",
+    help="The geometry of SGD noise in weight space: diffusion matrices, diffusion metrics, "
+    "layer temperatures and partial local entropy.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+DataRoot = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root",
+        help="Directory holding the dataset files (mnist/, "
+        "fashion-mnist/, cifar-10-batches-py/, stl10_binary/).",
+    ),
+]
+Device = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda or auto; overrides the config.")
+]
+
+
+@app.command()
+def datasets(data_root: DataRoot = None) -> None:
+    """List the datasets, where each comes from, and whether it is available now."""
+    from sgdgeom.data import DATASETS, load_dataset
+
+    typer.echo(f"{'name':<14} {'available':<10} {'description'}")
+    for spec in DATASETS.values():
+        if spec.embedded:
+            status = "offline"
+        elif data_root is None:
+            status = "no root"
+        else:
+            try:
+                load_dataset(spec.name, data_root)
+                status = "yes"
+            except SgdgeomError:
+                status = "missing"
+        typer.echo(f"{spec.name:<14} {status:<10} {spec.description}")
+        if not spec.embedded:
+            typer.echo(f"{'':<25} files: {spec.layout}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="An experiment config (YAML).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory; default runs/NAME.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")
+    ] = False,
+    data_root: DataRoot = None,
+    device: Device = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train one config; write metrics.jsonl, checkpoint.pt and final.json to the run dir."""
+    from sgdgeom.experiments.config import load_config
+    from sgdgeom.experiments.runner import run_training
+
+    cfg = load_config(config)
+    out_dir = out if out is not None else Path("runs") / cfg.name
+    final = run_training(
+        cfg, out_dir, resume=resume, data_root=data_root, device=device, progress=progress
+    )
+    typer.echo(json.dumps(final, indent=2))
+    typer.echo(f"results in {out_dir}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning sgdgeom's errors into one-line messages."""
+    try:
+        app()
+    except SgdgeomError as err:
+        typer.echo(f"sgdgeom: error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

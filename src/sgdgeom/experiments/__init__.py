@@ -1,0 +1,1 @@
+"""Experiments: configs, the runner, and (later) sweeps, the result store and plots."""

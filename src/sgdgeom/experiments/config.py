@@ -1,0 +1,189 @@
+"""Experiment configs: YAML validated by pydantic.
+
+A config is a mapping with the sections ``data``, ``model``, ``optimizer`` and ``train``
+(see :class:`ExperimentConfig`). Every key is checked: an unknown key or a bad value is a
+:class:`~sgdgeom.errors.ConfigError` that names the key and what is allowed.
+
+Example:
+    >>> cfg = parse_config({
+    ...     "name": "demo", "data": {"name": "digits"}, "model": {"name": "mlp"},
+    ...     "optimizer": {"name": "sgd", "lr": 0.1}, "train": {"epochs": 1}})
+    >>> cfg.model.options
+    {}
+    >>> parse_config({"name": "x", "data": {"name": "digits", "bs": 1},
+    ...     "model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.1},
+    ...     "train": {"epochs": 1}})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    sgdgeom.errors.ConfigError: config: data.bs: unknown key; allowed: ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sgdgeom.data import AUGMENTATIONS, DATASETS
+from sgdgeom.errors import ConfigError
+from sgdgeom.models import MODELS
+
+__all__ = [
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "config_hash",
+    "load_config",
+    "parse_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Which dataset, how it is batched and augmented."""
+
+    name: str
+    batch_size: int = Field(64, ge=1)
+    test_batch_size: int = Field(1000, ge=1)
+    augment: str | None = None
+    n_train: int | None = Field(None, ge=1)
+    n_test: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        return name
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentation(cls, name: str | None) -> str | None:
+        if name is not None and name not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {name!r}; allowed: {', '.join(AUGMENTATIONS)}")
+        return name
+
+
+def _model_options(name: str) -> list[str]:
+    params = inspect.signature(MODELS[name]).parameters
+    return [p for p in params if p not in ("input_shape", "num_classes")]
+
+
+class ModelConfig(_Strict):
+    """A model of :data:`sgdgeom.models.MODELS` and its options (``depth``, ``width``,
+    ``activation``, ...), written beside ``name`` in the YAML."""
+
+    name: str
+    init: Literal["default", "kaiming"] = "default"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "options" in data:
+            return data
+        name = data.get("name")
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+        allowed = _model_options(name)
+        options = {k: v for k, v in data.items() if k not in ("name", "init")}
+        for key in options:
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown key {key!r} for model {name!r}; allowed: "
+                    f"{', '.join(['name', 'init', *allowed])}"
+                )
+        return {"name": name, "init": data.get("init", "default"), "options": options}
+
+
+class OptimizerConfig(_Strict):
+    """The optimizer: plain or momentum SGD (``sgd``) or Adam (``adam``)."""
+
+    name: Literal["sgd", "adam"]
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+
+
+class TrainConfig(_Strict):
+    """How long to train and where."""
+
+    epochs: int = Field(ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ExperimentConfig(_Strict):
+    """One training run: dataset, model, optimizer and schedule, plus a seed."""
+
+    name: str
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    train: TrainConfig
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at ``loc`` (the location of an unknown key) in ``model``."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (inspect.isclass(annotation) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(ExperimentConfig, loc))
+            lines.append(f"{where}: unknown key; allowed: {allowed}")
+        elif item["type"] == "missing":
+            lines.append(f"{where}: missing key")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {message} (got {item.get('input')!r})")
+    return f"{source}: " + "; ".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
+    """Validate a mapping as an :class:`ExperimentConfig`, or raise a :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    return parse_config(data, str(path))
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """A short stable hash of the config's content (the key of the result store)."""
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,101 @@
+"""Run one experiment config: build the data, model and optimizer, then train.
+
+The run directory holds ``config.yaml`` (the validated config), ``metrics.jsonl``,
+``checkpoint.pt`` and, once finished, ``final.json``. A directory that already holds a run
+is never overwritten: resume it, or choose another directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from sgdgeom.data import augmentation, load_dataset
+from sgdgeom.errors import ConfigError
+from sgdgeom.experiments.config import ExperimentConfig, OptimizerConfig, config_hash, parse_config
+from sgdgeom.models import build_model
+from sgdgeom.train import CHECKPOINT, METRICS, Callback, Trainer, atomic_write_bytes
+
+__all__ = ["build_optimizer", "run_training"]
+
+
+def build_optimizer(
+    config: OptimizerConfig, params: Iterable[nn.Parameter]
+) -> torch.optim.Optimizer:
+    """The optimizer a config names, over ``params``."""
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.nesterov,
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _prepare_run_dir(config: ExperimentConfig, out_dir: Path, resume: bool) -> None:
+    saved = out_dir / "config.yaml"
+    if saved.is_file():
+        previous = parse_config(yaml.safe_load(saved.read_text()), str(saved))
+        if config_hash(previous) != config_hash(config):
+            raise ConfigError(f"{out_dir} holds a run of a different config; choose another --out")
+        if not resume and ((out_dir / CHECKPOINT).exists() or (out_dir / METRICS).exists()):
+            raise ConfigError(
+                f"{out_dir} already holds this run; pass --resume to continue it, or choose "
+                f"another --out"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    atomic_write_bytes(saved, text.encode())
+
+
+def run_training(
+    config: ExperimentConfig,
+    out_dir: str | Path | None,
+    *,
+    resume: bool = False,
+    data_root: str | Path | None = None,
+    device: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the run a config describes and return its final summary (see :class:`Trainer`).
+
+    ``device`` overrides the config's ``train.device``.
+    """
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        _prepare_run_dir(config, out, resume)
+    dataset = load_dataset(config.data.name, data_root).subset(
+        config.data.n_train, config.data.n_test
+    )
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model.name,
+        dataset.input_shape,
+        dataset.num_classes,
+        init=config.model.init,
+        **config.model.options,
+    )
+    optimizer = build_optimizer(config.optimizer, model.parameters())
+    trainer = Trainer(
+        model,
+        dataset,
+        optimizer,
+        epochs=config.train.epochs,
+        batch_size=config.data.batch_size,
+        test_batch_size=config.data.test_batch_size,
+        augment=augmentation(config.data.augment) if config.data.augment else None,
+        callbacks=callbacks,
+        out_dir=out,
+        seed=config.seed,
+        device=device or config.train.device,
+        progress=progress,
+    )
+    return trainer.fit(resume=resume)

@@ -1,0 +1,227 @@
+"""The papers' architectures, by name, with stable readable layer names.
+
+Configs select layers by name (``fc1``, ``fc2``, ``out``, ``conv1``, ...), so the names are
+part of the contract:
+
+- ``fc``: Musso §4 and Fig. 1. ``depth`` hidden Linear layers ``fc1..fcL`` of ``width``
+  units (784 = 28² in the paper), then ``out`` with one unit per class.
+- ``cnn-cifar10``: Musso eq. (24). Five 3x3 valid convolutions ``conv1..conv5`` (3-64-64,
+  max-pool, 64-128-128-128, max-pool), then ``fc1``, ``fc2`` of width 128·4·4 and ``out``.
+- ``cnn-stl10``: Musso eq. (25), the same with channels 8-8, 16-16-16 on 96x96 images, so
+  the head is 16·20·20 wide.
+- ``mlp``: a small MLP of any widths, for tests and quick experiments.
+- ``small-cnn``: a two-convolution CNN for tests.
+
+Example:
+    >>> model = build_model("fc", input_shape=(1, 28, 28), num_classes=10, depth=2)
+    >>> [name for name, _ in model.named_children() if name.startswith(("fc", "out"))]
+    ['fc1', 'fc2', 'out']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+
+from sgdgeom.errors import ConfigError
+
+__all__ = ["ACTIVATIONS", "MODELS", "ConvNet", "FullyConnected", "build_model", "kaiming_init"]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def _activation(name: str) -> Callable[[], nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class FullyConnected(nn.Module):
+    """Flatten, then hidden layers ``fc1..fcL`` with an activation each, then ``out``.
+
+    Shapes: input ``(B, *input_shape)``, output ``(B, num_classes)`` logits.
+    """
+
+    def __init__(
+        self, in_features: int, num_classes: int, widths: Sequence[int], activation: str = "relu"
+    ) -> None:
+        super().__init__()
+        act = _activation(activation)
+        self.flatten = nn.Flatten()
+        self.hidden = [f"fc{i}" for i in range(1, len(widths) + 1)]
+        fan_in = in_features
+        for name, width in zip(self.hidden, widths, strict=True):
+            self.add_module(name, nn.Linear(fan_in, width))
+            self.add_module(f"act_{name}", act())
+            fan_in = width
+        self.out = nn.Linear(fan_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.flatten(x)
+        for name in self.hidden:
+            x = getattr(self, f"act_{name}")(getattr(self, name)(x))
+        return self.out(x)
+
+
+class ConvNet(nn.Module):
+    """Musso's CNNs (24), (25): ``conv1, conv2``, max-pool, ``conv3..conv5``, max-pool,
+    then a fully connected head ``fc1, fc2, out`` whose hidden width equals the flattened
+    feature size. All kernels are 3x3 without padding; pools are 2x2.
+
+    Shapes: input ``(B, C, H, W)``, output ``(B, num_classes)``.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (64, 64, 128, 128, 128),
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        if len(channels) != 5:
+            raise ConfigError(f"ConvNet needs 5 conv channel counts, got {list(channels)}")
+        act = _activation(activation)
+        c, h, w = input_shape
+        stages = (channels[:2], channels[2:])
+        layers: list[tuple[str, nn.Module]] = []
+        index = 0
+        for stage_index, stage in enumerate(stages, start=1):
+            for out_c in stage:
+                index += 1
+                layers += [(f"conv{index}", nn.Conv2d(c, out_c, 3)), (f"act_conv{index}", act())]
+                c, h, w = out_c, h - 2, w - 2
+            layers.append((f"pool{stage_index}", nn.MaxPool2d(2)))
+            h, w = h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ConfigError(f"input {tuple(input_shape)} is too small for ConvNet")
+        width = c * h * w
+        layers += [
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(width, width)),
+            ("act_fc1", act()),
+            ("fc2", nn.Linear(width, width)),
+            ("act_fc2", act()),
+            ("out", nn.Linear(width, num_classes)),
+        ]
+        for name, module in layers:
+            self.add_module(name, module)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for module in self.children():
+            x = module(x)
+        return x
+
+
+class SmallCNN(nn.Module):
+    """Two padded 3x3 convolutions with a max-pool between, then ``out``; for tests."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: int = 4,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        act = _activation(activation)
+        c, h, w = input_shape
+        self.conv1 = nn.Conv2d(c, channels, 3, padding=1)
+        self.act_conv1 = act()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act_conv2 = act()
+        self.flatten = nn.Flatten()
+        self.out = nn.Linear(channels * (h // 2) * (w // 2), num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.act_conv1(self.conv1(x)))
+        return self.out(self.flatten(self.act_conv2(self.conv2(x))))
+
+
+def kaiming_init(model: nn.Module) -> nn.Module:
+    """Kaiming-normal weights (He et al. 2015, fan-in, ReLU gain) and zero biases for every
+    Linear and Conv2d layer, as Musso §5 uses. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
+def _fc(
+    input_shape: Sequence[int],
+    num_classes: int,
+    depth: int = 2,
+    width: int = 784,
+    activation: str = "relu",
+) -> nn.Module:
+    if depth not in (1, 2, 3, 4):
+        raise ConfigError(f"fc depth must be 1, 2, 3 or 4 hidden layers, got {depth}")
+    return FullyConnected(math.prod(input_shape), num_classes, [width] * depth, activation)
+
+
+def _mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    widths: Sequence[int] = (16, 16),
+    activation: str = "tanh",
+) -> nn.Module:
+    return FullyConnected(math.prod(input_shape), num_classes, list(widths), activation)
+
+
+def _cnn(channels: tuple[int, ...]) -> Callable[..., nn.Module]:
+    def build(input_shape: Sequence[int], num_classes: int, activation: str = "relu") -> nn.Module:
+        if len(input_shape) != 3:
+            raise ConfigError(f"a CNN needs image input (C, H, W), got {tuple(input_shape)}")
+        return ConvNet(input_shape, num_classes, channels, activation)
+
+    return build
+
+
+def _small_cnn(
+    input_shape: Sequence[int], num_classes: int, channels: int = 4, activation: str = "relu"
+) -> nn.Module:
+    if len(input_shape) != 3:
+        raise ConfigError(f"a CNN needs image input (C, H, W), got {tuple(input_shape)}")
+    return SmallCNN(input_shape, num_classes, channels, activation)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "fc": _fc,
+    "mlp": _mlp,
+    "cnn-cifar10": _cnn((64, 64, 128, 128, 128)),
+    "cnn-stl10": _cnn((8, 8, 16, 16, 16)),
+    "small-cnn": _small_cnn,
+}
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    init: str = "default",
+    **options: object,
+) -> nn.Module:
+    """Build a model by name (see :data:`MODELS`).
+
+    Args:
+        name: a key of :data:`MODELS`.
+        input_shape: the shape of one sample, e.g. ``(1, 28, 28)``.
+        num_classes: the number of output logits.
+        init: ``"default"`` (PyTorch's) or ``"kaiming"`` (see :func:`kaiming_init`).
+        **options: the builder's own options, e.g. ``depth``, ``width``, ``activation``.
+    """
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if init not in ("default", "kaiming"):
+        raise ConfigError(f"unknown init {init!r}; choose default or kaiming")
+    try:
+        model = MODELS[name](tuple(input_shape), num_classes, **options)
+    except TypeError as err:
+        raise ConfigError(f"bad options {sorted(options)} for model {name!r}: {err}") from None
+    return kaiming_init(model) if init == "kaiming" else model

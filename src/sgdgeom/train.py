@@ -1,0 +1,334 @@
+"""The training loop: callbacks, evaluation, JSON-lines metrics, checkpoints and resume.
+
+A :class:`Trainer` runs minibatch training on an in-memory :class:`~sgdgeom.data.Dataset`.
+Everything that later work hooks into is a :class:`Callback`: before and after the step,
+after backward (the gradients are there), and at the end of an epoch (a callback may add
+its own named metrics to the epoch's record).
+
+Reproducibility and resume: the shuffling and torch's global random state are re-seeded at
+the start of every epoch from ``(seed, epoch)``, so a run resumed from the checkpoint of
+epoch ``e`` replays epoch ``e + 1`` exactly as an uninterrupted run would. Checkpoints and
+metrics are written atomically at the end of each epoch; a NaN or infinite loss stops the
+run with :class:`~sgdgeom.errors.NonFiniteLossError` and leaves the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sgdgeom.data import Dataset, batches
+from sgdgeom.errors import NonFiniteLossError, SgdgeomError
+
+__all__ = ["Callback", "Trainer", "atomic_write_bytes", "read_jsonl", "resolve_device"]
+
+Objective = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+
+
+class Callback:
+    """Hooks into :class:`Trainer`. Override what you need; all default to doing nothing.
+
+    A callback that keeps state across epochs returns it from :meth:`state_dict`, so that it
+    is saved in the checkpoint and restored on resume.
+    """
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """Before the first epoch (also after a resume)."""
+
+    def on_step_begin(self, trainer: Trainer, x: Tensor, y: Tensor) -> None:
+        """Before the forward pass of a step."""
+
+    def on_after_backward(self, trainer: Trainer, x: Tensor, y: Tensor, loss: Tensor) -> None:
+        """After ``loss.backward()``, before ``optimizer.step()``: gradients are populated."""
+
+    def on_step_end(self, trainer: Trainer, x: Tensor, y: Tensor, loss: Tensor) -> None:
+        """After ``optimizer.step()``."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        """After evaluation; add named entries to ``metrics`` to have them logged."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when available; ``"cuda"`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SgdgeomError(
+            "device 'cuda' was requested but no CUDA GPU is available; use --device cpu"
+        )
+    return torch.device(device)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete record of a JSON-lines file (a torn last line is skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _cross_entropy_objective(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    logits = model(x)
+    return nn.functional.cross_entropy(logits, y), logits
+
+
+class Trainer:
+    """Minibatch training with evaluation, metrics, checkpoints and resume.
+
+    Args:
+        model: the network; moved to ``device``.
+        dataset: an in-memory dataset; its train part is shuffled every epoch.
+        optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
+        epochs: the number of epochs to train.
+        batch_size: the minibatch size.
+        objective: ``(model, x, y) -> (loss, logits)`` for one minibatch; cross-entropy by
+            default. Partial local entropy and other losses plug in here.
+        augment: a batched augmentation applied to training images before normalisation.
+        callbacks: see :class:`Callback`.
+        out_dir: where ``metrics.jsonl``, ``checkpoint.pt`` and ``final.json`` go; None
+            keeps everything in memory.
+        seed: seeds the shuffling and the global random state of every epoch.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        progress: show a tqdm progress bar.
+
+    Example:
+        >>> from sgdgeom.data import load_dataset
+        >>> from sgdgeom.models import build_model
+        >>> ds = load_dataset("digits").subset(256, 128)
+        >>> model = build_model("mlp", ds.input_shape, 10)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> final = Trainer(model, ds, opt, epochs=1, batch_size=32, progress=False).fit()
+        >>> sorted(final)[:3]
+        ['best_epoch', 'best_test_acc', 'epochs']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epochs: int,
+        batch_size: int,
+        objective: Objective = _cross_entropy_objective,
+        augment: nn.Module | None = None,
+        callbacks: Sequence[Callback] = (),
+        out_dir: str | Path | None = None,
+        seed: int = 0,
+        device: str = "auto",
+        test_batch_size: int = 1000,
+        progress: bool = True,
+    ) -> None:
+        if epochs < 1 or batch_size < 1 or test_batch_size < 1:
+            raise ValueError(
+                f"epochs, batch_size and test_batch_size must be >= 1, got {epochs}, "
+                f"{batch_size}, {test_batch_size}"
+            )
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.dataset = dataset
+        self.optimizer = optimizer
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.test_batch_size = test_batch_size
+        self.objective = objective
+        self.augment = augment
+        self.callbacks = list(callbacks)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.seed = seed
+        self.progress = progress
+        self.epoch = 0  # epochs completed
+        self.step = 0  # steps completed in all
+        self.history: list[dict[str, Any]] = []
+        self._x_train = dataset.x_train.to(self.device)
+        self._y_train = dataset.y_train.to(self.device)
+        self._x_test = dataset.normalize(dataset.x_test.to(self.device))
+        self._y_test = dataset.y_test.to(self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / CHECKPOINT if self.out_dir is not None else None
+
+    def _save_checkpoint(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "epoch": self.epoch,
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "callbacks": [cb.state_dict() for cb in self.callbacks],
+                "history": self.history,
+            },
+            buffer,
+        )
+        atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+
+    def _resume(self) -> None:
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            return
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as err:  # a damaged or foreign checkpoint must not train silently
+            raise SgdgeomError(f"cannot resume from {path}: {err}") from None
+        for callback, cb_state in zip(self.callbacks, state["callbacks"], strict=False):
+            callback.load_state_dict(cb_state)
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        # Metrics of an epoch after the checkpoint were never confirmed: rewrite the log.
+        self._write_metrics_log()
+
+    def _write_metrics_log(self) -> None:
+        if self.out_dir is None:
+            return
+        text = "".join(json.dumps(record) + "\n" for record in self.history)
+        atomic_write_bytes(self.out_dir / METRICS, text.encode())
+
+    # ------------------------------------------------------------------ loop
+
+    def evaluate(self) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy on the test part."""
+        self.model.eval()
+        loss_sum, correct = 0.0, 0
+        with torch.no_grad():
+            for x, y in batches(self._x_test, self._y_test, self.test_batch_size):
+                logits = self.model(x)
+                loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(1) == y).sum().item()
+        n = len(self._y_test)
+        return loss_sum / n, correct / n
+
+    def _train_epoch(self, bar: tqdm) -> dict[str, float]:
+        epoch = self.epoch + 1
+        epoch_seed = self.seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)
+        generator = torch.Generator().manual_seed(epoch_seed)
+        self.model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step_in_epoch, (x_raw, y) in enumerate(
+            batches(self._x_train, self._y_train, self.batch_size, generator=generator), 1
+        ):
+            x = self.augment(x_raw) if self.augment is not None else x_raw
+            x = self.dataset.normalize(x)
+            for cb in self.callbacks:
+                cb.on_step_begin(self, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, logits = self.objective(self.model, x, y)
+            value = loss.item()
+            if not torch.isfinite(loss):
+                where = f"epoch {epoch}, step {step_in_epoch}"
+                kept = (
+                    f"the last good checkpoint is {self.checkpoint_path} (epoch {self.epoch})"
+                    if self.checkpoint_path is not None and self.epoch > 0
+                    else "no checkpoint was written yet"
+                )
+                raise NonFiniteLossError(
+                    f"the loss became {value} at {where}; {kept}. Lower the learning rate "
+                    f"or check the data."
+                )
+            loss.backward()
+            for cb in self.callbacks:
+                cb.on_after_backward(self, x, y, loss)
+            self.optimizer.step()
+            self.step += 1
+            for cb in self.callbacks:
+                cb.on_step_end(self, x, y, loss)
+            loss_sum += value * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
+        return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train for the remaining epochs and return the final summary.
+
+        With ``resume=True`` it continues from ``out_dir/checkpoint.pt`` if there is one.
+        The summary holds the final and best test accuracy and the epoch of the best.
+        """
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        steps_per_epoch = -(-len(self._y_train) // self.batch_size)
+        with tqdm(
+            total=steps_per_epoch * self.epochs,
+            initial=steps_per_epoch * self.epoch,
+            disable=not self.progress,
+            desc="train",
+            unit="step",
+            leave=False,
+        ) as bar:
+            while self.epoch < self.epochs:
+                start = time.perf_counter()
+                record: dict[str, Any] = {"epoch": self.epoch + 1}
+                record |= self._train_epoch(bar)
+                record["test_loss"], record["test_acc"] = self.evaluate()
+                record["seconds"] = time.perf_counter() - start
+                self.epoch += 1
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, self.epoch, record)
+                self.history.append(record)
+                self._save_checkpoint()
+                self._write_metrics_log()
+        final = self.summary()
+        if self.out_dir is not None:
+            atomic_write_bytes(self.out_dir / FINAL, json.dumps(final, indent=2).encode())
+        return final
+
+    def summary(self) -> dict[str, Any]:
+        """Final and best test accuracy of the epochs so far."""
+        if not self.history:
+            return {"epochs": 0}
+        best = max(self.history, key=lambda r: r["test_acc"])
+        last = self.history[-1]
+        return {
+            "epochs": self.epoch,
+            "final_test_acc": last["test_acc"],
+            "final_test_loss": last["test_loss"],
+            "final_train_loss": last["train_loss"],
+            "best_test_acc": best["test_acc"],
+            "best_epoch": best["epoch"],
+        }

@@ -1,0 +1,73 @@
+"""Config validation: every key is checked and errors name the key and the choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sgdgeom.errors import ConfigError
+from sgdgeom.experiments.config import config_hash, load_config, parse_config
+
+BASE = {
+    "name": "t",
+    "data": {"name": "digits"},
+    "model": {"name": "fc", "depth": 2},
+    "optimizer": {"name": "sgd", "lr": 0.1},
+    "train": {"epochs": 1},
+}
+
+
+def with_(section, **values):
+    return {**BASE, section: {**BASE[section], **values}}
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_unknown_key_names_key_and_allowed():
+    with pytest.raises(ConfigError, match=r"optimizer\.lrr: unknown key; allowed: name, lr, "):
+        parse_config(with_("optimizer", lrr=0.1))
+    with pytest.raises(ConfigError, match=r"\(top level\)|optimiser: unknown key"):
+        parse_config({**BASE, "optimiser": {}})
+
+
+def test_unknown_model_option_lists_options():
+    with pytest.raises(
+        ConfigError,
+        match="unknown key 'channels' for model 'fc'; allowed: name, "
+        "init, depth, width, activation",
+    ):
+        parse_config(with_("model", channels=3))
+
+
+def test_bad_values_name_the_choices():
+    with pytest.raises(ConfigError, match=r"optimizer\.name: .*'sgd' or 'adam'"):
+        parse_config(with_("optimizer", name="lbfgs"))
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: .*greater than 0"):
+        parse_config(with_("optimizer", lr=-1))
+    with pytest.raises(ConfigError, match=r"data\.name: unknown dataset 'foo'; allowed: digits"):
+        parse_config(with_("data", name="foo"))
+    with pytest.raises(ConfigError, match=r"train: missing key"):
+        parse_config({k: v for k, v in BASE.items() if k != "train"})
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_hash_depends_on_content_only():
+    assert config_hash(parse_config(BASE)) == config_hash(parse_config(dict(BASE)))
+    assert config_hash(parse_config(BASE)) != config_hash(parse_config(with_("optimizer", lr=1)))
