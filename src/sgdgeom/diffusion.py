@@ -1,0 +1,347 @@
+r"""The diffusion matrix of SGD: the covariance of the per-sample gradients, as an operator.
+
+Fioresi, Chaudhari, Soatto (2020), eq. (2)-(3):
+
+.. math::
+
+    D = \frac1N \sum_i (g_i - \bar g)(g_i - \bar g)^\top
+      = \frac1N \sum_i g_i g_i^\top - \bar g \bar g^\top
+      = \frac{1}{N^2} \langle \partial_r \hat f, \partial_s \hat f \rangle,
+
+with :math:`g_i = \nabla f_i` the per-sample gradients (``d`` entries each) and
+:math:`\bar g = \nabla f` their mean. D is ``d x d``, symmetric positive semi-definite, of
+rank at most ``N - 1`` (F3), and zero iff all :math:`g_i` are equal. It is never formed:
+
+- ``D @ v = (1/N) Σ_i (c_i - c̄) g_i`` with ``c = G v`` (one JVP, then one VJP);
+- the centred Gram matrix ``K = (1/N) G_c G_cᵀ`` (``N x N``) has exactly the nonzero
+  eigenvalues of D, and its eigenvectors ``w`` map to D's as ``u = G_cᵀ w / sqrt(N λ)``.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    >>> x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    >>> D = DiffusionMatrix(model, "cross_entropy", (x, y))
+    >>> D.shape, D.rank() <= 15
+    ((67, 67), True)
+    >>> v = torch.randn(67, dtype=torch.float64)
+    >>> bool(torch.allclose(D @ v, D.dense() @ v))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sgdgeom.params import ParamSpace
+from sgdgeom.persample import (
+    DataSource,
+    FuncProducts,
+    LossSpec,
+    PerSampleProducts,
+    make_products,
+)
+
+__all__ = ["DiffusionMatrix", "LayerBlock", "LayerTrace"]
+
+DENSE_LIMIT = 8192  # dense() refuses d above this (a d x d float64 matrix of 512 MiB)
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """The trace of a layer's diagonal block ``D_I``: ``trace = tr D_I``, ``numel = N_I``
+    (the scalars it sums over) and ``per_param = tr D_I / N_I``, the layer's diffusion
+    temperature (DESIGN §1, Musso eq. 2)."""
+
+    trace: float
+    numel: int
+
+    @property
+    def per_param(self) -> float:
+        return self.trace / self.numel
+
+
+class DiffusionMatrix:
+    """The diffusion matrix ``D`` of a model's per-sample losses on a dataset (F2, F3).
+
+    Args:
+        model: any ``nn.Module``; BatchNorm and Dropout must be in eval mode. ``D`` is that
+            of the parameters at construction time.
+        loss_fn: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``, a matching loss
+            module, or a function ``(output, target) -> (B,)`` per-sample losses.
+        data: a batch ``(x, y)`` or a DataLoader over the dataset (``shuffle=False``),
+            streamed in chunks.
+        route: ``"auto"`` (the Linear/Conv2d fast route when it applies), ``"fast"`` or
+            ``"generic"`` (torch.func, any model).
+        chunk_size: samples per chunk (``None``: a batch is one chunk).
+        cache: the fast route caches layer inputs and output gradients (``O(N x widths)``,
+            never ``N x d``) when they fit in memory (``"auto"``), always, or never.
+        progress: show progress bars while streaming the data.
+
+    Vectors are flat tensors of shape ``(d,)`` in ``model.named_parameters()`` order
+    (see :class:`~sgdgeom.params.ParamSpace`); ``D @ v`` also accepts a dict by name, or a
+    ``(d, k)`` matrix of k vectors.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossSpec = "cross_entropy",
+        data: Any = None,
+        *,
+        route: str = "auto",
+        chunk_size: int | None = 1024,
+        cache: bool | str = "auto",
+        progress: bool = False,
+    ) -> None:
+        if data is None:
+            raise ValueError("data is required: a batch (x, y) or a DataLoader")
+        self.space = ParamSpace(model)
+        source = DataSource(data, chunk_size, self.space.device)
+        self.products: PerSampleProducts = make_products(
+            model, loss_fn, source, route=route, cache=cache, progress=progress
+        )
+        self.n = self.products.n
+
+    @classmethod
+    def from_products(cls, products: PerSampleProducts) -> DiffusionMatrix:
+        """A diffusion matrix over products already at hand (e.g. a training minibatch)."""
+        self = cls.__new__(cls)
+        self.space, self.products, self.n = products.space, products, products.n
+        return self
+
+    @property
+    def route(self) -> str:
+        """``"generic"`` (torch.func) or ``"fast"`` (Linear/Conv2d captures)."""
+        return "generic" if isinstance(self.products, FuncProducts) else "fast"
+
+    def __repr__(self) -> str:
+        return f"DiffusionMatrix(d={self.space.dim}, N={self.n}, route={self.route!r})"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.space.dim, self.space.dim)
+
+    # ------------------------------------------------------------------ products
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``D v = (1/N) Gᵀ (c - c̄)`` with ``c = G v``: one JVP and one VJP, ``(d,) -> (d,)``."""
+        c = self.products.jvp(v)
+        return self.products.vjp(c - c.mean()) / self.n
+
+    def __matmul__(self, v: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        if isinstance(v, dict):
+            return self.space.unflatten(self.matvec(self.space.flatten(v)))
+        if v.dim() == 2:
+            return torch.stack([self.matvec(col) for col in v.T], 1)
+        return self.matvec(v)
+
+    @cached_property
+    def _mean_gradient(self) -> Tensor:
+        ones = torch.full((self.n,), 1.0 / self.n, dtype=self.space.dtype, device=self.space.device)
+        return self.products.vjp(ones)
+
+    def mean_gradient(self) -> Tensor:
+        """``ḡ = ∇f = (1/N) Σ_i g_i``, shape ``(d,)``."""
+        return self._mean_gradient
+
+    # ------------------------------------------------------------------ Gram and spectrum
+
+    @cached_property
+    def _gram(self) -> Tensor:
+        raw = self.products.gram()
+        row = raw.mean(0, keepdim=True)
+        centred = raw - row - row.T + raw.mean()
+        return (centred + centred.T) / (2 * self.n)
+
+    def gram(self) -> Tensor:
+        """The centred Gram matrix ``K = (1/N) G_c G_cᵀ``, ``(N, N)``, whose eigenvalues are
+        the nonzero eigenvalues of D. For Linear layers it is built from inner products of
+        layer inputs and output gradients, ``(a_i·a_j)(δ_i·δ_j)``, without forming G."""
+        return self._gram
+
+    @cached_property
+    def _eigh(self) -> tuple[Tensor, Tensor]:
+        values, vectors = torch.linalg.eigh(self._gram.double())
+        return values.flip(0), vectors.flip(1)
+
+    def eigvalsh(self) -> Tensor:
+        """All ``N`` eigenvalues of K in descending order, float64: D's nonzero spectrum
+        followed by (numerical) zeros; D's remaining ``d - N`` eigenvalues are zero."""
+        return self._eigh[0]
+
+    def eigh(self, k: int) -> tuple[Tensor, Tensor]:
+        """The top-k eigenpairs of D through the Gram matrix: values ``(k,)`` and orthonormal
+        eigenvectors ``(d, k)``, ``u = G_cᵀ w / sqrt(N λ)`` (exact, k VJPs)."""
+        self._check_k(k, self.n)
+        values, vectors = self._eigh[0][:k], self._eigh[1][:, :k]
+        if bool((values <= 0).any()):
+            raise ValueError(f"D has only {self.rank()} nonzero eigenvalues; ask for k <= that")
+        columns = []
+        for lam, w in zip(values, vectors.T, strict=True):
+            w = (w - w.mean()).to(self.space.dtype)
+            columns.append(self.products.vjp(w) / math.sqrt(self.n * float(lam)))
+        return values.to(self.space.dtype), torch.stack(columns, 1)
+
+    def eigsh(self, k: int, tol: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """The top-k eigenpairs of D by Lanczos on the matvec (scipy's ARPACK ``eigsh``),
+        never forming D or K: values ``(k,)`` descending, eigenvectors ``(d, k)``."""
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        d = self.space.dim
+        self._check_k(k, d - 1)
+
+        def matvec(v: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(
+                np.ascontiguousarray(v).reshape(-1),
+                dtype=self.space.dtype,
+                device=self.space.device,
+            )
+            return self.matvec(t).double().cpu().numpy()
+
+        operator = LinearOperator((d, d), matvec=matvec, dtype=np.float64)
+        v0 = np.random.default_rng(seed).standard_normal(d)
+        values, vectors = eigsh(operator, k=k, which="LA", tol=tol, v0=v0)
+        order = np.argsort(values)[::-1]
+        as_tensor = {"dtype": self.space.dtype, "device": self.space.device}
+        return (
+            torch.as_tensor(values[order].copy(), **as_tensor),
+            torch.as_tensor(vectors[:, order].copy(), **as_tensor),
+        )
+
+    @staticmethod
+    def _check_k(k: int, limit: int) -> None:
+        if not 1 <= k <= limit:
+            raise ValueError(f"k must be in 1..{limit}, got {k}")
+
+    def lambda_max(self) -> float:
+        """The largest eigenvalue of D (through the Gram matrix)."""
+        return float(self.eigvalsh()[0])
+
+    # ------------------------------------------------------------------ scalars
+
+    @cached_property
+    def _sq_norms(self) -> Tensor:
+        return self.products.sq_norms()
+
+    def _param_traces(self) -> Tensor:
+        """``tr`` of each parameter tensor's diagonal block: ``(1/N) Σ_i ‖g_ip‖² − ‖ḡ_p‖²``."""
+        mean_sq = self._sq_norms.mean(0)
+        g = self._mean_gradient
+        bar_sq = torch.stack([g[self.space.slice(n)].square().sum() for n in self.space.names])
+        return (mean_sq - bar_sq).clamp_min(0)
+
+    def trace(self) -> float:
+        """``tr D = (1/N) Σ_i ‖g_i − ḡ‖²``, from per-sample squared norms (no Gram matrix)."""
+        return float(self._param_traces().sum())
+
+    def layer_traces(self, weights_only: bool = False) -> dict[str, LayerTrace]:
+        """``tr D_I`` and ``N_I`` of every layer (its weights only, if asked)."""
+        traces = self._param_traces()
+        out = {}
+        for layer in self.space.layers:
+            names = [
+                n
+                for n in self.space.layer_params(layer)
+                if not (weights_only and self.space.is_bias(n))
+            ]
+            if names:
+                index = [self.space.names.index(n) for n in names]
+                out[layer] = LayerTrace(
+                    float(traces[index].sum()), self.space.layer_numel(layer, weights_only)
+                )
+        return out
+
+    def rank(self, tol: float | None = None) -> int:
+        """The numerical rank: eigenvalues of K above ``tol``. At most ``N − 1`` (F3).
+
+        The default tolerance is ``max(N, d) · eps · s``, with ``eps`` that of the model's
+        dtype and ``s = (1/N) Σ_i ‖g_i‖²`` the scale of the rounding errors that centring
+        leaves (so that ``D = 0`` has rank 0 even when ``ḡ ≠ 0``).
+        """
+        values = self.eigvalsh()
+        if tol is None:
+            scale = max(float(values[0]), float(self._sq_norms.sum(1).mean()))
+            tol = max(self.n, self.space.dim) * torch.finfo(self.space.dtype).eps * scale
+        return int((values > tol).sum())
+
+    def effective_rank(self) -> float:
+        """``exp(H(p))``, ``p = λ / Σλ`` over the positive eigenvalues (Roy & Vetterli 2007):
+        1 for a rank-one D, the rank for a flat spectrum."""
+        values = self.eigvalsh()
+        values = values[values > 0]
+        if len(values) == 0:
+            return 0.0
+        p = values / values.sum()
+        return float(torch.exp(-(p * p.log()).sum()))
+
+    # ------------------------------------------------------------------ dense and blocks
+
+    def dense(self, limit: int = DENSE_LIMIT) -> Tensor:
+        """D as an explicit ``(d, d)`` matrix, from materialised per-sample gradients. For
+        small models only: it refuses ``d > limit``."""
+        d = self.space.dim
+        if d > limit:
+            raise ValueError(
+                f"dense() would form a {d} x {d} matrix (limit {limit}); use D @ v, eigsh(k) "
+                f"or gram() instead, or pass a larger limit"
+            )
+        return _covariance(self.products, self._mean_gradient)
+
+    def block(self, layer: str) -> LayerBlock:
+        """The diagonal block ``D_I`` of one layer, as an operator on that layer's vectors."""
+        return LayerBlock(self, layer)
+
+
+class LayerBlock:
+    """The diagonal block ``D_I = P_I D P_Iᵀ`` of one layer: the covariance of the per-sample
+    gradients restricted to the layer's parameters. Vectors are flat ``(d_I,)``."""
+
+    def __init__(self, parent: DiffusionMatrix, layer: str) -> None:
+        self.parent = parent
+        self.layer = layer
+        self.mask = parent.space.layer_mask(layer)
+        self.dim = int(self.mask.sum())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        if v.shape[0] != self.dim:
+            raise ValueError(
+                f"layer {self.layer!r} has {self.dim} parameters, got a vector of "
+                f"shape {tuple(v.shape)}"
+            )
+        full = torch.zeros(self.parent.space.dim, *v.shape[1:], dtype=v.dtype, device=v.device)
+        full[self.mask] = v
+        return (self.parent @ full)[self.mask]
+
+    def trace(self) -> float:
+        return self.parent.layer_traces()[self.layer].trace
+
+    def dense(self, limit: int = DENSE_LIMIT) -> Tensor:
+        """The block as an explicit ``(d_I, d_I)`` matrix (small layers only)."""
+        if self.dim > limit:
+            raise ValueError(f"block {self.layer!r} is {self.dim} x {self.dim} (limit {limit})")
+        return _covariance(self.parent.products, self.parent.mean_gradient(), self.mask)
+
+
+def _covariance(products: PerSampleProducts, mean: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``(1/N) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ`` from materialised chunks of G (columns in mask)."""
+    if mask is not None:
+        mean = mean[mask]
+    out = torch.zeros(len(mean), len(mean), dtype=mean.dtype, device=mean.device)
+    for _, rows in products.per_sample_grads():
+        centred = (rows[:, mask] if mask is not None else rows) - mean
+        out += centred.T @ centred
+    return out / products.n

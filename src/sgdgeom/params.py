@@ -1,0 +1,136 @@
+"""The parameter space: named parameters <-> flat vectors, grouped by layer.
+
+Every operator in sgdgeom acts on flat vectors ``x ∈ R^d`` holding all trainable
+parameters of a model, concatenated in ``named_parameters()`` order. :class:`ParamSpace`
+is the one map between that flat format and the ``dict[str, Tensor]`` format of
+``model.named_parameters()``.
+
+A *layer* is a module that owns parameters directly (``fc1`` owns ``fc1.weight`` and
+``fc1.bias``). Musso's layer quantities use the layer's *weights* only: biases are
+parameters whose name ends in ``bias`` (Musso, footnote 15).
+
+Example:
+    >>> from torch import nn
+    >>> space = ParamSpace(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1)))
+    >>> space.dim, space.layers
+    (11, ['0', '1'])
+    >>> space.layer_params("1")
+    ['1.weight', '1.bias']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ParamSpace"]
+
+
+class ParamSpace:
+    """Flat-vector view of a model's trainable parameters.
+
+    Attributes:
+        names: parameter names in ``named_parameters()`` order.
+        shapes: their shapes.
+        dim: ``d``, the total number of trainable scalars.
+        layers: names of the modules that own parameters, in order.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters")
+        self.names: list[str] = [n for n, _ in named]
+        self.shapes: list[torch.Size] = [p.shape for _, p in named]
+        self.numels: list[int] = [p.numel() for _, p in named]
+        self.offsets: list[int] = [0]
+        for numel in self.numels:
+            self.offsets.append(self.offsets[-1] + numel)
+        self.dim: int = self.offsets[-1]
+        self.dtype = named[0][1].dtype
+        self.device = named[0][1].device
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._layer_of = {n: n.rpartition(".")[0] for n in self.names}
+        self.layers: list[str] = list(dict.fromkeys(self._layer_of.values()))
+
+    def __repr__(self) -> str:
+        return f"ParamSpace(dim={self.dim}, layers={self.layers})"
+
+    # ------------------------------------------------------------ conversions
+
+    def flatten(self, tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors (a dict by name, or a list in order) into ``(d,)``;
+        a trailing batch dimension is kept: ``(*shape, k)`` tensors give ``(d, k)``."""
+        if isinstance(tensors, Mapping):
+            missing = [n for n in self.names if n not in tensors]
+            if missing:
+                raise KeyError(f"missing parameters {missing}")
+            tensors = [tensors[n] for n in self.names]
+        parts = list(tensors)
+        if len(parts) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} tensors, got {len(parts)}")
+        batched = parts[0].dim() == len(self.shapes[0]) + 1
+        if batched:
+            return torch.cat([t.reshape(-1, t.shape[-1]) for t in parts])
+        return torch.cat([t.reshape(-1) for t in parts])
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Split a flat ``(d,)`` vector into a dict of views shaped like the parameters."""
+        if vector.shape[0] != self.dim or vector.dim() != 1:
+            raise ValueError(
+                f"expected a flat vector of shape ({self.dim},), got {tuple(vector.shape)}"
+            )
+        return {
+            name: vector[start:stop].view(shape)
+            for name, shape, start, stop in zip(
+                self.names, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True
+            )
+        }
+
+    def params(self, model: nn.Module) -> dict[str, Tensor]:
+        """The model's current trainable parameters as a dict (the tensors themselves)."""
+        named = dict(model.named_parameters())
+        return {n: named[n] for n in self.names}
+
+    def vector(self, model: nn.Module) -> Tensor:
+        """The model's current parameters as one flat vector (a copy)."""
+        return self.flatten(p.detach() for p in self.params(model).values())
+
+    # ------------------------------------------------------------ layers
+
+    def slice(self, name: str) -> slice:
+        """Where parameter ``name`` lies in the flat vector."""
+        i = self._index[name]
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    def layer_params(self, layer: str) -> list[str]:
+        """The parameter names owned by ``layer``."""
+        self._check_layer(layer)
+        return [n for n in self.names if self._layer_of[n] == layer]
+
+    def layer_mask(self, layer: str, weights_only: bool = False) -> Tensor:
+        """A boolean ``(d,)`` mask of ``layer``'s parameters (its weights only, if asked)."""
+        mask = torch.zeros(self.dim, dtype=torch.bool, device=self.device)
+        for name in self.layer_params(layer):
+            if not (weights_only and self.is_bias(name)):
+                mask[self.slice(name)] = True
+        return mask
+
+    def layer_numel(self, layer: str, weights_only: bool = False) -> int:
+        """The number of scalars in ``layer`` (``N_I`` of Musso eq. 2 with weights_only)."""
+        return sum(
+            self.numels[self._index[n]]
+            for n in self.layer_params(layer)
+            if not (weights_only and self.is_bias(n))
+        )
+
+    @staticmethod
+    def is_bias(name: str) -> bool:
+        """Biases are parameters named ``*.bias`` (or ``bias``)."""
+        return name.rpartition(".")[2] == "bias"
+
+    def _check_layer(self, layer: str) -> None:
+        if layer not in self.layers:
+            raise KeyError(f"unknown layer {layer!r}; the layers are {', '.join(self.layers)}")

@@ -1,0 +1,216 @@
+"""DiffusionMatrix against a dense brute-force D, on every test case, in float64."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.errors import SgdgeomError, UnsupportedModelError
+from sgdgeom.persample import per_sample_loss
+from tests.cases import CASE_NAMES, make_case
+from tests.reference import assert_close, dense_diffusion, per_sample_gradients
+
+FAST_CASES = [n for n in CASE_NAMES if n != "layernorm"]
+
+
+@pytest.fixture(params=CASE_NAMES)
+def case(request):
+    return make_case(request.param)
+
+
+def routes_for(case):
+    return ["generic"] if case.name == "layernorm" else ["fast", "generic"]
+
+
+def reference(case):
+    G = per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
+    return G, dense_diffusion(G)
+
+
+def test_matvec_dense_and_mean_gradient(case):
+    G, D_ref = reference(case)
+    v = torch.randn(D_ref.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for route in routes_for(case):
+        D = DiffusionMatrix(case.model, case.loss, (case.x, case.y), route=route, chunk_size=4)
+        assert D.route == route
+        assert_close(D @ v, D_ref @ v, what=f"{route} D @ v")
+        assert_close(D.dense(), D_ref, what=f"{route} dense()")
+        assert_close(D.mean_gradient(), G.mean(0), what=f"{route} mean gradient")
+        V = torch.stack([v, 2 * v + 1], 1)
+        assert_close(D @ V, D_ref @ V, what=f"{route} D @ V")
+        as_dict = D @ D.space.unflatten(v)
+        assert_close(D.space.flatten(as_dict), D_ref @ v, what=f"{route} dict matvec")
+
+
+def test_symmetric_psd_and_rank_bound(case):
+    _, D_ref = reference(case)
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    dense = D.dense()
+    assert_close(dense, dense.T, what="symmetry")
+    assert torch.linalg.eigvalsh(dense).min() > -1e-12
+    n, d = len(case.x), D.space.dim
+    assert D.rank() <= n - 1
+    if d >= n:  # generic data: the bound is attained
+        assert D.rank() == n - 1 == torch.linalg.matrix_rank(D_ref, hermitian=True)
+
+
+def test_gram_spectrum_equals_dense_spectrum(case):
+    _, D_ref = reference(case)
+    expected = torch.linalg.eigvalsh(D_ref).flip(0)
+    for route in routes_for(case):
+        D = DiffusionMatrix(case.model, case.loss, (case.x, case.y), route=route, chunk_size=5)
+        values = D.eigvalsh()
+        k = min(len(values), len(expected))
+        assert_close(values[:k], expected[:k], atol=1e-10, what=f"{route} Gram eigenvalues")
+        assert D.lambda_max() == pytest.approx(float(expected[0]), rel=1e-10)
+
+
+def test_top_k_eigenpairs_gram_and_lanczos(case):
+    _, D_ref = reference(case)
+    values_ref, vectors_ref = torch.linalg.eigh(D_ref)
+    values_ref, vectors_ref = values_ref.flip(0), vectors_ref.flip(1)
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    k = 3
+    for method in (D.eigh, D.eigsh):
+        values, vectors = method(k)
+        assert_close(values, values_ref[:k], atol=1e-9, what=f"{method.__name__} values")
+        overlap = (vectors.T @ vectors_ref[:, :k]).abs().diagonal()
+        assert_close(
+            overlap,
+            torch.ones(k, dtype=torch.float64),
+            atol=1e-6,
+            what=f"{method.__name__} vectors",
+        )
+        assert_close(D @ vectors, vectors * values, atol=1e-9, what="D u = λ u")
+
+
+def test_traces_and_layer_blocks(case):
+    _, D_ref = reference(case)
+    for route in routes_for(case):
+        D = DiffusionMatrix(case.model, case.loss, (case.x, case.y), route=route, chunk_size=3)
+        assert D.trace() == pytest.approx(float(D_ref.trace()), rel=1e-10, abs=1e-14)
+        assert D.trace() == pytest.approx(float(D.gram().trace()), rel=1e-9, abs=1e-14)
+        traces = D.layer_traces()
+        weights = D.layer_traces(weights_only=True)
+        for layer in D.space.layers:
+            mask = D.space.layer_mask(layer)
+            block_ref = D_ref[mask][:, mask]
+            assert traces[layer].trace == pytest.approx(
+                float(block_ref.trace()), rel=1e-10, abs=1e-14
+            )
+            assert traces[layer].numel == int(mask.sum())
+            wmask = D.space.layer_mask(layer, weights_only=True)
+            assert weights[layer].trace == pytest.approx(
+                float(D_ref[wmask][:, wmask].trace()), rel=1e-10, abs=1e-14
+            )
+            block = D.block(layer)
+            assert_close(block.dense(), block_ref, what=f"{route} block {layer}")
+            u = torch.ones(block.dim, dtype=torch.float64)
+            assert_close(block @ u, block_ref @ u, what=f"{route} block matvec {layer}")
+
+
+def test_f_hat_form_of_d(case):
+    """(F3): D = (1/N²) ⟨∂_r f̂, ∂_s f̂⟩ with f̂ the differences f_i − f_j over pairs i < j."""
+    G, D_ref = reference(case)
+    n = len(G)
+    diffs = torch.stack([G[i] - G[j] for i, j in itertools.combinations(range(n), 2)])
+    assert_close(diffs.T @ diffs / n**2, D_ref, what="f-hat form")
+
+
+def test_zero_when_all_samples_identical():
+    case = make_case("mlp-relu")
+    x, y = case.x[:1].repeat(6, 1), case.y[:1].repeat(6)
+    for route in ("fast", "generic"):
+        D = DiffusionMatrix(case.model, case.loss, (x, y), route=route)
+        assert D.rank() == 0
+        assert D.dense().abs().max() < 1e-14
+        assert D.trace() < 1e-14
+        assert D.effective_rank() < 1.5 or D.eigvalsh()[0] < 1e-14
+
+
+def test_effective_rank_between_one_and_rank():
+    case = make_case("mlp-relu")
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    assert 1.0 <= D.effective_rank() <= D.rank()
+
+
+def test_data_loader_streams_like_a_batch():
+    case = make_case("mlp-tanh")
+    dataset = torch.utils.data.TensorDataset(case.x, case.y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    v = torch.randn(sum(p.numel() for p in case.model.parameters()), dtype=torch.float64)
+    batch = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    for route, cache in (("fast", True), ("fast", False), ("generic", "auto")):
+        streamed = DiffusionMatrix(
+            case.model, case.loss, loader, route=route, cache=cache, chunk_size=3
+        )
+        assert streamed.n == len(case.x)
+        assert_close(streamed @ v, batch @ v, what=f"{route} streamed D @ v")
+        assert_close(streamed.gram(), batch.gram(), what=f"{route} streamed gram")
+
+
+def test_shuffled_loader_is_refused():
+    case = make_case("mlp-tanh")
+    dataset = torch.utils.data.TensorDataset(case.x, case.y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True)
+    torch.manual_seed(0)
+    D = DiffusionMatrix(case.model, case.loss, loader, route="generic")
+    with pytest.raises(SgdgeomError, match="different data on another pass"):
+        for _ in range(5):
+            D @ torch.zeros(D.space.dim, dtype=torch.float64)
+
+
+def test_batchnorm_and_dropout_in_train_mode_are_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.1), nn.Linear(4, 2))
+    data = (torch.randn(6, 3), torch.randint(0, 2, (6,)))
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"BatchNorm layer '1' is in train mode.*"
+        r"model.eval\(\)",
+    ):
+        DiffusionMatrix(model, "cross_entropy", data)
+    model[1].eval()
+    with pytest.raises(UnsupportedModelError, match="Dropout layer '2' is in train mode"):
+        DiffusionMatrix(model, "cross_entropy", data)
+    model.eval()
+    D = DiffusionMatrix(model.double(), "cross_entropy", (data[0].double(), data[1]))
+    assert D.route == "generic"  # BatchNorm's affine parameters: not Linear/Conv2d
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), data[0].double(), data[1])
+    assert_close(D.dense(), dense_diffusion(G), what="eval-mode BatchNorm")
+
+
+def test_fast_route_refuses_unsupported_layers():
+    case = make_case("layernorm")
+    with pytest.raises(UnsupportedModelError, match="LayerNorm 'norm' is not Linear or Conv2d"):
+        DiffusionMatrix(case.model, case.loss, (case.x, case.y), route="fast")
+
+
+def test_shared_layer_falls_back_or_raises():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3)
+    model = nn.Sequential(layer, nn.Tanh(), layer).double()
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    with pytest.raises(UnsupportedModelError, match="more than once"):
+        DiffusionMatrix(model, "cross_entropy", data, route="fast")
+    D = DiffusionMatrix(model, "cross_entropy", data)
+    assert D.route == "generic"
+
+
+def test_dense_refuses_large_models_and_bad_arguments():
+    case = make_case("mlp-relu")
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    with pytest.raises(ValueError, match="use D @ v, eigsh"):
+        D.dense(limit=10)
+    with pytest.raises(ValueError, match="k must be in"):
+        D.eigsh(0)
+    with pytest.raises(ValueError, match="data is required"):
+        DiffusionMatrix(case.model, case.loss)
+    with pytest.raises(ValueError, match="route must be"):
+        DiffusionMatrix(case.model, case.loss, (case.x, case.y), route="magic")
+    with pytest.raises(ValueError, match="unknown loss"):
+        DiffusionMatrix(case.model, "hinge", (case.x, case.y))
