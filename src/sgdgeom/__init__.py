@@ -1,1 +1,32 @@
-"""sgdgeom."""
+"""sgdgeom: the geometry of SGD noise in weight space.
+
+Fioresi, Chaudhari, Soatto, *A geometric interpretation of stochastic gradient descent
+using diffusion metrics* (2020), and Musso, *Partial local entropy and anisotropy in deep
+weight spaces*. The public API is listed in ``__all__``, grouped by concept.
+"""
+
+from sgdgeom.diffusion import DiffusionMatrix, LayerBlock, LayerTrace
+from sgdgeom.errors import (
+    ConfigError,
+    DatasetError,
+    NonFiniteLossError,
+    SgdgeomError,
+    UnsupportedModelError,
+)
+from sgdgeom.params import ParamSpace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # errors
+    "ConfigError",
+    "DatasetError",
+    # the diffusion matrix (F2, F3)
+    "DiffusionMatrix",
+    "LayerBlock",
+    "LayerTrace",
+    "NonFiniteLossError",
+    "ParamSpace",
+    "SgdgeomError",
+    "UnsupportedModelError",
+]

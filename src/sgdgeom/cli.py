@@ -85,6 +85,75 @@ def train(
     typer.echo(f"results in {out_dir}")
 
 
+def _parse_options(pairs: list[str]) -> dict[str, object]:
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SgdgeomError(f"model option {pair!r} is not KEY=VALUE (e.g. depth=3)")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+@app.command()
+def spectrum(
+    model: Annotated[
+        str | None, typer.Option("--model", help="A model name, e.g. fc, cnn-cifar10.")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="A dataset name, e.g. mnist5k.")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="A checkpoint.pt from `sgdgeom train`; its run's config names the "
+            "model and dataset.",
+        ),
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Use the first N training samples (default: all).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Where spectrum.json and spectrum.png go.")
+    ] = Path("runs/spectrum"),
+    model_option: Annotated[
+        list[str] | None,
+        typer.Option("--model-option", help="KEY=VALUE model option, repeatable (depth=3)."),
+    ] = None,
+    float32: Annotated[
+        bool,
+        typer.Option(
+            "--float32", help="Compute in float32: faster, but it resolves far fewer eigenvalues."
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation without a checkpoint.")] = 0,
+    data_root: DataRoot = None,
+    device: Device = None,
+) -> None:
+    """The diffusion matrix's size, rank, spectrum and per-layer traces (Fioresi et al., F3)."""
+    import torch
+
+    from sgdgeom.experiments.spectrum import format_report, spectrum_report, write_report
+
+    report = spectrum_report(
+        model,
+        dataset,
+        n=n,
+        checkpoint=checkpoint,
+        model_options=_parse_options(model_option or []),
+        data_root=data_root,
+        device=device or "auto",
+        dtype=torch.float32 if float32 else torch.float64,
+        seed=seed,
+    )
+    typer.echo(format_report(report))
+    json_path, plot_path = write_report(report, out)
+    typer.echo(f"\nwrote {json_path} and {plot_path}")
+
+
 def main() -> None:
     """Entry point: run the app, turning sgdgeom's errors into one-line messages."""
     try:

@@ -170,6 +170,10 @@ class DiffusionMatrix:
         return self._gram
 
     @cached_property
+    def _eigvalsh(self) -> Tensor:
+        return torch.linalg.eigvalsh(self._gram.double()).flip(0)
+
+    @cached_property
     def _eigh(self) -> tuple[Tensor, Tensor]:
         values, vectors = torch.linalg.eigh(self._gram.double())
         return values.flip(0), vectors.flip(1)
@@ -177,7 +181,7 @@ class DiffusionMatrix:
     def eigvalsh(self) -> Tensor:
         """All ``N`` eigenvalues of K in descending order, float64: D's nonzero spectrum
         followed by (numerical) zeros; D's remaining ``d - N`` eigenvalues are zero."""
-        return self._eigh[0]
+        return self._eigvalsh
 
     def eigh(self, k: int) -> tuple[Tensor, Tensor]:
         """The top-k eigenpairs of D through the Gram matrix: values ``(k,)`` and orthonormal
@@ -264,21 +268,21 @@ class DiffusionMatrix:
     def rank(self, tol: float | None = None) -> int:
         """The numerical rank: eigenvalues of K above ``tol``. At most ``N − 1`` (F3).
 
-        The default tolerance is ``max(N, d) · eps · s``, with ``eps`` that of the model's
-        dtype and ``s = (1/N) Σ_i ‖g_i‖²`` the scale of the rounding errors that centring
-        leaves (so that ``D = 0`` has rank 0 even when ``ḡ ≠ 0``).
+        The default tolerance is ``N · eps · s`` (numpy's ``matrix_rank`` rule for the
+        ``N x N`` matrix K), with ``eps`` that of the model's dtype and
+        ``s = max(λ_max, (1/N) Σ_i ‖g_i‖²)``: the uncentred scale bounds the rounding errors
+        that centring leaves, so that ``D = 0`` has rank 0 even when ``ḡ ≠ 0``.
         """
         values = self.eigvalsh()
         if tol is None:
             scale = max(float(values[0]), float(self._sq_norms.sum(1).mean()))
-            tol = max(self.n, self.space.dim) * torch.finfo(self.space.dtype).eps * scale
+            tol = self.n * torch.finfo(self.space.dtype).eps * scale
         return int((values > tol).sum())
 
     def effective_rank(self) -> float:
-        """``exp(H(p))``, ``p = λ / Σλ`` over the positive eigenvalues (Roy & Vetterli 2007):
-        1 for a rank-one D, the rank for a flat spectrum."""
-        values = self.eigvalsh()
-        values = values[values > 0]
+        """``exp(H(p))``, ``p = λ / Σλ`` over the ``rank()`` eigenvalues above the rounding
+        level (Roy & Vetterli 2007): 1 for a rank-one D, the rank for a flat spectrum."""
+        values = self.eigvalsh()[: self.rank()]
         if len(values) == 0:
             return 0.0
         p = values / values.sum()

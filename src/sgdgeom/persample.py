@@ -390,7 +390,10 @@ class _Linear:
 
     @staticmethod
     def jvp(module: nn.Linear, cap: LayerCapture, v_w: Tensor, v_b: Tensor | None) -> Tensor:
-        out = torch.einsum("nto,nto->n", cap.inputs @ v_w.T, cap.grads)
+        if cap.inputs.shape[1] == 1:  # plain (b, in) input: 2-D matmuls are fastest
+            out = ((cap.inputs[:, 0] @ v_w.T) * cap.grads[:, 0]).sum(1)
+        else:
+            out = torch.einsum("nto,nto->n", cap.inputs @ v_w.T, cap.grads)
         return out + cap.grads.sum(1) @ v_b if v_b is not None else out
 
     @staticmethod
@@ -566,19 +569,24 @@ class LayerProducts(PerSampleProducts):
         space = ParamSpace(model)
         loss = per_sample_loss(loss_fn)
 
-        def stream() -> Iterator[tuple[int, list[LayerCapture], Tensor]]:
-            for start, x, y in data.chunks(progress, "capture"):
+        def stream(show: bool = progress) -> Iterator[tuple[int, list[LayerCapture], Tensor]]:
+            for start, x, y in data.chunks(show, "capture"):
                 captures, losses = capture_layers(model, layers, loss, x, y)
                 yield start, captures, losses
 
-        if cache == "auto":
-            first = next(stream())
-            per_sample = sum(c.inputs[0].numel() + c.grads[0].numel() for c in first[1])
-            cache = per_sample * data.n * first[1][0].inputs.element_size() <= cache_limit
-        if cache:
-            cached = list(stream())
-            return cls(space, layers, lambda: iter(cached), data.n)
-        return cls(space, layers, stream, data.n)
+        if cache is False:
+            return cls(space, layers, stream, data.n)
+        chunks = stream()
+        first = next(chunks)
+        per_sample = sum(c.inputs[0].numel() + c.grads[0].numel() for c in first[1])
+        if (
+            cache == "auto"
+            and per_sample * data.n * first[1][0].inputs.element_size() > cache_limit
+        ):  # the captures would not fit: stream them on every product
+            chunks.close()
+            return cls(space, layers, stream, data.n)
+        cached = [first, *chunks]
+        return cls(space, layers, lambda: iter(cached), data.n)
 
     def _params(self, v: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         module = self.layers[k][1]

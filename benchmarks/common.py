@@ -1,0 +1,106 @@
+"""Timing and peak-memory helpers shared by the benchmarks.
+
+Every figure a benchmark prints is a ratio against a baseline measured in the same process
+and run. Time is the median of ``repeats`` calls after ``warmup`` calls. Peak memory:
+
+- on CUDA, ``torch.cuda.max_memory_allocated`` during the call, above what was allocated
+  before it, plus that resident amount (model, data, caches made before timing);
+- on the CPU, each measurement runs in a fresh interpreter and reports its peak resident
+  set size (``VmHWM``), which includes the interpreter, torch, model and data that
+  every route shares.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(
+    fn: Callable[[], Any], device: torch.device, repeats: int = 10, warmup: int = 2
+) -> float:
+    """Median seconds of one call of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(
+    setup: Callable[[], Callable[[], Any]], device: torch.device
+) -> tuple[float, float]:
+    """CUDA only: (peak MiB allocated while building ``setup()`` and running one step, and
+    that peak above what was allocated before)."""
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step = setup()
+    step()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / 2**20, (peak - before) / 2**20
+
+
+def peak_rss_in_child(script: str, *args: str) -> tuple[float, float]:
+    """CPU: run ``script --memory ARGS`` in a fresh interpreter; it builds the model and
+    data, notes its resident set, builds the route and runs one step, and prints the
+    high-water mark of its resident set. Returns (peak MiB, peak above the noted MiB)."""
+    proc = subprocess.run(
+        [sys.executable, script, "--memory", *args], capture_output=True, text=True, check=True
+    )
+    before, peak = map(float, proc.stdout.strip().splitlines()[-1].split())
+    return peak, peak - before
+
+
+def _status_mib(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split(f"{field}:")[1].split()[0]) / 1024
+
+
+def resident_mib() -> float:
+    """The child's resident set now, MiB (Linux)."""
+    return _status_mib("VmRSS")
+
+
+def report_peak_rss(before: float) -> None:
+    """The child's side of :func:`peak_rss_in_child`: ``before`` and the high-water mark of
+    its resident set (``VmHWM``; ``ru_maxrss`` would carry the parent's peak across fork and
+    exec)."""
+    print(before, _status_mib("VmHWM"))
+
+
+def print_table(
+    title: str, rows: list[tuple[str, float, tuple[float, float]]], baseline: str
+) -> None:
+    """Rows of (route, seconds, (peak MiB, step MiB)), with ratios against the baseline row.
+    ``peak`` counts everything resident; ``step`` only what the route added to the model
+    and data already there."""
+    base_t, (base_m, base_s) = next((t, m) for name, t, m in rows if name == baseline)
+    print(f"\n{title}")
+    print(
+        f"{'route':<30} {'time':>10} {'x base':>7} {'peak MiB':>9} {'x base':>7} "
+        f"{'step MiB':>9} {'x base':>7}"
+    )
+    for name, seconds, (mib, step) in rows:
+        print(
+            f"{name:<30} {seconds * 1e3:>8.2f}ms {seconds / base_t:>7.2f} {mib:>9.1f} "
+            f"{mib / base_m:>7.2f} {step:>9.1f} {step / max(base_s, 1e-9):>7.2f}"
+        )

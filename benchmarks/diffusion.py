@@ -1,0 +1,208 @@
+"""Benchmark the diffusion matrix: D·v by every route, and the full spectrum.
+
+Run: ``python benchmarks/diffusion.py [--device cuda] [--quick]``.
+
+Cases (issue 3): Musso's 784-784-784-10 MLP at B=256 on MNIST-5k digits, and the CIFAR-10
+CNN (Musso eq. 24) at B=64 on random 32x32 images. Routes, each against a plain
+forward+backward of the mean loss measured in the same run:
+
+- ``D·v fast (cached)``: the Linear/Conv2d route on cached layer inputs and output
+  gradients: two contractions per layer, no pass over the model;
+- ``D·v fast incl. capture``: the same, with the one forward+backward that captures them;
+- ``D·v generic (JVP+VJP)``: torch.func forward-mode then reverse-mode product;
+- ``D·v vmap per-sample``: materialise G (B x d) with ``vmap(grad)``, then ``G_cᵀ G_c v / B``;
+- ``D·v BackPACK BatchGrad``: if ``backpack`` is importable.
+
+Then the whole nonzero spectrum of D on all 5,000 MNIST-5k digits (d = 1,238,730): the
+capture, the 5000 x 5000 Gram matrix and its eigenvalues, timed against one
+forward+backward over the same 5,000 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (
+    median_time,
+    peak_memory,
+    peak_rss_in_child,
+    print_table,
+    report_peak_rss,
+    resident_mib,
+)
+
+from sgdgeom.data import load_dataset
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.models import build_model
+
+
+def make_case(name: str, device: torch.device):
+    torch.manual_seed(0)
+    if name == "mlp":
+        ds = load_dataset("mnist5k")
+        x, y = ds.normalize(ds.x_train[:256]), ds.y_train[:256]
+        model = build_model("fc", ds.input_shape, 10, depth=2)
+    else:
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        model = build_model("cnn-cifar10", (3, 32, 32), 10, init="kaiming")
+    return model.to(device), x.to(device), y.to(device)
+
+
+def vmap_matvec(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable:
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def single(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        grads = vmap(grad(single), in_dims=(None, 0, 0))(params, x, y)
+        G = torch.cat([g.reshape(len(x), -1) for g in grads.values()], 1)
+        G = G - G.mean(0)
+        return G.T @ (G @ v) / len(x)
+
+    return matvec
+
+
+def backpack_matvec(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable | None:
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+    except ImportError:
+        return None
+    model = extend(model)
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        with backpack(BatchGrad()):
+            loss_fn(model(x), y).backward()
+        G = torch.cat([p.grad_batch.reshape(len(x), -1) for p in model.parameters()], 1)
+        G = G - G.mean(0)
+        return G.T @ (G @ v) / len(x)
+
+    return matvec
+
+
+def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable]:
+    """Each route as a setup function returning the step to measure."""
+    d = sum(p.numel() for p in model.parameters())
+    v = torch.randn(d, device=x.device)
+
+    def baseline():
+        def step():
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+
+        return step
+
+    def fast_cached():
+        D = DiffusionMatrix(model, "cross_entropy", (x, y), route="fast")
+        return lambda: D @ v
+
+    def fast_capture():
+        return lambda: DiffusionMatrix(model, "cross_entropy", (x, y), route="fast") @ v
+
+    def generic():
+        D = DiffusionMatrix(model, "cross_entropy", (x, y), route="generic")
+        return lambda: D @ v
+
+    def vmapped():
+        matvec = vmap_matvec(model, x, y)
+        return lambda: matvec(v)
+
+    out = {
+        "forward+backward (baseline)": baseline,
+        "D·v fast (cached)": fast_cached,
+        "D·v fast incl. capture": fast_capture,
+        "D·v generic (JVP+VJP)": generic,
+        "D·v vmap per-sample": vmapped,
+    }
+    if backpack_matvec(model, x, y) is not None:
+        out["D·v BackPACK BatchGrad"] = lambda: (lambda m: lambda: m(v))(
+            backpack_matvec(model, x, y)
+        )
+    return out
+
+
+def run_case(name: str, device: torch.device, repeats: int) -> None:
+    model, x, y = make_case(name, device)
+    rows = []
+    for route, setup in routes(model, x, y).items():
+        if device.type == "cuda":
+            mib = peak_memory(setup, device)
+        else:
+            mib = peak_rss_in_child(__file__, name, route)
+        seconds = median_time(setup(), device, repeats=repeats)
+        rows.append((route, seconds, mib))
+    d = sum(p.numel() for p in model.parameters())
+    print_table(f"{name}: d = {d:,}, B = {len(x)}, {device}", rows, "forward+backward (baseline)")
+
+
+def run_spectrum(device: torch.device) -> None:
+    ds = load_dataset("mnist5k")
+    x = ds.normalize(torch.cat([ds.x_train, ds.x_test])).to(device)
+    y = torch.cat([ds.y_train, ds.y_test]).to(device)
+    torch.manual_seed(0)
+    model = build_model("fc", ds.input_shape, 10, depth=2).to(device)
+
+    def full_pass():
+        model.zero_grad(set_to_none=True)
+        for start in range(0, len(x), 1024):
+            nn.functional.cross_entropy(
+                model(x[start : start + 1024]), y[start : start + 1024]
+            ).backward()
+
+    base = median_time(full_pass, device, repeats=3, warmup=1)
+    for dtype in (torch.float32, torch.float64):
+        m, xx = model.to(dtype), x.to(dtype)
+        start = time.perf_counter()
+        D = DiffusionMatrix(m, "cross_entropy", (xx, y), chunk_size=1024)
+        captured = time.perf_counter()
+        D.gram()
+        gram = time.perf_counter()
+        values = D.eigvalsh()
+        done = time.perf_counter()
+        print(
+            f"\nfull spectrum, N = {D.n:,}, d = {D.space.dim:,}, {dtype}, {device}: "
+            f"{done - start:.2f} s = {(done - start) / base:.1f} x one forward+backward over "
+            f"the N samples ({base:.3f} s)"
+        )
+        print(
+            f"  capture {captured - start:.2f} s, Gram {gram - captured:.2f} s, eigenvalues "
+            f"{done - gram:.2f} s; rank {D.rank()} (bound {D.n - 1}), "
+            f"λ_max {float(values[0]):.4g}, trace {D.trace():.4g}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--skip-spectrum", action="store_true")
+    parser.add_argument("--memory", nargs=2, metavar=("CASE", "ROUTE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.memory:
+        model, x, y = make_case(args.memory[0], device)
+        before = resident_mib()
+        routes(model, x, y)[args.memory[1]]()()
+        report_peak_rss(before)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in ("mlp", "cnn"):
+        run_case(name, device, args.repeats)
+    if not args.skip_spectrum:
+        run_spectrum(device)
+
+
+if __name__ == "__main__":
+    main()
