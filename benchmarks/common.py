@@ -44,6 +44,25 @@ def median_time(
     return statistics.median(times)
 
 
+def interleaved_times(
+    steps: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 10, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds of each step, the steps taking turns in every round, so that a slow
+    drift of the machine (clock, caches, other load) touches every route alike."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def peak_memory(
     setup: Callable[[], Callable[[], Any]], device: torch.device
 ) -> tuple[float, float]:

@@ -32,6 +32,7 @@ from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
+    interleaved_times,
     median_time,
     peak_memory,
     peak_rss_in_child,
@@ -135,15 +136,16 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
 
 def run_case(name: str, device: torch.device, repeats: int) -> None:
     model, x, y = make_case(name, device)
-    rows = []
-    for route, setup in routes(model, x, y).items():
-        if device.type == "cuda":
-            mib = peak_memory(setup, device)
-        else:
-            mib = peak_rss_in_child(__file__, name, route)
-        seconds = median_time(setup(), device, repeats=repeats)
-        rows.append((route, seconds, mib))
+    setups = routes(model, x, y)
+    if device.type == "cuda":
+        memory = {route: peak_memory(setup, device) for route, setup in setups.items()}
+    else:
+        memory = {route: peak_rss_in_child(__file__, name, route) for route in setups}
+    seconds = interleaved_times(
+        {route: setup() for route, setup in setups.items()}, device, repeats
+    )
     d = sum(p.numel() for p in model.parameters())
+    rows = [(route, seconds[route], memory[route]) for route in setups]
     print_table(f"{name}: d = {d:,}, B = {len(x)}, {device}", rows, "forward+backward (baseline)")
 
 
