@@ -113,10 +113,15 @@ class DiffusionMatrix:
         self.n = self.products.n
 
     @classmethod
-    def from_products(cls, products: PerSampleProducts) -> DiffusionMatrix:
-        """A diffusion matrix over products already at hand (e.g. a training minibatch)."""
+    def from_products(
+        cls, products: PerSampleProducts, mean_gradient: Tensor | None = None
+    ) -> DiffusionMatrix:
+        """A diffusion matrix over products already at hand (e.g. a training minibatch);
+        ``mean_gradient``, if known (the ``.grad`` of a backward pass), saves one VJP."""
         self = cls.__new__(cls)
         self.space, self.products, self.n = products.space, products, products.n
+        if mean_gradient is not None:
+            self._mean_gradient = mean_gradient
         return self
 
     @property
@@ -156,9 +161,20 @@ class DiffusionMatrix:
 
     # ------------------------------------------------------------------ Gram and spectrum
 
+    def gradient_products(self) -> Tensor:
+        """``c = G ḡ``, the per-sample ``g_i · ḡ``, ``(N,)``: the row means of the raw Gram
+        matrix when it has been built (``g_i·ḡ = (1/N) Σ_j g_i·g_j``), else one JVP."""
+        if "_raw_gram" in self.__dict__:
+            return self._raw_gram.mean(1)
+        return self.products.jvp(self._mean_gradient)
+
+    @cached_property
+    def _raw_gram(self) -> Tensor:
+        return self.products.gram()
+
     @cached_property
     def _gram(self) -> Tensor:
-        raw = self.products.gram()
+        raw = self._raw_gram
         row = raw.mean(0, keepdim=True)
         centred = raw - row - row.T + raw.mean()
         return (centred + centred.T) / (2 * self.n)

@@ -29,7 +29,7 @@ __all__ = ["ParamSpace"]
 
 
 class ParamSpace:
-    """Flat-vector view of a model's trainable parameters.
+    """Flat-vector view of a model's trainable parameters (or of ``(name, tensor)`` pairs).
 
     Attributes:
         names: parameter names in ``named_parameters()`` order.
@@ -38,8 +38,9 @@ class ParamSpace:
         layers: names of the modules that own parameters, in order.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    def __init__(self, model: nn.Module | Iterable[tuple[str, Tensor]]) -> None:
+        pairs = model.named_parameters() if isinstance(model, nn.Module) else model
+        named = [(n, p) for n, p in pairs if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
         self.names: list[str] = [n for n, _ in named]

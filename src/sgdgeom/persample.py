@@ -47,6 +47,7 @@ __all__ = [
     "LayerCapture",
     "LayerProducts",
     "PerSampleProducts",
+    "RowProducts",
     "capture_layers",
     "check_independent_samples",
     "fast_route_layers",
@@ -344,6 +345,64 @@ class FuncProducts(PerSampleProducts):
         return out
 
 
+class RowProducts(PerSampleProducts):
+    """Products with an explicit ``G`` (``N x d``) already in memory: the optimizer's route
+    for models outside the fast route, whose closure gives the per-sample losses of one
+    minibatch (``N = B``, so ``B x d`` is affordable where ``N x d`` of a dataset is not)."""
+
+    def __init__(self, space: ParamSpace, rows: Tensor, losses: Tensor | None = None) -> None:
+        if rows.dim() != 2 or rows.shape[1] != space.dim:
+            raise ValueError(f"rows must be (N, {space.dim}), got {tuple(rows.shape)}")
+        self.space, self.rows, self.n = space, rows, len(rows)
+        self._losses = losses
+
+    @classmethod
+    def from_losses(
+        cls, space: ParamSpace, params: Sequence[Tensor], losses: Tensor
+    ) -> RowProducts:
+        """Per-sample gradients of a ``(B,)`` loss vector with its autograd graph: one
+        batched backward (``is_grads_batched``)."""
+        if losses.dim() != 1:
+            raise ValueError(
+                f"the closure must return per-sample losses (B,), got shape {tuple(losses.shape)}"
+            )
+        eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
+        grads = torch.autograd.grad(
+            losses, list(params), eye, is_grads_batched=True, allow_unused=True
+        )
+        rows = torch.cat(
+            [
+                (
+                    g
+                    if g is not None
+                    else torch.zeros(
+                        len(losses), p.numel(), dtype=losses.dtype, device=losses.device
+                    )
+                ).reshape(len(losses), -1)
+                for g, p in zip(grads, params, strict=True)
+            ],
+            1,
+        )
+        return cls(space, rows, losses.detach())
+
+    def jvp(self, v: Tensor) -> Tensor:
+        return self.rows @ v
+
+    def vjp(self, w: Tensor) -> Tensor:
+        return self.rows.T @ w
+
+    def per_sample_grads(self) -> Iterator[tuple[int, Tensor]]:
+        yield 0, self.rows
+
+    def losses(self) -> Tensor:
+        if self._losses is None:
+            raise ValueError("these products were built without the losses")
+        return self._losses
+
+    def gram(self) -> Tensor:
+        return self.rows @ self.rows.T
+
+
 # --------------------------------------------------------------------------- fast route
 
 
@@ -545,10 +604,11 @@ class LayerProducts(PerSampleProducts):
         space: ParamSpace,
         layers: Sequence[tuple[str, nn.Module]],
         captures: list[LayerCapture],
-        losses: Tensor,
+        losses: Tensor | None = None,
     ) -> LayerProducts:
-        """Products over one chunk whose captures are already at hand."""
-        return cls(space, layers, lambda: iter([(0, captures, losses)]), len(losses))
+        """Products over one chunk whose captures are already at hand (``losses`` optional)."""
+        n = len(captures[0].inputs)
+        return cls(space, layers, lambda: iter([(0, captures, losses)]), n)
 
     @classmethod
     def from_model(
@@ -634,7 +694,10 @@ class LayerProducts(PerSampleProducts):
             yield start, rows
 
     def losses(self) -> Tensor:
-        return torch.cat([losses for _, _, losses in self._chunks()])
+        chunks = [losses for _, _, losses in self._chunks()]
+        if any(c is None for c in chunks):
+            raise ValueError("these products were built from captures without the losses")
+        return torch.cat(chunks)
 
     def gram(self) -> Tensor:
         out = torch.zeros(self.n, self.n, dtype=self.space.dtype, device=self.space.device)

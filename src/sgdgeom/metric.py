@@ -1,0 +1,141 @@
+r"""The diffusion metric :math:`g = I + \varepsilon D` (Fioresi, Chaudhari, Soatto 2020, eq. 6).
+
+With :math:`0 < \varepsilon < 1/\lambda_{\max}(D)` the metric is positive definite and its
+inverse has the convergent weak-field expansion :math:`g^{-1} = I - \varepsilon D +
+O(\varepsilon^2)`, which the paper uses to turn the geodesic equation into the
+metric-gradient flow (F10):
+
+.. math::
+
+    \dot x = -\nabla_D f = -g^{-1} \nabla f \approx -(I - \varepsilon D) \nabla f .
+
+Everything is matrix-free. Writing :math:`D = U U^\top` with
+:math:`U = G_c^\top / \sqrt N` (``d x N``) and :math:`K = U^\top U` the centred Gram matrix,
+Woodbury's identity gives the exact inverse through an ``N x N`` solve:
+
+.. math::
+
+    g^{-1} v = v - \varepsilon U (I + \varepsilon K)^{-1} U^\top v
+             = v - \frac{\varepsilon}{N} G^\top (w - \bar w),\quad
+    w = (I + \varepsilon K)^{-1} (c - \bar c),\ c = G v,
+
+and the weak-field form is the same expression with :math:`w = c - \bar c`.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from sgdgeom.diffusion import DiffusionMatrix
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    >>> g = DiffusionMetric(DiffusionMatrix(model, "cross_entropy", (x, y)), eps="auto")
+    >>> v = torch.randn(26, dtype=torch.float64)
+    >>> bool(torch.allclose(g.apply(g.solve(v)), v))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from sgdgeom.diffusion import DiffusionMatrix
+
+__all__ = ["DiffusionMetric", "resolve_eps"]
+
+
+def resolve_eps(eps: float | str, safety: float, lambda_max: float) -> float:
+    """The ε of the metric: ``"auto"`` is ``safety / λ_max`` (0 when D = 0); a number must
+    satisfy ``0 <= ε < 1/λ_max`` (F6)."""
+    if not 0 < safety < 1:
+        raise ValueError(f"safety must be in (0, 1), got {safety}")
+    if eps == "auto":
+        return safety / lambda_max if lambda_max > 0 else 0.0
+    if isinstance(eps, str):
+        raise ValueError(f"eps must be 'auto' or a number, got {eps!r}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if eps * lambda_max >= 1:
+        raise ValueError(
+            f"eps = {eps:.6g} is at or above 1/λ_max = {1 / lambda_max:.6g}; the diffusion "
+            f"metric needs ε < 1/λ_max (Fioresi et al., eq. 6): use eps='auto' or a smaller eps"
+        )
+    return eps
+
+
+class DiffusionMetric:
+    """The diffusion metric ``g = I + εD`` of a :class:`~sgdgeom.diffusion.DiffusionMatrix`.
+
+    Args:
+        D: the diffusion matrix.
+        eps: ``"auto"`` (``safety / λ_max``) or a number in ``[0, 1/λ_max)``; anything at
+            or above ``1/λ_max`` raises ``ValueError``.
+        safety: the fraction of ``1/λ_max`` that ``"auto"`` uses. 0.5 keeps the weak-field
+            error below ``(0.5)² / 1.5 = 1/6`` of ``‖v‖``.
+
+    Vectors are flat ``(d,)`` tensors in the parameter order of ``D.space``.
+    """
+
+    def __init__(self, D: DiffusionMatrix, eps: float | str = "auto", safety: float = 0.5) -> None:
+        self.D = D
+        if eps != "auto" and not isinstance(eps, str) and float(eps) * D.trace() < 1:
+            # λ_max <= tr D, so this ε is valid without computing the spectrum
+            self.eps = resolve_eps(eps, safety, 0.0)
+        else:
+            self.eps = resolve_eps(eps, safety, D.lambda_max())
+
+    def __repr__(self) -> str:
+        return f"DiffusionMetric(eps={self.eps:.4g}, {self.D!r})"
+
+    @property
+    def lambda_max(self) -> float:
+        return self.D.lambda_max()
+
+    def apply(self, v: Tensor) -> Tensor:
+        """``g v = v + ε D v``."""
+        return v + self.eps * self.D.matvec(v)
+
+    @cached_property
+    def _cholesky(self) -> Tensor:
+        K = self.D.gram()
+        eye = torch.eye(len(K), dtype=K.dtype, device=K.device)
+        return torch.linalg.cholesky(eye + self.eps * K)
+
+    def _solve(self, v: Tensor, c: Tensor, exact: bool) -> Tensor:
+        """``g⁻¹ v`` (exact) or ``(I − εD) v`` given ``c = G v``."""
+        if self.eps == 0:
+            return v.clone()
+        w = c - c.mean()
+        if exact:
+            w = torch.cholesky_solve(w[:, None], self._cholesky)[:, 0]
+            w = w - w.mean()
+        return v - (self.eps / self.D.n) * self.D.products.vjp(w)
+
+    def solve(self, v: Tensor, exact: bool = True) -> Tensor:
+        """``g⁻¹ v`` exactly (Woodbury through the ``N x N`` Gram matrix) or, with
+        ``exact=False``, the weak-field ``(I − εD) v``."""
+        return self._solve(v, self.D.products.jvp(v), exact)
+
+    def gradient(self, exact: bool = True) -> Tensor:
+        """The metric gradient ``∇_D f = g⁻¹ ∇f`` (F10), or its weak-field form
+        ``(I − εD) ∇f``, of the mean loss of D's data."""
+        return self._solve(self.D.mean_gradient(), self.D.gradient_products(), exact)
+
+    def weak_field_error(self, v: Tensor) -> float:
+        """``‖g⁻¹ v − (I − εD) v‖``, never more than ``weak_field_bound() · ‖v‖``."""
+        c = self.D.products.jvp(v)
+        return float((self._solve(v, c, True) - self._solve(v, c, False)).norm())
+
+    def weak_field_bound(self) -> float:
+        """``‖(I + εD)⁻¹ − (I − εD)‖₂ ≤ (ελ_max)² / (1 + ελ_max)``.
+
+        Both operators share D's eigenvectors; on an eigenvalue λ the difference is
+        ``1/(1+ελ) − 1 + ελ = (ελ)²/(1+ελ)``, which grows with λ, so its largest value, at
+        ``λ_max``, is the operator norm (an equality, not only a bound).
+        """
+        x = self.eps * self.lambda_max
+        return x * x / (1 + x)

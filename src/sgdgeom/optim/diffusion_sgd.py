@@ -1,0 +1,284 @@
+r"""DiffusionMetricSGD: descent along the diffusion-metric gradient (Fioresi et al., eq. 10).
+
+Each step uses the minibatch diffusion matrix :math:`D_B` (rank at most ``B - 1``) of the
+batch just seen and moves along
+
+.. math::
+
+    -\nabla_{D} f = -(I + \varepsilon D_B)^{-1} \bar g \quad(\text{mode="exact"}),\qquad
+    -(I - \varepsilon D_B)\, \bar g \quad(\text{mode="weak"}, \text{eq. 10}),
+
+with :math:`\bar g` the minibatch gradient. Both are weighted sums of the per-sample
+gradients, :math:`\bar g - \frac{\varepsilon}{B} \sum_i (w_i - \bar w) g_i`, with
+:math:`w = c - \bar c` (weak) or :math:`w = (I + \varepsilon K)^{-1}(c - \bar c)` (exact),
+:math:`c_i = g_i \cdot \bar g` and K the centred ``B x B`` Gram matrix
+(:mod:`sgdgeom.metric`).
+
+Two routes:
+
+- **attached** (pass the model): forward hooks on every ``Linear`` and ``Conv2d`` read the
+  layer inputs, tensor hooks the output gradients, of the ordinary
+  ``loss = criterion(model(x), y); loss.backward(); opt.step()``. The step then costs one
+  weight-gradient-sized product per layer with per-sample coefficients, plus the ``B x B``
+  Gram matrix when ``eps="auto"`` or ``mode="exact"``: no second backward, no per-sample
+  gradients in memory.
+- **closure** (any other model): ``step(closure)`` with a closure that returns the
+  *per-sample* losses ``(B,)`` with their graph; the per-sample gradients are materialised
+  (``B x d``) by one batched backward.
+
+Under ``DistributedDataParallel`` (``torch.distributed`` initialised) the layers' inputs and
+output gradients are all-gathered (``B x widths`` per layer, never ``B x d``), so every
+process takes the step of the global batch's D.
+
+.. warning::
+    ``weight_decay`` is decoupled: it is added after the metric, ``g⁻¹ ḡ + λ x``, so D
+    stays the covariance of the data loss's per-sample gradients. ``eps="auto"``
+    recomputes ``ε = safety / λ_max(D_B)`` at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.metric import DiffusionMetric
+from sgdgeom.params import ParamSpace
+from sgdgeom.persample import LayerCapture, LayerProducts, RowProducts, fast_route_layers
+
+__all__ = ["DiffusionMetricSGD"]
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather(t: Tensor) -> Tensor:
+    """Concatenate ``t`` of every process along dim 0 (equal shapes required)."""
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+class DiffusionMetricSGD(torch.optim.Optimizer):
+    """SGD along the diffusion-metric gradient, with momentum and weight decay.
+
+    Args:
+        params: the model (attached route: hooks on its Linear/Conv2d layers), or an
+            iterable of parameters (closure route).
+        lr: learning rate.
+        eps: ``"auto"`` (``safety / λ_max`` of the batch's D) or a number below
+            ``1/λ_max``; a step whose batch has ``ε ≥ 1/λ_max`` raises ``ValueError``.
+        mode: ``"weak"`` (the paper's ``(I − εD) ḡ``) or ``"exact"`` (``(I + εD)⁻¹ ḡ``).
+        safety: the fraction of ``1/λ_max`` that ``"auto"`` uses.
+        momentum, dampening, nesterov, weight_decay: as in ``torch.optim.SGD`` (weight decay
+            decoupled, see the module warning).
+        loss_reduction: ``"mean"`` (the loss is the batch mean of per-sample losses, as
+            PyTorch's losses by default) or ``"sum"``; the attached route needs it to turn
+            the captured output gradients into per-sample ones.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> opt = DiffusionMetricSGD(model, lr=0.1, eps="auto", mode="exact")
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> loss = nn.functional.cross_entropy(model(x), y)
+        >>> loss.backward()
+        >>> opt.step()
+        >>> 0 < opt.stats["eps"] * opt.stats["lambda_max"] < 1
+        True
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        eps: float | str = "auto",
+        mode: str = "weak",
+        safety: float = 0.5,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        loss_reduction: str = "mean",
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if mode not in ("weak", "exact"):
+            raise ValueError(f"Invalid mode: {mode!r}; choose 'weak' or 'exact'")
+        if (isinstance(eps, str) and eps != "auto") or (not isinstance(eps, str) and eps < 0):
+            raise ValueError(f"Invalid eps: {eps!r}; use 'auto' or a number >= 0")
+        if not 0 < safety < 1:
+            raise ValueError(f"Invalid safety: {safety}; it must lie in (0, 1)")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"Invalid loss_reduction: {loss_reduction!r}")
+        self.model = params if isinstance(params, nn.Module) else None
+        self.loss_reduction = loss_reduction
+        self.stats: dict[str, float] = {}
+        self._layers: list[tuple[str, nn.Module]] = []
+        self._captures: dict[nn.Module, dict[str, Tensor | None]] = {}
+        self._handles: list[Any] = []
+        if self.model is not None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            params = [p for _, p in named]
+            layers = fast_route_layers(self.model)
+            if not isinstance(layers, str):
+                self._layers = layers
+                for _, module in layers:
+                    self._handles.append(module.register_forward_hook(self._forward_hook))
+        defaults = {
+            "lr": lr,
+            "eps": eps,
+            "mode": mode,
+            "safety": safety,
+            "momentum": momentum,
+            "dampening": dampening,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(params, defaults)
+        names = (
+            [n for n, _ in named]
+            if self.model is not None
+            else [f"p{i}" for i in range(sum(len(g["params"]) for g in self.param_groups))]
+        )
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self.space = ParamSpace(zip(names, self._params, strict=True))
+
+    # ------------------------------------------------------------------ hooks
+
+    @property
+    def attached(self) -> bool:
+        """Whether the step reads per-sample information from hooks (else: closure)."""
+        return bool(self._layers)
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not (torch.is_grad_enabled() and module.training and output.requires_grad):
+            return
+        record: dict[str, Tensor | None] = {"input": inputs[0].detach(), "grad": None}
+        self._captures[module] = record
+        output.register_hook(lambda g: record.__setitem__("grad", g.detach()))
+
+    def detach(self) -> None:
+        """Remove the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _layer_captures(self) -> list[LayerCapture]:
+        captures = []
+        for name, module in self._layers:
+            record = self._captures.get(module)
+            if record is None or record["grad"] is None:
+                raise RuntimeError(
+                    f"DiffusionMetricSGD saw no forward and backward of layer {name!r} since the "
+                    f"last step; call loss.backward() on the model's output before step()"
+                )
+            a, g = record["input"], record["grad"]
+            if isinstance(module, nn.Linear):
+                a, g = a.reshape(len(a), -1, a.shape[-1]), g.reshape(len(g), -1, g.shape[-1])
+            if _distributed():
+                a, g = _all_gather(a), _all_gather(g)
+            captures.append(LayerCapture(a, g))
+        batch = len(captures[0].inputs)
+        if any(len(c.inputs) != batch for c in captures):
+            raise RuntimeError("the captured layers disagree on the batch size")
+        local = batch // (torch.distributed.get_world_size() if _distributed() else 1)
+        if self.loss_reduction == "mean":  # output grads of the mean loss are 1/B of f_i's
+            for capture in captures:
+                capture.grads = capture.grads * local
+        return captures
+
+    # ------------------------------------------------------------------ step
+
+    def _mean_gradient(self) -> Tensor:
+        return self.space.flatten(
+            [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One step. Attached route: after ``loss.backward()``; an optional closure
+        re-evaluates the loss and calls backward, as in ``torch.optim``. Closure route: the
+        closure returns the per-sample losses ``(B,)`` (no backward); ``.grad`` is set to
+        their mean gradient."""
+        group = self.param_groups[0]
+        if any(
+            g["eps"] != group["eps"] or g["mode"] != group["mode"] or g["safety"] != group["safety"]
+            for g in self.param_groups
+        ):
+            raise ValueError(
+                "eps, mode and safety are global to the metric: use the same "
+                "values in every param group"
+            )
+        loss = None
+        if self.attached:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if all(p.grad is None for p in self._params):
+                return loss
+            products = LayerProducts.from_captures(self.space, self._layers, self._layer_captures())
+            mean_gradient = self._mean_gradient()
+        else:
+            if closure is None:
+                raise RuntimeError(
+                    "this model has layers other than Linear and Conv2d: call "
+                    "step(closure) with a closure returning the per-sample losses (B,)"
+                )
+            with torch.enable_grad():
+                losses = closure()
+                products = RowProducts.from_losses(self.space, self._params, losses)
+            if _distributed():
+                products = RowProducts(self.space, _all_gather(products.rows))
+            loss = losses.detach().mean()
+            mean_gradient = products.rows.mean(0)
+            for p, g in zip(
+                self._params, self.space.unflatten(mean_gradient).values(), strict=True
+            ):
+                p.grad = g.clone()
+        self._captures.clear()
+        direction = self._direction(products, mean_gradient, group)
+        self._apply(direction)
+        return loss
+
+    def _direction(
+        self, products: LayerProducts | RowProducts, mean_gradient: Tensor, group: dict[str, Any]
+    ) -> Tensor:
+        D = DiffusionMatrix.from_products(products, mean_gradient=mean_gradient)
+        needs_gram = group["eps"] == "auto" or group["mode"] == "exact"
+        if needs_gram:
+            D.gram()  # built once: it gives λ_max, the exact solve and c = G ḡ
+        metric = DiffusionMetric(D, group["eps"], group["safety"])
+        self.stats = {"eps": metric.eps, "trace": D.trace()}
+        if needs_gram:
+            self.stats["lambda_max"] = D.lambda_max()
+        return metric.gradient(exact=group["mode"] == "exact")
+
+    def _apply(self, direction: Tensor) -> None:
+        parts = self.space.unflatten(direction)
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                d_p = parts[self.space.names[index]]
+                index += 1
+                if group["weight_decay"]:
+                    d_p = d_p.add(p, alpha=group["weight_decay"])
+                if group["momentum"]:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d_p.clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(d_p, alpha=1 - group["dampening"])
+                    d_p = d_p.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                p.add_(d_p, alpha=-group["lr"])

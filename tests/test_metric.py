@@ -1,0 +1,75 @@
+"""DiffusionMetric against dense matrices: g, the Woodbury inverse, the weak field, ε rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.metric import DiffusionMetric, resolve_eps
+from sgdgeom.persample import per_sample_loss
+from tests.cases import CASE_NAMES, make_case
+from tests.reference import assert_close, dense_diffusion, per_sample_gradients
+
+
+@pytest.fixture(params=CASE_NAMES)
+def setup(request):
+    case = make_case(request.param)
+    G = per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    return D, dense_diffusion(G), G.mean(0)
+
+
+def test_apply_solve_and_gradient_equal_dense(setup):
+    D, D_ref, g_bar = setup
+    lam = float(torch.linalg.eigvalsh(D_ref)[-1])
+    metric = DiffusionMetric(D, eps=0.7 / lam)
+    eye = torch.eye(len(D_ref), dtype=torch.float64)
+    g_dense = eye + metric.eps * D_ref
+    v = torch.randn(len(D_ref), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert_close(metric.apply(v), g_dense @ v, what="g v")
+    assert_close(metric.solve(v), torch.linalg.solve(g_dense, v), what="Woodbury g⁻¹ v")
+    assert_close(metric.solve(v, exact=False), (eye - metric.eps * D_ref) @ v, what="weak")
+    assert_close(metric.gradient(), torch.linalg.solve(g_dense, g_bar), what="∇_D f")
+    assert_close(
+        metric.gradient(exact=False), (eye - metric.eps * D_ref) @ g_bar, what="weak ∇_D f (F10)"
+    )
+
+
+def test_weak_field_bound_holds_and_is_attained(setup):
+    D, D_ref, _ = setup
+    metric = DiffusionMetric(D, eps="auto", safety=0.9)
+    bound = metric.weak_field_bound()
+    eye = torch.eye(len(D_ref), dtype=torch.float64)
+    difference = torch.linalg.inv(eye + metric.eps * D_ref) - (eye - metric.eps * D_ref)
+    assert float(torch.linalg.matrix_norm(difference, ord=2)) == pytest.approx(bound, rel=1e-8)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(5):
+        v = torch.randn(len(D_ref), dtype=torch.float64, generator=g)
+        assert metric.weak_field_error(v) <= bound * float(v.norm()) * (1 + 1e-10)
+    _, top = D.eigh(1)
+    assert metric.weak_field_error(top[:, 0]) == pytest.approx(bound, rel=1e-6)
+
+
+def test_eps_rule(setup):
+    D, D_ref, _ = setup
+    lam = float(torch.linalg.eigvalsh(D_ref)[-1])
+    assert DiffusionMetric(D, eps="auto").eps == pytest.approx(0.5 / lam, rel=1e-9)
+    assert DiffusionMetric(D, eps="auto", safety=0.25).eps == pytest.approx(0.25 / lam, rel=1e-9)
+    with pytest.raises(ValueError, match="at or above 1/λ_max"):
+        DiffusionMetric(D, eps=1.0 / lam)
+    with pytest.raises(ValueError, match="at or above 1/λ_max"):
+        DiffusionMetric(D, eps=3.0 / lam)
+    with pytest.raises(ValueError, match="safety"):
+        DiffusionMetric(D, safety=1.0)
+
+
+def test_resolve_eps_edge_cases():
+    assert resolve_eps("auto", 0.5, 0.0) == 0.0  # D = 0: the metric is the identity
+    assert resolve_eps(0.1, 0.5, 0.0) == 0.1
+    with pytest.raises(ValueError, match="'auto' or a number"):
+        resolve_eps("big", 0.5, 1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        resolve_eps(-1.0, 0.5, 1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        resolve_eps(float("nan"), 0.5, 1.0)
