@@ -23,10 +23,26 @@ def with_(section, **values):
 
 
 def test_every_shipped_config_is_valid():
+    import yaml
+
+    from sgdgeom.experiments.compare import load_comparison
+
     configs = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
     assert configs
     for path in configs:
-        load_config(path)
+        if "variants" in yaml.safe_load(path.read_text()):
+            load_comparison(path)
+        else:
+            load_config(path)
+
+
+def test_metric_keys_only_with_diffusion_sgd():
+    config = parse_config(with_("optimizer", name="diffusion-sgd", eps="auto", mode="exact"))
+    assert config.optimizer.mode == "exact"
+    with pytest.raises(ConfigError, match="eps, mode apply only to name: diffusion-sgd"):
+        parse_config(with_("optimizer", eps=0.1, mode="weak"))
+    with pytest.raises(ConfigError, match=r"optimizer\.mode"):
+        parse_config(with_("optimizer", name="diffusion-sgd", mode="strong"))
 
 
 def test_unknown_key_names_key_and_allowed():
@@ -46,7 +62,7 @@ def test_unknown_model_option_lists_options():
 
 
 def test_bad_values_name_the_choices():
-    with pytest.raises(ConfigError, match=r"optimizer\.name: .*'sgd' or 'adam'"):
+    with pytest.raises(ConfigError, match=r"optimizer\.name: .*'sgd', 'adam' or 'diffusion-sgd'"):
         parse_config(with_("optimizer", name="lbfgs"))
     with pytest.raises(ConfigError, match=r"optimizer\.lr: .*greater than 0"):
         parse_config(with_("optimizer", lr=-1))

@@ -85,6 +85,32 @@ def train(
     typer.echo(f"results in {out_dir}")
 
 
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="A comparison config: base and variants.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory of the variants' runs; default runs/NAME."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue killed variants.")] = False,
+    data_root: DataRoot = None,
+    device: Device = None,
+) -> None:
+    """Run variants of one experiment (e.g. optimizers) and plot their curves together."""
+    from sgdgeom.experiments.compare import load_comparison, run_comparison
+
+    name, _ = load_comparison(config)
+    out_dir = out if out is not None else Path("runs") / name
+    summary = run_comparison(config, out_dir, resume=resume, data_root=data_root, device=device)
+    typer.echo(f"{'variant':<20} {'final acc':>10} {'best acc':>10} {'final loss':>11}")
+    for variant, final in summary["variants"].items():
+        typer.echo(
+            f"{variant:<20} {final['final_test_acc']:>10.4f} "
+            f"{final['best_test_acc']:>10.4f} {final['final_train_loss']:>11.4f}"
+        )
+    typer.echo(f"results in {out_dir} (summary.json, curves.png)")
+
+
 def _parse_options(pairs: list[str]) -> dict[str, object]:
     import yaml
 

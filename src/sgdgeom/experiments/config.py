@@ -107,13 +107,28 @@ class ModelConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    """The optimizer: plain or momentum SGD (``sgd``) or Adam (``adam``)."""
+    """The optimizer: plain or momentum SGD (``sgd``), Adam (``adam``), or
+    :class:`~sgdgeom.optim.DiffusionMetricSGD` (``diffusion-sgd``, with ``eps``, ``mode``
+    and ``safety``)."""
 
-    name: Literal["sgd", "adam"]
+    name: Literal["sgd", "adam", "diffusion-sgd"]
     lr: float = Field(gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     nesterov: bool = False
+    eps: float | Literal["auto"] | None = None
+    mode: Literal["weak", "exact"] | None = None
+    safety: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _metric_keys_need_diffusion_sgd(self) -> OptimizerConfig:
+        if self.name != "diffusion-sgd":
+            given = [k for k in ("eps", "mode", "safety") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply only to name: diffusion-sgd")
+        if isinstance(self.eps, float) and self.eps < 0:
+            raise ValueError(f"eps must be 'auto' or a number >= 0, got {self.eps}")
+        return self
 
 
 class TrainConfig(_Strict):

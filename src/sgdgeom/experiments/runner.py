@@ -7,7 +7,7 @@ is never overwritten: resume it, or choose another directory.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +24,30 @@ from sgdgeom.train import CHECKPOINT, METRICS, Callback, Trainer, atomic_write_b
 __all__ = ["build_optimizer", "run_training"]
 
 
-def build_optimizer(
-    config: OptimizerConfig, params: Iterable[nn.Parameter]
-) -> torch.optim.Optimizer:
-    """The optimizer a config names, over ``params``."""
+def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer a config names, over ``model``'s parameters."""
+    if config.name == "diffusion-sgd":
+        from sgdgeom.optim import DiffusionMetricSGD
+
+        return DiffusionMetricSGD(
+            model,
+            lr=config.lr,
+            eps=config.eps if config.eps is not None else "auto",
+            mode=config.mode or "weak",
+            safety=config.safety or 0.5,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
     if config.name == "sgd":
         return torch.optim.SGD(
-            params,
+            model.parameters(),
             lr=config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
             nesterov=config.nesterov,
         )
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _prepare_run_dir(config: ExperimentConfig, out_dir: Path, resume: bool) -> None:
@@ -83,7 +94,7 @@ def run_training(
         init=config.model.init,
         **config.model.options,
     )
-    optimizer = build_optimizer(config.optimizer, model.parameters())
+    optimizer = build_optimizer(config.optimizer, model)
     trainer = Trainer(
         model,
         dataset,

@@ -1,0 +1,136 @@
+"""Compare variants of one experiment: run each, then plot their curves from the data.
+
+A comparison config has a ``base`` experiment config and named ``variants``, each a
+partial config merged into the base (nested keys merge, values replace)::
+
+    name: mnist5k-optimizers
+    base: {data: {...}, model: {...}, optimizer: {...}, train: {...}}
+    variants:
+      sgd: {optimizer: {name: sgd, momentum: 0.0}}
+      diffusion-exact: {optimizer: {name: diffusion-sgd, mode: exact}}
+
+Each variant runs in ``OUT/VARIANT`` with the usual files; a finished variant (its
+``final.json`` present) is kept and skipped when the comparison is run again, and
+``--resume`` continues one that was killed. ``summary.json`` and ``curves.png`` are made
+from the variants' ``metrics.jsonl`` files alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sgdgeom.errors import ConfigError
+from sgdgeom.experiments.config import ExperimentConfig, parse_config
+from sgdgeom.experiments.runner import run_training
+from sgdgeom.train import FINAL, METRICS, atomic_write_bytes, read_jsonl
+
+__all__ = ["load_comparison", "plot_curves", "run_comparison"]
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in: nested mappings merge, other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_comparison(path: str | Path) -> tuple[str, dict[str, ExperimentConfig]]:
+    """Read a comparison config: its name and one validated config per variant."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict) or set(data) != {"name", "base", "variants"}:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(
+            f"{path}: a comparison has exactly the keys name, base, variants; got {keys}"
+        )
+    if not isinstance(data["variants"], dict) or not data["variants"]:
+        raise ConfigError(f"{path}: variants must be a non-empty mapping of name: overrides")
+    configs = {}
+    for variant, override in data["variants"].items():
+        merged = merge({"name": f"{data['name']}/{variant}", **data["base"]}, override or {})
+        configs[variant] = parse_config(merged, f"{path} variant {variant!r}")
+    return data["name"], configs
+
+
+def run_comparison(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    data_root: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every variant (skipping finished ones), then write ``summary.json`` and
+    ``curves.png``. Returns the summary: each variant's final metrics."""
+    name, configs = load_comparison(path)
+    out = Path(out_dir)
+    for variant, config in configs.items():
+        run_dir = out / variant
+        if (run_dir / FINAL).is_file():
+            continue
+        started = (run_dir / METRICS).is_file()
+        run_training(
+            config,
+            run_dir,
+            resume=resume or started,
+            data_root=data_root,
+            device=device,
+            progress=progress,
+        )
+    summary = {
+        "name": name,
+        "variants": {v: json.loads((out / v / FINAL).read_text()) for v in configs},
+    }
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    plot_curves(out, list(configs), out / "curves.png", title=name)
+    return summary
+
+
+def plot_curves(
+    out_dir: str | Path, variants: list[str], path: str | Path, title: str = ""
+) -> Path:
+    """Training loss, test loss and test accuracy per epoch, one line per variant, read
+    from ``OUT/VARIANT/metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("train_loss", "training loss", True),
+        ("test_loss", "test loss", True),
+        ("test_acc", "test accuracy", False),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for variant in variants:
+        records = read_jsonl(Path(out_dir) / variant / METRICS)
+        epochs = [r["epoch"] for r in records]
+        for ax, (key, _, _) in zip(axes, panels, strict=True):
+            ax.plot(epochs, [r[key] for r in records], marker="o", ms=3, label=variant)
+    for ax, (_, label, log) in zip(axes, panels, strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[-1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
