@@ -60,6 +60,19 @@ def _lambda_max(case):
     return float(torch.linalg.eigvalsh(dense_diffusion(G))[-1])
 
 
+def test_model_converted_after_the_optimizer_was_made():
+    """The Trainer builds the optimizer, then moves the model (to CUDA, or another dtype)."""
+    case = make_case("mlp-relu")
+    case.model.float()
+    opt = DiffusionMetricSGD(case.model, lr=1.0, eps="auto", mode="exact")
+    case.model.double()
+    expected, _ = dense_update(case, "auto", "exact")
+    loss_and_backward(case)
+    opt.step()
+    x = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-10)
+
+
 def test_eps_at_or_above_one_over_lambda_max_raises():
     case = make_case("mlp-relu")
     opt = DiffusionMetricSGD(case.model, lr=0.1, eps=1.5 / _lambda_max(case))

@@ -152,7 +152,13 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             else [f"p{i}" for i in range(sum(len(g["params"]) for g in self.param_groups))]
         )
         self._params = [p for g in self.param_groups for p in g["params"]]
-        self.space = ParamSpace(zip(names, self._params, strict=True))
+        self._names = names
+
+    @property
+    def space(self) -> ParamSpace:
+        """The parameter space as the parameters are now (the model may have moved to another
+        device or dtype since the optimizer was made)."""
+        return ParamSpace(zip(self._names, self._params, strict=True))
 
     # ------------------------------------------------------------------ hooks
 
@@ -200,8 +206,8 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def _mean_gradient(self) -> Tensor:
-        return self.space.flatten(
+    def _mean_gradient(self, space: ParamSpace) -> Tensor:
+        return space.flatten(
             [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         )
 
@@ -221,14 +227,15 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 "values in every param group"
             )
         loss = None
+        space = self.space
         if self.attached:
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
             if all(p.grad is None for p in self._params):
                 return loss
-            products = LayerProducts.from_captures(self.space, self._layers, self._layer_captures())
-            mean_gradient = self._mean_gradient()
+            products = LayerProducts.from_captures(space, self._layers, self._layer_captures())
+            mean_gradient = self._mean_gradient(space)
         else:
             if closure is None:
                 raise RuntimeError(
@@ -237,18 +244,16 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 )
             with torch.enable_grad():
                 losses = closure()
-                products = RowProducts.from_losses(self.space, self._params, losses)
+                products = RowProducts.from_losses(space, self._params, losses)
             if _distributed():
-                products = RowProducts(self.space, _all_gather(products.rows))
+                products = RowProducts(space, _all_gather(products.rows))
             loss = losses.detach().mean()
             mean_gradient = products.rows.mean(0)
-            for p, g in zip(
-                self._params, self.space.unflatten(mean_gradient).values(), strict=True
-            ):
+            for p, g in zip(self._params, space.unflatten(mean_gradient).values(), strict=True):
                 p.grad = g.clone()
         self._captures.clear()
         direction = self._direction(products, mean_gradient, group)
-        self._apply(direction)
+        self._apply(space.unflatten(direction))
         return loss
 
     def _direction(
@@ -264,13 +269,11 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             self.stats["lambda_max"] = D.lambda_max()
         return metric.gradient(exact=group["mode"] == "exact")
 
-    def _apply(self, direction: Tensor) -> None:
-        parts = self.space.unflatten(direction)
-        index = 0
+    def _apply(self, parts: dict[str, Tensor]) -> None:
+        steps = iter(parts.values())
         for group in self.param_groups:
             for p in group["params"]:
-                d_p = parts[self.space.names[index]]
-                index += 1
+                d_p = next(steps)
                 if group["weight_decay"]:
                     d_p = d_p.add(p, alpha=group["weight_decay"])
                 if group["momentum"]:
