@@ -13,6 +13,8 @@ from sgdgeom.errors import (
     SgdgeomError,
     UnsupportedModelError,
 )
+from sgdgeom.metric import DiffusionMetric
+from sgdgeom.optim import DiffusionMetricSGD
 from sgdgeom.params import ParamSpace
 
 __version__ = "0.1.0"
@@ -23,6 +25,9 @@ __all__ = [
     "DatasetError",
     # the diffusion matrix (F2, F3)
     "DiffusionMatrix",
+    # the diffusion metric (F6) and its gradient descent (F10)
+    "DiffusionMetric",
+    "DiffusionMetricSGD",
     "LayerBlock",
     "LayerTrace",
     "NonFiniteLossError",
