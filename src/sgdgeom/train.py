@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 from sgdgeom.data import Dataset, batches
 from sgdgeom.errors import NonFiniteLossError, SgdgeomError
 
-__all__ = ["Callback", "Trainer", "atomic_write_bytes", "read_jsonl", "resolve_device"]
+__all__ = [
+    "Callback",
+    "TensorBoardLogger",
+    "Trainer",
+    "atomic_write_bytes",
+    "read_jsonl",
+    "resolve_device",
+]
 
 Objective = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -65,6 +72,26 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+class TensorBoardLogger(Callback):
+    """Writes every numeric metric of each epoch as a TensorBoard scalar (needs the
+    ``tensorboard`` package; the JSON-lines metrics are written regardless)."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SgdgeomError(
+                "TensorBoard output needs the tensorboard package: pip install tensorboard"
+            ) from None
+        self.writer = SummaryWriter(str(log_dir))
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and key != "epoch":
+                self.writer.add_scalar(key, value, epoch)
+        self.writer.flush()
 
 
 def resolve_device(device: str) -> torch.device:

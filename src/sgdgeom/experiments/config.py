@@ -37,6 +37,7 @@ __all__ = [
     "DataConfig",
     "ExperimentConfig",
     "ModelConfig",
+    "MonitorConfig",
     "OptimizerConfig",
     "TrainConfig",
     "config_hash",
@@ -138,8 +139,27 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class MonitorConfig(_Strict):
+    """Instruments switched on during training (:class:`~sgdgeom.monitor.LayerTemperature`).
+
+    ``temperature``: per-layer signal and noise (Musso eq. 2, Fig. 1); ``snr``: gradient
+    signal-to-noise norms; ``trace_every``: epochs between ``tr D_I / N_I`` measurements on
+    the first ``probe_size`` training samples (0 = never); ``layers``: which layers (default
+    all with a weight matrix); ``tensorboard``: also write TensorBoard scalars (needs the
+    tensorboard package).
+    """
+
+    temperature: bool = True
+    snr: bool = True
+    trace_every: int = Field(0, ge=0)
+    probe_size: int = Field(256, ge=2)
+    layers: list[str] | None = None
+    tensorboard: bool = False
+
+
 class ExperimentConfig(_Strict):
-    """One training run: dataset, model, optimizer and schedule, plus a seed."""
+    """One training run: dataset, model, optimizer and schedule, plus a seed and, optionally,
+    monitors."""
 
     name: str
     seed: int = 0
@@ -147,6 +167,7 @@ class ExperimentConfig(_Strict):
     model: ModelConfig
     optimizer: OptimizerConfig
     train: TrainConfig
+    monitor: MonitorConfig | None = None
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

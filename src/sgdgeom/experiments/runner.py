@@ -7,6 +7,7 @@ is never overwritten: resume it, or choose another directory.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,22 @@ import torch
 import yaml
 from torch import nn
 
-from sgdgeom.data import augmentation, load_dataset
+from sgdgeom.data import Dataset, augmentation, load_dataset
 from sgdgeom.errors import ConfigError
 from sgdgeom.experiments.config import ExperimentConfig, OptimizerConfig, config_hash, parse_config
 from sgdgeom.models import build_model
-from sgdgeom.train import CHECKPOINT, METRICS, Callback, Trainer, atomic_write_bytes
+from sgdgeom.monitor import LayerTemperature, analyse_regimes, plot_temperatures, temperature_curves
+from sgdgeom.train import (
+    CHECKPOINT,
+    METRICS,
+    Callback,
+    TensorBoardLogger,
+    Trainer,
+    atomic_write_bytes,
+    read_jsonl,
+)
 
-__all__ = ["build_optimizer", "run_training"]
+__all__ = ["build_optimizer", "run_training", "write_temperature_report"]
 
 
 def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -95,6 +105,7 @@ def run_training(
         **config.model.options,
     )
     optimizer = build_optimizer(config.optimizer, model)
+    callbacks = [*callbacks, *_monitors(config, dataset, out)]
     trainer = Trainer(
         model,
         dataset,
@@ -109,4 +120,38 @@ def run_training(
         device=device or config.train.device,
         progress=progress,
     )
-    return trainer.fit(resume=resume)
+    final = trainer.fit(resume=resume)
+    if out is not None and config.monitor is not None and config.monitor.temperature:
+        write_temperature_report(out, title=config.name)
+    return final
+
+
+def _monitors(config: ExperimentConfig, dataset: Dataset, out: Path | None) -> list[Callback]:
+    monitor = config.monitor
+    if monitor is None:
+        return []
+    callbacks: list[Callback] = []
+    if monitor.temperature:
+        n = min(monitor.probe_size, len(dataset.y_train))
+        probe = (dataset.normalize(dataset.x_train[:n]), dataset.y_train[:n])
+        callbacks.append(
+            LayerTemperature(
+                monitor.layers, snr=monitor.snr, trace_every=monitor.trace_every, probe=probe
+            )
+        )
+    if monitor.tensorboard:
+        if out is None:
+            raise ConfigError("monitor.tensorboard needs a run directory (--out)")
+        callbacks.append(TensorBoardLogger(out / "tensorboard"))
+    return callbacks
+
+
+def write_temperature_report(run_dir: str | Path, title: str = "") -> dict[str, Any]:
+    """``regimes.json`` and ``temperatures.png`` (Musso Fig. 1) from ``metrics.jsonl``."""
+    run_dir = Path(run_dir)
+    records = read_jsonl(run_dir / METRICS)
+    curves = temperature_curves(records)
+    analysis = analyse_regimes(curves["epochs"], curves["signal"], curves["noise"])
+    atomic_write_bytes(run_dir / "regimes.json", json.dumps(analysis, indent=2).encode())
+    plot_temperatures(records, run_dir / "temperatures.png", analysis, title=title)
+    return analysis

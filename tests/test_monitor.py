@@ -1,0 +1,147 @@
+"""Layer temperatures: hand computations, numpy statistics, the D trace, regime detection."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.experiments.config import parse_config
+from sgdgeom.experiments.runner import run_training
+from sgdgeom.monitor import LayerTemperature, analyse_regimes
+from sgdgeom.train import read_jsonl
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (
+            torch.randn(5, 3, generator=g, dtype=torch.float64),
+            torch.randint(0, 2, (5,), generator=g),
+        )
+        for _ in range(4)
+    ]
+    return model, batches
+
+
+def run_epoch(callback, model, batches):
+    trainer = SimpleNamespace(model=model)
+    callback.on_train_begin(trainer)
+    grads = []
+    for x, y in batches:
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        callback.on_after_backward(trainer, x, y, loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    metrics = {}
+    callback.on_epoch_end(trainer, 1, metrics)
+    return metrics, grads
+
+
+def test_signal_is_mean_absolute_weight_gradient_and_noise_is_numpy_std():
+    model, batches = tiny()
+    metrics, grads = run_epoch(LayerTemperature(), model, batches)
+    for layer in ("0", "2"):
+        per_batch = []
+        for g in grads:  # by hand: Σ over the weights (not the bias) of |∂L/∂ω|, over N_I
+            weight = g[f"{layer}.weight"]
+            total = sum(
+                abs(float(weight[i, j]))
+                for i in range(weight.shape[0])
+                for j in range(weight.shape[1])
+            )
+            per_batch.append(total / weight.numel())
+        assert metrics[f"temp/{layer}/signal"] == pytest.approx(np.mean(per_batch), rel=1e-12)
+        assert metrics[f"temp/{layer}/noise"] == pytest.approx(np.std(per_batch), rel=1e-12)
+        stacked = np.stack([g[f"{layer}.weight"].numpy() for g in grads])
+        assert metrics[f"snr/{layer}/mean_norm"] == pytest.approx(
+            np.linalg.norm(stacked.mean(0)), rel=1e-10
+        )
+        assert metrics[f"snr/{layer}/std_norm"] == pytest.approx(
+            np.linalg.norm(stacked.std(0)), rel=1e-8
+        )
+
+
+def test_trace_equals_the_diffusion_block_trace():
+    model, batches = tiny()
+    probe = batches[0]
+    metrics, _ = run_epoch(LayerTemperature(trace_every=1, probe=probe), model, batches)
+    D = DiffusionMatrix(model, "cross_entropy", probe)
+    dense = D.dense()
+    for layer in ("0", "2"):
+        mask = D.space.layer_mask(layer, weights_only=True)
+        expected = float(dense[mask][:, mask].trace()) / int(mask.sum())
+        assert metrics[f"trace/{layer}"] == pytest.approx(expected, rel=1e-10)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="needs a probe"):
+        LayerTemperature(trace_every=2)
+    model, batches = tiny()
+    with pytest.raises(ValueError, match=r"no weight layers named \['fc9'\]"):
+        run_epoch(LayerTemperature(["fc9"]), model, batches)
+
+
+def synthetic(t_cross=15, t_peak=20, t_end=400, slopes=(-0.8, -0.8, -0.8)):
+    t = np.arange(1, t_end + 1, dtype=float)
+    signal, noise = {}, {}
+    for i, slope in enumerate(slopes):
+        rise = np.exp(0.1 * (t - t_peak))  # grows until the peak
+        decay = (t / t_peak) ** slope  # power-law decay after it
+        s = np.where(t <= t_peak, rise, decay) * (1 + i)
+        # noise: below the signal before t_cross, above it after
+        n = s * np.where(t < t_cross, 0.3, 1.5)
+        signal[f"fc{i + 1}"], noise[f"fc{i + 1}"] = s, n
+    return t, signal, noise
+
+
+def test_regimes_found_on_synthetic_curves():
+    t, signal, noise = synthetic()
+    result = analyse_regimes(t, signal, noise, smooth=1, late_drop=1.0)
+    assert result["t_cross"] == 15
+    assert result["t_peak"] == 20
+    # late regime: log s has fallen 1 nat below its peak: (t/20)^-0.8 = e^-1 at t = 20 e^1.25
+    assert result["t_late"] == pytest.approx(np.ceil(20 * np.exp(1 / 0.8)), abs=1)
+    for fits in result["layers"].values():
+        assert fits["signal_powerlaw_slope"] == pytest.approx(-0.8, abs=1e-9)
+    assert result["signal_slope_spread"] < 1e-9
+    assert result["common_decay_residual"] < 1e-9
+
+
+def test_different_decays_are_not_common():
+    t, signal, noise = synthetic(slopes=(-0.5, -1.0, -1.5))
+    result = analyse_regimes(t, signal, noise, smooth=1)
+    assert result["signal_slope_spread"] > 0.3
+    assert result["common_decay_residual"] > 0.2
+
+
+def test_no_late_regime_is_reported():
+    t, signal, noise = synthetic(t_end=25)
+    result = analyse_regimes(t, signal, noise, smooth=1)
+    assert result["t_late"] is None and "train longer" in result["note"]
+
+
+def test_monitor_config_writes_metrics_report_and_figure(tmp_path):
+    config = parse_config(
+        {
+            "name": "temp",
+            "data": {"name": "digits", "batch_size": 32, "n_train": 256},
+            "model": {"name": "mlp", "widths": [16]},
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "train": {"epochs": 6, "device": "cpu"},
+            "monitor": {"trace_every": 3, "probe_size": 32},
+        }
+    )
+    run_training(config, tmp_path, progress=False)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all("temp/fc1/signal" in r and "snr/out/ratio" in r for r in records)
+    assert ["trace/fc1" in r for r in records] == [False, False, True, False, False, True]
+    assert (tmp_path / "regimes.json").is_file()
+    assert (tmp_path / "temperatures.png").stat().st_size > 10_000
