@@ -115,6 +115,13 @@ def test_regimes_found_on_synthetic_curves():
     assert result["common_decay_residual"] < 1e-9
 
 
+def test_snr_crossing_defines_the_end_of_the_signal_regime():
+    t, signal, noise = synthetic(t_cross=15)
+    ratio = {name: np.where(t < 30, 4.0, 0.5) for name in signal}  # noise wins at t = 30
+    result = analyse_regimes(t, signal, noise, snr=ratio, smooth=1)
+    assert result["t_cross"] == 30
+
+
 def test_different_decays_are_not_common():
     t, signal, noise = synthetic(slopes=(-0.5, -1.0, -1.5))
     result = analyse_regimes(t, signal, noise, smooth=1)
@@ -145,3 +152,24 @@ def test_monitor_config_writes_metrics_report_and_figure(tmp_path):
     assert ["trace/fc1" in r for r in records] == [False, False, True, False, False, True]
     assert (tmp_path / "regimes.json").is_file()
     assert (tmp_path / "temperatures.png").stat().st_size > 10_000
+
+
+def test_cli_temperatures_remakes_the_report(tmp_path):
+    from tests.test_cli import assert_one_line_error, sgdgeom
+
+    config = parse_config(
+        {
+            "name": "temp",
+            "data": {"name": "digits", "batch_size": 64, "n_train": 128},
+            "model": {"name": "mlp", "widths": [8]},
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "train": {"epochs": 2, "device": "cpu"},
+            "monitor": {},
+        }
+    )
+    run_training(config, tmp_path / "run", progress=False)
+    (tmp_path / "run/temperatures.png").unlink()
+    proc = sgdgeom("temperatures", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run/temperatures.png").is_file()
+    assert_one_line_error(sgdgeom("temperatures", tmp_path), "has no metrics.jsonl")

@@ -111,6 +111,25 @@ def compare(
     typer.echo(f"results in {out_dir} (summary.json, curves.png)")
 
 
+@app.command()
+def temperatures(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory trained with a monitor.")],
+) -> None:
+    """Musso's Fig. 1 and the regime analysis of a run, from its metrics.jsonl."""
+    from sgdgeom.experiments.runner import write_temperature_report
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise SgdgeomError(f"{run_dir} has no metrics.jsonl: train it with `monitor:` first")
+    try:
+        analysis = write_temperature_report(run_dir, title=run_dir.name)
+    except ValueError as err:
+        raise SgdgeomError(
+            f"{run_dir}: {err}; train it with `monitor: {{temperature: true}}`"
+        ) from None
+    typer.echo(json.dumps(analysis, indent=2))
+    typer.echo(f"wrote {run_dir / 'regimes.json'} and {run_dir / 'temperatures.png'}")
+
+
 def _parse_options(pairs: list[str]) -> dict[str, object]:
     import yaml
 

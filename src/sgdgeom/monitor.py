@@ -171,11 +171,14 @@ def temperature_curves(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not rows:
         raise ValueError("no temperature metrics (temp/...) in these records")
     layers = [k.split("/")[1] for k in rows[0] if k.startswith("temp/") and k.endswith("/signal")]
-    return {
+    curves = {
         "epochs": np.array([r["epoch"] for r in rows], dtype=float),
         "signal": {n: np.array([r[f"temp/{n}/signal"] for r in rows]) for n in layers},
         "noise": {n: np.array([r[f"temp/{n}/noise"] for r in rows]) for n in layers},
     }
+    if all(f"snr/{n}/ratio" in r for n in layers for r in rows):
+        curves["snr"] = {n: np.array([r[f"snr/{n}/ratio"] for r in rows]) for n in layers}
+    return curves
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -191,6 +194,7 @@ def analyse_regimes(
     signal: dict[str, Sequence[float]],
     noise: dict[str, Sequence[float]],
     *,
+    snr: dict[str, Sequence[float]] | None = None,
     smooth: int = 3,
     late_drop: float = 1.0,
 ) -> dict[str, Any]:
@@ -201,8 +205,10 @@ def analyse_regimes(
     \rangle_I` and :math:`\ell_n(t) = \langle \log \sigma_I \rangle_I`, each smoothed by a
     moving average of ``smooth`` epochs:
 
-    1. *signal-dominated*: from the start until ``t_cross``, the first epoch with
-       :math:`\ell_n \ge \ell_s` (noise at least the signal);
+    1. *signal-dominated*: from the start until ``t_cross``, the first epoch at which the
+       gradient becomes noise-dominated: with ``snr`` (``‖E g_I‖ / ‖Std g_I‖`` per layer,
+       Shwartz-Ziv and Tishby's criterion) the first epoch whose layer-averaged log ratio
+       is at or below 0; without it, the first with :math:`\ell_n \ge \ell_s`;
     2. *transition*: from ``t_cross`` to ``t_late``; the paper places it at the signal's
        maximum ``t_peak`` (reported too);
     3. *late, noise-dominated*: from ``t_late``, the first epoch after
@@ -223,7 +229,11 @@ def analyse_regimes(
     log_n = np.stack([np.log(np.maximum(np.asarray(noise[n], dtype=float), 1e-300)) for n in names])
     mean_s, mean_n = _smooth(log_s.mean(0), smooth), _smooth(log_n.mean(0), smooth)
     peak = int(np.argmax(mean_s))
-    crossed = np.nonzero(mean_n >= mean_s)[0]
+    if snr is not None:
+        ratios = np.stack([np.log(np.asarray(snr[n], dtype=float)) for n in names])
+        crossed = np.nonzero(_smooth(ratios.mean(0), smooth) <= 0)[0]
+    else:
+        crossed = np.nonzero(mean_n >= mean_s)[0]
     cross = int(crossed[0]) if len(crossed) else None
     start = max(peak, cross if cross is not None else peak)
     dropped = np.nonzero((mean_s <= mean_s[peak] - late_drop) & (np.arange(len(t)) >= start))[0]
@@ -270,7 +280,11 @@ def plot_temperatures(
 
     curves = temperature_curves(records)
     t = curves["epochs"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    with_snr = "snr" in curves
+    fig, axes = plt.subplots(
+        1, 2 if with_snr else 1, figsize=(13 if with_snr else 8, 4.5), squeeze=False
+    )
+    ax = axes[0, 0]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(curves["signal"]):
         c = colours[i % len(colours)]
@@ -292,6 +306,18 @@ def plot_temperatures(
     ax.set_ylabel("log s_I (solid), log std s_I (dashed)")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
+    if with_snr:
+        right = axes[0, 1]
+        for i, name in enumerate(curves["snr"]):
+            right.plot(t, np.log(curves["snr"][name]), color=colours[i % len(colours)], label=name)
+        right.axhline(0, color="k", lw=0.8)
+        if analysis is not None and analysis.get("t_cross"):
+            right.axvline(analysis["t_cross"], color="k", lw=0.8, ls="--")
+        right.set_xscale("log")
+        right.set_xlabel("epoch")
+        right.set_ylabel("log ‖E g_I‖ / ‖Std g_I‖")
+        right.set_title("gradient signal-to-noise (above 0: signal-dominated)")
+        right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -151,7 +151,9 @@ def write_temperature_report(run_dir: str | Path, title: str = "") -> dict[str, 
     run_dir = Path(run_dir)
     records = read_jsonl(run_dir / METRICS)
     curves = temperature_curves(records)
-    analysis = analyse_regimes(curves["epochs"], curves["signal"], curves["noise"])
+    analysis = analyse_regimes(
+        curves["epochs"], curves["signal"], curves["noise"], snr=curves.get("snr")
+    )
     atomic_write_bytes(run_dir / "regimes.json", json.dumps(analysis, indent=2).encode())
     plot_temperatures(records, run_dir / "temperatures.png", analysis, title=title)
     return analysis

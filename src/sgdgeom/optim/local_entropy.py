@@ -1,0 +1,458 @@
+r"""Partial local entropy: PLA and PLEA, smoothing the loss along chosen layers (Musso §3-4).
+
+With ``U`` the smoothed weights (whole layers by default; biases never, Musso footnote 15)
+and :math:`\Delta W^a`, ``a = 1..y``, drawn afresh at every step uniformly in the box of
+half-side R restricted to ``U``:
+
+.. math::
+
+    \mathcal L_{PLA}  &= \frac{1}{1+y}\Big[\mathcal L(W) + \sum_a \mathcal L(W+\Delta W^a)\Big]
+    \quad (M23) \\
+    \mathcal L_{PLEA} &= -\log \frac{1}{1+y}\Big[e^{-\mathcal L(W)} + \sum_a
+    e^{-\mathcal L(W+\Delta W^a)}\Big] \quad (M22)
+
+With a finite sharpness ``k`` the box indicator becomes the kernel
+:math:`K_{R,k} = e^{-d_{R,k}}` (M5, M6), and the losses are the weighted forms (M19) and
+(M14): :math:`\frac{1}{1+y}[\mathcal L(W) + \sum_a \mathcal L(W+\Delta W^a) K(\Delta W^a)]`
+and :math:`-\log\frac{1}{1+y}[e^{-\mathcal L(W)} + \sum_a e^{-\mathcal L(W+\Delta W^a) -
+d(\Delta W^a)}]`. The kernel is restricted to ``U`` (the product over the smoothed
+coordinates only, M13).
+
+.. warning::
+    For a finite k the displacements are drawn uniformly in the larger box of half-side
+    ``R + 5/k``, which covers the kernel's support: outside it each coordinate's kernel
+    factor is below ``σ(−10) ≈ 4.5e-5``. As ``k → ∞`` it shrinks to the paper's box.
+
+The loss is an ordinary differentiable tensor: the perturbations are constants added to
+the weights inside the forward pass (the weights themselves are never modified), so
+``loss.backward()`` gives the average of the gradients at the sampled points (PLA) or
+their softmax-weighted average (PLEA), and y does not scale the learning rate.
+
+Routes:
+
+- ``"naive"``: y+1 forward passes of the whole model (``torch.func.functional_call``).
+- ``"prefix"``: the layers before the first smoothed one run once; from there the y+1
+  branches run as one batch of ``(y+1) B`` rows, each smoothed Linear multiplying its
+  branch by its own perturbed weight. The prefix's backward runs once, on the sum of the
+  branches' gradients at the branch point.
+- ``"split"`` (PLA only): the minibatch is cut into y+1 chunks, chunk ``a`` seeing the
+  weights ``W + ΔW^a`` (chunk 0 unperturbed). It is unbiased for the same objective and
+  costs about one plain step, but its variance is higher: each point sees 1/(y+1) of the
+  batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.persample import LossSpec, per_sample_loss
+
+__all__ = [
+    "PartialLocalEntropy",
+    "gaussian_local_entropy",
+    "kernel_distance",
+    "local_free_entropy",
+    "m_loss",
+]
+
+KERNEL_MARGIN = 5.0  # the sampling box for finite k has half-side R + KERNEL_MARGIN / k
+
+
+def kernel_distance(delta: Tensor, R: float, k: float) -> Tensor:
+    r"""``d_{R,k}(ΔW)`` (M5) summed over the coordinates of ``delta`` (any shape, a leading
+    batch dimension kept): :math:`-\sum_i [\log(1-\sigma(2k(\Delta_i - R))) +
+    \log\sigma(2k(\Delta_i + R))]`, computed with ``logsigmoid``. ``K = exp(-d)`` (M6)."""
+    inside = F.logsigmoid(-2 * k * (delta - R)) + F.logsigmoid(2 * k * (delta + R))
+    return -inside.flatten(1).sum(1)
+
+
+def _half_side(R: float, k: float | None) -> float:
+    return R if k is None else R + KERNEL_MARGIN / k
+
+
+class PartialLocalEntropy:
+    """One training step's PLA or PLEA loss for a model, smoothing only chosen weights.
+
+    Args:
+        model: the network.
+        base_loss: the loss being smoothed: ``"cross_entropy"``, ``"mse"``, a loss module or
+            a per-sample function (its batch mean is L).
+        layers: names of the layers whose weights are smoothed, or ``"all"``.
+        mask: instead of (or on top of) ``layers``, ``{weight name: bool tensor}`` selecting
+            individual weights, for finer anisotropy.
+        R: half-side of the sampling box (Musso's R).
+        y: number of perturbed points (y = 0 gives the base loss, M4).
+        kind: ``"pla"`` (M23; M19 with finite k) or ``"plea"`` (M22; M14 with finite k).
+        k: kernel sharpness (M5); None is the box limit ``k → ∞``.
+        route: ``"auto"`` (``"prefix"`` when every smoothed module is a Linear, else
+            ``"naive"``), ``"naive"``, ``"prefix"`` or ``"split"`` (PLA only).
+        generator: the random source of the displacements (on the weights' device); None
+            uses torch's global generator, which :class:`~sgdgeom.train.Trainer` seeds every
+            epoch. Under DDP give every rank the same seed: all ranks then draw the same
+            perturbations and the averaged gradient is the PLA gradient of the global batch.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> pla = PartialLocalEntropy(model, layers=["2"], R=0.01, y=4,
+        ...                           generator=torch.Generator().manual_seed(0))
+        >>> loss = pla(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+        >>> loss.backward()  # .grad: the mean of the gradients at the 5 points
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_loss: LossSpec = "cross_entropy",
+        layers: Sequence[str] | str = "all",
+        *,
+        R: float,
+        y: int = 4,
+        kind: str = "pla",
+        k: float | None = None,
+        mask: dict[str, Tensor] | None = None,
+        route: str = "auto",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not R > 0:
+            raise ValueError(f"R must be > 0, got {R}")
+        if y < 0:
+            raise ValueError(f"y must be >= 0, got {y}")
+        if kind not in ("pla", "plea"):
+            raise ValueError(
+                f"kind must be 'pla' or 'plea' (finite k gives the kernel forms "
+                f"M19, M14), got {kind!r}"
+            )
+        if k is not None and not k > 0:
+            raise ValueError(f"k must be > 0 or None (the box limit), got {k}")
+        self.model, self.R, self.y, self.kind, self.k = model, R, y, kind, k
+        self.loss = per_sample_loss(base_loss)
+        self.generator = generator
+        self.masks = self._select(layers, mask or {})
+        modules = dict(model.named_modules())
+        self.smoothed = {name: modules[name.rpartition(".")[0]] for name in self.masks}
+        self.route = self._choose_route(route)
+
+    # ------------------------------------------------------------------ selection
+
+    def _select(
+        self, layers: Sequence[str] | str, mask: dict[str, Tensor]
+    ) -> dict[str, Tensor | None]:
+        """``{weight name: None (whole tensor) or bool mask}`` of what is smoothed."""
+        params = dict(self.model.named_parameters())
+        weights = {
+            n.rpartition(".")[0]: n
+            for n, p in params.items()
+            if n.rpartition(".")[2] == "weight" and p.dim() >= 2
+        }
+        if layers == "all":
+            chosen = list(weights) if not mask else []
+        elif isinstance(layers, str):
+            raise ValueError(f"layers must be 'all' or a list of layer names, got {layers!r}")
+        else:
+            chosen = list(layers)
+        unknown = [n for n in chosen if n not in weights]
+        if unknown:
+            raise ValueError(
+                f"no weight layers named {unknown}; the model's are {', '.join(weights)}"
+            )
+        selected: dict[str, Tensor | None] = {weights[n]: None for n in chosen}
+        for name, m in mask.items():
+            if name not in params:
+                raise ValueError(f"mask names unknown parameter {name!r}")
+            if name.rpartition(".")[2] == "bias":
+                raise ValueError(
+                    f"{name!r} is a bias: biases are never smoothed (Musso, footnote 15)"
+                )
+            if m.shape != params[name].shape or m.dtype != torch.bool:
+                raise ValueError(
+                    f"mask for {name!r} must be a bool tensor of shape {tuple(params[name].shape)}"
+                )
+            selected[name] = m if selected.get(name, m) is not None else None
+        if not selected:
+            raise ValueError("nothing to smooth: name some layers or give a mask")
+        return selected
+
+    def _choose_route(self, route: str) -> str:
+        if route not in ("auto", "naive", "prefix", "split"):
+            raise ValueError(f"route must be auto, naive, prefix or split, got {route!r}")
+        if route == "split" and self.kind != "pla":
+            raise ValueError("the split-batch estimator is for PLA only")
+        batched_ok = all(isinstance(m, nn.Linear) for m in self.smoothed.values())
+        if route in ("prefix", "split") and not batched_ok:
+            raise UnsupportedModelError(
+                f"the {route} route needs every smoothed module to be a Linear; use route='naive'"
+            )
+        if route == "auto":
+            return "prefix" if batched_ok else "naive"
+        return route
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(self, points: int | None = None) -> dict[str, Tensor]:
+        """Displacements ``{weight name: (points, *shape)}``, uniform in the box (of half-side
+        ``R + 5/k`` for a finite k) on the smoothed coordinates, zero elsewhere."""
+        points = self.y if points is None else points
+        half = _half_side(self.R, self.k)
+        out = {}
+        for name, m in self.masks.items():
+            p = dict(self.model.named_parameters())[name]
+            u = torch.rand(
+                (points, *p.shape),
+                generator=self.generator,
+                dtype=p.dtype,
+                device=self.generator.device if self.generator else p.device,
+            )
+            delta = ((2 * u - 1) * half).to(p.device)
+            out[name] = delta if m is None else delta * m
+        return out
+
+    def _distances(self, deltas: dict[str, Tensor]) -> Tensor | None:
+        """``d_{R,k}`` of each of the y displacements over the smoothed coordinates."""
+        if self.k is None:
+            return None
+        total = None
+        for name, m in self.masks.items():
+            delta = deltas[name] if m is None else deltas[name][:, m]
+            d = kernel_distance(delta, self.R, self.k)
+            total = d if total is None else total + d
+        return total
+
+    # ------------------------------------------------------------------ the loss
+
+    def combine(self, losses: Tensor, distances: Tensor | None) -> Tensor:
+        """The smoothed loss from the y+1 point losses ``[L(W), L(W+ΔW^1), ...]``."""
+        if self.kind == "pla":
+            if distances is None:
+                return losses.mean()
+            weights = torch.cat([losses.new_ones(1), torch.exp(-distances)])
+            return (losses * weights).sum() / len(losses)
+        exponents = -losses
+        if distances is not None:
+            exponents = exponents - torch.cat([losses.new_zeros(1), distances])
+        return math.log(len(losses)) - torch.logsumexp(exponents, 0)
+
+    def __call__(self, x: Tensor, target: Tensor) -> Tensor:
+        """The smoothed loss of one minibatch, with its graph (call ``.backward()``)."""
+        return self.objective(self.model, x, target)[0]
+
+    def objective(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss, logits)`` for :class:`~sgdgeom.train.Trainer`; the logits are those at
+        the unperturbed weights (for ``"split"``, each chunk's at its own point)."""
+        if model is not self.model:
+            raise ValueError("this PartialLocalEntropy was built for another model")
+        deltas = self.sample()
+        distances = self._distances(deltas)
+        if self.route == "naive":
+            losses, logits = self._naive(x, target, deltas)
+        else:
+            losses, logits = self._batched(x, target, deltas)
+        return self.combine(losses, distances), logits
+
+    def _naive(self, x: Tensor, target: Tensor, deltas: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self.model(x)
+        losses = [self.loss(logits, target).mean()]
+        buffers = dict(self.model.named_buffers())
+        for a in range(self.y):
+            params = {
+                n: p + deltas[n][a] if n in deltas else p for n, p in self.model.named_parameters()
+            }
+            # perturbed passes leave BatchNorm's running statistics alone
+            frozen = {n: b.clone() for n, b in buffers.items()}
+            out = functional_call(self.model, {**params, **frozen}, (x,))
+            losses.append(self.loss(out, target).mean())
+        return torch.stack(losses), logits
+
+    def _batched(
+        self, x: Tensor, target: Tensor, deltas: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        branches = self.y + 1
+        if self.route == "split":
+            if len(x) < branches:
+                raise ValueError(
+                    f"the split route needs at least y+1 = {branches} samples "
+                    f"per batch, got {len(x)}"
+                )
+            sizes = [len(c) for c in torch.tensor_split(torch.arange(len(x)), branches)]
+        else:
+            sizes = None
+        with self._branched_layers(deltas, sizes):
+            out = self.model(x)
+        if sizes is None:  # prefix: (y+1) B rows, branch-major
+            per_branch = out.reshape(branches, len(x), *out.shape[1:])
+            losses = torch.stack([self.loss(o, target).mean() for o in per_branch])
+            return losses, per_branch[0]
+        chunks = zip(torch.split(out, sizes), torch.split(target, sizes), strict=True)
+        return torch.stack([self.loss(o, t).mean() for o, t in chunks]), out
+
+    @contextlib.contextmanager
+    def _branched_layers(
+        self, deltas: dict[str, Tensor], sizes: list[int] | None
+    ) -> Iterator[None]:
+        """Within the block, each smoothed Linear computes every branch with its own weight;
+        the first one called opens the branches (prefix: repeats its input y+1 times by
+        broadcasting; split: cuts the batch into chunks)."""
+        state = {"open": False}
+        originals = {}
+
+        def make_forward(module: nn.Linear, name: str) -> Callable[[Tensor], Tensor]:
+            perturbed = torch.cat([module.weight.new_zeros(1, *module.weight.shape), deltas[name]])
+
+            def forward(h: Tensor) -> Tensor:
+                weights = module.weight + perturbed  # (y+1, out, in), differentiable in W
+                if sizes is not None:  # split: chunk a sees W + ΔW^a
+                    parts = [
+                        F.linear(part, w, module.bias)
+                        for part, w in zip(torch.split(h, sizes), weights, strict=True)
+                    ]
+                    state["open"] = True
+                    return torch.cat(parts)
+                if not state["open"]:  # the branch point: one input, y+1 weights
+                    state["open"] = True
+                    out = torch.einsum("b...i,aoi->ab...o", h, weights)
+                else:
+                    h = h.reshape(len(weights), -1, *h.shape[1:])
+                    out = torch.einsum("ab...i,aoi->ab...o", h, weights)
+                if module.bias is not None:
+                    out = out + module.bias
+                return out.reshape(-1, *out.shape[2:])
+
+            return forward
+
+        try:
+            for name, module in self.smoothed.items():
+                originals[module] = module.__dict__.get("forward")
+                module.forward = make_forward(module, name)
+            yield
+        finally:
+            for module, original in originals.items():
+                if original is None:
+                    del module.forward
+                else:
+                    module.forward = original
+        if not state["open"]:
+            raise RuntimeError("no smoothed layer was called in the forward pass")
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def _log_mean_exp(values: Tensor) -> tuple[float, float]:
+    """``log mean exp(values)`` and its standard error (delta method)."""
+    n = len(values)
+    m = values.max()
+    w = torch.exp(values - m)
+    mean = w.mean()
+    se = w.std() / math.sqrt(n) if n > 1 else torch.tensor(float("nan"))
+    return float(m + mean.log()), float(se / mean)
+
+
+def _variant(ple: PartialLocalEntropy, **changes: Any) -> PartialLocalEntropy:
+    """A shallow copy with some settings changed (same model, masks and generator)."""
+    clone = object.__new__(PartialLocalEntropy)
+    clone.__dict__.update(ple.__dict__)
+    clone.__dict__.update(changes)
+    return clone
+
+
+def _full_batch_route(ple: PartialLocalEntropy) -> str:
+    """Estimators evaluate every point on the whole batch: never the split route."""
+    return "naive" if ple.route == "naive" else "prefix"
+
+
+def _point_losses(
+    ple: PartialLocalEntropy, x: Tensor, target: Tensor, deltas: dict[str, Tensor], chunk: int
+) -> Tensor:
+    """The mean loss at each perturbed point ``W + deltas[a]`` (no gradient)."""
+    route = _full_batch_route(ple)
+    points = len(next(iter(deltas.values())))
+    values = []
+    with torch.no_grad():
+        for start in range(0, points, chunk):
+            part = {n: d[start : start + chunk] for n, d in deltas.items()}
+            view = _variant(ple, y=len(next(iter(part.values()))), route=route)
+            losses, _ = (view._naive if route == "naive" else view._batched)(x, target, part)
+            values.append(losses[1:])
+    return torch.cat(values)
+
+
+def m_loss(
+    ple: PartialLocalEntropy, x: Tensor, target: Tensor, repeats: int = 32
+) -> tuple[float, float]:
+    """The M-loss (M3, restricted to U: M14) at the current weights, averaged over
+    ``repeats`` independent draws of its y displacements, and its standard error."""
+    view = _variant(ple, kind="plea", route=_full_batch_route(ple))
+    with torch.no_grad():
+        values = torch.tensor([float(view(x, target)) for _ in range(repeats)], dtype=torch.float64)
+    se = float(values.std() / math.sqrt(repeats)) if repeats > 1 else math.nan
+    return float(values.mean()), se
+
+
+def local_free_entropy(
+    ple: PartialLocalEntropy, x: Tensor, target: Tensor, samples: int = 256, chunk: int = 16
+) -> tuple[float, float]:
+    r"""The partial local free entropy :math:`\mathcal F^{[U]}(R,k;W)` (M16; M18 for the box
+    limit) by Monte Carlo over ``samples`` displacements, with its standard error.
+
+    :math:`\mathcal F = -\log \int_U e^{-\mathcal L(W+\Delta)} K(\Delta)\, d\Delta = -\log
+    \mathrm{Vol} - \log \mathbb E_{\Delta \sim \mathrm{box}}[e^{-\mathcal L(W+\Delta) -
+    d(\Delta)}]`. The constant :math:`-\log \mathrm{Vol}` of the sampling box (``N_U``
+    times ``log 2R'``) is left out: differences between weights, layers or runs are what
+    probe the shape of a minimum.
+    """
+    deltas = ple.sample(samples)
+    losses = _point_losses(ple, x, target, deltas, chunk)
+    distances = ple._distances(deltas)
+    exponents = -losses if distances is None else -losses - distances
+    value, se = _log_mean_exp(exponents.double())
+    return -value, se
+
+
+def gaussian_local_entropy(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    *,
+    gamma: float,
+    beta: float = 1.0,
+    base_loss: LossSpec = "cross_entropy",
+    samples: int = 256,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    r"""The isotropic local free entropy (M1) by Monte Carlo, with its standard error:
+
+    :math:`\mathcal F(\beta,\gamma;W) = -\log\int dW' e^{-\beta\mathcal L(W') -
+    \frac\gamma2\|W-W'\|^2} = -\frac d2 \log\frac{2\pi}{\gamma} - \log \mathbb E_{\Delta
+    \sim N(0, I/\gamma)}[e^{-\beta \mathcal L(W+\Delta)}]`, the constant left out. All
+    trainable parameters are perturbed (the isotropic case).
+    """
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    loss = per_sample_loss(base_loss)
+    params = dict(model.named_parameters())
+    exponents = []
+    with torch.no_grad():
+        for _ in range(samples):
+            shifted = {
+                n: p
+                + torch.randn(
+                    p.shape,
+                    generator=generator,
+                    dtype=p.dtype,
+                    device=generator.device if generator else p.device,
+                ).to(p.device)
+                / math.sqrt(gamma)
+                for n, p in params.items()
+            }
+            out = functional_call(model, shifted, (x,))
+            exponents.append(-beta * loss(out, target).mean())
+    value, se = _log_mean_exp(torch.stack(exponents).double())
+    return -value, se

@@ -1,0 +1,256 @@
+"""Partial local entropy against hand computations at the same perturbations."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.optim.local_entropy import (
+    PartialLocalEntropy,
+    gaussian_local_entropy,
+    kernel_distance,
+    local_free_entropy,
+    m_loss,
+)
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(12, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (12,), generator=g)
+    return model, x, y
+
+
+def hand_gradient(model, x, y, deltas, kind, R, k):
+    """Σ_a w_a ∇L(W + ΔW^a) with the weights of each form, one backward per point."""
+    names = [n for n, _ in model.named_parameters()]
+    losses, grads = [], []
+    for a in range(len(next(iter(deltas.values()))) + 1):
+        copy_ = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in copy_.named_parameters():
+                if a > 0 and n in deltas:
+                    p.add_(deltas[n][a - 1])
+        loss = nn.functional.cross_entropy(copy_(x), y)
+        grads.append(torch.autograd.grad(loss, list(copy_.parameters())))
+        losses.append(loss.item())
+    losses = torch.tensor(losses, dtype=torch.float64)
+    d = torch.zeros(len(losses), dtype=torch.float64)
+    if k is not None:
+        d[1:] = sum(kernel_distance(deltas[n], R, k) for n in deltas)
+    if kind == "pla":
+        weights = torch.exp(-d) / len(losses)
+        value = float((weights * losses).sum())
+    else:
+        weights = torch.softmax(-losses - d, 0)
+        value = math.log(len(losses)) - float(torch.logsumexp(-losses - d, 0))
+    total = [
+        sum(float(w) * g[i] for w, g in zip(weights, grads, strict=True)) for i in range(len(names))
+    ]
+    return value, total
+
+
+@pytest.mark.parametrize("route", ["naive", "prefix"])
+@pytest.mark.parametrize(
+    ("kind", "k"), [("pla", None), ("plea", None), ("pla", 30.0), ("plea", 30.0)]
+)
+@pytest.mark.parametrize("layers", [["2"], ["0", "4"], "all"])
+def test_gradient_equals_hand_computation(route, kind, k, layers):
+    model, x, y = setup()
+    R = 0.3
+    ple = PartialLocalEntropy(
+        model,
+        layers=layers,
+        R=R,
+        y=3,
+        kind=kind,
+        k=k,
+        route=route,
+        generator=torch.Generator().manual_seed(7),
+    )
+    twin = PartialLocalEntropy(
+        model, layers=layers, R=R, y=3, kind=kind, k=k, generator=torch.Generator().manual_seed(7)
+    )
+    deltas = twin.sample()  # the draws ple is about to make
+    expected_value, expected = hand_gradient(model, x, y, deltas, kind, R, k)
+    loss = ple(x, y)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected_value, rel=1e-12)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+def test_prefix_equals_naive_and_weights_are_restored():
+    model, x, y = setup()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    results = {}
+    for route in ("naive", "prefix"):
+        model.zero_grad()
+        ple = PartialLocalEntropy(
+            model,
+            layers=["2", "4"],
+            R=0.2,
+            y=4,
+            route=route,
+            generator=torch.Generator().manual_seed(3),
+        )
+        loss = ple(x, y)
+        loss.backward()
+        results[route] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n])  # bit-exact
+        assert all("forward" not in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(results["prefix"][0], results["naive"][0], rtol=1e-13, atol=0)
+    for a, b in zip(results["prefix"][1], results["naive"][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_y_zero_is_the_base_loss():
+    model, x, y = setup()
+    base = nn.functional.cross_entropy(model(x), y)
+    for kind in ("pla", "plea"):
+        for k in (None, 10.0):
+            for route in ("naive", "prefix"):
+                ple = PartialLocalEntropy(model, R=0.5, y=0, kind=kind, k=k, route=route)
+                torch.testing.assert_close(ple(x, y), base, rtol=1e-14, atol=0)
+
+
+def test_biases_are_never_smoothed():
+    model, _x, _y = setup()
+    ple = PartialLocalEntropy(model, R=0.1, y=2)
+    assert set(ple.sample()) == {"0.weight", "2.weight", "4.weight"}
+    with pytest.raises(ValueError, match="biases are never smoothed"):
+        PartialLocalEntropy(model, layers=[], R=0.1, mask={"0.bias": torch.ones(6, dtype=bool)})
+
+
+def test_mask_selects_single_weights():
+    model, _, _ = setup()
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    mask[2, 3] = True
+    ple = PartialLocalEntropy(
+        model,
+        layers=[],
+        R=0.1,
+        y=5,
+        mask={"2.weight": mask},
+        generator=torch.Generator().manual_seed(0),
+    )
+    delta = ple.sample()["2.weight"]
+    assert torch.count_nonzero(delta[:, ~mask]) == 0
+    assert torch.all(delta[:, 2, 3].abs() <= 0.1) and torch.all(delta[:, 2, 3] != 0)
+
+
+def test_kernel_tends_to_the_box_indicator():
+    R = 1.0
+    inside = torch.tensor([[0.0, 0.5, -0.9]], dtype=torch.float64)
+    outside = torch.tensor([[0.0, 1.1, 0.0]], dtype=torch.float64)
+    for k in (8.0, 64.0, 512.0):
+        k_in = float(torch.exp(-kernel_distance(inside, R, k)))
+        k_out = float(torch.exp(-kernel_distance(outside, R, k)))
+    assert k_in == pytest.approx(1.0, abs=1e-12)  # (M8): 1 inside the box
+    assert k_out < 1e-40  # and 0 outside
+    values = [float(torch.exp(-kernel_distance(inside, R, k))) for k in (2.0, 8.0, 32.0)]
+    assert values[0] < values[1] < values[2]  # monotone approach
+
+
+def test_pla_expectation_on_a_quadratic_loss():
+    """E L_PLA = L(W) + (y/(1+y)) (R²/6) tr H_U for a quadratic L (uniform noise)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    x, t = (
+        torch.randn(20, 4, dtype=torch.float64, generator=g),
+        torch.randn(20, 2, dtype=torch.float64, generator=g),
+    )
+    R, y = 0.4, 3
+    ple = PartialLocalEntropy(
+        model,
+        "mse",
+        layers=["1"],
+        R=R,
+        y=y,
+        route="naive",
+        generator=torch.Generator().manual_seed(2),
+    )
+    base = nn.functional.mse_loss(model(x), t)
+    weight = model[1].weight
+
+    def loss_of(w):
+        return nn.functional.mse_loss(nn.functional.linear(model[0](x), w, model[1].bias), t)
+
+    trace = float(
+        torch.autograd.functional.hessian(loss_of, weight.detach())
+        .reshape(weight.numel(), -1)
+        .diagonal()
+        .sum()
+    )
+    expected = float(base) + y / (1 + y) * R**2 / 6 * trace
+    with torch.no_grad():
+        draws = torch.tensor([float(ple(x, t)) for _ in range(3000)], dtype=torch.float64)
+    se = float(draws.std()) / math.sqrt(len(draws))
+    assert abs(float(draws.mean()) - expected) < 4 * se
+    assert abs(expected - float(base)) > 20 * se  # the test can tell the smoothing apart
+
+
+def test_split_batch_points_and_unbiased_objective():
+    model, x, y = setup()
+    ple = PartialLocalEntropy(
+        model, layers=["2"], R=0.3, y=2, route="split", generator=torch.Generator().manual_seed(5)
+    )
+    twin = PartialLocalEntropy(
+        model, layers=["2"], R=0.3, y=2, generator=torch.Generator().manual_seed(5)
+    )
+    deltas = twin.sample()
+    expected = []
+    for a, idx in enumerate(torch.tensor_split(torch.arange(len(x)), 3)):
+        copy_ = copy.deepcopy(model)
+        with torch.no_grad():
+            if a:
+                copy_[2].weight.add_(deltas["2.weight"][a - 1])
+        expected.append(nn.functional.cross_entropy(copy_(x[idx]), y[idx]))
+    assert float(ple(x, y)) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-12)
+
+
+def test_bad_settings():
+    model, _x, _y = setup()
+    with pytest.raises(ValueError, match="R must be > 0"):
+        PartialLocalEntropy(model, R=0)
+    with pytest.raises(ValueError, match="kind must be"):
+        PartialLocalEntropy(model, R=0.1, kind="kernel")
+    with pytest.raises(ValueError, match="no weight layers named"):
+        PartialLocalEntropy(model, layers=["fc9"], R=0.1)
+    with pytest.raises(ValueError, match="PLA only"):
+        PartialLocalEntropy(model, R=0.1, kind="plea", route="split")
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(UnsupportedModelError, match="use route='naive'"):
+        PartialLocalEntropy(conv, layers=["0"], R=0.1, route="prefix")
+    assert PartialLocalEntropy(conv, layers=["0"], R=0.1).route == "naive"
+
+
+def test_estimators_have_standard_errors():
+    model, x, y = setup()
+    ple = PartialLocalEntropy(
+        model, layers=["2"], R=0.05, y=4, generator=torch.Generator().manual_seed(0)
+    )
+    base = float(nn.functional.cross_entropy(model(x), y))
+    value, se = m_loss(ple, x, y, repeats=16)
+    assert abs(value - base) < 0.05 and se > 0
+    f, f_se = local_free_entropy(ple, x, y, samples=64)
+    assert abs(f - base) < 0.05 and 0 < f_se < 0.01  # tiny R: F ≈ L(W) (constant left out)
+    wide = PartialLocalEntropy(
+        model, layers=["2"], R=3.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert local_free_entropy(wide, x, y, samples=64)[0] > f  # flatter average: higher loss
+    g, g_se = gaussian_local_entropy(
+        model, x, y, gamma=1e6, samples=32, generator=torch.Generator().manual_seed(0)
+    )
+    assert abs(g - base) < 0.01 and g_se >= 0
