@@ -193,12 +193,12 @@ def test_pla_expectation_on_a_quadratic_loss():
         .diagonal()
         .sum()
     )
-    expected = float(base) + y / (1 + y) * R**2 / 6 * trace
+    expected = base.item() + y / (1 + y) * R**2 / 6 * trace
     with torch.no_grad():
         draws = torch.tensor([float(ple(x, t)) for _ in range(3000)], dtype=torch.float64)
     se = float(draws.std()) / math.sqrt(len(draws))
     assert abs(float(draws.mean()) - expected) < 4 * se
-    assert abs(expected - float(base)) > 20 * se  # the test can tell the smoothing apart
+    assert abs(expected - base.item()) > 20 * se  # the test can tell the smoothing apart
 
 
 def test_split_batch_points_and_unbiased_objective():
@@ -254,3 +254,27 @@ def test_estimators_have_standard_errors():
         model, x, y, gamma=1e6, samples=32, generator=torch.Generator().manual_seed(0)
     )
     assert abs(g - base) < 0.01 and g_se >= 0
+
+
+def test_loss_config_trains_and_is_reproducible():
+    from sgdgeom.errors import ConfigError
+    from sgdgeom.experiments.config import parse_config
+    from sgdgeom.experiments.runner import run_training
+
+    base = {
+        "name": "pla",
+        "seed": 2,
+        "data": {"name": "digits", "batch_size": 32, "n_train": 256, "n_test": 128},
+        "model": {"name": "mlp", "widths": [16, 16]},
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        "train": {"epochs": 2, "device": "cpu"},
+    }
+    config = parse_config({**base, "loss": {"name": "plea", "layers": ["fc2"], "R": 0.05}})
+    first = run_training(config, None, progress=False)
+    assert run_training(config, None, progress=False) == first
+    plain = run_training(parse_config(base), None, progress=False)
+    assert plain != first
+    with pytest.raises(ConfigError, match="needs R"):
+        parse_config({**base, "loss": {"name": "pla"}})
+    with pytest.raises(ConfigError, match="apply only to name: pla or plea"):
+        parse_config({**base, "loss": {"name": "cross_entropy", "R": 0.1}})

@@ -36,6 +36,7 @@ from sgdgeom.models import MODELS
 __all__ = [
     "DataConfig",
     "ExperimentConfig",
+    "LossConfig",
     "ModelConfig",
     "MonitorConfig",
     "OptimizerConfig",
@@ -157,6 +158,29 @@ class MonitorConfig(_Strict):
     tensorboard: bool = False
 
 
+class LossConfig(_Strict):
+    """The training loss: plain cross-entropy, or Musso's partial local entropy smoothing
+    ``layers`` (``pla``: eq. 23, ``plea``: eq. 22; a finite ``k`` gives eq. 19 / 14) with
+    box half-side ``R`` and ``y`` perturbed points (see
+    :class:`~sgdgeom.optim.local_entropy.PartialLocalEntropy`)."""
+
+    name: Literal["cross_entropy", "pla", "plea"] = "cross_entropy"
+    layers: list[str] | Literal["all"] | None = None
+    R: float | None = Field(None, gt=0)
+    y: int | None = Field(None, ge=0)
+    k: float | None = Field(None, gt=0)
+    route: Literal["auto", "naive", "prefix", "split"] | None = None
+
+    @model_validator(mode="after")
+    def _entropy_keys(self) -> LossConfig:
+        extra = [k for k in ("layers", "R", "y", "k", "route") if getattr(self, k) is not None]
+        if self.name == "cross_entropy" and extra:
+            raise ValueError(f"{', '.join(extra)} apply only to name: pla or plea")
+        if self.name != "cross_entropy" and self.R is None:
+            raise ValueError(f"loss {self.name} needs R, the half-side of the sampling box")
+        return self
+
+
 class ExperimentConfig(_Strict):
     """One training run: dataset, model, optimizer and schedule, plus a seed and, optionally,
     monitors."""
@@ -168,6 +192,7 @@ class ExperimentConfig(_Strict):
     optimizer: OptimizerConfig
     train: TrainConfig
     monitor: MonitorConfig | None = None
+    loss: LossConfig = Field(default_factory=LossConfig)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

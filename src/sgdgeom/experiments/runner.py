@@ -106,6 +106,20 @@ def run_training(
     )
     optimizer = build_optimizer(config.optimizer, model)
     callbacks = [*callbacks, *_monitors(config, dataset, out)]
+    extra = {}
+    if config.loss.name != "cross_entropy":
+        from sgdgeom.optim.local_entropy import PartialLocalEntropy
+
+        # generator=None: the trainer seeds torch's generator every epoch (resumable)
+        extra["objective"] = PartialLocalEntropy(
+            model,
+            layers=config.loss.layers or "all",
+            R=config.loss.R,
+            y=config.loss.y if config.loss.y is not None else 4,
+            kind=config.loss.name,
+            k=config.loss.k,
+            route=config.loss.route or "auto",
+        ).objective
     trainer = Trainer(
         model,
         dataset,
@@ -119,6 +133,7 @@ def run_training(
         seed=config.seed,
         device=device or config.train.device,
         progress=progress,
+        **extra,
     )
     final = trainer.fit(resume=resume)
     if out is not None and config.monitor is not None and config.monitor.temperature:

@@ -202,16 +202,13 @@ class PartialLocalEntropy:
         ``R + 5/k`` for a finite k) on the smoothed coordinates, zero elsewhere."""
         points = self.y if points is None else points
         half = _half_side(self.R, self.k)
+        params = dict(self.model.named_parameters())
         out = {}
         for name, m in self.masks.items():
-            p = dict(self.model.named_parameters())[name]
-            u = torch.rand(
-                (points, *p.shape),
-                generator=self.generator,
-                dtype=p.dtype,
-                device=self.generator.device if self.generator else p.device,
-            )
-            delta = ((2 * u - 1) * half).to(p.device)
+            p = params[name]
+            device = self.generator.device if self.generator is not None else p.device
+            delta = torch.empty((points, *p.shape), dtype=p.dtype, device=device)
+            delta = delta.uniform_(-half, half, generator=self.generator).to(p.device)
             out[name] = delta if m is None else delta * m
         return out
 
@@ -304,25 +301,30 @@ class PartialLocalEntropy:
         originals = {}
 
         def make_forward(module: nn.Linear, name: str) -> Callable[[Tensor], Tensor]:
-            perturbed = torch.cat([module.weight.new_zeros(1, *module.weight.shape), deltas[name]])
+            delta = deltas[name]  # (y, out, in), constants
 
             def forward(h: Tensor) -> Tensor:
-                weights = module.weight + perturbed  # (y+1, out, in), differentiable in W
-                if sizes is not None:  # split: chunk a sees W + ΔW^a
-                    parts = [
-                        F.linear(part, w, module.bias)
-                        for part, w in zip(torch.split(h, sizes), weights, strict=True)
-                    ]
+                if sizes is not None:  # split: chunk a sees W + ΔW^a (chunk 0: W)
                     state["open"] = True
+                    chunks = torch.split(h, sizes)
+                    parts = [F.linear(chunks[0], module.weight, module.bias)]
+                    parts += [
+                        F.linear(c, module.weight + d, module.bias)
+                        for c, d in zip(chunks[1:], delta, strict=True)
+                    ]
                     return torch.cat(parts)
+                # W h once for all branches, then each branch adds its own ΔW^a h; at the
+                # branch point h is shared, so the weight gradient is one product.
+                base = F.linear(h, module.weight, module.bias)
                 if not state["open"]:  # the branch point: one input, y+1 weights
                     state["open"] = True
-                    out = torch.einsum("b...i,aoi->ab...o", h, weights)
-                else:
-                    h = h.reshape(len(weights), -1, *h.shape[1:])
-                    out = torch.einsum("ab...i,aoi->ab...o", h, weights)
-                if module.bias is not None:
-                    out = out + module.bias
+                    shifts = torch.einsum("b...i,aoi->ab...o", h, delta)
+                    out = torch.cat([base[None], base[None] + shifts])
+                else:  # already branched: rows are (y+1) blocks of B, branch-major
+                    h = h.reshape(len(delta) + 1, -1, *h.shape[1:])
+                    base = base.reshape(len(delta) + 1, -1, *base.shape[1:])
+                    shifts = torch.einsum("ab...i,aoi->ab...o", h[1:], delta)
+                    out = torch.cat([base[:1], base[1:] + shifts])
                 return out.reshape(-1, *out.shape[2:])
 
             return forward
