@@ -217,7 +217,7 @@ def test_split_batch_points_and_unbiased_objective():
             if a:
                 copy_[2].weight.add_(deltas["2.weight"][a - 1])
         expected.append(nn.functional.cross_entropy(copy_(x[idx]), y[idx]))
-    assert float(ple(x, y)) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-12)
+    assert ple(x, y).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-12)
 
 
 def test_bad_settings():
@@ -241,7 +241,7 @@ def test_estimators_have_standard_errors():
     ple = PartialLocalEntropy(
         model, layers=["2"], R=0.05, y=4, generator=torch.Generator().manual_seed(0)
     )
-    base = float(nn.functional.cross_entropy(model(x), y))
+    base = nn.functional.cross_entropy(model(x), y).item()
     value, se = m_loss(ple, x, y, repeats=16)
     assert abs(value - base) < 0.05 and se > 0
     f, f_se = local_free_entropy(ple, x, y, samples=64)
@@ -278,3 +278,59 @@ def test_loss_config_trains_and_is_reproducible():
         parse_config({**base, "loss": {"name": "pla"}})
     with pytest.raises(ConfigError, match="apply only to name: pla or plea"):
         parse_config({**base, "loss": {"name": "cross_entropy", "R": 0.1}})
+
+
+def test_perturbed_passes_leave_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    reference = copy.deepcopy(model)
+    reference(x)  # one plain training-mode pass
+    ple = PartialLocalEntropy(
+        model, layers=["0"], R=0.5, y=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert ple.route == "naive"  # auto: train-mode BatchNorm would mix batched branches
+    with pytest.raises(UnsupportedModelError, match="would mix the branches"):
+        PartialLocalEntropy(model, layers=["0"], R=0.5, route="prefix")(x, y)
+    ple(x, y).backward()
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def _ddp_worker(rank, world, path, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        model, x, y = setup()
+        half = len(x) // world
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ple = PartialLocalEntropy(
+            ddp, layers=["module.2"], R=0.3, y=3, generator=torch.Generator().manual_seed(11)
+        )  # same seed
+        ple(x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]).backward()
+        if rank == 0:
+            torch.save([p.grad for p in model.parameters()], results)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_averages_to_the_global_batch_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = tmp_path / "grads.pt"
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, str(tmp_path / "rdv"), str(results)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    model, x, y = setup()
+    ple = PartialLocalEntropy(
+        model, layers=["2"], R=0.3, y=3, generator=torch.Generator().manual_seed(11)
+    )
+    ple(x, y).backward()
+    for got, expected in zip(torch.load(results), model.parameters(), strict=True):
+        torch.testing.assert_close(got, expected.grad, rtol=0, atol=1e-12)

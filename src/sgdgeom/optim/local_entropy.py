@@ -139,7 +139,7 @@ class PartialLocalEntropy:
         self.masks = self._select(layers, mask or {})
         modules = dict(model.named_modules())
         self.smoothed = {name: modules[name.rpartition(".")[0]] for name in self.masks}
-        self.route = self._choose_route(route)
+        self._route = self._choose_route(route)
 
     # ------------------------------------------------------------------ selection
 
@@ -191,9 +191,26 @@ class PartialLocalEntropy:
             raise UnsupportedModelError(
                 f"the {route} route needs every smoothed module to be a Linear; use route='naive'"
             )
-        if route == "auto":
-            return "prefix" if batched_ok else "naive"
+        self._batched_ok = batched_ok
         return route
+
+    @property
+    def route(self) -> str:
+        """The route the next call takes. ``"auto"`` falls back to ``"naive"`` while a
+        BatchNorm is in train mode: in one batch of (y+1) B rows its statistics would mix
+        the branches."""
+        batch_stats = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            for m in self.model.modules()
+        )
+        if self._route == "auto":
+            return "prefix" if self._batched_ok and not batch_stats else "naive"
+        if self._route != "naive" and batch_stats:
+            raise UnsupportedModelError(
+                f"a BatchNorm in train mode would mix the branches of the {self._route} "
+                f"route; use route='naive' (or 'auto'), or model.eval()"
+            )
+        return self._route
 
     # ------------------------------------------------------------------ sampling
 
@@ -246,9 +263,10 @@ class PartialLocalEntropy:
         the unperturbed weights (for ``"split"``, each chunk's at its own point)."""
         if model is not self.model:
             raise ValueError("this PartialLocalEntropy was built for another model")
+        route = self.route
         deltas = self.sample()
         distances = self._distances(deltas)
-        if self.route == "naive":
+        if route == "naive":
             losses, logits = self._naive(x, target, deltas)
         else:
             losses, logits = self._batched(x, target, deltas)
@@ -380,7 +398,7 @@ def _point_losses(
     with torch.no_grad():
         for start in range(0, points, chunk):
             part = {n: d[start : start + chunk] for n, d in deltas.items()}
-            view = _variant(ple, y=len(next(iter(part.values()))), route=route)
+            view = _variant(ple, y=len(next(iter(part.values()))), _route=route)
             losses, _ = (view._naive if route == "naive" else view._batched)(x, target, part)
             values.append(losses[1:])
     return torch.cat(values)
@@ -391,7 +409,7 @@ def m_loss(
 ) -> tuple[float, float]:
     """The M-loss (M3, restricted to U: M14) at the current weights, averaged over
     ``repeats`` independent draws of its y displacements, and its standard error."""
-    view = _variant(ple, kind="plea", route=_full_batch_route(ple))
+    view = _variant(ple, kind="plea", _route=_full_batch_route(ple))
     with torch.no_grad():
         values = torch.tensor([float(view(x, target)) for _ in range(repeats)], dtype=torch.float64)
     se = float(values.std() / math.sqrt(repeats)) if repeats > 1 else math.nan
