@@ -17,6 +17,7 @@ from sgdgeom.optim.local_entropy import (
     local_free_entropy,
     m_loss,
 )
+from tests.distributed import spawn
 
 
 def setup(seed=0):
@@ -298,35 +299,21 @@ def test_perturbed_passes_leave_batchnorm_statistics_alone():
     assert int(model[1].num_batches_tracked) == 1
 
 
-def _ddp_worker(rank, world, path, results):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    try:
-        model, x, y = setup()
-        half = len(x) // world
-        ddp = nn.parallel.DistributedDataParallel(model)
-        ple = PartialLocalEntropy(
-            ddp, layers=["module.2"], R=0.3, y=3, generator=torch.Generator().manual_seed(11)
-        )  # same seed
-        ple(x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]).backward()
-        if rank == 0:
-            torch.save([p.grad for p in model.parameters()], results)
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, results):
+    model, x, y = setup()
+    half = len(x) // world
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ple = PartialLocalEntropy(
+        ddp, layers=["module.2"], R=0.3, y=3, generator=torch.Generator().manual_seed(11)
+    )  # same seed
+    ple(x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], results)
 
 
 def test_ddp_averages_to_the_global_batch_gradient(tmp_path):
-    import torch.multiprocessing as mp
-
     results = tmp_path / "grads.pt"
-    mp.start_processes(
-        _ddp_worker,
-        args=(2, str(tmp_path / "rdv"), str(results)),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    spawn(_ddp_worker, tmp_path, str(results))
     model, x, y = setup()
     ple = PartialLocalEntropy(
         model, layers=["2"], R=0.3, y=3, generator=torch.Generator().manual_seed(11)

@@ -11,6 +11,7 @@ from torch import nn
 from sgdgeom.optim import DiffusionMetricSGD
 from sgdgeom.persample import per_sample_loss
 from tests.cases import make_case
+from tests.distributed import spawn
 from tests.reference import dense_diffusion, per_sample_gradients
 
 
@@ -172,47 +173,31 @@ def test_loss_falls_on_noisy_problems(problem, start, lr, steps, mode):
     assert final < 0.1 * first, (first, final)
 
 
-def _ddp_worker(rank, world, path, results, mode):  # results: where rank 0 saves
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    try:
-        case = make_case("mlp-relu")
-        half = len(case.x) // world
-        x, y = case.x[rank * half : (rank + 1) * half], case.y[rank * half : (rank + 1) * half]
-        model = nn.parallel.DistributedDataParallel(case.model)
-        opt = DiffusionMetricSGD(model, lr=1.0, eps="auto", mode=mode)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        # the closure route on a plain model: rows of G are all-gathered
-        plain = make_case("layernorm")
-        xs, ys = plain.x[:8][rank * 4 : (rank + 1) * 4], plain.y[:8][rank * 4 : (rank + 1) * 4]
-        closure_opt = DiffusionMetricSGD(plain.model, lr=1.0, mode=mode)
-        closure_opt.step(lambda: nn.functional.cross_entropy(plain.model(xs), ys, reduction="none"))
-        if rank == 0:
-            torch.save(
-                (
-                    torch.cat([p.detach().reshape(-1) for p in case.model.parameters()]),
-                    torch.cat([p.detach().reshape(-1) for p in plain.model.parameters()]),
-                ),
-                results,
-            )
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, results, mode):
+    case = make_case("mlp-relu")
+    half = len(case.x) // world
+    x, y = case.x[rank * half : (rank + 1) * half], case.y[rank * half : (rank + 1) * half]
+    model = nn.parallel.DistributedDataParallel(case.model)
+    opt = DiffusionMetricSGD(model, lr=1.0, eps="auto", mode=mode)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    # the closure route on a plain model: the rows of G are all-gathered
+    plain = make_case("layernorm")
+    xs, ys = plain.x[:8][rank * 4 : (rank + 1) * 4], plain.y[:8][rank * 4 : (rank + 1) * 4]
+    closure_opt = DiffusionMetricSGD(plain.model, lr=1.0, mode=mode)
+    closure_opt.step(lambda: nn.functional.cross_entropy(plain.model(xs), ys, reduction="none"))
+    if rank == 0:
+        flat = [
+            torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+            for m in (case.model, plain.model)
+        ]
+        torch.save(flat, results)
 
 
 @pytest.mark.parametrize("mode", ["weak", "exact"])
 def test_ddp_uses_the_global_batch(tmp_path, mode):
-    import torch.multiprocessing as mp
-
     results = tmp_path / "rank0.pt"
-    mp.start_processes(
-        _ddp_worker,
-        args=(2, str(tmp_path / "rdv"), str(results), mode),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    spawn(_ddp_worker, tmp_path, str(results), mode)
     ddp_params, closure_params = torch.load(results)
     case = make_case("mlp-relu")
     case.x, case.y = case.x[:12], case.y[:12]
