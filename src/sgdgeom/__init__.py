@@ -14,24 +14,31 @@ from sgdgeom.errors import (
     UnsupportedModelError,
 )
 from sgdgeom.metric import DiffusionMetric
+from sgdgeom.monitor import LayerTemperature
 from sgdgeom.optim import DiffusionMetricSGD
+from sgdgeom.optim.local_entropy import PartialLocalEntropy
 from sgdgeom.params import ParamSpace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    # errors
-    "ConfigError",
-    "DatasetError",
+    # parameter space
+    "ParamSpace",
     # the diffusion matrix (F2, F3)
     "DiffusionMatrix",
+    "LayerBlock",
+    "LayerTrace",
     # the diffusion metric (F6) and its gradient descent (F10)
     "DiffusionMetric",
     "DiffusionMetricSGD",
-    "LayerBlock",
-    "LayerTrace",
+    # layer temperatures (M2)
+    "LayerTemperature",
+    # partial local entropy (M22, M23)
+    "PartialLocalEntropy",
+    # errors
+    "ConfigError",
+    "DatasetError",
     "NonFiniteLossError",
-    "ParamSpace",
     "SgdgeomError",
     "UnsupportedModelError",
 ]
