@@ -130,6 +130,28 @@ def temperatures(
     typer.echo(f"wrote {run_dir / 'regimes.json'} and {run_dir / 'temperatures.png'}")
 
 
+@app.command()
+def rbm(
+    config: Annotated[Path, typer.Argument(help="An RBM config (YAML).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Results directory; default runs/NAME.")
+    ] = None,
+) -> None:
+    """Train RBMs by plain CD and by the diffusion-metric update; plot log-likelihoods."""
+    from sgdgeom.experiments.rbm import load_rbm_config, run_rbm
+
+    cfg = load_rbm_config(config)
+    out_dir = out if out is not None else Path("runs") / cfg.name
+    summary = run_rbm(cfg, out_dir)
+    typer.echo(f"{'update':<14} {'test LL':>10} {'best test':>10} {'train LL':>10}")
+    for update, row in summary["updates"].items():
+        typer.echo(
+            f"{update:<14} {row['test_loglik']:>10.3f} {row['best_test_loglik']:>10.3f} "
+            f"{row['train_loglik']:>10.3f}"
+        )
+    typer.echo(f"results in {out_dir} (summary.json, loglik.png, spectrum.png)")
+
+
 def _parse_options(pairs: list[str]) -> dict[str, object]:
     import yaml
 
