@@ -18,6 +18,7 @@ from sgdgeom.monitor import LayerTemperature
 from sgdgeom.optim import DiffusionMetricSGD
 from sgdgeom.optim.local_entropy import PartialLocalEntropy
 from sgdgeom.params import ParamSpace
+from sgdgeom.rbm import RBM
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ __all__ = [
     "LayerTemperature",
     # partial local entropy (M22, M23)
     "PartialLocalEntropy",
+    # restricted Boltzmann machines (poster outlook)
+    "RBM",
     # errors
     "ConfigError",
     "DatasetError",

@@ -22,10 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sgdgeom.errors import ConfigError
-from sgdgeom.experiments.config import ExperimentConfig, parse_config
+from sgdgeom.experiments.config import ExperimentConfig, parse_config, read_yaml
 from sgdgeom.experiments.runner import run_training
 from sgdgeom.train import FINAL, METRICS, atomic_write_bytes, read_jsonl
 
@@ -45,13 +43,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def load_comparison(path: str | Path) -> tuple[str, dict[str, ExperimentConfig]]:
     """Read a comparison config: its name and one validated config per variant."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or set(data) != {"name", "base", "variants"}:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ConfigError(

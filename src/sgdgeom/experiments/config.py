@@ -44,6 +44,7 @@ __all__ = [
     "config_hash",
     "load_config",
     "parse_config",
+    "read_yaml",
 ]
 
 
@@ -232,16 +233,20 @@ def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
         raise ConfigError(_format(err, source)) from None
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML config file."""
+def read_yaml(path: str | Path) -> Any:
+    """The content of a YAML file, or a :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML config file."""
+    return parse_config(read_yaml(path), str(path))
 
 
 def config_hash(config: ExperimentConfig) -> str:

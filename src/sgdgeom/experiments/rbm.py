@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from sgdgeom.data import batches, load_dataset
 from sgdgeom.errors import ConfigError
+from sgdgeom.experiments.config import read_yaml
 from sgdgeom.rbm import ENUMERATION_LIMIT, RBM
 from sgdgeom.train import atomic_write_bytes, read_jsonl
 
@@ -58,16 +58,11 @@ class RBMConfig(BaseModel):
 
 def load_rbm_config(path: str | Path) -> RBMConfig:
     """Read and validate an RBM config (YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
     try:
-        return RBMConfig.model_validate(yaml.safe_load(path.read_text()))
+        return RBMConfig.model_validate(read_yaml(path))
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"{path}: {problems}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
 
 
 def _binary(config: RBMConfig) -> tuple[torch.Tensor, torch.Tensor]:
