@@ -1,0 +1,303 @@
+r"""Christoffel symbols of the diffusion metric, its geodesics and flows (Fioresi et al.,
+eq. 4-10; DESIGN §1).
+
+With :math:`g = I + \varepsilon D` and a constant ε, differentiating the covariance (F3)
+gives :math:`\partial_u D_{vz} + \partial_v D_{uz} - \partial_z D_{uv} = 2\,
+\mathrm{Cov}_i(\partial_u\partial_v f_i, \partial_z f_i)`, hence (F5)
+
+.. math::
+
+    \Gamma^w_{uv} = \varepsilon\, [g^{-1}]^{wz}\, \mathrm{Cov}_i(\partial_u\partial_v f_i,
+    \partial_z f_i) \quad\text{exactly},\qquad
+    \Gamma^w_{uv} \approx \varepsilon\, \mathrm{Cov}_i(\partial_u\partial_v f_i,
+    \partial_w f_i) \quad\text{(weak field, F7)}.
+
+Contracted with a velocity, :math:`\Gamma(\dot x, \dot x) = \varepsilon\,
+\mathrm{Cov}_i(\dot x^\top H_i \dot x,\ g_i)` (weak field; the exact form applies
+:math:`g^{-1}`): per-sample second directional derivatives, then one VJP, for any model
+size. The geodesic equation is (F8) with the sign of DESIGN §1,
+:math:`\ddot x + \Gamma(\dot x, \dot x) = -H \dot x`.
+
+Points ``x`` are flat parameter vectors (:class:`~sgdgeom.params.ParamSpace` order). The
+model's parameters are set to ``x`` for each evaluation (the model is modified in place).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jvp, vmap
+
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.metric import DiffusionMetric
+from sgdgeom.params import ParamSpace
+from sgdgeom.persample import LossSpec, per_sample_loss
+
+__all__ = [
+    "Trajectory",
+    "christoffel",
+    "christoffel_contract",
+    "geodesic",
+    "gradient_flow",
+    "metric_flow",
+    "set_parameters",
+]
+
+DENSE_LIMIT = 256  # christoffel() forms a d x d x d tensor
+
+
+def set_parameters(model: nn.Module, x: Tensor) -> None:
+    """Load the flat vector ``x`` into the model's trainable parameters."""
+    space = ParamSpace(model)
+    with torch.no_grad():
+        for p, value in zip(space.params(model).values(), space.unflatten(x).values(), strict=True):
+            p.copy_(value)
+
+
+def christoffel(
+    model: nn.Module, loss_fn: LossSpec, data: tuple[Tensor, Tensor], eps: float, exact: bool = True
+) -> Tensor:
+    """The dense Christoffel symbols ``Γ[w, u, v]`` (``d x d x d``) of ``g = I + εD`` at the
+    model's parameters, from explicit per-sample gradients and Hessians (tiny models)."""
+    space = ParamSpace(model)
+    if space.dim > DENSE_LIMIT:
+        raise ValueError(
+            f"christoffel() forms a {space.dim}^3 tensor (limit {DENSE_LIMIT}); "
+            f"use christoffel_contract()"
+        )
+    x, y = data
+    loss = per_sample_loss(loss_fn)
+    names = space.names
+    flat0 = space.vector(model)
+
+    def sample_loss(flat: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
+        params = dict(zip(names, space.unflatten(flat).values(), strict=True))
+        return loss(functional_call(model, params, (xi[None],)), yi[None])[0]
+
+    G = vmap(grad(sample_loss), in_dims=(None, 0, 0))(flat0, x, y)  # (N, d)
+    H = vmap(hessian(sample_loss), in_dims=(None, 0, 0))(flat0, x, y)  # (N, d, d)
+    n = len(x)
+    cov = torch.einsum("nuv,nz->zuv", H - H.mean(0), G - G.mean(0)) / n  # Cov(∂u∂v f, ∂z f)
+    if not exact:
+        return eps * cov
+    D = (G - G.mean(0)).T @ (G - G.mean(0)) / n
+    g_inv = torch.linalg.inv(torch.eye(space.dim, dtype=D.dtype) + eps * D)
+    return eps * torch.einsum("wz,zuv->wuv", g_inv, cov)
+
+
+def _matrix(model: nn.Module, loss_fn: LossSpec, data: tuple[Tensor, Tensor]) -> DiffusionMatrix:
+    return DiffusionMatrix(model, loss_fn, data, route="generic", chunk_size=None)
+
+
+def christoffel_contract(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    eps: float,
+    xdot: Tensor,
+    exact: bool = True,
+    D: DiffusionMatrix | None = None,
+) -> Tensor:
+    """``Γ(ẋ, ẋ)`` matrix-free: ``ε Cov_i(ẋᵀH_iẋ, g_i)``, with ``g⁻¹`` applied if exact."""
+    D = D if D is not None else _matrix(model, loss_fn, data)
+    q = D.products.second_directional(xdot)
+    weak = eps * D.products.vjp(q - q.mean()) / D.n
+    return DiffusionMetric(D, eps).solve(weak) if exact else weak
+
+
+@dataclass
+class Trajectory:
+    """A trajectory sampled at ``t`` (``(T,)``): positions ``x`` (``(T, d)``), velocities
+    ``v`` (``(T, d)``) and the mean loss ``f`` (``(T,)``)."""
+
+    t: np.ndarray
+    x: np.ndarray
+    v: np.ndarray
+    f: np.ndarray
+    info: dict[str, Any]
+
+
+def _integrate(
+    rhs: Callable[[float, np.ndarray], np.ndarray],
+    y0: np.ndarray,
+    t_eval: np.ndarray,
+    rtol: float,
+    atol: float,
+    method: str,
+) -> Any:
+    from scipy.integrate import solve_ivp
+
+    result = solve_ivp(
+        rhs,
+        (float(t_eval[0]), float(t_eval[-1])),
+        y0,
+        t_eval=t_eval,
+        rtol=rtol,
+        atol=atol,
+        method=method,
+    )
+    if not result.success:
+        raise RuntimeError(f"the integrator failed: {result.message}")
+    return result
+
+
+def _loss_and_gradient(
+    model: nn.Module, loss_fn: LossSpec, data: tuple[Tensor, Tensor]
+) -> tuple[float, Tensor]:
+    model.zero_grad(set_to_none=True)
+    value = per_sample_loss(loss_fn)(model(data[0]), data[1]).mean()
+    value.backward()
+    space = ParamSpace(model)
+    return value.item(), space.flatten([p.grad for p in space.params(model).values()])
+
+
+def _flow(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    x0: Tensor,
+    t: np.ndarray,
+    velocity: Callable[[], Tensor],
+    rtol: float,
+    atol: float,
+    method: str,
+    label: str,
+) -> Trajectory:
+    dtype = x0.dtype
+
+    def rhs(_: float, y: np.ndarray) -> np.ndarray:
+        set_parameters(model, torch.as_tensor(y, dtype=dtype))
+        return velocity().double().numpy()
+
+    result = _integrate(rhs, x0.double().numpy(), t, rtol, atol, method)
+    xs = result.y.T
+    vs = np.stack([rhs(0.0, x) for x in xs])
+    fs = []
+    for x in xs:
+        set_parameters(model, torch.as_tensor(x, dtype=dtype))
+        fs.append(_loss_and_gradient(model, loss_fn, data)[0])
+    return Trajectory(result.t, xs, vs, np.array(fs), {"flow": label, "nfev": result.nfev})
+
+
+def gradient_flow(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    x0: Tensor,
+    t: np.ndarray,
+    *,
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    method: str = "RK45",
+) -> Trajectory:
+    """GD flow ``ẋ = −∇f`` from ``x0``, by an adaptive solver (scipy ``solve_ivp``)."""
+    return _flow(
+        model,
+        loss_fn,
+        data,
+        x0,
+        t,
+        lambda: -_loss_and_gradient(model, loss_fn, data)[1],
+        rtol,
+        atol,
+        method,
+        "gd",
+    )
+
+
+def metric_flow(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    x0: Tensor,
+    t: np.ndarray,
+    eps: float,
+    *,
+    exact: bool = True,
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    method: str = "RK45",
+) -> Trajectory:
+    """The metric-gradient flow (F10): ``ẋ = −g⁻¹∇f`` (exact) or ``−(I − εD)∇f`` (weak)."""
+
+    def velocity() -> Tensor:
+        return -DiffusionMetric(_matrix(model, loss_fn, data), eps).gradient(exact=exact)
+
+    return _flow(
+        model,
+        loss_fn,
+        data,
+        x0,
+        t,
+        velocity,
+        rtol,
+        atol,
+        method,
+        f"metric-{'exact' if exact else 'weak'}",
+    )
+
+
+def geodesic(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    x0: Tensor,
+    t: np.ndarray,
+    eps: float,
+    *,
+    exact: bool = True,
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    method: str = "RK45",
+) -> Trajectory:
+    """The geodesic equation (F8) with DESIGN §1's sign, ``ẍ + Γ(ẋ, ẋ) = −H ẋ``, from
+    ``x(0) = x0`` and ``ẋ(0) = −g⁻¹∇f(x0)``; ``Γ`` exact or weak-field (F7)."""
+    dtype, d = x0.dtype, len(x0)
+    set_parameters(model, x0)
+    v0 = -DiffusionMetric(_matrix(model, loss_fn, data), eps).gradient(exact=True)
+
+    def acceleration(x: Tensor, v: Tensor) -> Tensor:
+        set_parameters(model, x)
+        D = _matrix(model, loss_fn, data)
+        gamma = christoffel_contract(model, loss_fn, data, eps, v, exact=exact, D=D)
+        return -gamma - _hessian_vector(D, v)
+
+    def rhs(_: float, y: np.ndarray) -> np.ndarray:
+        x, v = (torch.as_tensor(part, dtype=dtype) for part in (y[:d], y[d:]))
+        return np.concatenate([v.double().numpy(), acceleration(x, v).double().numpy()])
+
+    result = _integrate(
+        rhs, np.concatenate([x0.double().numpy(), v0.double().numpy()]), t, rtol, atol, method
+    )
+    xs, vs = result.y[:d].T, result.y[d:].T
+    fs = []
+    for x in xs:
+        set_parameters(model, torch.as_tensor(x, dtype=dtype))
+        fs.append(_loss_and_gradient(model, loss_fn, data)[0])
+    return Trajectory(
+        result.t,
+        xs,
+        vs,
+        np.array(fs),
+        {"flow": f"geodesic-{'exact' if exact else 'weak'}", "nfev": result.nfev},
+    )
+
+
+def _hessian_vector(D: DiffusionMatrix, v: Tensor) -> Tensor:
+    """``H v`` of the mean loss, ``(1/N) Σ_i H_i v``, forward-over-reverse."""
+    products = D.products
+
+    def mean_gradient(p: dict[str, Tensor]) -> dict[str, Tensor]:
+        total = None
+        for _, x, y in products.data.chunks():
+            g = grad(lambda q, x=x, y=y: products.batch_losses(q, x, y).sum())(p)
+            total = g if total is None else {k: total[k] + g[k] for k in g}
+        return {k: t / D.n for k, t in total.items()}
+
+    _, hv = jvp(mean_gradient, (products.params,), (D.space.unflatten(v),))
+    return D.space.flatten(hv)

@@ -1,0 +1,104 @@
+"""Christoffel symbols against autograd of the metric, the contraction, and D = 0 → GD."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from sgdgeom.geometry import (
+    christoffel,
+    christoffel_contract,
+    geodesic,
+    gradient_flow,
+    metric_flow,
+)
+from sgdgeom.params import ParamSpace
+from sgdgeom.persample import per_sample_loss
+from tests.reference import assert_close
+
+
+def tiny(seed=0, n=7):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 2, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    return model, (x, y)
+
+
+def metric_of(model, data, eps):
+    """g(x) = I + εD(x) as a differentiable function of the flat parameters."""
+    space = ParamSpace(model)
+    loss = per_sample_loss("cross_entropy")
+    x, y = data
+
+    def g(flat):
+        params = dict(zip(space.names, space.unflatten(flat).values(), strict=True))
+        rows = []
+        for i in range(len(x)):
+            value = loss(torch.func.functional_call(model, params, (x[i : i + 1],)), y[i : i + 1])
+            rows.append(torch.autograd.grad(value.sum(), flat, create_graph=True)[0])
+        G = torch.stack(rows)
+        centred = G - G.mean(0)
+        return torch.eye(len(flat), dtype=flat.dtype) + eps * centred.T @ centred / len(x)
+
+    return g, space.vector(model)
+
+
+def test_christoffel_equals_the_definition_from_autograd_of_g():
+    model, data = tiny()
+    eps = 0.3
+    g, x0 = metric_of(model, data, eps)
+    x0 = x0.clone().requires_grad_(True)
+    dg = torch.autograd.functional.jacobian(g, x0)  # dg[v, z, u] = ∂_u g_vz
+    metric = g(x0).detach()
+    # (F5): Γ^w_uv = ½ g^{wz} (∂_u g_vz + ∂_v g_uz − ∂_z g_uv)
+    # bracket[u, v, z] = ∂_u g_vz + ∂_v g_uz − ∂_z g_uv
+    bracket = dg.permute(2, 0, 1) + dg.permute(0, 2, 1) - dg
+    reference = 0.5 * torch.einsum("wz,uvz->wuv", torch.linalg.inv(metric), bracket)
+    assert_close(
+        christoffel(model, "cross_entropy", data, eps, exact=True),
+        reference,
+        atol=1e-10,
+        what="exact Γ",
+    )
+    weak = 0.5 * bracket.permute(2, 0, 1)  # ε-linear part: δ^{wz} instead of g^{wz}
+    assert_close(
+        christoffel(model, "cross_entropy", data, eps, exact=False),
+        weak,
+        atol=1e-10,
+        what="weak-field Γ (F7)",
+    )
+
+
+def test_contraction_equals_the_dense_tensor():
+    model, data = tiny(seed=3)
+    eps = 0.2
+    xdot = torch.randn(
+        sum(p.numel() for p in model.parameters()),
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(4),
+    )
+    for exact in (True, False):
+        dense = christoffel(model, "cross_entropy", data, eps, exact=exact)
+        expected = torch.einsum("wuv,u,v->w", dense, xdot, xdot)
+        assert_close(
+            christoffel_contract(model, "cross_entropy", data, eps, xdot, exact=exact),
+            expected,
+            atol=1e-12,
+            what=f"Γ(ẋ, ẋ) exact={exact}",
+        )
+
+
+def test_with_zero_diffusion_the_geodesic_and_metric_flow_are_gd():
+    model, (x, y) = tiny(seed=5)
+    data = (x[:1].repeat(5, 1), y[:1].repeat(5))  # identical samples: D = 0
+    x0 = ParamSpace(model).vector(model)
+    t = np.linspace(0, 2, 5)
+    gd = gradient_flow(model, "cross_entropy", data, x0, t)
+    flow = metric_flow(model, "cross_entropy", data, x0, t, eps=0.5)
+    geo = geodesic(model, "cross_entropy", data, x0, t, eps=0.5)
+    np.testing.assert_allclose(flow.x, gd.x, atol=1e-7)
+    np.testing.assert_allclose(geo.x, gd.x, atol=1e-6)
+    assert gd.f[-1] < gd.f[0]
