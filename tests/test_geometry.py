@@ -7,11 +7,14 @@ import torch
 from torch import nn
 
 from sgdgeom.geometry import (
+    chaudhari_soatto_sde,
     christoffel,
     christoffel_contract,
     geodesic,
     gradient_flow,
     metric_flow,
+    residuals,
+    sgd_ensemble,
 )
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import per_sample_loss
@@ -102,3 +105,66 @@ def test_with_zero_diffusion_the_geodesic_and_metric_flow_are_gd():
     np.testing.assert_allclose(flow.x, gd.x, atol=1e-7)
     np.testing.assert_allclose(geo.x, gd.x, atol=1e-6)
     assert gd.f[-1] < gd.f[0]
+
+
+def quadratic_model(seed=0):
+    """Per-sample losses quadratic in the parameters (third derivatives zero): a linear
+    model with the squared error."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(9, 3, dtype=torch.float64, generator=g)
+    y = torch.randn(9, 2, dtype=torch.float64, generator=g)
+    return model, (x, y)
+
+
+def test_f9_residual_vanishes_for_quadratic_losses_but_not_for_a_network():
+    model, data = quadratic_model()
+    x0 = ParamSpace(model).vector(model)
+    t = np.linspace(0, 1, 9)
+    flow = metric_flow(model, "mse", data, x0, t, eps=0.1)
+    res = residuals(model, "mse", data, flow, eps=0.1)
+    assert np.max(res["third_derivative"]) < 1e-12
+    assert np.min(res["force"]) > 1e-3  # the kept terms are not zero
+    assert np.max(res["eps_over_n2"]) > 1e-6 and np.max(res["d_xddot"]) > 1e-8
+    net, net_data = tiny(seed=2)
+    x0 = ParamSpace(net).vector(net)
+    flow = metric_flow(net, "cross_entropy", net_data, x0, t, eps=0.1)
+    assert (
+        np.max(residuals(net, "cross_entropy", net_data, flow, eps=0.1)["third_derivative"]) > 1e-6
+    )
+
+
+def test_sgd_ensemble_and_sde_statistics():
+    model, data = quadratic_model(seed=4)
+    x0 = ParamSpace(model).vector(model)
+    ens = sgd_ensemble(
+        model,
+        "mse",
+        data,
+        x0,
+        lr=0.05,
+        batch_size=3,
+        steps=20,
+        runs=8,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert ens["mean"].shape == (21, len(x0)) and ens["cov"].shape == (21, len(x0), len(x0))
+    assert np.allclose(ens["cov"][0], 0)  # all runs start at x0
+    assert np.trace(ens["cov"][-1]) > 0  # minibatch noise spreads them
+    sde = chaudhari_soatto_sde(
+        model,
+        "mse",
+        data,
+        x0,
+        lr=0.05,
+        batch_size=3,
+        t_end=1.0,
+        dt=0.05,
+        paths=4,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert sde["mean"].shape == (21, len(x0))
+    gd = gradient_flow(model, "mse", data, x0, np.array([0.0, 1.0]))
+    spread = np.linalg.norm(sde["iterates"][:, -1] - sde["mean"][-1], axis=1).mean()
+    assert np.linalg.norm(sde["mean"][-1] - gd.x[-1]) < 3 * spread + 1e-3

@@ -40,12 +40,15 @@ from sgdgeom.persample import LossSpec, per_sample_loss
 
 __all__ = [
     "Trajectory",
+    "chaudhari_soatto_sde",
     "christoffel",
     "christoffel_contract",
     "geodesic",
     "gradient_flow",
     "metric_flow",
+    "residuals",
     "set_parameters",
+    "sgd_ensemble",
 ]
 
 DENSE_LIMIT = 256  # christoffel() forms a d x d x d tensor
@@ -301,3 +304,173 @@ def _hessian_vector(D: DiffusionMatrix, v: Tensor) -> Tensor:
 
     _, hv = jvp(mean_gradient, (products.params,), (D.space.unflatten(v),))
     return D.space.flatten(hv)
+
+
+# --------------------------------------------------------------------------- residuals
+
+
+def _weighted_gradient(
+    D: DiffusionMatrix,
+    weights: Tensor,
+    scalar: Callable[[dict[str, Tensor], Tensor, Tensor], Tensor],
+) -> Tensor:
+    """``(1/N) Σ_i w_i ∇_x s_i(x)`` for per-sample scalars ``s_i`` given by
+    ``scalar(params, x_chunk, y_chunk) -> (b,)``; with ``w_i = f_i − f̄`` it is
+    ``Cov_i(f_i, ∇ s_i)``."""
+    products = D.products
+    total = torch.zeros(D.space.dim, dtype=weights.dtype, device=weights.device)
+    for start, x, y in products.data.chunks():
+        w = weights[start : start + len(x)]
+        g = grad(lambda p, x=x, y=y, w=w: (w * scalar(p, x, y)).sum())(products.params)
+        total += D.space.flatten(g)
+    return total / D.n
+
+
+def residuals(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    trajectory: Trajectory,
+    eps: float,
+) -> dict[str, np.ndarray]:
+    r"""The terms the reduction (F8) → (F10) drops, along a trajectory, as functions of t.
+
+    With :math:`w_i = f_i - \bar f` and ``ẍ`` from the sampled velocities:
+
+    - ``third_derivative``: :math:`\varepsilon\,\mathrm{Cov}_i(f_i, T_i[\dot x,\dot x])`, the
+      part of the (F9) integrand :math:`\frac{\varepsilon}{N^2}\sum_\alpha \hat f_\alpha
+      \frac{d^2}{dt^2}\partial_k \hat f_\alpha` with the third derivatives of the ``f_i``;
+    - ``hessian_acceleration``: :math:`\varepsilon\,\mathrm{Cov}_i(f_i, H_i \ddot x)`, the
+      rest of that integrand (``d²/dt² ∇f_i = T_i[ẋ,ẋ] + H_i ẍ``; it vanishes only if
+      ``ẍ = 0``, which (F9) also assumes without saying);
+    - ``eps_over_n2``: :math:`\varepsilon\,\mathrm{Cov}_i(f_i, H_i \dot x)`, the term
+      :math:`\frac{\varepsilon}{N^2}\sum_\alpha \hat f_\alpha \frac{d}{dt}\partial_k\hat
+      f_\alpha` the paper discards as small;
+    - ``d_xddot``: :math:`\varepsilon D \ddot x`, the :math:`\nabla\hat f\cdot\ddot x` part of
+      :math:`d^2\hat f/dt^2` left out after (F8);
+
+    each as a norm, and ``force``: :math:`\|H\dot x\|`, the kept right-hand side, to compare.
+    """
+    xddot = np.gradient(trajectory.v, trajectory.t, axis=0, edge_order=2)
+    rows = [
+        _residuals_at(model, loss_fn, data, x, v, a, eps)
+        for x, v, a in zip(trajectory.x, trajectory.v, xddot, strict=True)
+    ]
+    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+
+
+def _residuals_at(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    x: np.ndarray,
+    v: np.ndarray,
+    a: np.ndarray,
+    eps: float,
+) -> dict[str, float]:
+    """The dropped terms of :func:`residuals` at one point ``(x, ẋ, ẍ)``."""
+    dtype = torch.float64
+    set_parameters(model, torch.as_tensor(x, dtype=dtype))
+    D = _matrix(model, loss_fn, data)
+    products = D.products
+    losses = products.losses()
+    w = losses - losses.mean()
+    velocity, acceleration = (torch.as_tensor(t, dtype=dtype) for t in (v, a))
+    v_t, a_t = D.space.unflatten(velocity), D.space.unflatten(acceleration)
+
+    def directional(p: dict[str, Tensor], x_: Tensor, y_: Tensor, t: dict[str, Tensor]) -> Tensor:
+        return jvp(lambda q: products.batch_losses(q, x_, y_), (p,), (t,))[1]
+
+    def second(p: dict[str, Tensor], x_: Tensor, y_: Tensor) -> Tensor:
+        return jvp(lambda q: directional(q, x_, y_, v_t), (p,), (v_t,))[1]
+
+    def cov_norm(scalar: Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]) -> float:
+        return eps * float(_weighted_gradient(D, w, scalar).norm())
+
+    return {
+        "third_derivative": cov_norm(second),
+        "hessian_acceleration": cov_norm(lambda p, x_, y_: directional(p, x_, y_, a_t)),
+        "eps_over_n2": cov_norm(lambda p, x_, y_: directional(p, x_, y_, v_t)),
+        "d_xddot": eps * float(D.matvec(acceleration).norm()),
+        "force": float(_hessian_vector(D, velocity).norm()),
+    }
+
+
+# --------------------------------------------------------------------------- stochastic
+
+
+def sgd_ensemble(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    x0: Tensor,
+    *,
+    lr: float,
+    batch_size: int,
+    steps: int,
+    runs: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """``runs`` independent SGD runs from ``x0`` (minibatches drawn with replacement): the
+    mean and covariance of the iterates after each step, at times ``t_k = k·lr`` (so that
+    they compare with the flows, whose time unit is one unit of learning rate)."""
+    x_all, y_all = data
+    n = len(x_all)
+    loss = per_sample_loss(loss_fn)
+    space = ParamSpace(model)
+    iterates = torch.empty(runs, steps + 1, space.dim, dtype=x0.dtype)
+    for r in range(runs):
+        set_parameters(model, x0)
+        iterates[r, 0] = x0
+        for k in range(1, steps + 1):
+            idx = torch.randint(0, n, (batch_size,), generator=generator)
+            model.zero_grad(set_to_none=True)
+            loss(model(x_all[idx]), y_all[idx]).mean().backward()
+            with torch.no_grad():
+                for p in space.params(model).values():
+                    p.sub_(lr * p.grad)
+            iterates[r, k] = space.vector(model)
+    mean = iterates.mean(0)
+    centred = iterates - mean
+    cov = torch.einsum("rkd,rke->kde", centred, centred) / max(runs - 1, 1)
+    return {
+        "t": lr * np.arange(steps + 1),
+        "mean": mean.numpy(),
+        "cov": cov.numpy(),
+        "iterates": iterates.numpy(),
+    }
+
+
+def chaudhari_soatto_sde(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    x0: Tensor,
+    *,
+    lr: float,
+    batch_size: int,
+    t_end: float,
+    dt: float,
+    paths: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    r"""Euler-Maruyama paths of :math:`dx = -\nabla f\,dt + \sqrt{2\beta^{-1} D}\,dW` with
+    :math:`\beta^{-1} = \eta / (2b)` (Chaudhari & Soatto 2018). The noise
+    :math:`\sqrt{2\beta^{-1}D}\,dW` is drawn as :math:`\sqrt{2\beta^{-1}/N}\,G_c^\top \xi`,
+    :math:`\xi \sim N(0, dt\,I_N)`, which has the covariance :math:`2\beta^{-1} D\,dt`
+    without a square root of D."""
+    temperature = lr / (2 * batch_size)
+    steps = round(t_end / dt)
+    space = ParamSpace(model)
+    out = torch.empty(paths, steps + 1, space.dim, dtype=x0.dtype)
+    for path in range(paths):
+        x = x0.clone()
+        out[path, 0] = x
+        for k in range(1, steps + 1):
+            set_parameters(model, x)
+            D = _matrix(model, loss_fn, data)
+            xi = torch.randn(D.n, dtype=x.dtype, generator=generator) * dt**0.5
+            noise = D.products.vjp(xi - xi.mean()) * (2 * temperature / D.n) ** 0.5
+            x = x - D.mean_gradient() * dt + noise
+            out[path, k] = x
+    return {"t": dt * np.arange(steps + 1), "mean": out.mean(0).numpy(), "iterates": out.numpy()}
