@@ -29,11 +29,14 @@ def test_every_shipped_config_is_valid():
 
     configs = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
     assert configs
+    from sgdgeom.experiments.geodesic import load_geodesic_config
     from sgdgeom.experiments.rbm import load_rbm_config
 
     for path in configs:
         if path.parent.name == "rbm":
             load_rbm_config(path)
+        elif path.parent.name == "geodesic":
+            load_geodesic_config(path)
         elif "variants" in yaml.safe_load(path.read_text()):
             load_comparison(path)
         else:

@@ -168,3 +168,25 @@ def test_sgd_ensemble_and_sde_statistics():
     gd = gradient_flow(model, "mse", data, x0, np.array([0.0, 1.0]))
     spread = np.linalg.norm(sde["iterates"][:, -1] - sde["mean"][-1], axis=1).mean()
     assert np.linalg.norm(sde["mean"][-1] - gd.x[-1]) < 3 * spread + 1e-3
+
+
+def test_two_layer_experiment_writes_table_and_plots(tmp_path):
+    from sgdgeom.experiments.geodesic import GeodesicConfig, run_geodesic
+
+    config = GeodesicConfig(
+        name="t",
+        n=12,
+        hidden=2,
+        runs=2,
+        batch_size=4,
+        lr=0.1,
+        t_end=0.4,
+        points=3,
+        eps_fractions=[0.3],
+        residual_points=3,
+    )
+    result = run_geodesic(config, tmp_path)
+    models = {row["model"] for row in result["tracking_table"]}
+    assert {"gd", "metric-exact ε=0.3/λ", "geodesic-weak ε=0.3/λ", "SDE mean"} <= models
+    assert result["distances"]["gd"][0] == 0.0  # every model starts at the SGD mean
+    assert (tmp_path / "distances.png").is_file() and (tmp_path / "residuals.png").is_file()

@@ -152,6 +152,25 @@ def rbm(
     typer.echo(f"results in {out_dir} (summary.json, loglik.png, spectrum.png)")
 
 
+@app.command()
+def geodesic(
+    config: Annotated[Path, typer.Argument(help="A geodesic experiment config (YAML).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Results directory; default runs/NAME.")
+    ] = None,
+) -> None:
+    """Geodesics, metric flows and GD against SGD ensembles, with the dropped terms."""
+    from sgdgeom.experiments.geodesic import load_geodesic_config, run_geodesic
+
+    cfg = load_geodesic_config(config)
+    out_dir = out if out is not None else Path("runs") / cfg.name
+    result = run_geodesic(cfg, out_dir)
+    typer.echo(f"{'model':<28} {'mean distance to the SGD mean':>30}")
+    for row in result["tracking_table"]:
+        typer.echo(f"{row['model']:<28} {row['mean_distance_to_sgd_mean']:>30.5f}")
+    typer.echo(f"results in {out_dir} (geodesic.json, distances.png, residuals.png)")
+
+
 def _parse_options(pairs: list[str]) -> dict[str, object]:
     import yaml
 

@@ -1,0 +1,205 @@
+"""Does a deterministic model track SGD? The two-layer network experiment (issue 5 (b), (c)).
+
+From one initial point, on a small real dataset, the experiment integrates the GD flow,
+the metric flow (F10; weak and exact) and the geodesic equation (F8; weak and exact
+Christoffel symbols) for several ε, runs an ensemble of SGD runs and the Chaudhari-Soatto
+SDE, and measures over time the distance between the SGD-ensemble mean and each model,
+and the terms the (F8) → (F10) reduction drops. It writes ``geodesic.json``,
+``distances.png`` and ``residuals.png`` (plots from the JSON alone).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sgdgeom.data import load_dataset
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.errors import ConfigError
+from sgdgeom.experiments.config import read_yaml
+from sgdgeom.geometry import (
+    chaudhari_soatto_sde,
+    geodesic,
+    gradient_flow,
+    metric_flow,
+    residuals,
+    sgd_ensemble,
+)
+from sgdgeom.models import build_model
+from sgdgeom.params import ParamSpace
+from sgdgeom.train import atomic_write_bytes
+
+__all__ = ["GeodesicConfig", "load_geodesic_config", "plot_geodesic", "run_geodesic"]
+
+
+class GeodesicConfig(BaseModel):
+    """The two-layer-network experiment: data, network, SGD settings, ε values, horizon."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    seed: int = 0
+    dataset: Literal["digits", "mnist1d"] = "digits"
+    n: int = Field(128, ge=4)
+    hidden: int = Field(8, ge=1)
+    activation: Literal["tanh", "relu"] = "tanh"
+    lr: float = Field(0.05, gt=0)
+    batch_size: int = Field(16, ge=1)
+    runs: int = Field(32, ge=2)
+    t_end: float = Field(10.0, gt=0)
+    points: int = Field(21, ge=3)
+    eps_fractions: list[float] = [0.1, 0.5]
+    residual_points: int = Field(6, ge=3)
+    rtol: float = 1e-6
+    atol: float = 1e-8
+
+
+def load_geodesic_config(path: str | Path) -> GeodesicConfig:
+    """Read and validate a geodesic experiment config (YAML)."""
+    try:
+        return GeodesicConfig.model_validate(read_yaml(path))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run the experiment and write ``geodesic.json`` and its plots."""
+    for fraction in config.eps_fractions:
+        if not 0 < fraction < 1:
+            raise ConfigError(
+                f"eps_fractions must lie in (0, 1) (ε = fraction/λ_max), got {fraction}"
+            )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(config.dataset)
+    x = ds.normalize(ds.x_train[: config.n]).double().flatten(1)
+    y = ds.y_train[: config.n]
+    data = (x, y)
+    torch.manual_seed(config.seed)
+    model = build_model(
+        "mlp", (x.shape[1],), ds.num_classes, widths=[config.hidden], activation=config.activation
+    ).double()
+    x0 = ParamSpace(model).vector(model)
+    lam = DiffusionMatrix(model, "cross_entropy", data, chunk_size=None).lambda_max()
+    t = np.linspace(0, config.t_end, config.points)
+    steps = round(config.t_end / config.lr)
+    ensemble = sgd_ensemble(
+        model,
+        "cross_entropy",
+        data,
+        x0,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        steps=steps,
+        runs=config.runs,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    sgd_mean = np.stack(
+        [np.interp(t, ensemble["t"], ensemble["mean"][:, j]) for j in range(len(x0))], 1
+    )
+    spread = np.sqrt(np.array([np.trace(c) for c in ensemble["cov"]]))
+    sde = chaudhari_soatto_sde(
+        model,
+        "cross_entropy",
+        data,
+        x0,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        t_end=config.t_end,
+        dt=config.t_end / (config.points - 1),
+        paths=8,
+        generator=torch.Generator().manual_seed(config.seed + 1),
+    )
+    tolerances = {"rtol": config.rtol, "atol": config.atol}
+    trajectories = {"gd": gradient_flow(model, "cross_entropy", data, x0, t, **tolerances)}
+    for fraction in config.eps_fractions:
+        eps = fraction / lam
+        for exact in (False, True):
+            kind = "exact" if exact else "weak"
+            for label, integrate in (("metric", metric_flow), ("geodesic", geodesic)):
+                trajectories[f"{label}-{kind} ε={fraction}/λ"] = integrate(
+                    model, "cross_entropy", data, x0, t, eps, exact=exact, **tolerances
+                )
+    distances = {
+        name: np.linalg.norm(traj.x - sgd_mean, axis=1).tolist()
+        for name, traj in trajectories.items()
+    }
+    distances["SDE mean"] = np.linalg.norm(sde["mean"] - sgd_mean, axis=1).tolist()
+    # the reduction (F8) -> (F10): the geodesic against the metric flow, and dropped terms
+    middle = config.eps_fractions[len(config.eps_fractions) // 2]
+    geo = trajectories[f"geodesic-exact ε={middle}/λ"]
+    gap = {
+        f: np.linalg.norm(
+            trajectories[f"geodesic-exact ε={f}/λ"].x - trajectories[f"metric-exact ε={f}/λ"].x,
+            axis=1,
+        ).tolist()
+        for f in config.eps_fractions
+    }
+    pick = np.linspace(0, len(t) - 1, config.residual_points).round().astype(int)
+    sub = type(geo)(geo.t[pick], geo.x[pick], geo.v[pick], geo.f[pick], geo.info)
+    sub_res = residuals(model, "cross_entropy", data, sub, middle / lam)
+    table = sorted(((float(np.mean(d)), name) for name, d in distances.items()))
+    result = {
+        "config": config.model_dump(mode="json"),
+        "d": len(x0),
+        "N": len(y),
+        "lambda_max_at_x0": lam,
+        "t": t.tolist(),
+        "sgd_spread": np.interp(t, ensemble["t"], spread).tolist(),
+        "distances": distances,
+        "geodesic_minus_metric_flow": gap,
+        "residuals": {
+            "t": sub.t.tolist(),
+            "eps_fraction": middle,
+            **{k: v.tolist() for k, v in sub_res.items()},
+        },
+        "loss": {name: traj.f.tolist() for name, traj in trajectories.items()},
+        "tracking_table": [
+            {"model": name, "mean_distance_to_sgd_mean": value} for value, name in table
+        ],
+    }
+    atomic_write_bytes(out / "geodesic.json", json.dumps(result, indent=1).encode())
+    plot_geodesic(out / "geodesic.json", out)
+    return result
+
+
+def plot_geodesic(json_path: str | Path, out_dir: str | Path) -> None:
+    """``distances.png`` and ``residuals.png`` from ``geodesic.json``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(Path(json_path).read_text())
+    t = np.array(result["t"])
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for name, values in result["distances"].items():
+        style = "--" if name.startswith("geodesic") else "-"
+        ax.plot(t, values, ls=style, label=name)
+    ax.plot(t, result["sgd_spread"], color="k", lw=0.8, ls=":", label="SGD spread √tr Cov")
+    ax.set_xlabel("t (units of learning rate × steps)")
+    ax.set_ylabel("‖x_model(t) − E x_SGD(t)‖")
+    ax.set_title(f"which model tracks the SGD mean? d={result['d']}, N={result['N']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "distances.png", dpi=120)
+    plt.close(fig)
+    res = result["residuals"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in ("force", "third_derivative", "hessian_acceleration", "eps_over_n2", "d_xddot"):
+        ax.semilogy(res["t"], np.maximum(res[key], 1e-300), marker="o", label=key)
+    ax.set_xlabel("t")
+    ax.set_ylabel("norm")
+    ax.set_title(
+        f"kept force ‖Hẋ‖ and dropped terms along the exact geodesic, ε={res['eps_fraction']}/λ_max"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "residuals.png", dpi=120)
+    plt.close(fig)
