@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -190,3 +191,21 @@ def test_two_layer_experiment_writes_table_and_plots(tmp_path):
     assert {"gd", "metric-exact ε=0.3/λ", "geodesic-weak ε=0.3/λ", "SDE mean"} <= models
     assert result["distances"]["gd"][0] == 0.0  # every model starts at the SGD mean
     assert (tmp_path / "distances.png").is_file() and (tmp_path / "residuals.png").is_file()
+
+
+def test_plane_quadratic_curl_matches_the_closed_form(tmp_path):
+    """For f_i = ½(x−ξ_i)ᵀA(x−ξ_i), D = A Cov(ξ) A is constant, so ∇_D f = M (x − ξ̄) with
+    M = (I + εD)⁻¹A and its curl is M₂₁ − M₁₂ everywhere: non-zero when the noise is tilted
+    (Chaudhari-Soatto's non-conservative part), although f itself is a gradient field."""
+    from sgdgeom.experiments.plane import make_problem, run_plane
+
+    result = run_plane("quadratic", tmp_path, n=16, t_end=0.2, lr=0.05, runs=4, grid=4)
+    _, (centres, _) = make_problem("quadratic", 16)
+    A = np.diag([1.0, 4.0])
+    c = centres.numpy()
+    D = A @ ((c - c.mean(0)).T @ (c - c.mean(0)) / len(c)) @ A
+    M = np.linalg.solve(np.eye(2) + result["eps"] * D, A)
+    assert result["curl_max"] == pytest.approx(abs(M[1, 0] - M[0, 1]), rel=1e-6)
+    assert result["curl_max"] > 1e-3
+    assert np.allclose(result["long_run"]["minimum_of_f"], c.mean(0), atol=1e-6)
+    assert (tmp_path / "plane-quadratic.png").is_file()

@@ -165,10 +165,14 @@ def geodesic(
     cfg = load_geodesic_config(config)
     out_dir = out if out is not None else Path("runs") / cfg.name
     result = run_geodesic(cfg, out_dir)
+    table = result.get("tracking_table") or [
+        {"model": k, "mean_distance_to_sgd_mean": v}
+        for k, v in result["distance_to_sgd_mean"].items()
+    ]
     typer.echo(f"{'model':<28} {'mean distance to the SGD mean':>30}")
-    for row in result["tracking_table"]:
+    for row in table:
         typer.echo(f"{row['model']:<28} {row['mean_distance_to_sgd_mean']:>30.5f}")
-    typer.echo(f"results in {out_dir} (geodesic.json, distances.png, residuals.png)")
+    typer.echo(f"results in {out_dir}")
 
 
 def _parse_options(pairs: list[str]) -> dict[str, object]:

@@ -38,12 +38,14 @@ __all__ = ["GeodesicConfig", "load_geodesic_config", "plot_geodesic", "run_geode
 
 
 class GeodesicConfig(BaseModel):
-    """The two-layer-network experiment: data, network, SGD settings, ε values, horizon."""
+    """A geodesic experiment: ``problem: two-layer`` (a network on real data, several ε) or
+    a two-parameter problem (``quadratic``, ``rosenbrock``; the first ε fraction is used)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     seed: int = 0
+    problem: Literal["two-layer", "quadratic", "rosenbrock"] = "two-layer"
     dataset: Literal["digits", "mnist1d"] = "digits"
     n: int = Field(128, ge=4)
     hidden: int = Field(8, ge=1)
@@ -76,6 +78,20 @@ def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
                 f"eps_fractions must lie in (0, 1) (ε = fraction/λ_max), got {fraction}"
             )
     out = Path(out_dir)
+    if config.problem != "two-layer":
+        from sgdgeom.experiments.plane import run_plane
+
+        return run_plane(
+            config.problem,
+            out,
+            eps_fraction=config.eps_fractions[0],
+            n=config.n,
+            t_end=config.t_end,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            runs=config.runs,
+            seed=config.seed,
+        )
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(config.dataset)
     x = ds.normalize(ds.x_train[: config.n]).double().flatten(1)

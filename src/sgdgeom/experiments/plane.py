@@ -1,0 +1,259 @@
+"""Two-parameter problems with anisotropic per-sample noise (issue 5 (a)).
+
+``x ∈ R²`` and per-sample losses ``f_i(x)``:
+
+- ``quadratic``: ``f_i = ½ (x − ξ_i)ᵀ A (x − ξ_i)`` with ``A = diag(1, 4)`` and centres
+  ``ξ_i`` spread anisotropically (third derivatives zero: the (F9) assumption holds);
+- ``rosenbrock``: ``f_i = (a_i − x₁)² + 5 (x₂ − x₁² + b_i)²`` with noisy ``a_i, b_i``.
+
+The experiment draws the loss contours, the metric ellipses of ``g(x) = I + εD(x)`` (the
+unit circle of g, ``{v: vᵀ g v = r²}``), the fields ``−∇f`` and ``−∇_D f``, and the GD,
+SGD-mean, metric-flow and geodesic trajectories. For Chaudhari and Soatto it measures the
+curl of ``∇_D f`` (its non-conservative part: a gradient field has none) and where long SGD
+runs concentrate compared with the minimum of f, where the metric flow stops.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.geometry import geodesic, gradient_flow, metric_flow, set_parameters, sgd_ensemble
+from sgdgeom.metric import DiffusionMetric
+from sgdgeom.train import atomic_write_bytes
+
+__all__ = ["PlaneProblem", "make_problem", "run_plane"]
+
+
+class PlaneProblem(nn.Module):
+    """A model whose only parameter is the point ``x ∈ R²``; its "output" for a batch of
+    per-sample constants is the batch's per-sample losses (use the identity as the loss)."""
+
+    def __init__(self, kind: str, start: tuple[float, float]) -> None:
+        super().__init__()
+        if kind not in ("quadratic", "rosenbrock"):
+            raise ValueError(f"unknown problem {kind!r}; choose quadratic or rosenbrock")
+        self.kind = kind
+        self.x = nn.Parameter(torch.tensor(start, dtype=torch.float64))
+
+    def forward(self, constants: Tensor) -> Tensor:
+        x1, x2 = self.x[0], self.x[1]
+        if self.kind == "quadratic":
+            diff = self.x - constants
+            return 0.5 * (diff[:, 0] ** 2 + 4.0 * diff[:, 1] ** 2)
+        a, b = constants[:, 0], constants[:, 1]
+        return (a - x1) ** 2 + 5.0 * (x2 - x1**2 + b) ** 2
+
+
+def identity_loss(output: Tensor, target: Tensor) -> Tensor:
+    """The per-sample losses are the model's output."""
+    return output
+
+
+def make_problem(
+    kind: str, n: int = 64, seed: int = 0
+) -> tuple[PlaneProblem, tuple[Tensor, Tensor]]:
+    """The model (at its start point) and its per-sample constants."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 2, dtype=torch.float64, generator=g)
+    if kind == "quadratic":
+        # centres spread along a tilted direction: anisotropic noise
+        rotation = torch.tensor([[0.8, -0.6], [0.6, 0.8]], dtype=torch.float64)
+        constants = noise * torch.tensor([0.8, 0.15], dtype=torch.float64) @ rotation.T
+        start = (2.0, 1.5)
+    else:
+        constants = torch.stack([1 + 0.3 * noise[:, 0], 0.2 * noise[:, 1]], 1)
+        start = (-1.0, 1.5)
+    return PlaneProblem(kind, start), (constants, torch.zeros(n))
+
+
+def _field(
+    model: PlaneProblem, data: tuple[Tensor, Tensor], eps: float, point: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    set_parameters(model, torch.as_tensor(point))
+    D = DiffusionMatrix(model, identity_loss, data, route="generic", chunk_size=None)
+    metric = DiffusionMetric(D, eps)
+    return (
+        float(D.products.losses().mean()),
+        D.mean_gradient().numpy(),
+        metric.gradient().numpy(),
+        D.dense().numpy(),
+    )
+
+
+def _argmin(model: PlaneProblem, data: tuple[Tensor, Tensor], x0: Tensor) -> np.ndarray:
+    """The minimum of the mean loss f, by BFGS from ``x0``."""
+    from scipy.optimize import minimize
+
+    def value_and_grad(point: np.ndarray) -> tuple[float, np.ndarray]:
+        value, gradient, _, _ = _field(model, data, 0.0, point)
+        return value, gradient
+
+    return minimize(value_and_grad, x0.numpy(), jac=True, method="BFGS", tol=1e-12).x
+
+
+def run_plane(
+    kind: str,
+    out_dir: str | Path,
+    *,
+    eps_fraction: float = 0.5,
+    n: int = 64,
+    t_end: float = 3.0,
+    lr: float = 0.02,
+    batch_size: int = 4,
+    runs: int = 64,
+    grid: int = 15,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run one two-parameter problem; write ``plane-KIND.json`` and ``plane-KIND.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, data = make_problem(kind, n, seed)
+    x0 = model.x.detach().clone()
+    # one ε for the whole plane: a fraction of 1/max λ_max over the grid and the start
+    xs = np.linspace(-2.5, 2.5, grid) if kind == "quadratic" else np.linspace(-1.6, 1.8, grid)
+    ys = np.linspace(-2.0, 2.0, grid) if kind == "quadratic" else np.linspace(-0.6, 2.6, grid)
+    points = [np.array([a, b]) for b in ys for a in xs] + [x0.numpy()]
+    lam_max = max(float(np.linalg.eigvalsh(_field(model, data, 0.0, p)[3])[-1]) for p in points)
+    eps = eps_fraction / lam_max
+    fields = [_field(model, data, eps, p) for p in points[:-1]]
+    t = np.linspace(0, t_end, 61)
+    runs_ = {
+        "gd": gradient_flow(model, identity_loss, data, x0, t),
+        "metric-exact": metric_flow(model, identity_loss, data, x0, t, eps),
+        "metric-weak": metric_flow(model, identity_loss, data, x0, t, eps, exact=False),
+        "geodesic-exact": geodesic(model, identity_loss, data, x0, t, eps),
+    }
+    ensemble = sgd_ensemble(
+        model,
+        identity_loss,
+        data,
+        x0,
+        lr=lr,
+        batch_size=batch_size,
+        steps=round(t_end / lr),
+        runs=runs,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    long_run = sgd_ensemble(
+        model,
+        identity_loss,
+        data,
+        x0,
+        lr=lr,
+        batch_size=batch_size,
+        steps=round(10 * t_end / lr),
+        runs=runs,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+    # the curl ∂₁F₂ − ∂₂F₁ of F = ∇_D f on the grid, against the size of its derivatives
+    F = np.array([f[2] for f in fields]).reshape(grid, grid, 2)
+    dx, dy = xs[1] - xs[0], ys[1] - ys[0]
+    curl = np.gradient(F[:, :, 1], dx, axis=1) - np.gradient(F[:, :, 0], dy, axis=0)
+    scale = np.abs(np.gradient(F[:, :, 0], dx, axis=1)) + np.abs(
+        np.gradient(F[:, :, 1], dy, axis=0)
+    )
+    minimum = _argmin(model, data, x0)
+    final = long_run["iterates"][:, -1]
+    sgd_mean_t = np.stack([np.interp(t, ensemble["t"], ensemble["mean"][:, j]) for j in (0, 1)], 1)
+    result = {
+        "kind": kind,
+        "eps": eps,
+        "eps_fraction": eps_fraction,
+        "lambda_max_grid": lam_max,
+        "grid": {
+            "x": xs.tolist(),
+            "y": ys.tolist(),
+            "loss": [f[0] for f in fields],
+            "grad": [f[1].tolist() for f in fields],
+            "metric_grad": [f[2].tolist() for f in fields],
+            "D": [f[3].tolist() for f in fields],
+        },
+        "t": t.tolist(),
+        "trajectories": {k: v.x.tolist() for k, v in runs_.items()},
+        "sgd_mean": sgd_mean_t.tolist(),
+        "distance_to_sgd_mean": {
+            k: float(np.linalg.norm(v.x - sgd_mean_t, axis=1).mean()) for k, v in runs_.items()
+        },
+        "geodesic_minus_metric_flow": float(
+            np.linalg.norm(runs_["geodesic-exact"].x - runs_["metric-exact"].x, axis=1).max()
+        ),
+        "curl_max": float(np.abs(curl).max()),
+        "curl_relative": float(np.abs(curl).max() / scale.max()),
+        "long_run": {
+            "steps": round(10 * t_end / lr),
+            "mean": final.mean(0).tolist(),
+            "std": final.std(0).tolist(),
+            "minimum_of_f": minimum.tolist(),
+            "mean_minus_minimum": float(np.linalg.norm(final.mean(0) - minimum)),
+        },
+        "long_run_points": final.tolist(),
+    }
+    path = out / f"plane-{kind}.json"
+    atomic_write_bytes(path, json.dumps(result).encode())
+    plot_plane(path, out / f"plane-{kind}.png")
+    return result
+
+
+def plot_plane(json_path: str | Path, png: str | Path) -> None:
+    """Contours, metric ellipses, the two fields and the trajectories, from the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Ellipse
+
+    r = json.loads(Path(json_path).read_text())
+    xs, ys = np.array(r["grid"]["x"]), np.array(r["grid"]["y"])
+    n = len(xs)
+    loss = np.array(r["grid"]["loss"]).reshape(n, n)
+    grad = np.array(r["grid"]["grad"]).reshape(n, n, 2)
+    mgrad = np.array(r["grid"]["metric_grad"]).reshape(n, n, 2)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6))
+    X, Y = np.meshgrid(xs, ys)
+    for ax in (left, right):
+        ax.contour(X, Y, np.log(loss - loss.min() + 1e-3), levels=15, cmap="Greys", alpha=0.6)
+    step = (xs[1] - xs[0]) * 0.4
+    for (a, b), Dm in zip(((a, b) for b in ys for a in xs), r["grid"]["D"], strict=True):
+        values, vectors = np.linalg.eigh(np.eye(2) + r["eps"] * np.array(Dm))
+        widths = step / np.sqrt(values)  # the unit circle of g, scaled
+        angle = np.degrees(np.arctan2(vectors[1, 0], vectors[0, 0]))
+        left.add_patch(
+            Ellipse(
+                (a, b),
+                2 * widths[0],
+                2 * widths[1],
+                angle=angle,
+                fill=False,
+                color="tab:purple",
+                lw=0.7,
+            )
+        )
+    right.quiver(X, Y, -grad[:, :, 0], -grad[:, :, 1], color="tab:blue", alpha=0.6, label="−∇f")
+    right.quiver(X, Y, -mgrad[:, :, 0], -mgrad[:, :, 1], color="tab:red", alpha=0.6, label="−∇_D f")
+    for name, traj in r["trajectories"].items():
+        traj = np.array(traj)
+        left.plot(traj[:, 0], traj[:, 1], lw=1.5, label=name)
+    sgd = np.array(r["sgd_mean"])
+    left.plot(sgd[:, 0], sgd[:, 1], "k--", lw=1.5, label="SGD mean")
+    points = np.array(r["long_run_points"])
+    left.scatter(
+        points[:, 0], points[:, 1], s=6, color="k", alpha=0.4, label="SGD after a long run"
+    )
+    left.set_title(f"{r['kind']}: metric ellipses (ε = {r['eps_fraction']}/λ_max) and paths")
+    right.set_title(f"fields; curl of ∇_D f up to {r['curl_relative']:.2g} of its derivatives")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.set_xlabel("x₁")
+        ax.set_ylabel("x₂")
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
