@@ -159,6 +159,21 @@ def _loss_and_gradient(
     return value.item(), space.flatten([p.grad for p in space.params(model).values()])
 
 
+def _losses_along(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    xs: np.ndarray,
+    dtype: torch.dtype,
+) -> np.ndarray:
+    """The mean loss at each point of a sampled trajectory."""
+    values = []
+    for x in xs:
+        set_parameters(model, torch.as_tensor(x, dtype=dtype))
+        values.append(_loss_and_gradient(model, loss_fn, data)[0])
+    return np.array(values)
+
+
 def _flow(
     model: nn.Module,
     loss_fn: LossSpec,
@@ -180,11 +195,8 @@ def _flow(
     result = _integrate(rhs, x0.double().numpy(), t, rtol, atol, method)
     xs = result.y.T
     vs = np.stack([rhs(0.0, x) for x in xs])
-    fs = []
-    for x in xs:
-        set_parameters(model, torch.as_tensor(x, dtype=dtype))
-        fs.append(_loss_and_gradient(model, loss_fn, data)[0])
-    return Trajectory(result.t, xs, vs, np.array(fs), {"flow": label, "nfev": result.nfev})
+    fs = _losses_along(model, loss_fn, data, xs, dtype)
+    return Trajectory(result.t, xs, vs, fs, {"flow": label, "nfev": result.nfev})
 
 
 def gradient_flow(
@@ -278,10 +290,7 @@ def geodesic(
         rhs, np.concatenate([x0.double().numpy(), v0.double().numpy()]), t, rtol, atol, method
     )
     xs, vs = result.y[:d].T, result.y[d:].T
-    fs = []
-    for x in xs:
-        set_parameters(model, torch.as_tensor(x, dtype=dtype))
-        fs.append(_loss_and_gradient(model, loss_fn, data)[0])
+    fs = _losses_along(model, loss_fn, data, xs, dtype)
     return Trajectory(
         result.t,
         xs,
