@@ -47,7 +47,7 @@ def run_epoch(callback, model, batches):
 
 def test_signal_is_mean_absolute_weight_gradient_and_noise_is_numpy_std():
     model, batches = tiny()
-    metrics, grads = run_epoch(LayerTemperature(), model, batches)
+    metrics, grads = run_epoch(LayerTemperature(snr=True), model, batches)
     for layer in ("0", "2"):
         per_batch = []
         for g in grads:  # by hand: Σ over the weights (not the bias) of |∂L/∂ω|, over N_I
@@ -143,7 +143,7 @@ def test_monitor_config_writes_metrics_report_and_figure(tmp_path):
             "model": {"name": "mlp", "widths": [16]},
             "optimizer": {"name": "sgd", "lr": 0.1},
             "train": {"epochs": 6, "device": "cpu"},
-            "monitor": {"trace_every": 3, "probe_size": 32},
+            "monitor": {"trace_every": 3, "probe_size": 32, "snr": True},
         }
     )
     run_training(config, tmp_path, progress=False)

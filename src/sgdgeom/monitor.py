@@ -59,8 +59,9 @@ class LayerTemperature(Callback):
 
     Args:
         layers: layer names to monitor; default every module with a weight matrix.
-        snr: keep running sums of the gradient and its square (two passes over the weights
-            per step).
+        snr: keep running sums of the gradient and its square: two more passes over the
+            weights per step (``benchmarks/monitor.py``: about 10% of a small step more),
+            so it is off unless asked for.
         trace_every: epochs between diffusion-trace measurements.
         probe: a fixed batch ``(x, y)`` for the trace (already normalised).
     """
@@ -69,7 +70,7 @@ class LayerTemperature(Callback):
         self,
         layers: Sequence[str] | None = None,
         *,
-        snr: bool = True,
+        snr: bool = False,
         trace_every: int = 0,
         probe: tuple[Tensor, Tensor] | None = None,
     ) -> None:

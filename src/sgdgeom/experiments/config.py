@@ -152,7 +152,7 @@ class MonitorConfig(_Strict):
     """
 
     temperature: bool = True
-    snr: bool = True
+    snr: bool = False
     trace_every: int = Field(0, ge=0)
     probe_size: int = Field(256, ge=2)
     layers: list[str] | None = None
