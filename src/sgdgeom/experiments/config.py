@@ -24,7 +24,7 @@ import hashlib
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,6 +43,7 @@ __all__ = [
     "TrainConfig",
     "config_hash",
     "load_config",
+    "load_yaml_as",
     "parse_config",
     "read_yaml",
 ]
@@ -242,6 +243,19 @@ def read_yaml(path: str | Path) -> Any:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def load_yaml_as(schema: type[Schema], path: str | Path) -> Schema:
+    """Read a YAML file and validate it as ``schema``, or raise a :class:`ConfigError` that
+    names the file and every bad key (for the experiment kinds with their own schema)."""
+    try:
+        return schema.model_validate(read_yaml(path))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{path}: {problems}") from None
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import ConfigError
-from sgdgeom.experiments.config import read_yaml
+from sgdgeom.experiments.config import load_yaml_as
 from sgdgeom.geometry import (
     chaudhari_soatto_sde,
     geodesic,
@@ -63,11 +63,7 @@ class GeodesicConfig(BaseModel):
 
 def load_geodesic_config(path: str | Path) -> GeodesicConfig:
     """Read and validate a geodesic experiment config (YAML)."""
-    try:
-        return GeodesicConfig.model_validate(read_yaml(path))
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+    return load_yaml_as(GeodesicConfig, path)
 
 
 def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:

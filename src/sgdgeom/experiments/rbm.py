@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from sgdgeom.data import batches, load_dataset
-from sgdgeom.errors import ConfigError
-from sgdgeom.experiments.config import read_yaml
+from sgdgeom.experiments.config import load_yaml_as
 from sgdgeom.rbm import ENUMERATION_LIMIT, RBM
 from sgdgeom.train import atomic_write_bytes, read_jsonl
 
@@ -58,11 +57,7 @@ class RBMConfig(BaseModel):
 
 def load_rbm_config(path: str | Path) -> RBMConfig:
     """Read and validate an RBM config (YAML)."""
-    try:
-        return RBMConfig.model_validate(read_yaml(path))
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+    return load_yaml_as(RBMConfig, path)
 
 
 def _binary(config: RBMConfig) -> tuple[torch.Tensor, torch.Tensor]:
