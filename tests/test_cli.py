@@ -74,3 +74,61 @@ def test_datasets_and_help():
     assert "mnist5k" in proc.stdout and "offline" in proc.stdout
     help_text = sgdgeom("train", "--help").stdout
     assert "--resume" in help_text and "--data-root" in help_text
+
+
+def test_sweep_command_runs_reports_and_refuses_bad_sweeps(tmp_path):
+    sweep = {
+        "name": "cli",
+        "base": {
+            "data": {"name": "digits", "batch_size": 64, "n_train": 128, "n_test": 64},
+            "model": {"name": "mlp", "widths": [8]},
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "train": {"epochs": 1, "device": "cpu"},
+        },
+        "grid": {"optimizer.lr": [0.1, 0.2]},
+        "plots": [{"kind": "versus", "x": "optimizer.lr"}],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    proc = sgdgeom("sweep", path, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert "report:" in proc.stdout
+    again = sgdgeom("sweep", path, "--out", tmp_path / "out")
+    assert "2 of 2 runs already finished" in again.stderr + again.stdout
+
+    assert_one_line_error(sgdgeom("sweep", path, "--engine", "dask"), "unknown engine")
+    sweep["plots"] = [{"kind": "versus", "x": "loss.R"}]
+    path.write_text(yaml.safe_dump(sweep))
+    assert_one_line_error(sgdgeom("sweep", path), "no run has that label")
+    assert_one_line_error(sgdgeom("report", tmp_path / "nowhere"), "no result store")
+
+
+def test_table1_counts_parameters_and_rank_bounds():
+    proc = sgdgeom("table1")
+    assert proc.returncode == 0, proc.stderr
+    assert "1,238,730" in proc.stdout  # 784-784-784-10: 2·(784·784 + 784) + 784·10 + 10
+    assert "59,999" in proc.stdout and "Wide ResNet" in proc.stdout
+    one = sgdgeom("table1", "--model", "fc", "--dataset", "mnist5k", "--model-option", "depth=3")
+    assert "1,854,170" in one.stdout and "3,999" in one.stdout
+    assert_one_line_error(sgdgeom("table1", "--model", "fc"), "both --model and --dataset")
+    assert_one_line_error(
+        sgdgeom("table1", "--model", "resnet", "--dataset", "mnist"), "unknown model"
+    )
+
+
+@pytest.mark.slow
+def test_demo_writes_a_report_with_every_part(tmp_path):
+    out = tmp_path / "demo"
+    proc = sgdgeom(
+        "demo", "--out", out, "--n-train", "256", "--epochs", "1", "--spectrum-n", "64",
+        "--sgd-runs", "4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"report: {out / 'report.html'}" in proc.stdout
+    text = (out / "report.html").read_text()
+    for title in ("Sweep demo", "Diffusion matrix", "Layer temperatures", "Geodesics"):
+        assert title in text
+    assert text.count("data:image/png;base64,") == 4
+    for variant in ("sgd", "pla-fc2", "diffusion-sgd"):
+        assert (out / "runs" / variant / "final.json").is_file()

@@ -31,12 +31,15 @@ def test_every_shipped_config_is_valid():
     assert configs
     from sgdgeom.experiments.geodesic import load_geodesic_config
     from sgdgeom.experiments.rbm import load_rbm_config
+    from sgdgeom.experiments.sweep import load_sweep
 
     for path in configs:
         if path.parent.name == "rbm":
             load_rbm_config(path)
         elif path.parent.name == "geodesic":
             load_geodesic_config(path)
+        elif path.parent.name == "sweeps":
+            assert load_sweep(path, "runs/unused").runs
         elif "variants" in yaml.safe_load(path.read_text()):
             load_comparison(path)
         else:
@@ -69,7 +72,10 @@ def test_unknown_model_option_lists_options():
 
 
 def test_bad_values_name_the_choices():
-    with pytest.raises(ConfigError, match=r"optimizer\.name: .*'sgd', 'adam' or 'diffusion-sgd'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"optimizer\.name: .*'sgd', 'adam', 'diffusion-sgd', 'sam', 'asam' or 'entropy-sgd'",
+    ):
         parse_config(with_("optimizer", name="lbfgs"))
     with pytest.raises(ConfigError, match=r"optimizer\.lr: .*greater than 0"):
         parse_config(with_("optimizer", lr=-1))

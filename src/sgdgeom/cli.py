@@ -175,6 +175,123 @@ def geodesic(
     typer.echo(f"results in {out_dir}")
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="A sweep config: base, variants, grid, plots.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Sweep directory (results.sqlite, runs/); default runs/NAME."),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (a process pool) or ray.")
+    ] = "local",
+    workers: Annotated[int, typer.Option("--workers", help="Runs at a time.")] = 1,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster address (default: start a local Ray)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads per run (default: cores/workers).")
+    ] = None,
+    gpus_per_run: Annotated[
+        float, typer.Option("--gpus-per-run", help="GPUs each Ray task reserves.")
+    ] = 0.0,
+    data_root: DataRoot = None,
+    device: Device = None,
+) -> None:
+    """Run a grid of runs into a resumable SQLite store; plot it and write a report.
+
+    Run it again after a kill: finished runs are skipped, unfinished ones resume from their
+    checkpoints.
+    """
+    from sgdgeom.experiments.report import write_report
+    from sgdgeom.experiments.sweep import load_sweep, run_sweep
+
+    name = _sweep_name(config)
+    out_dir = out if out is not None else Path("runs") / name
+    spec = load_sweep(config, out_dir)
+    typer.echo(f"sweep {spec.name}: {len(spec.runs)} runs into {out_dir}")
+    result = run_sweep(
+        spec,
+        out_dir,
+        engine=engine,  # type: ignore[arg-type]
+        workers=workers,
+        address=address,
+        threads=threads,
+        gpus_per_run=gpus_per_run,
+        data_root=data_root,
+        device=device,
+    )
+    failed = [r for r in result["runs"] if r["status"] != "finished"]
+    report = write_report(out_dir)
+    typer.echo(f"report: {report}")
+    if failed:
+        for run in failed:
+            typer.echo(f"not finished: {run['name']}: {run['error'] or run['status']}", err=True)
+        raise typer.Exit(1)
+
+
+def _sweep_name(path: Path) -> str:
+    from sgdgeom.experiments.config import read_yaml
+
+    data = read_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise SgdgeomError(f"{path}: a sweep config needs a name")
+    return data["name"]
+
+
+@app.command()
+def report(
+    source: Annotated[Path, typer.Argument(help="A results.sqlite or the directory holding it.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HTML file; default report.html beside the store.")
+    ] = None,
+) -> None:
+    """A self-contained HTML page with the figures and tables of a sweep's store."""
+    from sgdgeom.experiments.report import write_report
+
+    typer.echo(f"report: {write_report(source, out)}")
+
+
+@app.command()
+def table1(
+    model: Annotated[str | None, typer.Option("--model", help="A model name.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="A dataset name.")] = None,
+    model_option: Annotated[
+        list[str] | None,
+        typer.Option("--model-option", help="KEY=VALUE model option, repeatable (depth=3)."),
+    ] = None,
+) -> None:
+    """Fioresi et al.'s Table 1: d, N and the rank bound of D for the papers' models, or
+    for any model by name (no data is read)."""
+    from sgdgeom.experiments.table1 import format_table, size_table
+
+    rows = size_table(model, dataset, _parse_options(model_option or []))
+    typer.echo(format_table(rows, quoted=model is None))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where everything goes.")] = Path("runs/demo"),
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each training.")] = 5,
+    n_train: Annotated[
+        int | None, typer.Option("--n-train", help="Train on the first N samples only.")
+    ] = None,
+    spectrum_n: Annotated[
+        int, typer.Option("--spectrum-n", help="Samples in the diffusion matrix.")
+    ] = 1000,
+    sgd_runs: Annotated[
+        int, typer.Option("--sgd-runs", help="SGD runs averaged in the geodesic panel.")
+    ] = 32,
+) -> None:
+    """The main job on embedded data: SGD, PLA and DiffusionMetricSGD on MNIST-5k, the
+    diffusion spectrum, layer temperatures, a geodesic, and an HTML report."""
+    from sgdgeom.experiments.demo import run_demo
+
+    path = run_demo(out, epochs=epochs, n_train=n_train, spectrum_n=spectrum_n, sgd_runs=sgd_runs)
+    typer.echo(f"report: {path}")
+
+
 def _parse_options(pairs: list[str]) -> dict[str, object]:
     import yaml
 

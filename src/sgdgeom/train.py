@@ -137,7 +137,9 @@ class Trainer:
     Args:
         model: the network; moved to ``device``.
         dataset: an in-memory dataset; its train part is shuffled every epoch.
-        optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
+        optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters. One whose
+            class sets ``requires_closure = True`` (SAM, Entropy-SGD) gets a closure that
+            re-evaluates the objective on the step's minibatch.
         epochs: the number of epochs to train.
         batch_size: the minibatch size.
         objective: ``(model, x, y) -> (loss, logits)`` for one minibatch; cross-entropy by
@@ -296,7 +298,10 @@ class Trainer:
             loss.backward()
             for cb in self.callbacks:
                 cb.on_after_backward(self, x, y, loss)
-            self.optimizer.step()
+            if getattr(self.optimizer, "requires_closure", False):
+                self.optimizer.step(self._closure(x, y))
+            else:
+                self.optimizer.step()
             self.step += 1
             for cb in self.callbacks:
                 cb.on_step_end(self, x, y, loss)
@@ -306,6 +311,18 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+
+    def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+        """For optimizers that re-evaluate the loss (SAM, Entropy-SGD): zero the gradients,
+        recompute the objective on the same minibatch and backpropagate it."""
+
+        def closure() -> Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, _ = self.objective(self.model, x, y)
+            loss.backward()
+            return loss
+
+        return closure
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train for the remaining epochs and return the final summary.

@@ -34,6 +34,7 @@ from sgdgeom.errors import ConfigError
 from sgdgeom.models import MODELS
 
 __all__ = [
+    "OPTIMIZER_KEYS",
     "DataConfig",
     "ExperimentConfig",
     "LossConfig",
@@ -110,12 +111,30 @@ class ModelConfig(_Strict):
         return {"name": name, "init": data.get("init", "default"), "options": options}
 
 
-class OptimizerConfig(_Strict):
-    """The optimizer: plain or momentum SGD (``sgd``), Adam (``adam``), or
-    :class:`~sgdgeom.optim.DiffusionMetricSGD` (``diffusion-sgd``, with ``eps``, ``mode``
-    and ``safety``)."""
+OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "adam": (),
+    "diffusion-sgd": ("eps", "mode", "safety"),
+    "sam": ("rho",),
+    "asam": ("rho",),
+    "entropy-sgd": ("L", "gamma", "gamma_growth", "langevin_lr", "noise"),
+}
+"""The keys each optimizer accepts beyond ``lr``, ``momentum``, ``weight_decay``, ``nesterov``."""
 
-    name: Literal["sgd", "adam", "diffusion-sgd"]
+
+class OptimizerConfig(_Strict):
+    """The optimizer and the baselines every table compares against:
+
+    - ``sgd`` (plain, momentum, weight decay), ``adam``;
+    - ``diffusion-sgd``: :class:`~sgdgeom.optim.DiffusionMetricSGD` (``eps``, ``mode``,
+      ``safety``);
+    - ``sam`` / ``asam``: SAM and adaptive SAM from the pytorch-optimizer package over SGD
+      (``rho``, default 0.05 / 0.5);
+    - ``entropy-sgd``: :class:`~sgdgeom.optim.entropy_sgd.EntropySGD` (``L``, ``gamma``,
+      ``gamma_growth``, ``langevin_lr``, ``noise``).
+    """
+
+    name: Literal["sgd", "adam", "diffusion-sgd", "sam", "asam", "entropy-sgd"]
     lr: float = Field(gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -123,13 +142,27 @@ class OptimizerConfig(_Strict):
     eps: float | Literal["auto"] | None = None
     mode: Literal["weak", "exact"] | None = None
     safety: float | None = Field(None, gt=0, lt=1)
+    rho: float | None = Field(None, gt=0)
+    L: int | None = Field(None, ge=1)
+    gamma: float | None = Field(None, gt=0)
+    gamma_growth: float | None = Field(None, ge=0)
+    langevin_lr: float | None = Field(None, gt=0)
+    noise: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
-    def _metric_keys_need_diffusion_sgd(self) -> OptimizerConfig:
-        if self.name != "diffusion-sgd":
-            given = [k for k in ("eps", "mode", "safety") if getattr(self, k) is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)} apply only to name: diffusion-sgd")
+    def _keys_of_the_named_optimizer(self) -> OptimizerConfig:
+        own = OPTIMIZER_KEYS[self.name]
+        foreign = [
+            key
+            for keys in OPTIMIZER_KEYS.values()
+            for key in keys
+            if key not in own and getattr(self, key) is not None
+        ]
+        if foreign:
+            owners = sorted({n for n, keys in OPTIMIZER_KEYS.items() if set(foreign) & set(keys)})
+            raise ValueError(
+                f"{', '.join(dict.fromkeys(foreign))} apply only to name: {' or '.join(owners)}"
+            )
         if isinstance(self.eps, float) and self.eps < 0:
             raise ValueError(f"eps must be 'auto' or a number >= 0, got {self.eps}")
         return self

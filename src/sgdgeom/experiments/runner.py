@@ -18,7 +18,13 @@ from torch import nn
 
 from sgdgeom.data import Dataset, augmentation, load_dataset
 from sgdgeom.errors import ConfigError
-from sgdgeom.experiments.config import ExperimentConfig, OptimizerConfig, config_hash, parse_config
+from sgdgeom.experiments.config import (
+    OPTIMIZER_KEYS,
+    ExperimentConfig,
+    OptimizerConfig,
+    config_hash,
+    parse_config,
+)
 from sgdgeom.models import build_model
 from sgdgeom.monitor import LayerTemperature, analyse_regimes, plot_temperatures, temperature_curves
 from sgdgeom.train import (
@@ -36,28 +42,54 @@ __all__ = ["build_optimizer", "run_training", "write_temperature_report"]
 
 def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer a config names, over ``model``'s parameters."""
+    sgd = dict(
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+    )
     if config.name == "diffusion-sgd":
         from sgdgeom.optim import DiffusionMetricSGD
 
         return DiffusionMetricSGD(
             model,
-            lr=config.lr,
             eps=config.eps if config.eps is not None else "auto",
             mode=config.mode or "weak",
             safety=config.safety or 0.5,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
+            **sgd,
+        )
+    if config.name in ("sam", "asam"):
+        return _sam(model, adaptive=config.name == "asam", rho=config.rho, **sgd)
+    if config.name == "entropy-sgd":
+        from sgdgeom.optim.entropy_sgd import EntropySGD
+
+        given = {k: getattr(config, k) for k in OPTIMIZER_KEYS["entropy-sgd"]}
+        return EntropySGD(
+            model.parameters(), **sgd, **{k: v for k, v in given.items() if v is not None}
         )
     if config.name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            nesterov=config.nesterov,
-        )
+        return torch.optim.SGD(model.parameters(), **sgd)
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _sam(
+    model: nn.Module, *, adaptive: bool, rho: float | None, **sgd: Any
+) -> torch.optim.Optimizer:
+    """SAM (Foret et al. 2021) or ASAM (Kwon et al. 2021) from pytorch-optimizer, over
+    torch's SGD. Their ``step`` re-evaluates the loss, so it is marked as needing a
+    closure (see :class:`~sgdgeom.train.Trainer`)."""
+    from pytorch_optimizer import SAM
+
+    default_rho = 0.5 if adaptive else 0.05  # the values their papers use for CIFAR
+    optimizer = SAM(
+        model.parameters(),
+        base_optimizer=torch.optim.SGD,
+        rho=rho if rho is not None else default_rho,
+        adaptive=adaptive,
+        **sgd,
+    )
+    optimizer.requires_closure = True  # type: ignore[attr-defined]
+    return optimizer
 
 
 def _prepare_run_dir(config: ExperimentConfig, out_dir: Path, resume: bool) -> None:
@@ -105,7 +137,8 @@ def run_training(
         **config.model.options,
     )
     optimizer = build_optimizer(config.optimizer, model)
-    callbacks = [*callbacks, *_monitors(config, dataset, out)]
+    # the monitors first: callbacks given here see the epoch records they complete
+    callbacks = [*_monitors(config, dataset, out), *callbacks]
     extra = {}
     if config.loss.name != "cross_entropy":
         from sgdgeom.optim.local_entropy import PartialLocalEntropy

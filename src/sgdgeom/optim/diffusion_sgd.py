@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.metric import DiffusionMetric
+from sgdgeom.optim.momentum import heavy_ball
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import LayerCapture, LayerProducts, RowProducts, fast_route_layers
 
@@ -273,15 +274,5 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         steps = iter(parts.values())
         for group in self.param_groups:
             for p in group["params"]:
-                d_p = next(steps)
-                if group["weight_decay"]:
-                    d_p = d_p.add(p, alpha=group["weight_decay"])
-                if group["momentum"]:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d_p.clone()
-                    else:
-                        buf.mul_(group["momentum"]).add_(d_p, alpha=1 - group["dampening"])
-                    d_p = d_p.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                d_p = heavy_ball(next(steps), p, group, self.state[p])
                 p.add_(d_p, alpha=-group["lr"])

@@ -1,0 +1,165 @@
+"""Figures made from the result store alone (PNG and SVG), so that any sweep — finished,
+partial or merged from several machines — can be plotted again without rerunning it.
+
+- :func:`plot_versus`: best and final test accuracy against one label (e.g. ``loss.R``),
+  one line per value of another (e.g. ``loss.layers``), mean ± std over the remaining
+  labels such as seeds; runs without the x label (the unregularised baseline) are drawn as
+  horizontal lines. Musso Figs 3–5 (x = R) and Fig. 7 (x = weight decay).
+- :func:`plot_store_curves`: training loss and test accuracy per epoch, one line per group
+  of runs (mean over seeds). Musso Figs 6–8.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sgdgeom.experiments.store import ResultStore
+
+__all__ = ["plot_store_curves", "plot_versus", "plot_sweep", "group_label"]
+
+_IGNORED_LABELS = ("seed",)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> list[Path]:
+    """Save as ``path.png`` and ``path.svg`` (``path`` is a stem; dots in it are kept)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = [path.parent / f"{path.name}.{suffix}" for suffix in ("png", "svg")]
+    for target in out:
+        fig.savefig(target, dpi=120)
+    _pyplot().close(fig)
+    return out
+
+
+def group_label(labels: dict[str, Any], drop: tuple[str, ...] = ()) -> str:
+    """The name of a group of runs: its labels without the seed and ``drop``."""
+    parts = [
+        f"{k.split('.')[-1]}={v}" if k != "variant" else str(v)
+        for k, v in labels.items()
+        if k not in _IGNORED_LABELS and k not in drop
+    ]
+    return " ".join(parts) or "all"
+
+
+def _finished(store: ResultStore, sweep: str) -> list[dict[str, Any]]:
+    return [r for r in store.runs(sweep) if r["status"] == "finished"]
+
+
+def plot_versus(
+    store: ResultStore,
+    sweep: str,
+    x: str,
+    lines: str | None,
+    path: str | Path,
+    *,
+    log_x: bool = True,
+) -> list[Path]:
+    """Best (left) and final (right) test accuracy against the label ``x``, one line per
+    value of ``lines`` (and variant); returns the PNG and SVG paths."""
+    plt = _pyplot()
+    series: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    baselines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for run in _finished(store, sweep):
+        labels, final = run["labels"], run["final"]
+        value = (final["best_test_acc"], final["final_test_acc"])
+        if x in labels:
+            line = group_label(labels, drop=(x,))
+            series[line][float(labels[x])].append(value)
+        else:
+            baselines[group_label(labels, drop=(lines,) if lines else ())].append(value)
+    if not series:
+        raise ValueError(f"no finished run of sweep {sweep!r} has the label {x!r}")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for column, title in enumerate(("best test accuracy", "final test accuracy")):
+        ax = axes[column]
+        for line, points in sorted(series.items()):
+            xs = sorted(points)
+            values = [np.array([v[column] for v in points[x_]]) for x_ in xs]
+            ax.errorbar(
+                xs,
+                [v.mean() for v in values],
+                yerr=[v.std() for v in values],
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=line,
+            )
+        for name, values in sorted(baselines.items()):
+            level = float(np.mean([v[column] for v in values]))
+            ax.axhline(level, ls="--", color="black", lw=1, label=f"{name} (no {x})")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{sweep}: test accuracy against {x}")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_store_curves(store: ResultStore, sweep: str, path: str | Path) -> list[Path]:
+    """Training loss (log scale) and test accuracy per epoch, one line per group of runs
+    (mean over seeds); returns the PNG and SVG paths."""
+    plt = _pyplot()
+    groups: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
+    for run in store.runs(sweep):
+        records = store.epochs(run["hash"])
+        if records:
+            groups[group_label(run["labels"])].append(records)
+    if not groups:
+        raise ValueError(f"sweep {sweep!r} has no recorded epochs yet")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, runs in sorted(groups.items()):
+        epochs = min(len(r) for r in runs)
+        xs = [runs[0][i]["epoch"] for i in range(epochs)]
+        for ax, key in zip(axes, ("train_loss", "test_acc"), strict=True):
+            ys = np.mean([[r[i][key] for i in range(epochs)] for r in runs], axis=0)
+            ax.plot(xs, ys, label=name, lw=1.2)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("training loss")
+    axes[1].set_ylabel("test accuracy")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{sweep}: curves per variant")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_sweep(
+    store: ResultStore, sweep: str, plots: list[dict[str, Any]], out_dir: str | Path
+) -> list[Path]:
+    """Every figure a sweep asks for (its ``plots`` entries); PNG paths returned."""
+    made = []
+    for spec in plots:
+        if spec["kind"] == "versus":
+            stem = f"{sweep}-versus-{spec['x']}".replace("/", "-")
+            files = plot_versus(
+                store,
+                sweep,
+                spec["x"],
+                spec.get("lines"),
+                Path(out_dir) / stem,
+                log_x=spec.get("log_x", True),
+            )
+        else:
+            files = plot_store_curves(store, sweep, Path(out_dir) / f"{sweep}-curves")
+        made.append(files[0])
+    return made

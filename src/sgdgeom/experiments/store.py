@@ -1,0 +1,211 @@
+"""The result store: one SQLite file (the standard library's ``sqlite3``) per sweep directory.
+
+Tables:
+
+- ``sweeps``: one row per sweep, with the figures it asks for.
+- ``runs``: one row per run, keyed by its config hash — the sweep, the run's name and
+  labels (the grid values that define it), the config, the status (``pending``,
+  ``running``, ``finished``, ``failed``), timestamps, the number of attempts, the epoch a
+  resumed attempt started from, the final and best metrics, and the error of a failed run.
+- ``epochs``: one row per (run, epoch) with that epoch's metrics.
+
+Writes are single transactions (``BEGIN IMMEDIATE``) in WAL mode with a long busy
+timeout, so several worker processes may write at once. An epoch row is keyed by
+(run, epoch): a resumed run that repeats an epoch replaces its row, and the rows of
+epochs after the resumed checkpoint are dropped when the attempt starts, so nothing is
+duplicated. Plots and reports read the store only.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sgdgeom.errors import SgdgeomError
+
+__all__ = ["STORE", "ResultStore"]
+
+STORE = "results.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sweeps (
+    name TEXT PRIMARY KEY,
+    plots TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    hash TEXT PRIMARY KEY,
+    sweep TEXT NOT NULL,
+    name TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    config TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    resumed_from INTEGER,
+    final TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    hash TEXT NOT NULL REFERENCES runs(hash),
+    epoch INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (hash, epoch)
+);
+"""
+
+_JSON_COLUMNS = ("labels", "config", "final")
+
+
+class ResultStore:
+    """A SQLite result store at ``path`` (created with its tables if missing).
+
+    The object holds only the path; each call opens its own connection, so a store can be
+    handed to worker processes.
+
+    Example:
+        >>> import tempfile, os
+        >>> store = ResultStore(os.path.join(tempfile.mkdtemp(), "results.sqlite"))
+        >>> store.register("demo", [{"hash": "h1", "name": "a", "labels": {"seed": 0},
+        ...                           "config": {}, "run_dir": "runs/a"}])
+        >>> store.start("h1", resumed_from=0)
+        >>> store.record_epoch("h1", {"epoch": 1, "test_acc": 0.5})
+        >>> store.finish("h1", {"final_test_acc": 0.5})
+        >>> [(r["name"], r["status"]) for r in store.runs("demo")]
+        [('a', 'finished')]
+        >>> store.epochs("h1")
+        [{'epoch': 1, 'test_acc': 0.5}]
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._connect() as db:
+                db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise SgdgeomError(f"{self.path} is not a usable result store: {err}") from None
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=120000")
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ writes
+
+    def register(
+        self, sweep: str, runs: Sequence[dict[str, Any]], plots: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        """Add runs (``hash``, ``name``, ``labels``, ``config``, ``run_dir``) as pending;
+        runs already in the store keep their rows. ``plots`` are the sweep's figures."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO sweeps (name, plots) VALUES (?, ?)",
+                (sweep, json.dumps(list(plots))),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO runs (hash, sweep, name, labels, config, run_dir, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        run["hash"],
+                        sweep,
+                        run["name"],
+                        json.dumps(run["labels"]),
+                        json.dumps(run["config"]),
+                        str(run["run_dir"]),
+                        now,
+                    )
+                    for run in runs
+                ],
+            )
+
+    def start(self, run_hash: str, resumed_from: int) -> None:
+        """Mark an attempt as running from epoch ``resumed_from`` (0 = from scratch) and drop
+        the epoch rows after it: they were never confirmed by a checkpoint."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE runs SET status='running', started=?, attempts=attempts+1, "
+                "resumed_from=?, error=NULL WHERE hash=?",
+                (time.time(), resumed_from, run_hash),
+            )
+            db.execute("DELETE FROM epochs WHERE hash=? AND epoch>?", (run_hash, resumed_from))
+
+    def record_epoch(self, run_hash: str, metrics: dict[str, Any]) -> None:
+        """Store one epoch's metrics (its ``epoch`` key numbers the row)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO epochs (hash, epoch, metrics) VALUES (?, ?, ?)",
+                (run_hash, int(metrics["epoch"]), json.dumps(metrics)),
+            )
+
+    def finish(self, run_hash: str, final: dict[str, Any]) -> None:
+        """Mark a run finished with its final and best metrics."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE runs SET status='finished', finished=?, final=? WHERE hash=?",
+                (time.time(), json.dumps(final), run_hash),
+            )
+
+    def fail(self, run_hash: str, error: str) -> None:
+        """Mark a run failed with a one-line reason (it is tried again on the next run)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE runs SET status='failed', finished=?, error=? WHERE hash=?",
+                (time.time(), error, run_hash),
+            )
+
+    # ------------------------------------------------------------------ reads
+
+    def runs(self, sweep: str | None = None) -> list[dict[str, Any]]:
+        """The run rows (JSON columns decoded), in the order they were registered."""
+        query = "SELECT * FROM runs" + (" WHERE sweep=?" if sweep is not None else "")
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(query + " ORDER BY rowid", () if sweep is None else (sweep,))
+            out = []
+            for row in rows:
+                record = dict(row)
+                for column in _JSON_COLUMNS:
+                    if record[column] is not None:
+                        record[column] = json.loads(record[column])
+                out.append(record)
+        return out
+
+    def sweeps(self) -> dict[str, list[dict[str, Any]]]:
+        """The sweeps in the store, each with the figures it asks for."""
+        with self._connect() as db:
+            rows = db.execute("SELECT name, plots FROM sweeps ORDER BY rowid").fetchall()
+        return {name: json.loads(plots) for name, plots in rows}
+
+    def epochs(self, run_hash: str) -> list[dict[str, Any]]:
+        """One run's epoch metrics, in epoch order."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT metrics FROM epochs WHERE hash=? ORDER BY epoch", (run_hash,)
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]

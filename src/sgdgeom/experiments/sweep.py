@@ -1,0 +1,363 @@
+"""Sweeps: a grid over any config keys, run on a local process pool or on Ray, recorded in
+a resumable :class:`~sgdgeom.experiments.store.ResultStore`.
+
+A sweep config is a ``base`` experiment config, optional named ``variants`` (partial
+configs merged into the base, as in :mod:`~sgdgeom.experiments.compare`), and a ``grid``
+of dotted keys to lists of values. A variant may carry its own ``grid``, which is crossed
+with the top-level one (e.g. an R × layers grid for PLA, seeds for every variant)::
+
+    name: musso-4.2
+    base: {data: {...}, model: {...}, optimizer: {...}, train: {...}}
+    variants:
+      none: {}
+      pla:
+        loss: {name: pla, y: 4}
+        grid: {loss.layers: [[fc1], [fc2], [fc1, fc2]], loss.R: [0.001, 0.01, 0.1]}
+    grid: {seed: [0, 1]}
+    plots:
+      - {kind: versus, x: loss.R, lines: loss.layers}
+      - {kind: curves}
+
+Every run is validated before anything trains. A run is identified by the hash of its
+whole config; its directory is ``OUT/runs/NAME`` and its rows live in ``OUT/results.sqlite``.
+Running a sweep again skips finished runs and resumes unfinished ones from their last
+checkpoint, so a killed sweep loses at most the epoch in progress of each running run.
+
+Engines: ``local`` (a process pool, the default, or in-process with one worker) and
+``ray`` (Ray tasks on a local instance or at a cluster address; the workers must see
+``OUT`` on a shared filesystem). Each run gets ``threads`` CPU threads in either engine,
+so the same seeds give the same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from sgdgeom.errors import ConfigError, SgdgeomError
+from sgdgeom.experiments.compare import merge
+from sgdgeom.experiments.config import config_hash, load_yaml_as, parse_config
+from sgdgeom.experiments.runner import run_training
+from sgdgeom.experiments.store import STORE, ResultStore
+from sgdgeom.train import Callback, Trainer
+
+__all__ = [
+    "PlotSpec",
+    "RunSpec",
+    "Sweep",
+    "SweepConfig",
+    "execute_run",
+    "expand_sweep",
+    "load_sweep",
+    "run_sweep",
+]
+
+
+class PlotSpec(BaseModel):
+    """A figure made from the store: ``versus`` plots the best and final test accuracy
+    against the label ``x``, one line per value of ``lines`` (Musso Figs 3–5, 7);
+    ``curves`` plots loss and accuracy per epoch, one line per variant (Figs 6–8)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["versus", "curves"]
+    x: str | None = None
+    lines: str | None = None
+    log_x: bool = True
+
+
+class SweepConfig(BaseModel):
+    """The YAML of a sweep (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    base: dict[str, Any]
+    variants: dict[str, dict[str, Any] | None] = Field(default_factory=lambda: {"base": {}})
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    plots: list[PlotSpec] = Field(default_factory=lambda: [PlotSpec(kind="curves")])
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: its hash, unique name, labels (variant and grid values), the
+    validated config as plain data, and its run directory."""
+
+    hash: str
+    name: str
+    labels: dict[str, Any]
+    config: dict[str, Any]
+    run_dir: str
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "hash": self.hash,
+            "name": self.name,
+            "labels": self.labels,
+            "config": self.config,
+            "run_dir": self.run_dir,
+        }
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep: its name, runs and plots."""
+
+    name: str
+    runs: list[RunSpec]
+    plots: list[PlotSpec] = field(default_factory=list)
+
+
+def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"grid key {key!r}: {part!r} is not a section")
+        node = child
+    node[last] = copy.deepcopy(value)
+
+
+def _label(value: Any) -> Any:
+    """A grid value as a label: lists of layer names read ``fc1+fc2``."""
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    return value
+
+
+def _grid_points(grid: dict[str, list[Any]], where: str) -> Iterator[dict[str, Any]]:
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: grid key {key!r} needs a non-empty list of values")
+    keys = list(grid)
+    for values in product(*(grid[k] for k in keys)):
+        yield dict(zip(keys, values, strict=True))
+
+
+def _run_name(variant: str, point: dict[str, Any]) -> str:
+    parts = [variant] + [f"{k.split('.')[-1]}={_label(v)}" for k, v in point.items()]
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join(parts))
+
+
+def expand_sweep(config: SweepConfig, out_dir: str | Path, source: str = "sweep") -> Sweep:
+    """Every run of a sweep config, each validated as an experiment config; runs with
+    identical configs are run once."""
+    runs: dict[str, RunSpec] = {}
+    for variant, override in config.variants.items():
+        override = dict(override or {})
+        own_grid = override.pop("grid", {}) or {}
+        if not isinstance(own_grid, dict):
+            raise ConfigError(f"{source}: variant {variant!r}: grid must map keys to lists")
+        grid = {**own_grid, **config.grid}
+        for point in _grid_points(grid, f"{source} variant {variant!r}"):
+            name = _run_name(variant, point)
+            data = merge(config.base, override)
+            for key, value in point.items():
+                _set_dotted(data, key, value)
+            data["name"] = f"{config.name}/{name}"
+            experiment = parse_config(data, f"{source} run {name!r}")
+            run_hash = config_hash(experiment)
+            if run_hash in runs:
+                continue
+            runs[run_hash] = RunSpec(
+                hash=run_hash,
+                name=name,
+                labels={"variant": variant} | {k: _label(v) for k, v in point.items()},
+                config=experiment.model_dump(mode="json"),
+                run_dir=str(Path(out_dir) / "runs" / name),
+            )
+    labels = {key for run in runs.values() for key in run.labels}
+    for plot in config.plots:
+        if plot.kind == "versus" and plot.x not in labels:
+            raise ConfigError(
+                f"{source}: plot versus {plot.x!r}: no run has that label; the labels are "
+                f"{', '.join(sorted(labels))}"
+            )
+    return Sweep(config.name, list(runs.values()), list(config.plots))
+
+
+def load_sweep(path: str | Path, out_dir: str | Path) -> Sweep:
+    """Read, validate and expand a sweep config file."""
+    return expand_sweep(load_yaml_as(SweepConfig, path), out_dir, str(path))
+
+
+class StoreRecorder(Callback):
+    """Writes a run's progress to the store: the attempt's start (and the epoch it resumes
+    from), then every epoch's metrics as soon as the epoch ends."""
+
+    def __init__(self, store: ResultStore, run_hash: str) -> None:
+        self.store = store
+        self.run_hash = run_hash
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.store.start(self.run_hash, resumed_from=trainer.epoch)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        self.store.record_epoch(self.run_hash, metrics)
+
+
+def execute_run(
+    spec: RunSpec,
+    store_path: str,
+    *,
+    data_root: str | None = None,
+    device: str | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Train one run of a sweep (resuming from its checkpoint if it has one) and record it
+    in the store. A failing run is recorded as failed, with its reason, and returned as
+    such; it does not stop the sweep. This is what a worker process or a Ray task runs."""
+    store = ResultStore(store_path)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    try:
+        final = run_training(
+            parse_config(spec.config, spec.name),
+            spec.run_dir,
+            resume=True,
+            data_root=data_root,
+            device=device,
+            callbacks=[StoreRecorder(store, spec.hash)],
+            progress=False,
+        )
+    except (SgdgeomError, ValueError, RuntimeError) as err:
+        reason = f"{type(err).__name__}: {err}".replace("\n", " ")
+        store.fail(spec.hash, reason)
+        return {"hash": spec.hash, "status": "failed", "error": reason}
+    finally:
+        torch.set_num_threads(previous_threads)
+    store.finish(spec.hash, final)
+    seconds = time.perf_counter() - start
+    return {"hash": spec.hash, "status": "finished", "final": final, "seconds": seconds}
+
+
+Runner = Callable[[list[RunSpec], Callable[[RunSpec, dict[str, Any]], None]], None]
+
+
+def _local_engine(workers: int, options: dict[str, Any]) -> Runner:
+    def run(pending: list[RunSpec], report: Callable[[RunSpec, dict[str, Any]], None]) -> None:
+        if workers == 1:
+            for spec in pending:
+                report(spec, execute_run(spec, **options))
+            return
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {pool.submit(execute_run, spec, **options): spec for spec in pending}
+            for future in as_completed(futures):
+                report(futures[future], future.result())
+
+    return run
+
+
+def _ray_engine(
+    workers: int, address: str | None, gpus_per_run: float, options: dict[str, Any]
+) -> Runner:
+    try:
+        import ray
+    except ImportError:
+        raise SgdgeomError(
+            "the ray engine needs Ray: pip install 'sgdgeom[ray]' (or pip install ray)"
+        ) from None
+
+    def run(pending: list[RunSpec], report: Callable[[RunSpec, dict[str, Any]], None]) -> None:
+        started_here = not ray.is_initialized()
+        if started_here:
+            init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if address is None:
+                init["num_cpus"] = workers
+            ray.init(address=address, **init)
+        try:
+            task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=0)(execute_run)
+            refs = {task.remote(spec, **options): spec for spec in pending}
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1)
+                spec = refs.pop(done[0])
+                report(spec, ray.get(done[0]))
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    return run
+
+
+def run_sweep(
+    sweep: Sweep,
+    out_dir: str | Path,
+    *,
+    engine: Literal["local", "ray"] = "local",
+    workers: int = 1,
+    address: str | None = None,
+    threads: int | None = None,
+    gpus_per_run: float = 0.0,
+    data_root: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every unfinished run of ``sweep`` and return the store's rows for it.
+
+    ``threads`` (CPU threads per run) defaults to the CPU count divided by ``workers``.
+    Progress is a bar and one line per finished run.
+    """
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"unknown engine {engine!r}; allowed: local, ray")
+    out = Path(out_dir)
+    store = ResultStore(out / STORE)
+    store.register(
+        sweep.name,
+        [spec.as_row() for spec in sweep.runs],
+        [plot.model_dump() for plot in sweep.plots],
+    )
+    status = {row["hash"]: row["status"] for row in store.runs(sweep.name)}
+    pending = [spec for spec in sweep.runs if status.get(spec.hash) != "finished"]
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    options = {
+        "store_path": str(out / STORE),
+        "data_root": str(data_root) if data_root else None,
+        "device": device,
+        "threads": threads,
+    }
+    runner = (
+        _ray_engine(workers, address, gpus_per_run, options)
+        if engine == "ray"
+        else _local_engine(workers, options)
+    )
+    done = len(sweep.runs) - len(pending)
+    with tqdm(
+        total=len(sweep.runs), initial=done, disable=not progress, desc=sweep.name, unit="run"
+    ) as bar:
+        if done and progress:
+            tqdm.write(f"{done} of {len(sweep.runs)} runs already finished; skipping them")
+
+        def report(spec: RunSpec, result: dict[str, Any]) -> None:
+            bar.update(1)
+            if not progress:
+                return
+            if result["status"] == "finished":
+                final = result["final"]
+                tqdm.write(
+                    f"finished {spec.name}: best acc {final['best_test_acc']:.4f}, final acc "
+                    f"{final['final_test_acc']:.4f} ({result['seconds']:.0f} s)"
+                )
+            else:
+                tqdm.write(f"FAILED {spec.name}: {result['error']}")
+
+        runner(pending, report)
+    return {"name": sweep.name, "runs": store.runs(sweep.name)}

@@ -1,0 +1,316 @@
+"""Sweeps, the result store, engines, kill-and-resume, plots and reports."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sgdgeom.errors import ConfigError, SgdgeomError
+from sgdgeom.experiments.report import write_report
+from sgdgeom.experiments.store import STORE, ResultStore
+from sgdgeom.experiments.sweep import SweepConfig, expand_sweep, load_sweep, run_sweep
+
+BASE = {
+    "data": {"name": "digits", "batch_size": 32, "n_train": 256, "n_test": 128},
+    "model": {"name": "mlp", "widths": [16]},
+    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    "train": {"epochs": 2, "device": "cpu"},
+}
+
+SMALL = {
+    "name": "small",
+    "base": BASE,
+    "variants": {
+        "none": {},
+        "pla": {"loss": {"name": "pla", "y": 2}, "grid": {"loss.R": [0.01, 0.1]}},
+    },
+    "grid": {"seed": [0, 1]},
+    "plots": [{"kind": "versus", "x": "loss.R", "lines": "loss.layers"}, {"kind": "curves"}],
+}
+
+
+def sweep_file(tmp_path: Path, data: dict, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def store_content(store: ResultStore) -> dict:
+    """What must be equal between two sweeps: every run's identity, status and results,
+    and its epoch metrics (wall-clock seconds aside)."""
+    return {
+        run["hash"]: (
+            run["name"],
+            run["labels"],
+            run["config"],
+            run["status"],
+            run["final"],
+            without_timing(store.epochs(run["hash"])),
+        )
+        for run in store.runs()
+    }
+
+
+# ---------------------------------------------------------------------- expansion
+
+
+def test_grid_expands_variants_times_grids_with_labels(tmp_path):
+    sweep = expand_sweep(SweepConfig(**SMALL), tmp_path)
+    names = [r.name for r in sweep.runs]
+    assert names == [
+        "none_seed=0",
+        "none_seed=1",
+        "pla_R=0.01_seed=0",
+        "pla_R=0.01_seed=1",
+        "pla_R=0.1_seed=0",
+        "pla_R=0.1_seed=1",
+    ]
+    run = sweep.runs[4]
+    assert run.labels == {"variant": "pla", "loss.R": 0.1, "seed": 0}
+    assert run.config["loss"]["R"] == 0.1 and run.config["loss"]["y"] == 2
+    assert run.config["seed"] == 0 and run.config["name"] == "small/pla_R=0.1_seed=0"
+    assert run.run_dir == str(tmp_path / "runs" / "pla_R=0.1_seed=0")
+    assert len({r.hash for r in sweep.runs}) == 6
+
+
+def test_identical_runs_are_run_once(tmp_path):
+    data = {**SMALL, "variants": {"a": {}, "b": {}}, "grid": {}}
+    names = [r.name for r in expand_sweep(SweepConfig(**data), tmp_path).runs]
+    assert len(names) == 2  # different names make different configs
+    data = {**SMALL, "variants": {"a": {"grid": {"seed": [0, 0]}}}, "grid": {}}
+    assert len(expand_sweep(SweepConfig(**data), tmp_path).runs) == 1
+
+
+def test_layer_lists_become_readable_labels(tmp_path):
+    data = {
+        **SMALL,
+        "variants": {"pla": {"loss": {"name": "pla", "R": 0.1}}},
+        "grid": {"loss.layers": [["fc1"], ["fc1", "fc2"]]},
+    }
+    runs = expand_sweep(SweepConfig(**data), tmp_path).runs
+    assert [r.labels["loss.layers"] for r in runs] == ["fc1", "fc1+fc2"]
+    assert runs[1].config["loss"]["layers"] == ["fc1", "fc2"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"grid": {"optimizer.lrate": [0.1]}}, "optimizer.lrate: unknown key"),
+        ({"grid": {"seed": []}}, "needs a non-empty list"),
+        ({"grid": {"optimizer.lr": [-1.0]}}, "optimizer.lr"),
+        ({"variants": {"x": {"loss": {"name": "pla"}}}}, "needs R"),
+    ],
+)
+def test_bad_sweeps_fail_before_anything_runs(tmp_path, change, message):
+    path = sweep_file(tmp_path, {**SMALL, **change})
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_sweep_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="gird"):
+        load_sweep(sweep_file(tmp_path, {**SMALL, "gird": {}}), tmp_path / "out")
+
+
+# ---------------------------------------------------------------------- store
+
+
+def test_store_rows_and_resume_bookkeeping(tmp_path):
+    store = ResultStore(tmp_path / STORE)
+    row = {"hash": "h", "name": "a", "labels": {"seed": 0}, "config": {"x": 1}, "run_dir": "d"}
+    store.register("s", [row], [{"kind": "curves"}])
+    store.register("s", [row])  # registering again keeps the row
+    assert [r["status"] for r in store.runs("s")] == ["pending"]
+    store.start("h", resumed_from=0)
+    for epoch in (1, 2, 3):
+        store.record_epoch("h", {"epoch": epoch, "test_acc": epoch / 10})
+    store.start("h", resumed_from=2)  # epoch 3 was never checkpointed
+    assert [r["epoch"] for r in store.epochs("h")] == [1, 2]
+    store.record_epoch("h", {"epoch": 3, "test_acc": 0.33})
+    store.record_epoch("h", {"epoch": 3, "test_acc": 0.3})  # a repeat replaces
+    assert store.epochs("h")[-1] == {"epoch": 3, "test_acc": 0.3}
+    store.finish("h", {"best_test_acc": 0.3})
+    (run,) = store.runs()
+    assert run["status"] == "finished" and run["attempts"] == 2 and run["resumed_from"] == 2
+    assert run["final"] == {"best_test_acc": 0.3}
+    assert store.sweeps() == {"s": []}
+
+
+def test_corrupt_store_is_a_clear_error(tmp_path):
+    path = tmp_path / STORE
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(SgdgeomError, match="not a usable result store"):
+        ResultStore(path)
+
+
+def _write_epochs(path: str, run_hash: str, count: int) -> None:
+    store = ResultStore(path)
+    for epoch in range(1, count + 1):
+        store.record_epoch(run_hash, {"epoch": epoch, "pid": os.getpid()})
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = str(tmp_path / STORE)
+    store = ResultStore(path)
+    rows = [
+        {"hash": f"h{i}", "name": f"r{i}", "labels": {}, "config": {}, "run_dir": "d"}
+        for i in range(4)
+    ]
+    store.register("s", rows)
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_write_epochs, args=(path, f"h{i}", 60)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 240
+    assert [len(store.epochs(f"h{i}")) for i in range(4)] == [60] * 4
+
+
+# ---------------------------------------------------------------------- running
+
+
+def test_sweep_runs_skips_finished_and_reports(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path, SMALL), tmp_path / "out")
+    result = run_sweep(sweep, tmp_path / "out", threads=1, progress=False)
+    assert [r["status"] for r in result["runs"]] == ["finished"] * 6
+    store = ResultStore(tmp_path / "out" / STORE)
+    first = store_content(store)
+    for run in result["runs"]:
+        assert len(store.epochs(run["hash"])) == 2
+        assert (Path(run["run_dir"]) / "final.json").is_file()
+    stamps = {r["hash"]: r["finished"] for r in store.runs()}
+    run_sweep(sweep, tmp_path / "out", threads=1, progress=False)
+    assert {r["hash"]: r["finished"] for r in store.runs()} == stamps
+    assert store_content(store) == first
+
+    report = write_report(tmp_path / "out")
+    text = report.read_text()
+    assert text.count("data:image/png;base64,") == 2
+    assert "pla R=0.1" in text and "Groups, best first" in text
+    figures = tmp_path / "out" / "figures"
+    assert (figures / "small-versus-loss.R.svg").is_file()
+    assert (figures / "small-curves.png").is_file()
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    data = {
+        **SMALL,
+        "variants": {
+            "ok": {},
+            "diverges": {
+                "model": {"name": "mlp", "activation": "relu"},
+                "optimizer": {"lr": 1e12, "momentum": 0.0},
+            },
+        },
+        "grid": {},
+    }
+    sweep = load_sweep(sweep_file(tmp_path, data), tmp_path / "out")
+    result = run_sweep(sweep, tmp_path / "out", threads=1, progress=False)
+    status = {r["name"]: (r["status"], r["error"]) for r in result["runs"]}
+    assert status["ok"] == ("finished", None)
+    assert status["diverges"][0] == "failed"
+    assert "NonFiniteLossError" in status["diverges"][1]
+
+
+@pytest.mark.slow
+def test_sweep_killed_with_sigkill_resumes_exactly(tmp_path):
+    """Kill a sweep in the middle of its second run; resuming it skips the finished run,
+    continues the second from its checkpoint, and ends with the store an uninterrupted
+    sweep writes."""
+    data = {
+        "name": "killed",
+        "base": {
+            **BASE,
+            "data": {"name": "digits", "batch_size": 8},
+            "model": {"name": "mlp", "widths": [256, 256]},
+            "train": {"epochs": 8, "device": "cpu"},
+        },
+        "variants": {"base": {}},
+        "grid": {"seed": [0, 1, 2]},
+    }
+    path = sweep_file(tmp_path, data)
+    out = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "sgdgeom", "sweep", str(path), "--out", str(out), "--threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    store_path = out / STORE
+    deadline = time.monotonic() + 240
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if store_path.is_file():
+            runs = ResultStore(store_path).runs()
+            finished = [r for r in runs if r["status"] == "finished"]
+            running = [r for r in runs if r["status"] == "running"]
+            if finished and running:
+                epochs = len(ResultStore(store_path).epochs(running[0]["hash"]))
+                if 2 <= epochs < 7:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    killed_at = (running[0]["hash"], epochs)
+                    break
+        time.sleep(0.02)
+    assert killed_at is not None, "the sweep was not caught in the middle of a run"
+    store = ResultStore(store_path)
+    before = {r["hash"]: r for r in store.runs()}
+    finished_before = {h for h, r in before.items() if r["status"] == "finished"}
+    assert before[killed_at[0]]["status"] == "running"
+
+    sweep = load_sweep(path, out)
+    run_sweep(sweep, out, threads=1, progress=False)
+    after = {r["hash"]: r for r in store.runs()}
+    for run_hash in finished_before:  # not rerun
+        assert after[run_hash]["finished"] == before[run_hash]["finished"]
+        assert after[run_hash]["attempts"] == 1
+    resumed = after[killed_at[0]]
+    assert resumed["attempts"] == 2
+    assert 1 <= resumed["resumed_from"] <= killed_at[1]  # from its checkpoint, not epoch 0
+    assert all(r["status"] == "finished" for r in after.values())
+
+    reference = tmp_path / "uninterrupted"
+    run_sweep(load_sweep(path, reference), reference, threads=1, progress=False)
+    assert store_content(store) == store_content(ResultStore(reference / STORE))
+
+
+def test_ray_engine_stores_what_the_local_engine_stores(tmp_path):
+    data = {**SMALL, "grid": {"seed": [0]}}
+    path = sweep_file(tmp_path, data)
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    run_sweep(load_sweep(path, local), local, engine="local", workers=2, threads=1, progress=False)
+    run_sweep(load_sweep(path, remote), remote, engine="ray", workers=2, threads=1, progress=False)
+    a, b = store_content(ResultStore(local / STORE)), store_content(ResultStore(remote / STORE))
+    assert len(a) == 3
+    # run directories differ, so compare everything else
+    assert a == b
+
+
+def test_unknown_engine_and_bad_workers(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path, SMALL), tmp_path / "out")
+    with pytest.raises(ConfigError, match="unknown engine"):
+        run_sweep(sweep, tmp_path / "out", engine="dask")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="workers"):
+        run_sweep(sweep, tmp_path / "out", workers=0)
+
+
+def test_report_without_a_store_is_a_clear_error(tmp_path):
+    with pytest.raises(SgdgeomError, match="no result store"):
+        write_report(tmp_path)
