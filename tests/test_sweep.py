@@ -26,6 +26,8 @@ BASE = {
     "train": {"epochs": 2, "device": "cpu"},
 }
 
+CURVES = [{"kind": "curves"}]
+
 SMALL = {
     "name": "small",
     "base": BASE,
@@ -87,10 +89,10 @@ def test_grid_expands_variants_times_grids_with_labels(tmp_path):
 
 
 def test_identical_runs_are_run_once(tmp_path):
-    data = {**SMALL, "variants": {"a": {}, "b": {}}, "grid": {}}
+    data = {**SMALL, "variants": {"a": {}, "b": {}}, "grid": {}, "plots": CURVES}
     names = [r.name for r in expand_sweep(SweepConfig(**data), tmp_path).runs]
     assert len(names) == 2  # different names make different configs
-    data = {**SMALL, "variants": {"a": {"grid": {"seed": [0, 0]}}}, "grid": {}}
+    data = {**SMALL, "variants": {"a": {"grid": {"seed": [0, 0]}}}, "grid": {}, "plots": CURVES}
     assert len(expand_sweep(SweepConfig(**data), tmp_path).runs) == 1
 
 
@@ -99,6 +101,7 @@ def test_layer_lists_become_readable_labels(tmp_path):
         **SMALL,
         "variants": {"pla": {"loss": {"name": "pla", "R": 0.1}}},
         "grid": {"loss.layers": [["fc1"], ["fc1", "fc2"]]},
+        "plots": CURVES,
     }
     runs = expand_sweep(SweepConfig(**data), tmp_path).runs
     assert [r.labels["loss.layers"] for r in runs] == ["fc1", "fc1+fc2"]
@@ -220,6 +223,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
             },
         },
         "grid": {},
+        "plots": CURVES,
     }
     sweep = load_sweep(sweep_file(tmp_path, data), tmp_path / "out")
     result = run_sweep(sweep, tmp_path / "out", threads=1, progress=False)
