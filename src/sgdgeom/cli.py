@@ -204,12 +204,13 @@ def sweep(
     Run it again after a kill: finished runs are skipped, unfinished ones resume from their
     checkpoints.
     """
+    from sgdgeom.experiments.config import load_yaml_as
     from sgdgeom.experiments.report import write_report
-    from sgdgeom.experiments.sweep import load_sweep, run_sweep
+    from sgdgeom.experiments.sweep import SweepConfig, expand_sweep, run_sweep
 
-    name = _sweep_name(config)
-    out_dir = out if out is not None else Path("runs") / name
-    spec = load_sweep(config, out_dir)
+    sweep_config = load_yaml_as(SweepConfig, config)
+    out_dir = out if out is not None else Path("runs") / sweep_config.name
+    spec = expand_sweep(sweep_config, out_dir, str(config))
     typer.echo(f"sweep {spec.name}: {len(spec.runs)} runs into {out_dir}")
     result = run_sweep(
         spec,
@@ -229,15 +230,6 @@ def sweep(
         for run in failed:
             typer.echo(f"not finished: {run['name']}: {run['error'] or run['status']}", err=True)
         raise typer.Exit(1)
-
-
-def _sweep_name(path: Path) -> str:
-    from sgdgeom.experiments.config import read_yaml
-
-    data = read_yaml(path)
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-        raise SgdgeomError(f"{path}: a sweep config needs a name")
-    return data["name"]
 
 
 @app.command()

@@ -314,8 +314,8 @@ def run_sweep(
     ``threads`` (CPU threads per run) defaults to the CPU count divided by ``workers``.
     Progress is a bar and one line per finished run.
     """
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if workers < 1 or (threads is not None and threads < 1):
+        raise ConfigError(f"workers and threads must be >= 1, got {workers} and {threads}")
     if engine not in ("local", "ray"):
         raise ConfigError(f"unknown engine {engine!r}; allowed: local, ray")
     out = Path(out_dir)
