@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.diffusion import DiffusionMatrix, top_eigenvalue
 from sgdgeom.errors import SgdgeomError, UnsupportedModelError
 from sgdgeom.persample import per_sample_loss
 from tests.cases import CASE_NAMES, make_case
@@ -214,3 +214,31 @@ def test_dense_refuses_large_models_and_bad_arguments():
         DiffusionMatrix(case.model, case.loss, (case.x, case.y), route="magic")
     with pytest.raises(ValueError, match="unknown loss"):
         DiffusionMatrix(case.model, "hinge", (case.x, case.y))
+
+
+@pytest.mark.parametrize(
+    "spectrum",
+    [
+        [3.0, 2.0, 1.0, 0.5, 0.0],  # well separated
+        [1.0, 1.0 - 1e-6, 0.3, 0.1],  # a near-double top eigenvalue
+        [2.0] + [0.0] * 40,  # rank one: Lanczos stops at once (invariant subspace)
+        list(torch.logspace(0, -3, 200).tolist()),  # many steps
+        [0.0] * 6,  # D = 0
+        [5.0],
+    ],
+)
+def test_lanczos_top_eigenvalue_equals_the_spectrum(spectrum):
+    values = torch.tensor(spectrum, dtype=torch.float64)
+    n = len(values)
+    basis, _ = torch.linalg.qr(
+        torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    )
+    K = basis @ torch.diag(values) @ basis.T
+    assert top_eigenvalue(K, tol=1e-10) == pytest.approx(float(values.max()), rel=1e-9, abs=1e-12)
+
+
+def test_lambda_max_by_lanczos_on_a_real_gram_matrix(case):
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    estimate = D.lambda_max(tol=1e-10)
+    assert "_eigvalsh" not in D.__dict__  # no full spectrum was computed
+    assert estimate == pytest.approx(D.lambda_max(), rel=1e-10)

@@ -35,6 +35,9 @@ def test_jvp_vjp_grads_gram_norms_against_explicit_gradients(name):
         what = type(products).__name__
         assert_close(products.jvp(v), G @ v, what=f"{what} jvp")
         assert_close(products.vjp(w), G.T @ w, what=f"{what} vjp")
+        buffer = torch.full((G.shape[1],), float("nan"), dtype=torch.float64)  # stale content
+        assert products.vjp(w, out=buffer) is buffer
+        assert_close(buffer, G.T @ w, what=f"{what} vjp into a buffer, chunk by chunk")
         assert_close(
             torch.cat([r for _, r in products.per_sample_grads()]),
             G,

@@ -243,9 +243,16 @@ class DiffusionMatrix:
         if not 1 <= k <= limit:
             raise ValueError(f"k must be in 1..{limit}, got {k}")
 
-    def lambda_max(self) -> float:
-        """The largest eigenvalue of D (through the Gram matrix)."""
-        return float(self.eigvalsh()[0])
+    def lambda_max(self, tol: float | None = None) -> float:
+        """The largest eigenvalue of D, through the Gram matrix: from its full spectrum
+        (``tol=None``, or when that is already computed), else by Lanczos on K to a
+        residual of ``tol · λ`` (:func:`top_eigenvalue`), much cheaper for a one-off."""
+        if tol is None or "_eigvalsh" in self.__dict__:
+            return float(self.eigvalsh()[0])
+        found = self.__dict__.setdefault("_top_eigenvalues", {})
+        if tol not in found:
+            found[tol] = top_eigenvalue(self._gram, tol)
+        return found[tol]
 
     # ------------------------------------------------------------------ scalars
 
@@ -261,7 +268,10 @@ class DiffusionMatrix:
         return (mean_sq - bar_sq).clamp_min(0)
 
     def trace(self) -> float:
-        """``tr D = (1/N) Σ_i ‖g_i − ḡ‖²``, from per-sample squared norms (no Gram matrix)."""
+        """``tr D = (1/N) Σ_i ‖g_i − ḡ‖²``: ``tr K`` when the Gram matrix is built, else from
+        per-sample squared norms (no Gram matrix)."""
+        if "_gram" in self.__dict__:
+            return float(self._gram.diagonal().sum())
         return float(self._param_traces().sum())
 
     def layer_traces(self, weights_only: bool = False) -> dict[str, LayerTrace]:
@@ -354,6 +364,43 @@ class LayerBlock:
         if self.dim > limit:
             raise ValueError(f"block {self.layer!r} is {self.dim} x {self.dim} (limit {limit})")
         return _covariance(self.parent.products, self.parent.mean_gradient(), self.mask)
+
+
+def top_eigenvalue(K: Tensor, tol: float = 1e-10) -> float:
+    """The largest eigenvalue of a symmetric PSD ``(n, n)`` matrix by Lanczos with full
+    reorthogonalisation, in float64 numpy on the CPU (an ``n x n`` problem is too small for
+    an accelerator, and torch's per-call overhead would dominate), from a fixed start
+    vector, so it is deterministic.
+
+    It stops when the top Ritz pair's residual ``‖K u − θ u‖ = β_m |s_m|`` is at most
+    ``tol · θ``: some eigenvalue lies within that residual of θ, and ``λ_max − θ ≤
+    residual² / gap`` (Parlett, *The Symmetric Eigenvalue Problem*, §11.7). After ``n``
+    steps the Krylov space is the whole space and θ is exact.
+    """
+    K = K.detach().to("cpu", torch.float64).numpy()
+    n = len(K)
+    q = np.random.default_rng(0).standard_normal(n)
+    q /= np.linalg.norm(q)
+    basis = np.empty((n, n))
+    alphas: list[float] = []
+    betas: list[float] = []
+    for m in range(n):
+        basis[m] = q
+        z = K @ q
+        alphas.append(float(q @ z))
+        for _ in range(2):  # full reorthogonalisation; "twice is enough" (Kahan, Parlett)
+            z -= basis[: m + 1].T @ (basis[: m + 1] @ z)
+        beta = float(np.linalg.norm(z))
+        exhausted = m == n - 1 or beta <= 1e-14 * max(map(abs, alphas))  # θ is exact
+        if exhausted or m % 4 == 3:
+            T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+            values, vectors = np.linalg.eigh(T)
+            theta = float(values[-1])
+            if exhausted or beta * abs(vectors[-1, -1]) <= tol * theta:
+                return theta
+        betas.append(beta)
+        q = z / beta
+    raise AssertionError("unreachable: the loop returns by step n")
 
 
 def _covariance(products: PerSampleProducts, mean: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -76,24 +76,48 @@ class DiffusionMetric:
             or above ``1/λ_max`` raises ``ValueError``.
         safety: the fraction of ``1/λ_max`` that ``"auto"`` uses. 0.5 keeps the weak-field
             error below ``(0.5)² / 1.5 = 1/6`` of ``‖v‖``.
+        lambda_tol: find ``λ_max`` (for ``"auto"`` and :attr:`lambda_max`) by Lanczos on
+            the Gram matrix to this relative residual
+            (:func:`~sgdgeom.diffusion.top_eigenvalue`) instead of from the full spectrum.
+            A fixed ε is checked exactly either way: ``ε tr D < 1``, or a Cholesky
+            factorisation of ``I − εK``, or else the full spectrum.
 
     Vectors are flat ``(d,)`` tensors in the parameter order of ``D.space``.
     """
 
-    def __init__(self, D: DiffusionMatrix, eps: float | str = "auto", safety: float = 0.5) -> None:
+    def __init__(
+        self,
+        D: DiffusionMatrix,
+        eps: float | str = "auto",
+        safety: float = 0.5,
+        lambda_tol: float | None = None,
+    ) -> None:
         self.D = D
-        if eps != "auto" and not isinstance(eps, str) and float(eps) * D.trace() < 1:
-            # λ_max <= tr D, so this ε is valid without computing the spectrum
-            self.eps = resolve_eps(eps, safety, 0.0)
+        self.lambda_tol = lambda_tol
+        if isinstance(eps, str):
+            self.eps = resolve_eps(eps, safety, self.lambda_max)
+        elif float(eps) * D.trace() < 1 or self._valid_by_cholesky(float(eps)):
+            self.eps = resolve_eps(eps, safety, 0.0)  # λ_max <= tr D, or I − εK is PD
         else:
-            self.eps = resolve_eps(eps, safety, D.lambda_max())
+            self.eps = resolve_eps(eps, safety, D.lambda_max())  # decides, and explains
+
+    def _valid_by_cholesky(self, eps: float) -> bool:
+        """``ε λ_max < 1`` exactly when ``I − εK`` is positive definite: one Cholesky of an
+        ``N x N`` matrix instead of its spectrum. A small margin leaves the borderline
+        cases to the full spectrum."""
+        if not math.isfinite(eps) or eps < 0:
+            return False
+        K = self.D.gram().double()
+        eye = torch.eye(len(K), dtype=K.dtype, device=K.device)
+        return int(torch.linalg.cholesky_ex((1 - 1e-9) * eye - eps * K).info) == 0
 
     def __repr__(self) -> str:
         return f"DiffusionMetric(eps={self.eps:.4g}, {self.D!r})"
 
     @property
     def lambda_max(self) -> float:
-        return self.D.lambda_max()
+        """D's largest eigenvalue: exact, or by Lanczos to ``lambda_tol`` for ``"auto"``."""
+        return self.D.lambda_max(self.lambda_tol)
 
     def apply(self, v: Tensor) -> Tensor:
         """``g v = v + ε D v``."""
@@ -105,25 +129,37 @@ class DiffusionMetric:
         eye = torch.eye(len(K), dtype=K.dtype, device=K.device)
         return torch.linalg.cholesky(eye + self.eps * K)
 
-    def _solve(self, v: Tensor, c: Tensor, exact: bool) -> Tensor:
-        """``g⁻¹ v`` (exact) or ``(I − εD) v`` given ``c = G v``."""
-        if self.eps == 0:
-            return v.clone()
+    def _weights(self, c: Tensor, exact: bool) -> Tensor:
+        """The ``(N,)`` weights ``w`` of ``g⁻¹ v = v − (ε/N) Gᵀ w`` given ``c = G v``:
+        ``c − c̄`` (weak field) or ``(I + εK)⁻¹ (c − c̄)``, centred (exact)."""
         w = c - c.mean()
         if exact:
             w = torch.cholesky_solve(w[:, None], self._cholesky)[:, 0]
             w = w - w.mean()
-        return v - (self.eps / self.D.n) * self.D.products.vjp(w)
+        return w
+
+    def _solve(self, v: Tensor, c: Tensor, exact: bool) -> Tensor:
+        """``g⁻¹ v`` (exact) or ``(I − εD) v`` given ``c = G v``."""
+        if self.eps == 0:
+            return v.clone()
+        return v - (self.eps / self.D.n) * self.D.products.vjp(self._weights(c, exact))
 
     def solve(self, v: Tensor, exact: bool = True) -> Tensor:
         """``g⁻¹ v`` exactly (Woodbury through the ``N x N`` Gram matrix) or, with
         ``exact=False``, the weak-field ``(I − εD) v``."""
         return self._solve(v, self.D.products.jvp(v), exact)
 
-    def gradient(self, exact: bool = True) -> Tensor:
+    def gradient(self, exact: bool = True, out: Tensor | None = None) -> Tensor:
         """The metric gradient ``∇_D f = g⁻¹ ∇f`` (F10), or its weak-field form
-        ``(I − εD) ∇f``, of the mean loss of D's data."""
-        return self._solve(self.D.mean_gradient(), self.D.gradient_products(), exact)
+        ``(I − εD) ∇f``, of the mean loss of D's data.
+
+        With ``∇f = ḡ = (1/N) Gᵀ 1`` it is one weighted sum of the per-sample gradients,
+        ``Gᵀ (1 − ε w) / N``: a single VJP, which never needs ``ḡ`` itself once the Gram
+        matrix gives ``c = G ḡ`` (its row means). ``out``: a ``(d,)`` buffer to write it to.
+        """
+        w = self._weights(self.D.gradient_products(), exact) if self.eps else 0.0
+        coefficients = torch.ones(self.D.n, dtype=self.D.space.dtype, device=self.D.space.device)
+        return self.D.products.vjp((coefficients - self.eps * w) / self.D.n, out=out)
 
     def weak_field_error(self, v: Tensor) -> float:
         """``‖g⁻¹ v − (I − εD) v‖``, never more than ``weak_field_bound() · ‖v‖``."""

@@ -225,8 +225,9 @@ class PerSampleProducts:
         """``G v`` for a flat ``(d,)`` vector: the ``(N,)`` directional derivatives."""
         raise NotImplementedError
 
-    def vjp(self, w: Tensor) -> Tensor:
-        """``Gᵀ w = Σ_i w_i g_i`` for ``w`` of shape ``(N,)``: a flat ``(d,)`` vector."""
+    def vjp(self, w: Tensor, out: Tensor | None = None) -> Tensor:
+        """``Gᵀ w = Σ_i w_i g_i`` for ``w`` of shape ``(N,)``: a flat ``(d,)`` vector, written
+        into ``out`` if given (a buffer kept across calls saves allocating ``d`` floats)."""
         raise NotImplementedError
 
     def per_sample_grads(self) -> Iterator[tuple[int, Tensor]]:
@@ -306,8 +307,11 @@ class FuncProducts(PerSampleProducts):
             out[start : start + len(c)] = c
         return out
 
-    def vjp(self, w: Tensor) -> Tensor:
-        total = torch.zeros(self.space.dim, dtype=w.dtype, device=w.device)
+    def vjp(self, w: Tensor, out: Tensor | None = None) -> Tensor:
+        if out is None:
+            total = torch.zeros(self.space.dim, dtype=w.dtype, device=w.device)
+        else:
+            total = out.zero_()
         for start, x, y in self._chunks("Gᵀ w"):
             losses, pullback = vjp(lambda p, x=x, y=y: self.batch_losses(p, x, y), self.params)
             (cotangent,) = pullback(w[start : start + len(losses)])
@@ -388,8 +392,8 @@ class RowProducts(PerSampleProducts):
     def jvp(self, v: Tensor) -> Tensor:
         return self.rows @ v
 
-    def vjp(self, w: Tensor) -> Tensor:
-        return self.rows.T @ w
+    def vjp(self, w: Tensor, out: Tensor | None = None) -> Tensor:
+        return torch.mv(self.rows.T, w, out=out) if out is not None else self.rows.T @ w
 
     def per_sample_grads(self) -> Iterator[tuple[int, Tensor]]:
         yield 0, self.rows
@@ -444,6 +448,14 @@ class LayerCapture:
     grads: Tensor
 
 
+def _write(out: Tensor, value: Tensor, accumulate: bool) -> None:
+    """``out += value`` or ``out = value``, in place."""
+    if accumulate:
+        out.add_(value)
+    else:
+        out.copy_(value)
+
+
 class _Linear:
     """The per-layer formulas of a Linear layer."""
 
@@ -456,10 +468,23 @@ class _Linear:
         return out + cap.grads.sum(1) @ v_b if v_b is not None else out
 
     @staticmethod
-    def vjp(module: nn.Linear, cap: LayerCapture, w: Tensor) -> tuple[Tensor, Tensor]:
+    def vjp(
+        module: nn.Linear,
+        cap: LayerCapture,
+        w: Tensor,
+        out_w: Tensor,
+        out_b: Tensor | None,
+        accumulate: bool,
+    ) -> None:
+        """``out_w (+)= Σ_i w_i Σ_t δ_it a_itᵀ`` and ``out_b (+)= Σ_i w_i Σ_t δ_it``."""
         weighted = cap.grads * w[:, None, None]
-        g_w = weighted.flatten(0, 1).T @ cap.inputs.flatten(0, 1)
-        return g_w, weighted.sum((0, 1))
+        deltas, inputs = weighted.flatten(0, 1).T, cap.inputs.flatten(0, 1)
+        if accumulate:
+            out_w.addmm_(deltas, inputs)
+        else:
+            torch.mm(deltas, inputs, out=out_w)
+        if out_b is not None:
+            _write(out_b, weighted.sum((0, 1)), accumulate)
 
     @staticmethod
     def per_sample(module: nn.Linear, cap: LayerCapture) -> tuple[Tensor, Tensor]:
@@ -492,7 +517,14 @@ class _Conv2d:
         return out + cap.grads.sum((2, 3)) @ v_b if v_b is not None else out
 
     @staticmethod
-    def vjp(module: nn.Conv2d, cap: LayerCapture, w: Tensor) -> tuple[Tensor, Tensor]:
+    def vjp(
+        module: nn.Conv2d,
+        cap: LayerCapture,
+        w: Tensor,
+        out_w: Tensor,
+        out_b: Tensor | None,
+        accumulate: bool,
+    ) -> None:
         weighted = cap.grads * w[:, None, None, None]
         g_w = torch.nn.grad.conv2d_weight(
             cap.inputs,
@@ -502,7 +534,9 @@ class _Conv2d:
             module.padding,
             module.dilation,
         )
-        return g_w, weighted.sum((0, 2, 3))
+        _write(out_w, g_w, accumulate)
+        if out_b is not None:
+            _write(out_b, weighted.sum((0, 2, 3)), accumulate)
 
     @staticmethod
     def per_sample(module: nn.Conv2d, cap: LayerCapture) -> tuple[Tensor, Tensor]:
@@ -663,17 +697,25 @@ class LayerProducts(PerSampleProducts):
             out[start : start + len(captures[0].inputs)] = c
         return out
 
-    def vjp(self, w: Tensor) -> Tensor:
-        total = torch.zeros(self.space.dim, dtype=w.dtype, device=w.device)
-        for start, captures, _ in self._chunks():
+    def vjp(self, w: Tensor, out: Tensor | None = None) -> Tensor:
+        """Each layer's part is written in place into its slice of the result (every
+        parameter belongs to one layer), the first chunk's directly, later chunks' added."""
+        total = (
+            out if out is not None else torch.empty(self.space.dim, dtype=w.dtype, device=w.device)
+        )
+        for chunk, (start, captures, _) in enumerate(self._chunks()):
             wc = w[start : start + len(captures[0].inputs)]
             for (_, module), cap, (sw, sb) in zip(
                 self.layers, captures, self._param_of, strict=True
             ):
-                g_w, g_b = _formulas(module).vjp(module, cap, wc)
-                total[sw] += g_w.reshape(-1)
-                if sb is not None:
-                    total[sb] += g_b
+                _formulas(module).vjp(
+                    module,
+                    cap,
+                    wc,
+                    total[sw].view(module.weight.shape),
+                    total[sb] if sb is not None else None,
+                    accumulate=chunk > 0,
+                )
         return total
 
     def per_sample_grads(self) -> Iterator[tuple[int, Tensor]]:
