@@ -55,6 +55,17 @@ def test_metric_keys_only_with_diffusion_sgd():
         parse_config(with_("optimizer", name="diffusion-sgd", mode="strong"))
 
 
+def test_diffusion_sgd_combinations_that_cannot_work_are_refused():
+    fused = with_("optimizer", name="diffusion-sgd", fused=True)
+    assert parse_config(fused).optimizer.fused
+    with pytest.raises(ConfigError, match="monitor.temperature reads it"):
+        parse_config({**fused, "monitor": {"temperature": True}})
+    with pytest.raises(ConfigError, match="loss pla makes y \\+ 1 of them"):
+        parse_config({**fused, "loss": {"name": "pla", "layers": ["fc2"], "R": 0.1}})
+    with pytest.raises(ConfigError, match="fused apply only to name: diffusion-sgd"):
+        parse_config(with_("optimizer", fused=True))
+
+
 def test_unknown_key_names_key_and_allowed():
     with pytest.raises(ConfigError, match=r"optimizer\.lrr: unknown key; allowed: name, lr, "):
         parse_config(with_("optimizer", lrr=0.1))

@@ -56,6 +56,88 @@ def test_update_equals_dense_update(name, eps, mode):
     assert opt.stats["eps"] == pytest.approx(eps_used, rel=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["weak", "exact"])
+@pytest.mark.parametrize("eps", ["auto", "fixed"])
+@pytest.mark.parametrize("name", ["mlp-relu", "sequence", "mse-regression"])
+def test_fused_update_equals_dense_update(name, eps, mode):
+    """fused=True: no weight gradients in the backward, the metric gradient in their place."""
+    case = make_case(name)
+    eps_value = "auto" if eps == "auto" else 0.8 / _lambda_max(case)
+    expected, eps_used = dense_update(case, eps_value, mode)
+    opt = DiffusionMetricSGD(
+        case.model, lr=1.0, eps=eps_used if eps == "fixed" else "auto", mode=mode, fused=True
+    )
+    loss_and_backward(case)
+    assert all(p.grad is None for p in case.model.parameters())
+    opt.step()
+    x = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-10)
+    assert opt.stats["eps"] == pytest.approx(eps_used, rel=1e-9)
+
+
+def test_fused_equals_unfused_over_steps_with_momentum_and_decay():
+    cases = [make_case("mlp-tanh"), make_case("mlp-tanh")]
+    opts = [
+        DiffusionMetricSGD(
+            c.model,
+            lr=0.3,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=0.01,
+            mode="exact",
+            fused=fused,
+        )
+        for c, fused in zip(cases, (False, True), strict=True)
+    ]
+    x = cases[0].x.clone().requires_grad_()
+    for _ in range(3):
+        input_grads = []
+        for c, opt in zip(cases, opts, strict=True):
+            opt.zero_grad()
+            loss = per_sample_loss(c.loss)(c.model(x), c.y).mean()
+            input_grads.append(torch.autograd.grad(loss, x, retain_graph=True)[0])
+            loss.backward()
+            opt.step()
+        torch.testing.assert_close(input_grads[0], input_grads[1], rtol=0, atol=1e-13)
+    for p, q in zip(cases[0].model.parameters(), cases[1].model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_fused_detach_gives_the_layers_their_weight_gradients_back():
+    case = make_case("mlp-relu")
+    opt = DiffusionMetricSGD(case.model, lr=0.1, fused=True)
+    loss_and_backward(case)
+    assert all(p.grad is None for p in case.model.parameters())
+    opt.detach()
+    loss_and_backward(case)
+    assert all(p.grad is not None for p in case.model.parameters())
+    assert all("forward" not in m.__dict__ for m in case.model.modules())
+
+
+def test_fused_refuses_what_it_cannot_fuse():
+    cnn = make_case("small-cnn").model
+    before = {name: dict(m._forward_hooks) for name, m in cnn.named_modules()}
+    with pytest.raises(ValueError, match="Linear layers only"):
+        DiffusionMetricSGD(cnn, lr=0.1, fused=True)
+    assert {name: dict(m._forward_hooks) for name, m in cnn.named_modules()} == before
+    with pytest.raises(ValueError, match="needs the model itself"):
+        DiffusionMetricSGD(list(make_case("mlp-relu").model.parameters()), lr=0.1, fused=True)
+
+
+def test_fixed_eps_just_below_one_over_lambda_max_is_accepted():
+    """A fixed ε with ε tr D >= 1 is checked by a Cholesky factorisation of I − εK."""
+    case = make_case("mlp-relu")
+    lam = _lambda_max(case)
+    opt = DiffusionMetricSGD(case.model, lr=0.0, eps=0.999 / lam, fused=True)
+    loss_and_backward(case)
+    opt.step()
+    assert opt.stats["eps"] * opt.stats["trace"] >= 1  # the Cholesky path decided
+    opt = DiffusionMetricSGD(case.model, lr=0.0, eps=1.001 / lam, fused=True)
+    loss_and_backward(case)
+    with pytest.raises(ValueError, match=r"at or above 1/λ_max"):
+        opt.step()
+
+
 def _lambda_max(case):
     G = per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
     return float(torch.linalg.eigvalsh(dense_diffusion(G))[-1])
@@ -213,3 +295,32 @@ def test_ddp_uses_the_global_batch(tmp_path, mode):
     )
     single = torch.cat([p.detach().reshape(-1) for p in plain.model.parameters()])
     torch.testing.assert_close(closure_params, single, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"momentum": 0.0, "weight_decay": 0.0},
+        {"momentum": 0.9, "weight_decay": 0.01},
+        {"momentum": 0.9, "dampening": 0.3},
+        {"momentum": 0.8, "nesterov": True, "weight_decay": 0.1},
+    ],
+)
+def test_heavy_ball_is_torch_sgd(settings):
+    """The shared update rule, over a list of tensors, against torch.optim.SGD itself."""
+    from sgdgeom.optim.momentum import heavy_ball
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.randn(3, 4, dtype=torch.float64, generator=g), torch.randn(5, generator=g)]
+    theirs = [nn.Parameter(p.clone()) for p in ours]
+    reference = torch.optim.SGD(theirs, lr=0.1, **settings)
+    group = {"dampening": 0.0, "nesterov": False, "weight_decay": 0.0, **settings}
+    states = [{}, {}]
+    for _ in range(4):
+        grads = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in ours]
+        for p, grad in zip(theirs, grads, strict=True):
+            p.grad = grad.clone()
+        reference.step()
+        torch._foreach_add_(ours, heavy_ball(grads, ours, group, states), alpha=-0.1)
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q.detach(), rtol=0, atol=1e-15)

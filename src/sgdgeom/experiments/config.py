@@ -114,7 +114,7 @@ class ModelConfig(_Strict):
 OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
     "sgd": (),
     "adam": (),
-    "diffusion-sgd": ("eps", "mode", "safety"),
+    "diffusion-sgd": ("eps", "mode", "safety", "fused"),
     "sam": ("rho",),
     "asam": ("rho",),
     "entropy-sgd": ("L", "gamma", "gamma_growth", "langevin_lr", "noise"),
@@ -127,7 +127,7 @@ class OptimizerConfig(_Strict):
 
     - ``sgd`` (plain, momentum, weight decay), ``adam``;
     - ``diffusion-sgd``: :class:`~sgdgeom.optim.DiffusionMetricSGD` (``eps``, ``mode``,
-      ``safety``);
+      ``safety``, ``fused``);
     - ``sam`` / ``asam``: SAM and adaptive SAM from the pytorch-optimizer package over SGD
       (``rho``, default 0.05 / 0.5);
     - ``entropy-sgd``: :class:`~sgdgeom.optim.entropy_sgd.EntropySGD` (``L``, ``gamma``,
@@ -142,6 +142,7 @@ class OptimizerConfig(_Strict):
     eps: float | Literal["auto"] | None = None
     mode: Literal["weak", "exact"] | None = None
     safety: float | None = Field(None, gt=0, lt=1)
+    fused: bool | None = None
     rho: float | None = Field(None, gt=0)
     L: int | None = Field(None, ge=1)
     gamma: float | None = Field(None, gt=0)
@@ -228,6 +229,20 @@ class ExperimentConfig(_Strict):
     train: TrainConfig
     monitor: MonitorConfig | None = None
     loss: LossConfig = Field(default_factory=LossConfig)
+
+    @model_validator(mode="after")
+    def _diffusion_sgd_combinations(self) -> ExperimentConfig:
+        if self.optimizer.name == "diffusion-sgd" and self.loss.name != "cross_entropy":
+            raise ValueError(
+                f"optimizer diffusion-sgd reads the per-sample gradients of one forward and "
+                f"backward, and loss {self.loss.name} makes y + 1 of them: use one or the other"
+            )
+        if self.optimizer.fused and self.monitor is not None and self.monitor.temperature:
+            raise ValueError(
+                "optimizer.fused leaves the weights' .grad empty, and monitor.temperature reads "
+                "it: set optimizer.fused: false or monitor.temperature: false"
+            )
+        return self
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -45,7 +45,12 @@ def demo_sweep(epochs: int = 5, n_train: int | None = None) -> SweepConfig:
             "sgd": {"monitor": {"temperature": True}},
             "pla-fc2": {"loss": {"name": "pla", "layers": ["fc2"], "R": 0.05, "y": 4}},
             "diffusion-sgd": {
-                "optimizer": {"name": "diffusion-sgd", "mode": "weak", "eps": "auto"}
+                "optimizer": {
+                    "name": "diffusion-sgd",
+                    "mode": "weak",
+                    "eps": "auto",
+                    "fused": True,
+                }
             },
         },
         plots=[{"kind": "curves"}],

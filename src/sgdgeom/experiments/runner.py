@@ -56,6 +56,7 @@ def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Op
             eps=config.eps if config.eps is not None else "auto",
             mode=config.mode or "weak",
             safety=config.safety or 0.5,
+            fused=bool(config.fused),
             **sgd,
         )
     if config.name in ("sam", "asam"):

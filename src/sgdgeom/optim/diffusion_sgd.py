@@ -22,13 +22,26 @@ Two routes:
   weight-gradient-sized product per layer with per-sample coefficients, plus the ``B x B``
   Gram matrix when ``eps="auto"`` or ``mode="exact"``: no second backward, no per-sample
   gradients in memory.
+
+  With ``fused=True`` (models of ``Linear`` layers) that product *replaces* the weight
+  gradient: the layers' backward computes input gradients only, so ``.grad`` of their
+  weights and biases stays ``None``, and :meth:`step` forms ``∇_D f = Gᵀ(1 − εw)/B``
+  directly, with ``c = G ḡ`` from the Gram matrix. The step then costs a plain SGD step
+  plus the Gram matrix (``B² x widths`` per layer) and a ``B x B`` problem. Code that reads
+  ``.grad`` between ``backward()`` and ``step()`` (gradient clipping, gradient monitors)
+  needs ``fused=False``.
 - **closure** (any other model): ``step(closure)`` with a closure that returns the
   *per-sample* losses ``(B,)`` with their graph; the per-sample gradients are materialised
   (``B x d``) by one batched backward.
 
 Under ``DistributedDataParallel`` (``torch.distributed`` initialised) the layers' inputs and
 output gradients are all-gathered (``B x widths`` per layer, never ``B x d``), so every
-process takes the step of the global batch's D.
+process takes the step of the global batch's D (``fused=False`` only: DDP reduces the
+``.grad`` that the fused route never makes).
+
+``eps="auto"`` finds ``λ_max`` of the batch by Lanczos on its Gram matrix
+(:func:`~sgdgeom.diffusion.top_eigenvalue`, relative residual ``1e-10``), not from the
+full spectrum.
 
 .. warning::
     ``weight_decay`` is decoupled: it is added after the metric, ``g⁻¹ ḡ + λ x``, so D
@@ -38,6 +51,7 @@ process takes the step of the global batch's D.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,10 +66,37 @@ from sgdgeom.persample import LayerCapture, LayerProducts, RowProducts, fast_rou
 
 __all__ = ["DiffusionMetricSGD"]
 
+LAMBDA_TOL = 1e-10  # relative Lanczos residual of λ_max for eps="auto"
+_FUSED_DDP = (
+    "fused=True does not run under DistributedDataParallel, which all-reduces the .grad "
+    "that the fused route never makes: use fused=False"
+)
+
 
 def _distributed() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _InputGradientOnlyLinear(torch.autograd.Function):
+    """``F.linear`` whose backward returns the input's gradient only: ``fused=True`` leaves
+    the weight and bias gradients to :meth:`DiffusionMetricSGD.step`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight)
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
+        (weight,) = ctx.saved_tensors
+        return (grad_output @ weight if ctx.needs_input_grad[0] else None), None, None
+
+
+def _fused_linear_forward(module: nn.Linear, x: Tensor) -> Tensor:
+    if torch.is_grad_enabled() and module.training:
+        return _InputGradientOnlyLinear.apply(x, module.weight, module.bias)
+    return nn.functional.linear(x, module.weight, module.bias)
 
 
 def _all_gather(t: Tensor) -> Tensor:
@@ -81,6 +122,8 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         loss_reduction: ``"mean"`` (the loss is the batch mean of per-sample losses, as
             PyTorch's losses by default) or ``"sum"``; the attached route needs it to turn
             the captured output gradients into per-sample ones.
+        fused: compute the metric gradient in place of the Linear layers' weight gradients
+            (see the module docstring); ``.grad`` of the model's parameters stays ``None``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -105,6 +148,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         loss_reduction: str = "mean",
+        fused: bool = False,
     ) -> None:
         if lr < 0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -134,8 +178,13 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             layers = fast_route_layers(self.model)
             if not isinstance(layers, str):
                 self._layers = layers
-                for _, module in layers:
-                    self._handles.append(module.register_forward_hook(self._forward_hook))
+        self.fused = fused
+        if fused:
+            self._check_fusable()
+        for _, module in self._layers:
+            self._handles.append(module.register_forward_hook(self._forward_hook))
+            if fused:
+                module.forward = types.MethodType(_fused_linear_forward, module)
         defaults = {
             "lr": lr,
             "eps": eps,
@@ -175,11 +224,29 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         self._captures[module] = record
         output.register_hook(lambda g: record.__setitem__("grad", g.detach()))
 
+    def _check_fusable(self) -> None:
+        if not self.attached:
+            raise ValueError(
+                "fused=True needs the model itself, made of Linear layers (pass the model, "
+                "not its parameters), or use fused=False"
+            )
+        others = [name for name, module in self._layers if not isinstance(module, nn.Linear)]
+        if others:
+            raise ValueError(
+                f"fused=True supports Linear layers only; {others} are not: use fused=False"
+            )
+        if _distributed():
+            raise ValueError(_FUSED_DDP)
+
     def detach(self) -> None:
-        """Remove the hooks from the model."""
+        """Remove the hooks from the model (and, if fused, give its layers their forward
+        back)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.fused:
+            for _, module in self._layers:
+                module.__dict__.pop("forward", None)
 
     def _layer_captures(self) -> list[LayerCapture]:
         captures = []
@@ -233,10 +300,17 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            if all(p.grad is None for p in self._params):
-                return loss
+            if self.fused:  # no backward since the last step: no step
+                if all(record["grad"] is None for record in self._captures.values()):
+                    return loss
+                if _distributed():
+                    raise RuntimeError(_FUSED_DDP)
+                mean_gradient = None
+            else:
+                if all(p.grad is None for p in self._params):
+                    return loss
+                mean_gradient = self._mean_gradient(space)
             products = LayerProducts.from_captures(space, self._layers, self._layer_captures())
-            mean_gradient = self._mean_gradient(space)
         else:
             if closure is None:
                 raise RuntimeError(
@@ -258,21 +332,41 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         return loss
 
     def _direction(
-        self, products: LayerProducts | RowProducts, mean_gradient: Tensor, group: dict[str, Any]
+        self,
+        products: LayerProducts | RowProducts,
+        mean_gradient: Tensor | None,
+        group: dict[str, Any],
     ) -> Tensor:
         D = DiffusionMatrix.from_products(products, mean_gradient=mean_gradient)
-        needs_gram = group["eps"] == "auto" or group["mode"] == "exact"
+        needs_gram = group["eps"] == "auto" or group["mode"] == "exact" or mean_gradient is None
         if needs_gram:
-            D.gram()  # built once: it gives λ_max, the exact solve and c = G ḡ
-        metric = DiffusionMetric(D, group["eps"], group["safety"])
+            D.gram()  # built once: it gives λ_max, tr D, the exact solve and c = G ḡ
+        metric = DiffusionMetric(D, group["eps"], group["safety"], lambda_tol=LAMBDA_TOL)
         self.stats = {"eps": metric.eps, "trace": D.trace()}
         if needs_gram:
-            self.stats["lambda_max"] = D.lambda_max()
-        return metric.gradient(exact=group["mode"] == "exact")
+            self.stats["lambda_max"] = metric.lambda_max
+        return metric.gradient(exact=group["mode"] == "exact", out=self._scratch(products.space))
+
+    def _scratch(self, space: ParamSpace) -> Tensor:
+        """A ``(d,)`` buffer for the direction, kept across steps: allocating ``d`` fresh
+        floats every step costs page faults that show in a step's time."""
+        buffer = self.__dict__.get("_direction_buffer")
+        if buffer is None or (buffer.numel(), buffer.dtype, buffer.device) != (
+            space.dim,
+            space.dtype,
+            space.device,
+        ):
+            buffer = self._direction_buffer = torch.empty(
+                space.dim, dtype=space.dtype, device=space.device
+            )
+        return buffer
 
     def _apply(self, parts: dict[str, Tensor]) -> None:
         steps = iter(parts.values())
         for group in self.param_groups:
-            for p in group["params"]:
-                d_p = heavy_ball(next(steps), p, group, self.state[p])
-                p.add_(d_p, alpha=-group["lr"])
+            params = group["params"]
+            directions = [next(steps) for _ in params]
+            states = [self.state[p] for p in params]
+            torch._foreach_add_(
+                params, heavy_ball(directions, params, group, states), alpha=-group["lr"]
+            )

@@ -140,7 +140,7 @@ class EntropySGD(torch.optim.Optimizer):
                     )
                 mu.mul_(1 - group["alpha"]).add_(p, alpha=group["alpha"])
         for (group, p), x, mu in zip(pairs, anchor, mean, strict=True):
-            gradient = heavy_ball(self._scope(group) * (x - mu), x, group, self.state[p])
+            (gradient,) = heavy_ball([self._scope(group) * (x - mu)], [x], group, [self.state[p]])
             p.copy_(x - group["lr"] * gradient)
         for group in self.param_groups:
             group["outer_steps"] += 1

@@ -4,24 +4,39 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 __all__ = ["heavy_ball"]
 
 
 def heavy_ball(
-    direction: Tensor, weights: Tensor, group: dict[str, Any], state: dict[str, Any]
-) -> Tensor:
-    """``direction`` (a gradient, shaped like ``weights``) with coupled weight decay, then
-    heavy-ball momentum with dampening and optional Nesterov, exactly as torch.optim.SGD:
-    b ← μ b + (1 − τ) d, and d ← d + μ b (Nesterov) or b. ``state`` keeps the buffer."""
+    directions: list[Tensor],
+    weights: list[Tensor],
+    group: dict[str, Any],
+    states: list[dict[str, Any]],
+) -> list[Tensor]:
+    """``directions`` (gradients, each shaped like its weights) with coupled weight decay,
+    then heavy-ball momentum with dampening and optional Nesterov, exactly as
+    torch.optim.SGD: b ← μ b + (1 − τ) d, and d ← d + μ b (Nesterov) or b. Each ``states``
+    entry keeps its tensor's buffer. One multi-tensor (``_foreach``) kernel per operation
+    for the whole list, as torch.optim does: on an accelerator a small step is
+    launch-bound."""
     if group["weight_decay"]:
-        direction = direction.add(weights, alpha=group["weight_decay"])
-    if group["momentum"]:
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = direction.clone()
-        else:
-            buf.mul_(group["momentum"]).add_(direction, alpha=1 - group.get("dampening", 0.0))
-        direction = direction.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-    return direction
+        directions = torch._foreach_add(directions, weights, alpha=group["weight_decay"])
+    if not group["momentum"]:
+        return directions
+    buffers = [state.get("momentum_buffer") for state in states]
+    old = [i for i, b in enumerate(buffers) if b is not None]
+    if old:
+        kept = [buffers[i] for i in old]
+        torch._foreach_mul_(kept, group["momentum"])
+        torch._foreach_add_(
+            kept, [directions[i] for i in old], alpha=1 - group.get("dampening", 0.0)
+        )
+    for i, state in enumerate(states):
+        if buffers[i] is None:
+            buffers[i] = state["momentum_buffer"] = directions[i].clone()
+    if group["nesterov"]:
+        return torch._foreach_add(directions, buffers, alpha=group["momentum"])
+    return buffers
