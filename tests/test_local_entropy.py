@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.optim import local_entropy
 from sgdgeom.optim.local_entropy import (
     PartialLocalEntropy,
     gaussian_local_entropy,
     kernel_distance,
     local_free_entropy,
     m_loss,
+    split_sizes,
 )
 from tests.distributed import spawn
 
@@ -202,23 +204,42 @@ def test_pla_expectation_on_a_quadratic_loss():
     assert abs(expected - base.item()) > 20 * se  # the test can tell the smoothing apart
 
 
-def test_split_batch_points_and_unbiased_objective():
-    model, x, y = setup()
+@pytest.mark.parametrize("layers", [["2"], ["0", "2"]])
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("batch", [12, 13, 14])
+def test_split_batch_points_and_unbiased_objective(batch, batched, layers, monkeypatch):
+    """Chunk a of the batch sees W + ΔW^a (chunk 0: W): value and gradient by hand, through
+    the loop of products (CPU) and the batched product (accelerators)."""
+    monkeypatch.setattr(local_entropy, "_batched_split", lambda h: batched)
+    model, _, _ = setup()
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (batch,), generator=g)
     ple = PartialLocalEntropy(
-        model, layers=["2"], R=0.3, y=2, route="split", generator=torch.Generator().manual_seed(5)
+        model, layers=layers, R=0.3, y=2, route="split", generator=torch.Generator().manual_seed(5)
     )
     twin = PartialLocalEntropy(
-        model, layers=["2"], R=0.3, y=2, generator=torch.Generator().manual_seed(5)
+        model, layers=layers, R=0.3, y=2, generator=torch.Generator().manual_seed(5)
     )
     deltas = twin.sample()
-    expected = []
-    for a, idx in enumerate(torch.tensor_split(torch.arange(len(x)), 3)):
+    sizes = split_sizes(batch, 2)
+    assert sum(sizes) == batch and sizes[1] == sizes[2] == batch // 3 <= sizes[0]
+    expected, grads = [], []
+    for a, idx in enumerate(torch.split(torch.arange(batch), sizes)):
         copy_ = copy.deepcopy(model)
         with torch.no_grad():
-            if a:
-                copy_[2].weight.add_(deltas["2.weight"][a - 1])
-        expected.append(nn.functional.cross_entropy(copy_(x[idx]), y[idx]))
-    assert ple(x, y).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-12)
+            for layer in layers if a else []:
+                copy_[int(layer)].weight.add_(deltas[f"{layer}.weight"][a - 1])
+        loss = nn.functional.cross_entropy(copy_(x[idx]), y[idx]) / 3
+        grads.append(torch.autograd.grad(loss, list(copy_.parameters())))
+        expected.append(loss.item())
+    loss = ple(x, y)
+    assert loss.item() == pytest.approx(sum(expected), rel=1e-12)
+    loss.backward()
+    for p, *by_point in zip(model.parameters(), *grads, strict=True):
+        torch.testing.assert_close(p.grad, sum(by_point), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="at least y\\+1 = 3 samples"):
+        split_sizes(2, 2)
 
 
 def test_bad_settings():
