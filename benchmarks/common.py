@@ -12,6 +12,7 @@ and run. Time is the median of ``repeats`` calls after ``warmup`` calls. Peak me
 
 from __future__ import annotations
 
+import gc
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def peak_memory(
 ) -> tuple[float, float]:
     """CUDA only: (peak MiB allocated while building ``setup()`` and running one step, and
     that peak above what was allocated before)."""
+    gc.collect()  # earlier routes' models may sit in reference cycles (hooks <-> optimizer)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

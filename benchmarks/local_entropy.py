@@ -7,7 +7,8 @@ Each route is a whole step (zero_grad, the loss, backward, SGD step) with PLA, y
 - ``naive``: y+1 forward passes of the whole model;
 - ``prefix``: the layers before the first smoothed one run once, the branches as one
   batch of (y+1) B rows;
-- ``split``: each of the y+1 chunks of the batch sees its own perturbation (about one step).
+- ``split``: each of the y+1 chunks of the batch sees its own perturbation (about one step);
+- ``draw ... only``: drawing the y uniform perturbations alone, the floor under every route.
 
 Models: Musso's 784-784-784-10 MLP on MNIST-5k digits at B = 256, smoothing fc1, fc2 and
 both; Musso's CIFAR-10 CNN (eq. 24) at B = 64 on random images, smoothing its first FC
@@ -59,6 +60,8 @@ def run(
         for route in ("naive", "prefix", "split"):
             ple = PartialLocalEntropy(model, layers=layers, R=0.01, y=4, route=route)
             steps[f"PLA y=4 {'+'.join(layers)} {route}"] = step_of(model, lambda ple=ple: ple(x, y))
+        # what every route pays before any multiply: drawing the y perturbations
+        steps[f"draw y=4 {'+'.join(layers)} only"] = ple.sample
     times = interleaved_times(steps, device, repeats)
     base = times["plain step (baseline)"]
     print(f"\n{title}, {device}")

@@ -9,6 +9,8 @@ whole training step (zero_grad, forward, backward, optimizer step); the baseline
 - weak, fixed ε: ``(I − εD) ḡ`` with ε checked against ``tr D`` (no Gram matrix);
 - weak, ε = auto: ε = 0.5/λ_max of the batch, so the B x B Gram matrix every step;
 - exact, ε = auto: ``(I + εD)⁻¹ ḡ`` by Woodbury through the Gram matrix;
+- fused (the same three): the metric gradient is computed in place of the Linear layers'
+  weight gradients, which the backward then skips;
 - closure route, weak: the generic route for any model, which materialises the per-sample
   gradients (B x d) with one batched backward.
 """
@@ -86,6 +88,21 @@ def routes(template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, C
         ),
         "diffusion exact, eps auto": attached(
             lambda m: DiffusionMetricSGD(m, lr=1e-4, momentum=0.9, eps="auto", mode="exact")
+        ),
+        "fused weak, fixed eps": attached(
+            lambda m: DiffusionMetricSGD(
+                m, lr=1e-4, momentum=0.9, eps=1e-3, mode="weak", fused=True
+            )
+        ),
+        "fused weak, eps auto": attached(
+            lambda m: DiffusionMetricSGD(
+                m, lr=1e-4, momentum=0.9, eps="auto", mode="weak", fused=True
+            )
+        ),
+        "fused exact, eps auto": attached(
+            lambda m: DiffusionMetricSGD(
+                m, lr=1e-4, momentum=0.9, eps="auto", mode="exact", fused=True
+            )
         ),
         "closure route, weak, eps auto": closure_route,
     }

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from sgdgeom.errors import ConfigError, SgdgeomError
+from sgdgeom.experiments.plots import plot_versus
 from sgdgeom.experiments.report import write_report
 from sgdgeom.experiments.store import STORE, ResultStore
 from sgdgeom.experiments.sweep import SweepConfig, expand_sweep, load_sweep, run_sweep
@@ -115,6 +116,10 @@ def test_layer_lists_become_readable_labels(tmp_path):
         ({"grid": {"seed": []}}, "needs a non-empty list"),
         ({"grid": {"optimizer.lr": [-1.0]}}, "optimizer.lr"),
         ({"variants": {"x": {"loss": {"name": "pla"}}}}, "needs R"),
+        (
+            {"plots": [{"kind": "versus", "x": "loss.R", "y_range": [0.9, 0.8]}]},
+            "low < high",
+        ),
     ],
 )
 def test_bad_sweeps_fail_before_anything_runs(tmp_path, change, message):
@@ -210,6 +215,10 @@ def test_sweep_runs_skips_finished_and_reports(tmp_path):
     figures = tmp_path / "out" / "figures"
     assert (figures / "small-versus-loss.R.svg").is_file()
     assert (figures / "small-curves.png").is_file()
+    zoomed = plot_versus(
+        store, "small", "loss.R", "loss.layers", tmp_path / "zoom", y_range=(0.99, 1.0)
+    )  # every mean is below the range: each is marked on its lower edge
+    assert zoomed[0].stat().st_size > 0
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):

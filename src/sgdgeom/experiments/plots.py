@@ -65,9 +65,11 @@ def plot_versus(
     path: str | Path,
     *,
     log_x: bool = True,
+    y_range: tuple[float, float] | None = None,
 ) -> list[Path]:
     """Best (left) and final (right) test accuracy against the label ``x``, one line per
-    value of ``lines`` (and variant); returns the PNG and SVG paths."""
+    value of ``lines`` (and variant); returns the PNG and SVG paths. ``y_range`` zooms the
+    accuracy axis; means below it are marked ▼ on its lower edge."""
     plt = _pyplot()
     series: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(
         lambda: defaultdict(list)
@@ -89,20 +91,33 @@ def plot_versus(
         for line, points in sorted(series.items()):
             xs = sorted(points)
             values = [np.array([v[column] for v in points[x_]]) for x_ in xs]
-            ax.errorbar(
+            means = np.array([v.mean() for v in values])
+            drawn = ax.errorbar(
                 xs,
-                [v.mean() for v in values],
+                means,
                 yerr=[v.std() for v in values],
                 marker="o",
                 ms=4,
                 capsize=3,
                 label=line,
             )
+            if y_range is not None and (means < y_range[0]).any():
+                below = [x_ for x_, m in zip(xs, means, strict=True) if m < y_range[0]]
+                ax.plot(
+                    below,
+                    [y_range[0]] * len(below),
+                    "v",
+                    ms=9,
+                    clip_on=False,
+                    color=drawn[0].get_color(),
+                )
         for name, values in sorted(baselines.items()):
             level = float(np.mean([v[column] for v in values]))
             ax.axhline(level, ls="--", color="black", lw=1, label=f"{name} (no {x})")
         if log_x:
             ax.set_xscale("log")
+        if y_range is not None:
+            ax.set_ylim(*y_range)
         ax.set_xlabel(x)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -158,6 +173,7 @@ def plot_sweep(
                 spec.get("lines"),
                 Path(out_dir) / stem,
                 log_x=spec.get("log_x", True),
+                y_range=spec.get("y_range"),
             )
         else:
             files = plot_store_curves(store, sweep, Path(out_dir) / f"{sweep}-curves")

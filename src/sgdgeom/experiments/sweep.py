@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from sgdgeom.errors import ConfigError, SgdgeomError
@@ -68,7 +68,9 @@ __all__ = [
 class PlotSpec(BaseModel):
     """A figure made from the store: ``versus`` plots the best and final test accuracy
     against the label ``x``, one line per value of ``lines`` (Musso Figs 3–5, 7);
-    ``curves`` plots loss and accuracy per epoch, one line per variant (Figs 6–8)."""
+    ``curves`` plots loss and accuracy per epoch, one line per variant (Figs 6–8).
+    ``y_range`` zooms a ``versus`` plot's accuracy axis (points below it are drawn on its
+    lower edge as ▼)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -76,6 +78,13 @@ class PlotSpec(BaseModel):
     x: str | None = None
     lines: str | None = None
     log_x: bool = True
+    y_range: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> PlotSpec:
+        if self.y_range is not None and not self.y_range[0] < self.y_range[1]:
+            raise ValueError(f"y_range must be [low, high] with low < high, got {self.y_range}")
+        return self
 
 
 class SweepConfig(BaseModel):
