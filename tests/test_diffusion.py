@@ -242,3 +242,10 @@ def test_lambda_max_by_lanczos_on_a_real_gram_matrix(case):
     estimate = D.lambda_max(tol=1e-10)
     assert "_eigvalsh" not in D.__dict__  # no full spectrum was computed
     assert estimate == pytest.approx(D.lambda_max(), rel=1e-10)
+
+
+def test_lanczos_refuses_a_gram_matrix_that_is_not_finite():
+    K = torch.eye(3, dtype=torch.float64)
+    K[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        top_eigenvalue(K)

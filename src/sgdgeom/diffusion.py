@@ -378,6 +378,11 @@ def top_eigenvalue(K: Tensor, tol: float = 1e-10) -> float:
     steps the Krylov space is the whole space and θ is exact.
     """
     K = K.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(K).all():
+        raise ValueError(
+            "the Gram matrix has NaN or infinite entries: the per-sample gradients are not "
+            "finite (a diverged loss?)"
+        )
     n = len(K)
     q = np.random.default_rng(0).standard_normal(n)
     q /= np.linalg.norm(q)

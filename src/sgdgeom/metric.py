@@ -116,7 +116,7 @@ class DiffusionMetric:
 
     @property
     def lambda_max(self) -> float:
-        """D's largest eigenvalue: exact, or by Lanczos to ``lambda_tol`` for ``"auto"``."""
+        """D's largest eigenvalue: exact, or by Lanczos when ``lambda_tol`` is set."""
         return self.D.lambda_max(self.lambda_tol)
 
     def apply(self, v: Tensor) -> Tensor:
