@@ -125,6 +125,9 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         fused: compute the metric gradient in place of the Linear layers' weight gradients
             (see the module docstring); ``.grad`` of the model's parameters stays ``None``.
 
+    After each step, ``stats`` holds the batch's ``eps`` and ``trace`` (tr D) and, with
+    ``eps="auto"``, the ``lambda_max`` it was derived from.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> opt = DiffusionMetricSGD(model, lr=0.1, eps="auto", mode="exact")
@@ -343,7 +346,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             D.gram()  # built once: it gives λ_max, tr D, the exact solve and c = G ḡ
         metric = DiffusionMetric(D, group["eps"], group["safety"], lambda_tol=LAMBDA_TOL)
         self.stats = {"eps": metric.eps, "trace": D.trace()}
-        if needs_gram:
+        if group["eps"] == "auto":  # known already; a fixed ε never needs it
             self.stats["lambda_max"] = metric.lambda_max
         return metric.gradient(exact=group["mode"] == "exact", out=self._scratch(products.space))
 
