@@ -2,13 +2,16 @@
 
 Run: ``python benchmarks/diffusion.py [--device cuda] [--quick]``.
 
-Cases (issue 3): Musso's 784-784-784-10 MLP at B=256 on MNIST-5k digits, and the CIFAR-10
-CNN (Musso eq. 24) at B=64 on random 32x32 images. Routes, each against a plain
+Cases: Musso's 784-784-784-10 MLP at B=256 on MNIST-5k digits; the CIFAR-10 CNN (Musso
+eq. 24) at B=64 on random 32x32 images; a 2-block pre-LayerNorm transformer (dim 64, 4 heads)
+reading MNIST-5k digits as 28 tokens of 28 pixels at B=64; a ResNet with GroupNorm
+(16 channels, 2 blocks) on random 32x32 images at B=64. Routes, each against a plain
 forward+backward of the mean loss measured in the same run:
 
-- ``D·v fast (cached)``: the Linear/Conv2d route on cached layer inputs and output
-  gradients: two contractions per layer, no pass over the model;
-- ``D·v fast incl. capture``: the same, with the one forward+backward that captures them;
+- ``D·v capture (cached)``: the layer rules on cached layer inputs and output gradients
+  (the module-local torch.func fallback for attention): no pass over the model;
+- ``D·v incl. capture``: the same, building D each time: the coverage check on 8 samples,
+  then the one forward+backward that captures the layers;
 - ``D·v generic (JVP+VJP)``: torch.func forward-mode then reverse-mode product;
 - ``D·v vmap per-sample``: materialise G (B x d) with ``vmap(grad)``, then ``G_cᵀ G_c v / B``;
 - ``D·v BackPACK BatchGrad``: if ``backpack`` is importable.
@@ -44,14 +47,22 @@ from common import (
 from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.models import build_model
+from sgdgeom.persample.func import reference_kernels
 
 
 def make_case(name: str, device: torch.device):
     torch.manual_seed(0)
-    if name == "mlp":
+    if name in ("mlp", "transformer"):
         ds = load_dataset("mnist5k")
-        x, y = ds.normalize(ds.x_train[:256]), ds.y_train[:256]
-        model = build_model("fc", ds.input_shape, 10, depth=2)
+        batch = 256 if name == "mlp" else 64
+        x, y = ds.normalize(ds.x_train[:batch]), ds.y_train[:batch]
+        if name == "mlp":
+            model = build_model("fc", ds.input_shape, 10, depth=2)
+        else:
+            model = build_model("transformer", ds.input_shape, 10, dim=64, depth=2, heads=4)
+    elif name == "resnet-gn":
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        model = build_model("resnet-gn", (3, 32, 32), 10, channels=16, blocks=2)
     else:
         x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
         model = build_model("cnn-cifar10", (3, 32, 32), 10, init="kaiming")
@@ -65,7 +76,8 @@ def vmap_matvec(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable:
         return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        grads = vmap(grad(single), in_dims=(None, 0, 0))(params, x, y)
+        with reference_kernels():  # the fused attention kernel has no vmap batching rule
+            grads = vmap(grad(single), in_dims=(None, 0, 0))(params, x, y)
         G = torch.cat([g.reshape(len(x), -1) for g in grads.values()], 1)
         G = G - G.mean(0)
         return G.T @ (G @ v) / len(x)
@@ -105,12 +117,12 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
 
         return step
 
-    def fast_cached():
-        D = DiffusionMatrix(model, "cross_entropy", (x, y), route="fast")
+    def capture_cached():
+        D = DiffusionMatrix(model, "cross_entropy", (x, y), route="capture")
         return lambda: D @ v
 
-    def fast_capture():
-        return lambda: DiffusionMatrix(model, "cross_entropy", (x, y), route="fast") @ v
+    def with_capture():
+        return lambda: DiffusionMatrix(model, "cross_entropy", (x, y), route="capture") @ v
 
     def generic():
         D = DiffusionMatrix(model, "cross_entropy", (x, y), route="generic")
@@ -122,8 +134,8 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
 
     out = {
         "forward+backward (baseline)": baseline,
-        "D·v fast (cached)": fast_cached,
-        "D·v fast incl. capture": fast_capture,
+        "D·v capture (cached)": capture_cached,
+        "D·v incl. capture": with_capture,
         "D·v generic (JVP+VJP)": generic,
         "D·v vmap per-sample": vmapped,
     }
@@ -190,6 +202,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip-spectrum", action="store_true")
+    parser.add_argument(
+        "--cases", nargs="+", default=["mlp", "cnn", "transformer", "resnet-gn"], metavar="CASE"
+    )
     parser.add_argument("--memory", nargs=2, metavar=("CASE", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -200,7 +215,7 @@ def main() -> None:
         report_peak_rss(before)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in ("mlp", "cnn"):
+    for name in args.cases:
         run_case(name, device, args.repeats)
     if not args.skip_spectrum:
         run_spectrum(device)

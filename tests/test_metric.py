@@ -56,8 +56,8 @@ def test_eps_rule(setup):
     lam = float(torch.linalg.eigvalsh(D_ref)[-1])
     assert DiffusionMetric(D, eps="auto").eps == pytest.approx(0.5 / lam, rel=1e-9)
     assert DiffusionMetric(D, eps="auto", safety=0.25).eps == pytest.approx(0.25 / lam, rel=1e-9)
-    with pytest.raises(ValueError, match="at or above 1/λ_max"):
-        DiffusionMetric(D, eps=1.0 / lam)
+    with pytest.raises(ValueError, match="at or above 1/λ_max"):  # at 1/λ, up to rounding
+        DiffusionMetric(D, eps=(1.0 + 1e-12) / lam)
     with pytest.raises(ValueError, match="at or above 1/λ_max"):
         DiffusionMetric(D, eps=3.0 / lam)
     with pytest.raises(ValueError, match="safety"):

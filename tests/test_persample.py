@@ -1,22 +1,41 @@
-"""Per-sample products: JVP, VJP, second directional derivatives, both routes."""
+"""Per-sample products on every zoo model and route, against explicit per-sample gradients."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from sgdgeom import DiffusionMatrix
 from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.persample import (
+    CaptureProducts,
+    CoverageError,
     DataSource,
     FuncProducts,
-    LayerProducts,
-    capture_layers,
-    fast_route_layers,
+    LayerRule,
+    capture_chunk,
+    make_products,
     per_sample_loss,
+    plan_layers,
+    register_rule,
+    rule_for,
 )
-from tests.cases import CASE_NAMES, make_case
-from tests.reference import assert_close, per_sample_gradients, per_sample_hessians
+from sgdgeom.persample.layers.linear import LinearCall
+from tests.cases import CASE_NAMES, make_case, routes_for
+from tests.reference import (
+    assert_close,
+    dense_diffusion,
+    per_sample_gradients,
+    per_sample_hessians,
+)
+
+
+def _products(case, route, chunk=4):
+    return make_products(case.model, case.loss, DataSource((case.x, case.y), chunk), route=route)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -26,13 +45,9 @@ def test_jvp_vjp_grads_gram_norms_against_explicit_gradients(name):
     g = torch.Generator().manual_seed(2)
     v = torch.randn(G.shape[1], dtype=torch.float64, generator=g)
     w = torch.randn(G.shape[0], dtype=torch.float64, generator=g)
-    routes = [FuncProducts(case.model, case.loss, DataSource((case.x, case.y), 4))]
-    if name != "layernorm":
-        routes.append(
-            LayerProducts.from_model(case.model, case.loss, DataSource((case.x, case.y), 4))
-        )
-    for products in routes:
-        what = type(products).__name__
+    for route in routes_for(name):
+        products = _products(case, route)
+        what = f"{name} {type(products).__name__}"
         assert_close(products.jvp(v), G @ v, what=f"{what} jvp")
         assert_close(products.vjp(w), G.T @ w, what=f"{what} vjp")
         buffer = torch.full((G.shape[1],), float("nan"), dtype=torch.float64)  # stale content
@@ -45,31 +60,76 @@ def test_jvp_vjp_grads_gram_norms_against_explicit_gradients(name):
         )
         assert_close(products.gram(), G @ G.T, what=f"{what} gram")
         norms = products.sq_norms()
-        assert_close(norms.sum(1), G.square().sum(1), what=f"{what} squared norms")
+        expected = torch.stack(
+            [G[:, products.space.slice(n)].square().sum(1) for n in products.space.names], 1
+        )
+        assert_close(norms, expected, what=f"{what} squared norms per parameter")
         losses = per_sample_loss(case.loss)(case.model(case.x), case.y).detach()
         assert_close(products.losses(), losses, what=f"{what} losses")
 
 
-@pytest.mark.parametrize("name", ["mlp-tanh", "small-cnn", "mse-regression"])
-def test_second_directional_derivative_against_explicit_hessians(name):
+@pytest.mark.parametrize("name", ["mlp-tanh", "small-cnn", "mse-regression", "layernorm"])
+def test_second_order_products_against_explicit_hessians(name):
     case = make_case(name)
-    H = per_sample_hessians(case.model, per_sample_loss(case.loss), case.x, case.y)
-    v = torch.randn(H.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loss = per_sample_loss(case.loss)
+    H = per_sample_hessians(case.model, loss, case.x, case.y)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(H.shape[1], dtype=torch.float64, generator=g)
+    w = torch.randn(H.shape[0], dtype=torch.float64, generator=g)
     products = FuncProducts(case.model, case.loss, DataSource((case.x, case.y), 3))
     assert_close(
         products.second_directional(v), torch.einsum("i,nij,j->n", v, H, v), what="vᵀ H_i v"
     )
+    assert_close(
+        products.hessian_vector(v, w), torch.einsum("n,nij,j->i", w, H, v), what="Σ w H v"
+    )
+    if name == "layernorm":  # PyTorch's third derivatives of layer_norm are wrong: refused
+        with pytest.raises(UnsupportedModelError, match="layer_norm"):
+            products.third_directional(v, w)
+        return
+
+    def weighted_second(flat):  # Σ_i w_i vᵀ H_i(x) v through explicit Hessians at x
+        space = products.space
+        params = dict(zip(space.names, space.unflatten(flat).values(), strict=True))
+        total = 0.0
+        for i in range(len(case.x)):
+
+            def sample(p, i=i):
+                named = dict(zip(space.names, space.unflatten(p).values(), strict=True))
+                out = torch.func.functional_call(case.model, named, (case.x[i : i + 1],))
+                return loss(out, case.y[i : i + 1]).sum()
+
+            hess = torch.func.hessian(sample)(flat)
+            total = total + w[i] * (v @ hess @ v)
+        del params
+        return total
+
+    flat0 = products.space.vector(case.model)
+    expected = torch.func.grad(weighted_second)(flat0)
+    assert_close(products.third_directional(v, w), expected, what="Σ w ∇(vᵀ H v)")
+
+
+def test_capture_route_has_no_second_derivatives():
+    case = make_case("mlp-relu")
+    products = _products(case, "capture")
+    with pytest.raises(UnsupportedModelError, match="route='generic'"):
+        products.second_directional(torch.zeros(products.space.dim, dtype=torch.float64))
 
 
 def test_products_are_a_snapshot_of_the_parameters():
-    case = make_case("mlp-relu")
-    products = FuncProducts(case.model, case.loss, DataSource((case.x, case.y)))
-    v = torch.ones(products.space.dim, dtype=torch.float64)
-    before = products.jvp(v)
-    with torch.no_grad():
-        for p in case.model.parameters():
-            p.add_(1.0)
-    assert_close(products.jvp(v), before, what="snapshot")
+    for name in ("mlp-relu", "transformer"):
+        case = make_case(name)
+        for route in ("capture", "generic"):
+            products = _products(case, route)
+            v = torch.ones(products.space.dim, dtype=torch.float64)
+            before = products.jvp(v)
+            with torch.no_grad():
+                for p in case.model.parameters():
+                    p.add_(1.0)
+            assert_close(products.jvp(v), before, what=f"{name} {route} snapshot")
+
+
+# ----------------------------------------------------------------------------- losses
 
 
 def test_loss_modules_keep_their_options():
@@ -86,12 +146,211 @@ def test_loss_modules_keep_their_options():
         per_sample_loss(nn.L1Loss())
 
 
-def test_fast_route_layer_checks():
-    assert fast_route_layers(nn.Sequential(nn.Linear(2, 2), nn.Conv2d(1, 1, 3)))
-    reason = fast_route_layers(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)))
-    assert isinstance(reason, str) and "groups" in reason
-    reason = fast_route_layers(nn.Sequential(nn.Embedding(3, 2)))
-    assert isinstance(reason, str) and "Embedding '0'" in reason
+def test_functional_losses_map_to_their_per_sample_forms():
+    logits = torch.randn(5, 3, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1, 1, 0])
+    soft = torch.rand(5, 3, dtype=torch.float64)
+    for function, y in (
+        (F.cross_entropy, target),
+        (functools.partial(F.cross_entropy, label_smoothing=0.3), target),
+        (F.mse_loss, soft),
+        (F.binary_cross_entropy_with_logits, soft),
+    ):
+        per_sample = per_sample_loss(function)(logits, y)
+        assert per_sample.shape == (5,)
+        assert_close(per_sample.mean(), function(logits, y), what=f"{function} mean")
+    with pytest.raises(UnsupportedModelError, match="class-weighted"):
+        per_sample_loss(functools.partial(F.cross_entropy, weight=torch.ones(3)))
+
+
+def test_functional_cross_entropy_gives_the_right_d():
+    """Was off by N² (the function averages over the batch); the generic route crashed."""
+    case = make_case("mlp-relu")
+    G = per_sample_gradients(case.model, per_sample_loss("cross_entropy"), case.x, case.y)
+    for route in ("capture", "generic"):
+        D = DiffusionMatrix(case.model, F.cross_entropy, (case.x, case.y), route=route)
+        assert D.trace() == pytest.approx(float(dense_diffusion(G).trace()), rel=1e-12)
+
+
+def test_a_loss_that_averages_is_refused_with_a_message():
+    case = make_case("mlp-relu")
+    averaged = lambda output, target: F.cross_entropy(output, target)  # noqa: E731
+    for route in ("capture", "generic"):
+        with pytest.raises(UnsupportedModelError, match=r"per-sample loss .* is needed"):
+            D = DiffusionMatrix(case.model, averaged, (case.x, case.y), route=route)
+            D @ torch.zeros(D.space.dim, dtype=torch.float64)
+    per_sample = lambda output, target: F.cross_entropy(output, target, reduction="none")  # noqa: E731
+    D = DiffusionMatrix(case.model, per_sample, (case.x, case.y))
+    assert D.route == "capture"
+
+
+# ----------------------------------------------------------------------------- coverage
+
+
+def test_tied_weight_refused_by_capture_and_exact_by_auto():
+    case = make_case("tied-autoencoder")
+    with pytest.raises(CoverageError, match=r"enc\.weight .*outside its module.*tied weights"):
+        DiffusionMatrix(case.model, case.loss, (case.x, case.y), route="capture")
+    G = per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
+    with pytest.warns(UserWarning, match="enc.weight"):
+        D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    assert D.route == "generic"
+    assert D.trace() == pytest.approx(float(dense_diffusion(G).trace()), rel=1e-12)
+
+
+def test_tied_weight_inside_one_modules_forward_stays_on_the_capture_route():
+    """The root owns a parameter, so the fallback owns the whole model and is exact."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(4, 3)
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t()) * self.scale
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    data = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 4, (6,)))
+    D = DiffusionMatrix(model, "cross_entropy", data, route="capture")
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), *data)
+    assert_close(D.dense(), dense_diffusion(G), what="root fallback")
+
+
+def test_a_parameter_shared_between_modules_is_named():
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second).double()
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    with pytest.raises(CoverageError, match=r"2\.weight is the same tensor as 0\.weight"):
+        DiffusionMatrix(model, "cross_entropy", data, route="capture")
+    with pytest.warns(UserWarning, match="shared between modules"):
+        D = DiffusionMatrix(model, "cross_entropy", data)
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), *data)
+    assert_close(D.dense(), dense_diffusion(G), what="shared weight, generic")
+
+
+def test_module_called_twice_stays_exact_on_the_capture_route():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3)
+    model = nn.Sequential(layer, nn.Tanh(), layer).double()
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    D = DiffusionMatrix(model, "cross_entropy", data, route="capture")
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), *data)
+    assert_close(D.dense(), dense_diffusion(G), what="reused layer")
+
+
+def test_frozen_weight_with_trainable_bias_in_every_route():
+    case = make_case("partly-frozen")
+    names = [n for n, p in case.model.named_parameters() if p.requires_grad]
+    assert "fc1.weight" not in names and "fc1.bias" in names and "out.bias" not in names
+    G = per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
+    for route in ("capture", "generic"):
+        D = DiffusionMatrix(case.model, case.loss, (case.x, case.y), route=route)
+        assert D.space.names == names
+        assert_close(D.dense(), dense_diffusion(G), what=f"{route} partly frozen")
+        assert set(D.layer_traces()) == {"fc1", "fc2", "out"}
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_serves_every_rule_and_falls_back():
+    assert type(rule_for(nn.Linear(2, 2))).__name__ == "LinearRule"
+    assert type(rule_for(nn.Conv1d(2, 2, 3))).__name__ == "ConvRule"
+    assert type(rule_for(nn.Conv2d(2, 2, 3))).__name__ == "ConvRule"
+    assert type(rule_for(nn.Embedding(4, 2))).__name__ == "EmbeddingRule"
+    assert type(rule_for(nn.LayerNorm(3))).__name__ == "LayerNormRule"
+    assert type(rule_for(nn.GroupNorm(1, 2))).__name__ == "GroupNormRule"
+    assert type(rule_for(nn.BatchNorm2d(2).eval())).__name__ == "BatchNormRule"
+    for declined in (
+        nn.Conv2d(2, 2, 3, groups=2),
+        nn.Conv2d(2, 2, 3, padding="same"),
+        nn.Embedding(4, 2, max_norm=1.0),
+        nn.MultiheadAttention(4, 2),
+        nn.PReLU(),
+    ):
+        assert type(rule_for(declined)).__name__ == "FallbackRule"
+
+    class LoRALinear(nn.Linear):  # changes the forward: the Linear rule must not apply
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Subclass(nn.Linear):  # keeps the forward: the Linear rule applies
+        pass
+
+    assert type(rule_for(LoRALinear(2, 2))).__name__ == "FallbackRule"
+    assert type(rule_for(Subclass(2, 2))).__name__ == "LinearRule"
+
+
+def test_declined_and_unknown_modules_are_exact_through_the_fallback():
+    torch.manual_seed(0)
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.grouped = nn.Conv2d(2, 4, 3, groups=2, padding="same", padding_mode="reflect")
+            self.act = nn.PReLU(4)
+            self.attn = nn.MultiheadAttention(4, 2)  # batch_first=False: batch is dim 1
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.act(self.grouped(x)).flatten(2).permute(2, 0, 1)  # (T, B, E)
+            h, _ = self.attn(h, h, h)
+            return self.out(h.mean(0))
+
+    model = Odd().double().eval()
+    data = (torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    D = DiffusionMatrix(model, "cross_entropy", data, route="capture", chunk_size=2)
+    rules = {layer.name: type(layer.rule).__name__ for layer in D.products.layers}
+    assert rules == {
+        "grouped": "FallbackRule",
+        "act": "FallbackRule",
+        "attn": "FallbackRule",
+        "out": "LinearRule",
+    }
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), *data)
+    assert_close(D.dense(), dense_diffusion(G), what="fallback modules")
+    centred = G - G.mean(0)
+    assert_close(D.gram(), centred @ centred.T / len(G), what="fallback Gram matrix")
+
+
+def test_a_user_rule_is_used_for_its_module():
+    class Scale(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n))
+
+        def forward(self, x):
+            return x * self.weight
+
+    calls = []
+
+    @register_rule(Scale)
+    class ScaleRule(LayerRule):
+        def call(self, module, saved, grads):
+            calls.append(1)
+            return LinearCall(saved[:, None], grads[0][:, None])
+
+        def jvp(self, module, call, v):
+            return (call.grads[:, 0] * call.inputs[:, 0] * v["weight"]).sum(1)
+
+        def vjp(self, module, call, w, out, accumulate):
+            value = torch.einsum("b,bp,bp->p", w, call.grads[:, 0], call.inputs[:, 0])
+            out["weight"].add_(value) if accumulate else out["weight"].copy_(value)
+
+        def per_sample(self, module, call, names):
+            return {"weight": call.grads[:, 0] * call.inputs[:, 0]}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Scale(4)).double()
+    data = (torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,)))
+    D = DiffusionMatrix(model, "cross_entropy", data, route="capture")
+    assert calls and isinstance(D.products.layers[1].rule, ScaleRule)
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), *data)
+    assert_close(D.dense(), dense_diffusion(G), what="user rule")
 
 
 def test_capture_gives_per_sample_output_gradients():
@@ -99,12 +358,32 @@ def test_capture_gives_per_sample_output_gradients():
     model = nn.Sequential(nn.Linear(3, 2)).double()
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
     loss = per_sample_loss("cross_entropy")
-    captures, losses = capture_layers(model, [("0", model[0])], loss, x, y)
-    assert_close(captures[0].inputs[:, 0], x)
+    calls, losses, _ = capture_chunk(model, plan_layers(model), loss, x, y)
+    assert_close(calls[0][0].inputs[:, 0], x)
     # δ_i = softmax(z_i) − onehot(y_i) for cross-entropy, for each sample separately
     expected = torch.softmax(model(x), 1) - nn.functional.one_hot(y, 2)
-    assert_close(captures[0].grads[:, 0], expected.detach())
+    assert_close(calls[0][0].grads[:, 0], expected.detach())
     assert_close(losses, loss(model(x), y).detach())
+
+
+def test_a_layer_never_called_has_zero_gradients():
+    torch.manual_seed(0)
+
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Skips().double()
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    products = CaptureProducts.from_model(model, "cross_entropy", DataSource(data))
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), *data)
+    w = torch.randn(5, dtype=torch.float64)
+    buffer = torch.full((products.space.dim,), float("nan"), dtype=torch.float64)
+    assert_close(products.vjp(w, out=buffer), G.T @ w, what="unused layer")
 
 
 def test_data_source_validation():

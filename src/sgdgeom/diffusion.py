@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import (
+    CaptureProducts,
     DataSource,
     FuncProducts,
     LossSpec,
@@ -75,15 +76,19 @@ class DiffusionMatrix:
 
     Args:
         model: any ``nn.Module``; BatchNorm and Dropout must be in eval mode. ``D`` is that
-            of the parameters at construction time.
+            of the parameters at construction time; frozen parameters are not part of it.
         loss_fn: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``, a matching loss
-            module, or a function ``(output, target) -> (B,)`` per-sample losses.
+            module or ``torch.nn.functional`` function (mapped to its per-sample form), or a
+            function ``(output, target) -> (B,)`` per-sample losses.
         data: a batch ``(x, y)`` or a DataLoader over the dataset (``shuffle=False``),
             streamed in chunks.
-        route: ``"auto"`` (the Linear/Conv2d fast route when it applies), ``"fast"`` or
-            ``"generic"`` (torch.func, any model).
+        route: ``"capture"`` (layer rules on one captured forward and backward, with a
+            module-local torch.func fallback for modules without a rule; refused, naming the
+            parameter, where a weight is used outside its module), ``"generic"`` (torch.func
+            on the whole model, exact for any model) or ``"auto"`` (capture where it is
+            exact, else generic, with a warning).
         chunk_size: samples per chunk (``None``: a batch is one chunk).
-        cache: the fast route caches layer inputs and output gradients (``O(N x widths)``,
+        cache: the capture route caches layer inputs and output gradients (``O(N x widths)``,
             never ``N x d``) when they fit in memory (``"auto"``), always, or never.
         progress: show progress bars while streaming the data.
 
@@ -126,8 +131,11 @@ class DiffusionMatrix:
 
     @property
     def route(self) -> str:
-        """``"generic"`` (torch.func) or ``"fast"`` (Linear/Conv2d captures)."""
-        return "generic" if isinstance(self.products, FuncProducts) else "fast"
+        """``"generic"`` (torch.func), ``"capture"`` (layer rules) or ``"rows"`` (explicit
+        per-sample gradients)."""
+        if isinstance(self.products, FuncProducts):
+            return "generic"
+        return "capture" if isinstance(self.products, CaptureProducts) else "rows"
 
     def __repr__(self) -> str:
         return f"DiffusionMatrix(d={self.space.dim}, N={self.n}, route={self.route!r})"

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jvp, vmap
+from torch.func import functional_call, grad, hessian, vmap
 
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.metric import DiffusionMetric
@@ -302,37 +302,11 @@ def geodesic(
 
 def _hessian_vector(D: DiffusionMatrix, v: Tensor) -> Tensor:
     """``H v`` of the mean loss, ``(1/N) Σ_i H_i v``, forward-over-reverse."""
-    products = D.products
-
-    def mean_gradient(p: dict[str, Tensor]) -> dict[str, Tensor]:
-        total = None
-        for _, x, y in products.data.chunks():
-            g = grad(lambda q, x=x, y=y: products.batch_losses(q, x, y).sum())(p)
-            total = g if total is None else {k: total[k] + g[k] for k in g}
-        return {k: t / D.n for k, t in total.items()}
-
-    _, hv = jvp(mean_gradient, (products.params,), (D.space.unflatten(v),))
-    return D.space.flatten(hv)
+    weights = torch.full((D.n,), 1.0 / D.n, dtype=v.dtype, device=v.device)
+    return D.products.hessian_vector(v, weights)
 
 
 # --------------------------------------------------------------------------- residuals
-
-
-def _weighted_gradient(
-    D: DiffusionMatrix,
-    weights: Tensor,
-    scalar: Callable[[dict[str, Tensor], Tensor, Tensor], Tensor],
-) -> Tensor:
-    """``(1/N) Σ_i w_i ∇_x s_i(x)`` for per-sample scalars ``s_i`` given by
-    ``scalar(params, x_chunk, y_chunk) -> (b,)``; with ``w_i = f_i − f̄`` it is
-    ``Cov_i(f_i, ∇ s_i)``."""
-    products = D.products
-    total = torch.zeros(D.space.dim, dtype=weights.dtype, device=weights.device)
-    for start, x, y in products.data.chunks():
-        w = weights[start : start + len(x)]
-        g = grad(lambda p, x=x, y=y, w=w: (w * scalar(p, x, y)).sum())(products.params)
-        total += D.space.flatten(g)
-    return total / D.n
 
 
 def residuals(
@@ -383,23 +357,12 @@ def _residuals_at(
     D = _matrix(model, loss_fn, data)
     products = D.products
     losses = products.losses()
-    w = losses - losses.mean()
+    w = (losses - losses.mean()) / D.n  # (1/N) Σ_i (f_i − f̄) ∇ s_i = Cov_i(f_i, ∇ s_i)
     velocity, acceleration = (torch.as_tensor(t, dtype=dtype) for t in (v, a))
-    v_t, a_t = D.space.unflatten(velocity), D.space.unflatten(acceleration)
-
-    def directional(p: dict[str, Tensor], x_: Tensor, y_: Tensor, t: dict[str, Tensor]) -> Tensor:
-        return jvp(lambda q: products.batch_losses(q, x_, y_), (p,), (t,))[1]
-
-    def second(p: dict[str, Tensor], x_: Tensor, y_: Tensor) -> Tensor:
-        return jvp(lambda q: directional(q, x_, y_, v_t), (p,), (v_t,))[1]
-
-    def cov_norm(scalar: Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]) -> float:
-        return eps * float(_weighted_gradient(D, w, scalar).norm())
-
     return {
-        "third_derivative": cov_norm(second),
-        "hessian_acceleration": cov_norm(lambda p, x_, y_: directional(p, x_, y_, a_t)),
-        "eps_over_n2": cov_norm(lambda p, x_, y_: directional(p, x_, y_, v_t)),
+        "third_derivative": eps * float(products.third_directional(velocity, w).norm()),
+        "hessian_acceleration": eps * float(products.hessian_vector(acceleration, w).norm()),
+        "eps_over_n2": eps * float(products.hessian_vector(velocity, w).norm()),
         "d_xddot": eps * float(D.matvec(acceleration).norm()),
         "force": float(_hessian_vector(D, velocity).norm()),
     }

@@ -11,6 +11,12 @@ part of the contract:
   the head is 16·20·20 wide.
 - ``mlp``: a small MLP of any widths, for tests and quick experiments.
 - ``small-cnn``: a two-convolution CNN for tests.
+- ``resnet-gn`` / ``resnet-bn``: a small ResNet (stem, ``blocks`` residual blocks of two 3x3
+  convolutions, GroupNorm or BatchNorm, average pool, ``out``).
+- ``transformer``: a pre-LayerNorm transformer encoder (``nn.TransformerEncoderLayer``,
+  GELU, no dropout) over token ids (``vocab`` given, Embedding) or rows of features
+  (a ``(T, F)`` sample, or an image's rows as T = H tokens of C·W features); learned
+  positions, mean pooling, ``out``.
 
 Example:
     >>> model = build_model("fc", input_shape=(1, 28, 28), num_classes=10, depth=2)
@@ -20,14 +26,25 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from sgdgeom.errors import ConfigError
 
-__all__ = ["ACTIVATIONS", "MODELS", "ConvNet", "FullyConnected", "build_model", "kaiming_init"]
+__all__ = [
+    "ACTIVATIONS",
+    "MODELS",
+    "ConvNet",
+    "FullyConnected",
+    "ResNet",
+    "Transformer",
+    "build_model",
+    "kaiming_init",
+]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -141,6 +158,101 @@ class SmallCNN(nn.Module):
         return self.out(self.flatten(self.act_conv2(self.conv2(x))))
 
 
+def _norm(kind: str, channels: int, groups: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(groups, channels), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ConfigError(f"unknown norm {kind!r}; choose group or batch")
+
+
+class ResidualBlock(nn.Module):
+    """``relu(x + norm2(conv2(relu(norm1(conv1(x))))))``, shapes kept."""
+
+    def __init__(self, channels: int, norm: str, groups: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm1 = _norm(norm, channels, groups)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = _norm(norm, channels, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(x + self.norm2(self.conv2(h)))
+
+
+class ResNet(nn.Module):
+    """A small ResNet: ``stem`` (3x3 conv, norm, ReLU), ``blocks`` residual blocks
+    ``block1..``, global average pool, ``out``. Input ``(B, C, H, W)``."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: int = 16,
+        blocks: int = 2,
+        norm: str = "group",
+        groups: int = 4,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(input_shape[0], channels, 3, padding=1, bias=False)
+        self.stem_norm = _norm(norm, channels, groups)
+        self.blocks = nn.Sequential(
+            *(ResidualBlock(channels, norm, groups) for _ in range(blocks))
+        )
+        self.out = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(torch.relu(self.stem_norm(self.stem(x))))
+        return self.out(h.mean((2, 3)))
+
+
+class Transformer(nn.Module):
+    """A pre-LayerNorm transformer encoder classifier.
+
+    Input ``(B, T)`` token ids when ``vocab`` is given (``embed`` is an Embedding), else
+    ``(B, T, F)`` features or ``(B, C, H, W)`` images read as H tokens of C·W features
+    (``embed`` is a Linear). Then learned positions ``pos``, ``depth`` encoder layers
+    ``layers.0..`` (self-attention with ``heads`` heads, GELU MLP of ``4·dim``, no dropout),
+    a final LayerNorm ``norm``, mean pooling over tokens and ``out``.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        dim: int = 32,
+        depth: int = 2,
+        heads: int = 4,
+        vocab: int | None = None,
+    ) -> None:
+        super().__init__()
+        shape = tuple(input_shape)
+        if vocab is not None:
+            if len(shape) != 1:
+                raise ConfigError(f"token input must be (T,), got {shape}")
+            self.embed: nn.Module = nn.Embedding(vocab, dim)
+        elif len(shape) in (2, 3):
+            self.embed = nn.Linear(shape[-1] * (shape[0] if len(shape) == 3 else 1), dim)
+        else:
+            raise ConfigError(f"transformer input must be (T,), (T, F) or (C, H, W), got {shape}")
+        self.tokens = shape[1] if len(shape) == 3 else shape[0]
+        self.pos = nn.Embedding(self.tokens, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:  # (B, C, H, W) -> (B, H, C·W)
+            x = x.permute(0, 2, 1, 3).flatten(2)
+        positions = torch.arange(self.tokens, device=x.device).expand(len(x), -1)
+        h = self.layers(self.embed(x) + self.pos(positions))
+        return self.out(self.norm(h).mean(1))
+
+
 def kaiming_init(model: nn.Module) -> nn.Module:
     """Kaiming-normal weights (He et al. 2015, fan-in, ReLU gain) and zero biases for every
     Linear and Conv2d layer, as Musso §5 uses. Returns the model."""
@@ -196,6 +308,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn-cifar10": _cnn((64, 64, 128, 128, 128)),
     "cnn-stl10": _cnn((8, 8, 16, 16, 16)),
     "small-cnn": _small_cnn,
+    "resnet-gn": functools.partial(ResNet, norm="group"),
+    "resnet-bn": functools.partial(ResNet, norm="batch"),
+    "transformer": Transformer,
 }
 
 

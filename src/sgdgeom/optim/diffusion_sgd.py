@@ -62,7 +62,9 @@ from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.metric import DiffusionMetric
 from sgdgeom.optim.momentum import heavy_ball
 from sgdgeom.params import ParamSpace
-from sgdgeom.persample import LayerCapture, LayerProducts, RowProducts, fast_route_layers
+from sgdgeom.persample import CaptureProducts, CoverageError, Layer, RowProducts, plan_layers
+from sgdgeom.persample.layers.conv import ConvRule
+from sgdgeom.persample.layers.linear import LinearRule
 
 __all__ = ["DiffusionMetricSGD"]
 
@@ -104,6 +106,18 @@ def _all_gather(t: Tensor) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def _attachable_layers(model: nn.Module) -> list[Layer]:
+    """The plan of a model whose owner modules are all Linear or Conv1d/Conv2d (the attached
+    route), else ``[]`` (the closure route)."""
+    try:
+        layers = plan_layers(model)
+    except CoverageError:
+        return []
+    if all(isinstance(layer.rule, LinearRule | ConvRule) for layer in layers):
+        return layers
+    return []
 
 
 class DiffusionMetricSGD(torch.optim.Optimizer):
@@ -172,22 +186,20 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         self.model = params if isinstance(params, nn.Module) else None
         self.loss_reduction = loss_reduction
         self.stats: dict[str, float] = {}
-        self._layers: list[tuple[str, nn.Module]] = []
+        self._layers: list[Layer] = []
         self._captures: dict[nn.Module, dict[str, Tensor | None]] = {}
         self._handles: list[Any] = []
         if self.model is not None:
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             params = [p for _, p in named]
-            layers = fast_route_layers(self.model)
-            if not isinstance(layers, str):
-                self._layers = layers
+            self._layers = _attachable_layers(self.model)
         self.fused = fused
         if fused:
             self._check_fusable()
-        for _, module in self._layers:
-            self._handles.append(module.register_forward_hook(self._forward_hook))
+        for layer in self._layers:
+            self._handles.append(layer.module.register_forward_hook(self._forward_hook))
             if fused:
-                module.forward = types.MethodType(_fused_linear_forward, module)
+                layer.module.forward = types.MethodType(_fused_linear_forward, layer.module)
         defaults = {
             "lr": lr,
             "eps": eps,
@@ -233,7 +245,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 "fused=True needs the model itself, made of Linear layers (pass the model, "
                 "not its parameters), or use fused=False"
             )
-        others = [name for name, module in self._layers if not isinstance(module, nn.Linear)]
+        others = [layer.name for layer in self._layers if not isinstance(layer.rule, LinearRule)]
         if others:
             raise ValueError(
                 f"fused=True supports Linear layers only; {others} are not: use fused=False"
@@ -248,32 +260,32 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             handle.remove()
         self._handles.clear()
         if self.fused:
-            for _, module in self._layers:
-                module.__dict__.pop("forward", None)
+            for layer in self._layers:
+                layer.module.__dict__.pop("forward", None)
 
-    def _layer_captures(self) -> list[LayerCapture]:
-        captures = []
-        for name, module in self._layers:
-            record = self._captures.get(module)
+    def _layer_calls(self) -> tuple[list[list[Any]], int]:
+        """The calls of every layer since the last step (all-gathered under DDP), as the
+        layer rules take them, and the batch size."""
+        calls, batch = [], None
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        for layer in self._layers:
+            record = self._captures.get(layer.module)
             if record is None or record["grad"] is None:
                 raise RuntimeError(
-                    f"DiffusionMetricSGD saw no forward and backward of layer {name!r} since the "
-                    f"last step; call loss.backward() on the model's output before step()"
+                    f"DiffusionMetricSGD saw no forward and backward of layer {layer.name!r} "
+                    f"since the last step; call loss.backward() on the model's output before "
+                    f"step()"
                 )
             a, g = record["input"], record["grad"]
-            if isinstance(module, nn.Linear):
-                a, g = a.reshape(len(a), -1, a.shape[-1]), g.reshape(len(g), -1, g.shape[-1])
             if _distributed():
                 a, g = _all_gather(a), _all_gather(g)
-            captures.append(LayerCapture(a, g))
-        batch = len(captures[0].inputs)
-        if any(len(c.inputs) != batch for c in captures):
-            raise RuntimeError("the captured layers disagree on the batch size")
-        local = batch // (torch.distributed.get_world_size() if _distributed() else 1)
-        if self.loss_reduction == "mean":  # output grads of the mean loss are 1/B of f_i's
-            for capture in captures:
-                capture.grads = capture.grads * local
-        return captures
+            if batch is not None and len(a) != batch:
+                raise RuntimeError("the captured layers disagree on the batch size")
+            batch = len(a)
+            if self.loss_reduction == "mean":  # output grads of the mean loss are 1/B of f_i's
+                g = g * (batch // world)
+            calls.append([layer.rule.call(layer.module, a, (g,))])
+        return calls, batch
 
     # ------------------------------------------------------------------ step
 
@@ -313,7 +325,8 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 if all(p.grad is None for p in self._params):
                     return loss
                 mean_gradient = self._mean_gradient(space)
-            products = LayerProducts.from_captures(space, self._layers, self._layer_captures())
+            calls, batch = self._layer_calls()
+            products = CaptureProducts.from_calls(space, self._layers, calls, batch)
         else:
             if closure is None:
                 raise RuntimeError(
@@ -336,7 +349,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
 
     def _direction(
         self,
-        products: LayerProducts | RowProducts,
+        products: CaptureProducts | RowProducts,
         mean_gradient: Tensor | None,
         group: dict[str, Any],
     ) -> Tensor:

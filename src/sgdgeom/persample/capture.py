@@ -1,0 +1,399 @@
+r"""The capture route: per-sample products from one ordinary forward and backward pass.
+
+A *plan* (:func:`plan_layers`) gives every trainable parameter one owner module and that
+module's rule (:mod:`sgdgeom.persample.layers`). One forward with hooks records what each
+owner saw, one backward of :math:`\sum_i f_i` gives the gradients of the *per-sample*
+losses at its outputs (samples are independent, so row i of the output gradient is
+:math:`\partial f_i / \partial z_i`), and the rules turn them into ``G v``, ``Gᵀ w``, the
+Gram matrix and rows of G (DESIGN §1), with no further pass over the model.
+
+**Coverage check** (before the first product). The rules are exact only if each parameter
+is used inside its owner's forward: a weight also used elsewhere (tied weights,
+``F.linear(h, enc.weight.t())``) would lose that use without a word. So
+:func:`check_coverage` compares, per parameter, the sum of the rules' per-sample gradients
+with autograd's batch gradient on a few samples; a mismatch raises
+:class:`CoverageError` naming the parameter. A module called several times is exact (its
+rule sums over the calls).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.params import ParamSpace
+from sgdgeom.persample.base import PerSampleProducts
+from sgdgeom.persample.layers import LayerRule, rule_for
+from sgdgeom.persample.losses import LossSpec, PerSampleLoss, per_sample_loss
+from sgdgeom.persample.source import DataSource
+
+__all__ = [
+    "CaptureProducts",
+    "Chunk",
+    "CoverageError",
+    "Layer",
+    "capture_chunk",
+    "check_coverage",
+    "plan_layers",
+]
+
+COVERAGE_SAMPLES = 8  # samples of the first chunk that the coverage check uses
+
+
+class CoverageError(UnsupportedModelError):
+    """A parameter is not used once per sample inside its owner module's forward."""
+
+
+@dataclass
+class Layer:
+    """An owner module of the plan: its rule, the local names of its trainable parameters,
+    their places in the flat vector and their shapes."""
+
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    names: list[str]
+    slices: dict[str, slice]
+    shapes: dict[str, torch.Size]
+
+    def qualified(self, local: str) -> str:
+        return f"{self.name}.{local}" if self.name else local
+
+    def views(self, flat: Tensor) -> dict[str, Tensor]:
+        """The layer's parameters' parts of a flat ``(d,)`` vector, shaped like them."""
+        return {n: flat[self.slices[n]].view(self.shapes[n]) for n in self.names}
+
+
+@dataclass
+class Chunk:
+    """The calls of every layer (in plan order) over one chunk of samples."""
+
+    start: int
+    size: int
+    calls: list[list[Any]]
+    losses: Tensor | None
+
+
+def plan_layers(model: nn.Module, space: ParamSpace | None = None) -> list[Layer]:
+    """The owner modules of the trainable parameters, each with its rule.
+
+    Walking the modules from the root, a module that owns parameters directly gets
+    :func:`~sgdgeom.persample.layers.rule_for` its type; a recursive rule (the fallback) owns
+    its children's parameters too. Raises :class:`CoverageError` if a parameter tensor is
+    shared between modules.
+    """
+    space = space or ParamSpace(model)
+    trainable = set(space.names)
+    owner_of: dict[int, str] = {}
+    layers: list[Layer] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        own = list(module.named_parameters(recurse=False))
+        if own:
+            rule = rule_for(module)
+            local = list(module.named_parameters(recurse=rule.recursive, remove_duplicate=False))
+            names, slices, shapes = [], {}, {}
+            for name, param in local:
+                qualified = f"{prefix}.{name}" if prefix else name
+                if id(param) in owner_of:
+                    raise CoverageError(
+                        f"{qualified} is the same tensor as {owner_of[id(param)]} (a weight "
+                        f"shared between modules): no layer rule is exact for it"
+                    )
+                owner_of[id(param)] = qualified
+                if param.requires_grad and qualified in trainable:
+                    names.append(name)
+                    slices[name], shapes[name] = space.slice(qualified), param.shape
+            if names:
+                layers.append(Layer(prefix, module, rule, names, slices, shapes))
+            if rule.recursive:
+                return
+        for child_name, child in module.named_children():
+            visit(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    visit("", model)
+    owned = {layer.qualified(n) for layer in layers for n in layer.names}
+    missing = [n for n in space.names if n not in owned]
+    if missing:
+        raise CoverageError(f"parameters {missing} belong to no module of the model")
+    return layers
+
+
+def capture_chunk(
+    model: nn.Module,
+    layers: Sequence[Layer],
+    loss: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+    params: Sequence[Tensor] = (),
+) -> tuple[list[list[Any]], Tensor, list[Tensor | None]]:
+    """One forward recording every layer's calls, one backward of ``Σ_i f_i`` to their
+    outputs (and to ``params``, for the coverage check). Returns the calls per layer, the
+    per-sample losses ``(b,)`` and the gradients of ``params``."""
+    records: list[list[tuple[Any, tuple[Tensor, ...]]]] = [[] for _ in layers]
+
+    def hook(k: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        rule = layers[k].rule
+        records[k].append((rule.record(module, args, kwargs, output), rule.outputs(output)))
+
+    handles = [
+        layer.module.register_forward_hook(functools.partial(hook, k), with_kwargs=True)
+        for k, layer in enumerate(layers)
+    ]
+    try:
+        with torch.enable_grad():
+            losses = loss(model(x), y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    outputs = [t for record in records for _, outs in record for t in outs if t.requires_grad]
+    targets = outputs + [p for p in params]
+    grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True) if targets else []
+    found = {id(t): g for t, g in zip(outputs, grads, strict=False)}
+    calls = []
+    for layer, record in zip(layers, records, strict=True):
+        layer_calls = [
+            layer.rule.call(
+                layer.module,
+                saved,
+                tuple(
+                    g.detach() if (g := found.get(id(t))) is not None else torch.zeros_like(t)
+                    for t in outs
+                ),
+            )
+            for saved, outs in record
+        ]
+        calls.append(layer.rule.merge(layer.module, layer_calls) if layer_calls else [])
+    return calls, losses.detach(), list(grads[len(outputs) :])
+
+
+class CaptureProducts(PerSampleProducts):
+    """Products from captured layer inputs and output gradients (DESIGN §1).
+
+    ``G v`` costs one forward-sized product per layer and ``Gᵀ w`` one weight-gradient-sized
+    product, with no further pass over the model. The raw Gram matrix uses each rule's ghost
+    formula where it has one (Linear: ``(A Aᵀ + 1) ⊙ (Δ Δᵀ)``) and materialises that layer's
+    rows chunk by chunk elsewhere.
+
+    Build it with :meth:`from_model` (runs the captures and the coverage check) or
+    :meth:`from_calls` (reuses the calls of a training step, as the optimizer does).
+    """
+
+    def __init__(
+        self,
+        space: ParamSpace,
+        layers: Sequence[Layer],
+        chunks: Callable[[], Iterator[Chunk]],
+        n: int,
+    ) -> None:
+        self.space = space
+        self.layers = list(layers)
+        self.n = n
+        self._chunks = chunks
+
+    @classmethod
+    def from_calls(
+        cls,
+        space: ParamSpace,
+        layers: Sequence[Layer],
+        calls: list[list[Any]],
+        size: int,
+        losses: Tensor | None = None,
+    ) -> CaptureProducts:
+        """Products over one chunk of ``size`` samples whose calls are at hand."""
+        chunk = Chunk(0, size, calls, losses)
+        return cls(space, layers, lambda: iter([chunk]), size)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        loss_fn: LossSpec,
+        data: DataSource,
+        *,
+        cache: bool | str = "auto",
+        cache_limit: int = 2**31,
+        progress: bool = False,
+    ) -> CaptureProducts:
+        """Plan and check the layers, then capture them over ``data``; cache the captures
+        when they fit in ``cache_limit`` bytes (``cache="auto"``), else stream them on every
+        product. Raises :class:`CoverageError` if a parameter is used outside its module."""
+        space = ParamSpace(model)
+        layers = plan_layers(model, space)
+        loss = per_sample_loss(loss_fn)
+
+        def stream(show: bool = progress) -> Iterator[Chunk]:
+            for start, x, y in data.chunks(show, "capture"):
+                calls, losses, _ = capture_chunk(model, layers, loss, x, y)
+                yield Chunk(start, len(x), calls, losses)
+
+        _, x, y = next(data.chunks())
+        check_coverage(model, layers, space, loss, x[:COVERAGE_SAMPLES], y[:COVERAGE_SAMPLES])
+        if cache is False:
+            return cls(space, layers, stream, data.n)
+        chunks = stream()
+        first = next(chunks)
+        if cache == "auto" and _nbytes(first.calls) * data.n / first.size > cache_limit:
+            chunks.close()  # the captures would not fit: stream them on every product
+            return cls(space, layers, stream, data.n)
+        cached = [first, *chunks]
+        return cls(space, layers, lambda: iter(cached), data.n)
+
+    # ------------------------------------------------------------------ products
+
+    def jvp(self, v: Tensor) -> Tensor:
+        out = torch.zeros(self.n, dtype=v.dtype, device=v.device)
+        views = [layer.views(v) for layer in self.layers]
+        for chunk in self._chunks():
+            part = out[chunk.start : chunk.start + chunk.size]
+            for layer, calls, view in zip(self.layers, chunk.calls, views, strict=True):
+                for call in calls:
+                    part += layer.rule.jvp(layer.module, call, view)
+        return out
+
+    def vjp(self, w: Tensor, out: Tensor | None = None) -> Tensor:
+        """Each layer's part is written in place into its slice of the result, the first
+        call's directly, later calls' and chunks' added."""
+        total = (
+            out if out is not None else torch.empty(self.space.dim, dtype=w.dtype, device=w.device)
+        )
+        views = [layer.views(total) for layer in self.layers]
+        written = [False] * len(self.layers)
+        for chunk in self._chunks():
+            wc = w[chunk.start : chunk.start + chunk.size]
+            for k, (layer, calls) in enumerate(zip(self.layers, chunk.calls, strict=True)):
+                for call in calls:
+                    layer.rule.vjp(layer.module, call, wc, views[k], accumulate=written[k])
+                    written[k] = True
+        for k, view in enumerate(views):
+            if not written[k]:  # never called: zero per-sample gradients
+                for part in view.values():
+                    part.zero_()
+        return total
+
+    def _rows(self, layer: Layer, calls: list[Any], size: int) -> Tensor:
+        """The layer's per-sample gradients over one chunk, ``(size, d_layer)``, summed over
+        its calls, in its parameters' order."""
+        width = sum(self.layers_numel(layer))
+        rows = torch.zeros(size, width, dtype=self.space.dtype, device=self.space.device)
+        for call in calls:
+            parts = layer.rule.per_sample(layer.module, call, layer.names)
+            rows += torch.cat([parts[n].reshape(size, -1) for n in layer.names], 1)
+        return rows
+
+    @staticmethod
+    def layers_numel(layer: Layer) -> list[int]:
+        return [layer.slices[n].stop - layer.slices[n].start for n in layer.names]
+
+    def per_sample_grads(self) -> Iterator[tuple[int, Tensor]]:
+        for chunk in self._chunks():
+            rows = torch.zeros(
+                chunk.size, self.space.dim, dtype=self.space.dtype, device=self.space.device
+            )
+            for layer, calls in zip(self.layers, chunk.calls, strict=True):
+                part = self._rows(layer, calls, chunk.size)
+                offset = 0
+                for name, numel in zip(layer.names, self.layers_numel(layer), strict=True):
+                    rows[:, layer.slices[name]] = part[:, offset : offset + numel]
+                    offset += numel
+            yield chunk.start, rows
+
+    def losses(self) -> Tensor:
+        chunks = [chunk.losses for chunk in self._chunks()]
+        if any(c is None for c in chunks):
+            raise ValueError("these products were built from captures without the losses")
+        return torch.cat(chunks)
+
+    def gram(self) -> Tensor:
+        out = torch.zeros(self.n, self.n, dtype=self.space.dtype, device=self.space.device)
+        for chunk_i in self._chunks():
+            for chunk_j in self._chunks():
+                if chunk_j.start < chunk_i.start:
+                    continue
+                block = torch.zeros(chunk_i.size, chunk_j.size, dtype=out.dtype, device=out.device)
+                for k, layer in enumerate(self.layers):
+                    calls_i, calls_j = chunk_i.calls[k], chunk_j.calls[k]
+                    if not calls_i or not calls_j:
+                        continue
+                    part = None
+                    if len(calls_i) == len(calls_j) == 1:
+                        part = layer.rule.gram(layer.module, calls_i[0], calls_j[0], layer.names)
+                    if part is None:  # no ghost formula: materialise this layer's rows
+                        part = (
+                            self._rows(layer, calls_i, chunk_i.size)
+                            @ self._rows(layer, calls_j, chunk_j.size).T
+                        )
+                    block += part
+                i, j = chunk_i.start, chunk_j.start
+                out[i : i + chunk_i.size, j : j + chunk_j.size] = block
+                out[j : j + chunk_j.size, i : i + chunk_i.size] = block.T
+        return out
+
+    def sq_norms(self) -> Tensor:
+        out = torch.zeros(
+            self.n, len(self.space.names), dtype=self.space.dtype, device=self.space.device
+        )
+        column = {n: p for p, n in enumerate(self.space.names)}
+        for chunk in self._chunks():
+            stop = chunk.start + chunk.size
+            for layer, calls in zip(self.layers, chunk.calls, strict=True):
+                norms = None
+                if len(calls) == 1:
+                    norms = layer.rule.sq_norms(layer.module, calls[0], layer.names)
+                if norms is None and calls:
+                    rows = self._rows(layer, calls, chunk.size).square()
+                    norms, offset = {}, 0
+                    for name, numel in zip(layer.names, self.layers_numel(layer), strict=True):
+                        norms[name] = rows[:, offset : offset + numel].sum(1)
+                        offset += numel
+                for name, value in (norms or {}).items():
+                    out[chunk.start : stop, column[layer.qualified(name)]] = value
+        return out
+
+
+def check_coverage(
+    model: nn.Module,
+    layers: Sequence[Layer],
+    space: ParamSpace,
+    loss: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+) -> None:
+    """Raise :class:`CoverageError` unless, for every trainable parameter, the sum of the
+    rules' per-sample gradients equals autograd's gradient of ``Σ_i f_i`` on ``(x, y)``
+    (relative error at most ``sqrt(eps)`` of the dtype). Costs one weight-gradient-sized
+    product per layer on these few samples."""
+    params = list(space.params(model).values())
+    calls, _, expected = capture_chunk(model, layers, loss, x, y, params)
+    products = CaptureProducts.from_calls(space, layers, calls, len(x))
+    ones = torch.ones(len(x), dtype=space.dtype, device=space.device)
+    summed = space.unflatten(products.vjp(ones))
+    tol = torch.finfo(space.dtype).eps ** 0.5
+    bad = []
+    for (name, got), want in zip(summed.items(), expected, strict=True):
+        want = torch.zeros_like(got) if want is None else want
+        error, scale = float((got - want).norm()), max(float(want.norm()), float(got.norm()))
+        if not error <= tol * scale:
+            bad.append(f"{name} (relative error {error / max(scale, 1e-300):.1e})")
+    if bad:
+        raise CoverageError(
+            f"the per-sample gradients of {', '.join(bad)} do not add up to the batch gradient: "
+            f"the parameter is also used outside its module's forward (tied weights?), or its "
+            f"module mixes the samples of a batch; use route='generic', which is exact for any "
+            f"model"
+        )
+
+
+def _nbytes(tree: Any) -> int:
+    """Bytes held by the tensors in the calls (fields of dataclasses included)."""
+    leaves, _ = tree_flatten(
+        [[vars(call) if hasattr(call, "__dict__") else call for call in calls] for calls in tree]
+    )
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))

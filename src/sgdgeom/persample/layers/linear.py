@@ -1,0 +1,120 @@
+r"""``nn.Linear`` on inputs of any leading shape ``(B, *, in)``.
+
+The per-sample gradient sums over positions t (a sequence, or the calls of a reused layer):
+:math:`g_i = \sum_t \delta_{it} a_{it}^\top` for the weight and :math:`\sum_t \delta_{it}`
+for the bias, with :math:`a_{it}` the input and :math:`\delta_{it} = \partial f_i/\partial
+z_{it}` the output gradient (DESIGN §1). Hence
+
+- ``jvp``: :math:`g_i\cdot v = \sum_t \delta_{it}^\top V a_{it} + \delta_{it}\cdot v_b`;
+- ``vjp``: :math:`\sum_i w_i g_i = \Delta^\top \mathrm{diag}(w) A`, one weight-gradient
+  sized matmul;
+- ``gram``: :math:`g_i\cdot g_j = \sum_{t,s} (a_{it}\cdot a_{js})(\delta_{it}\cdot
+  \delta_{js})` (+ :math:`(\sum_t\delta_{it})\cdot(\sum_s\delta_{js})` for the bias), used
+  when :math:`T^2(\text{in}+\text{out}) \le \text{in}\cdot\text{out}`, else rows are
+  materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sgdgeom.persample.layers.registry import LayerRule, Params, register_rule, write
+
+__all__ = ["LinearCall", "LinearRule"]
+
+
+@dataclass
+class LinearCall:
+    """``inputs (b, T, in)`` and output gradients ``grads (b, T, out)``; ``T = 1`` for
+    ordinary 2-D input."""
+
+    inputs: Tensor
+    grads: Tensor
+
+
+@register_rule(nn.Linear)
+class LinearRule(LayerRule):
+    """Exact per-sample products of ``nn.Linear`` (and subclasses that keep its forward)."""
+
+    def call(self, module: nn.Module, saved: Tensor, grads: tuple[Tensor, ...]) -> LinearCall:
+        a, g = saved, grads[0]
+        return LinearCall(a.reshape(len(a), -1, a.shape[-1]), g.reshape(len(g), -1, g.shape[-1]))
+
+    def merge(self, module: nn.Module, calls: list[LinearCall]) -> list[LinearCall]:
+        if len(calls) == 1:
+            return calls
+        return [
+            LinearCall(
+                torch.cat([c.inputs for c in calls], 1), torch.cat([c.grads for c in calls], 1)
+            )
+        ]
+
+    def jvp(self, module: nn.Module, call: LinearCall, v: Params) -> Tensor:
+        a, g = call.inputs, call.grads
+        out = torch.zeros(len(a), dtype=g.dtype, device=g.device)
+        if "weight" in v:
+            if a.shape[1] == 1:  # plain (b, in) input: 2-D matmuls are fastest
+                out = ((a[:, 0] @ v["weight"].T) * g[:, 0]).sum(1)
+            else:
+                out = torch.einsum("nto,nto->n", a @ v["weight"].T, g)
+        if "bias" in v:
+            out = out + g.sum(1) @ v["bias"]
+        return out
+
+    def vjp(
+        self, module: nn.Module, call: LinearCall, w: Tensor, out: Params, accumulate: bool
+    ) -> None:
+        weighted = call.grads * w[:, None, None]
+        if "weight" in out:
+            deltas, inputs = weighted.flatten(0, 1).T, call.inputs.flatten(0, 1)
+            if accumulate:
+                out["weight"].addmm_(deltas, inputs)
+            else:
+                torch.mm(deltas, inputs, out=out["weight"])
+        if "bias" in out:
+            write(out["bias"], weighted.sum((0, 1)), accumulate)
+
+    def per_sample(self, module: nn.Module, call: LinearCall, names: list[str]) -> Params:
+        rows = {}
+        if "weight" in names:
+            rows["weight"] = torch.einsum("nto,nti->noi", call.grads, call.inputs).flatten(1)
+        if "bias" in names:
+            rows["bias"] = call.grads.sum(1)
+        return rows
+
+    @staticmethod
+    def _ghost(call: LinearCall) -> bool:
+        t, fan_in, fan_out = call.inputs.shape[1], call.inputs.shape[2], call.grads.shape[2]
+        return t == 1 or t * t * (fan_in + fan_out) <= fan_in * fan_out
+
+    def gram(
+        self, module: nn.Module, call_i: LinearCall, call_j: LinearCall, names: list[str]
+    ) -> Tensor | None:
+        if not (self._ghost(call_i) and self._ghost(call_j)):
+            return None
+        out = 0.0
+        if "weight" in names:
+            if call_i.inputs.shape[1] == call_j.inputs.shape[1] == 1:
+                delta = call_i.grads[:, 0] @ call_j.grads[:, 0].T
+                out = delta * (call_i.inputs[:, 0] @ call_j.inputs[:, 0].T)
+            else:
+                delta = torch.einsum("ito,jso->itjs", call_i.grads, call_j.grads)
+                act = torch.einsum("iti,jsi->itjs", call_i.inputs, call_j.inputs)
+                out = (delta * act).sum((1, 3))
+        if "bias" in names:
+            out = out + call_i.grads.sum(1) @ call_j.grads.sum(1).T
+        return out
+
+    def sq_norms(self, module: nn.Module, call: LinearCall, names: list[str]) -> Params | None:
+        if call.inputs.shape[1] != 1:
+            return None
+        delta = call.grads[:, 0].square().sum(1)
+        norms = {}
+        if "weight" in names:
+            norms["weight"] = delta * call.inputs[:, 0].square().sum(1)
+        if "bias" in names:
+            norms["bias"] = delta
+        return norms

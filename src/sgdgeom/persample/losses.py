@@ -1,0 +1,145 @@
+r"""Per-sample losses :math:`f_i`, ``(output, target) -> (B,)``, from names, modules or functions.
+
+DESIGN §1: :math:`f = \frac1N \sum_i f_i`. Every product of the per-sample gradients needs the
+vector of the :math:`f_i`, never their mean, so a loss that already reduces over the batch
+(``F.cross_entropy`` with its default ``reduction="mean"``) is mapped to its per-sample form
+or refused: summing a mean would silently scale D by :math:`N^2`.
+
+Example:
+    >>> import torch
+    >>> from torch.nn import functional as F
+    >>> loss = per_sample_loss(F.cross_entropy)
+    >>> loss(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0])).shape
+    torch.Size([4])
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from sgdgeom.errors import UnsupportedModelError
+
+__all__ = ["LossSpec", "PerSampleLoss", "check_independent_samples", "per_sample_loss"]
+
+PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
+LossSpec = str | nn.Module | PerSampleLoss
+
+_MODULES: dict[str, type[nn.Module]] = {
+    "cross_entropy": nn.CrossEntropyLoss,
+    "mse": nn.MSELoss,
+    "bce_with_logits": nn.BCEWithLogitsLoss,
+}
+_FUNCTIONS: dict[Callable[..., Tensor], str] = {
+    F.cross_entropy: "cross_entropy",
+    F.mse_loss: "mse",
+    F.binary_cross_entropy_with_logits: "bce_with_logits",
+}
+_NEEDS_PER_SAMPLE = (
+    "a per-sample loss (output, target) -> (B,) is needed, one value per sample; "
+    "pass 'cross_entropy', 'mse', 'bce_with_logits', their nn modules or F functions, or a "
+    "function with reduction='none'"
+)
+
+
+def _mean_per_sample(loss: Tensor) -> Tensor:
+    """``(B, ...) -> (B,)``: sample i's loss is the mean over its elements."""
+    return loss.reshape(loss.shape[0], -1).mean(1) if loss.dim() > 1 else loss
+
+
+def _from_function(function: Callable[..., Tensor], keywords: dict) -> PerSampleLoss:
+    if "weight" in keywords and keywords["weight"] is not None:
+        raise UnsupportedModelError(
+            "a class-weighted loss is not a mean of per-sample losses; drop `weight`"
+        )
+    options = {k: v for k, v in keywords.items() if k not in ("reduction", "size_average")}
+    return lambda output, target: _mean_per_sample(
+        function(output, target, reduction="none", **options)
+    )
+
+
+def _checked(function: PerSampleLoss) -> PerSampleLoss:
+    """A user's function, checked on every call to return one loss per sample."""
+
+    @functools.wraps(function)
+    def loss(output: Tensor, target: Tensor) -> Tensor:
+        value = function(output, target)
+        if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != len(output):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise UnsupportedModelError(
+                f"the loss function returned {shape} for a batch of {len(output)}: "
+                f"{_NEEDS_PER_SAMPLE}"
+            )
+        return _mean_per_sample(value)
+
+    return loss
+
+
+def per_sample_loss(loss_fn: LossSpec) -> PerSampleLoss:
+    r"""The per-sample loss ``(output, target) -> (B,)`` of a loss name, module or function.
+
+    Accepted:
+
+    - ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``;
+    - an instance of ``nn.CrossEntropyLoss``, ``nn.MSELoss``, ``nn.BCEWithLogitsLoss``, or
+      ``F.cross_entropy``, ``F.mse_loss``, ``F.binary_cross_entropy_with_logits`` (also as a
+      ``functools.partial``): their options (label smoothing, ``pos_weight``...) are kept and
+      their reduction is replaced by the per-sample one;
+    - any other function returning ``(B,)`` (or ``(B, ...)``, averaged per sample); it is
+      checked on every call, and a scalar (an already-averaged loss) is refused.
+
+    :math:`f_i` is the mean over sample i's elements, so the module's ``"mean"`` loss is
+    :math:`f = \frac1N \sum_i f_i`.
+    """
+    if isinstance(loss_fn, str):
+        if loss_fn not in _MODULES:
+            raise ValueError(f"unknown loss {loss_fn!r}; choose one of {', '.join(_MODULES)}")
+        loss_fn = _MODULES[loss_fn]()
+    if isinstance(loss_fn, tuple(_MODULES.values())):
+        if getattr(loss_fn, "weight", None) is not None:
+            raise UnsupportedModelError(
+                "a class-weighted loss is not a mean of per-sample losses; drop `weight`"
+            )
+        module = copy.copy(loss_fn)
+        module.reduction = "none"
+        return lambda output, target: _mean_per_sample(module(output, target))
+    if isinstance(loss_fn, nn.Module):
+        raise UnsupportedModelError(
+            f"unsupported loss module {type(loss_fn).__name__}; use CrossEntropyLoss, MSELoss, "
+            f"BCEWithLogitsLoss or a function (output, target) -> per-sample losses (B,)"
+        )
+    if loss_fn in _FUNCTIONS:
+        return _from_function(loss_fn, {})
+    if isinstance(loss_fn, functools.partial) and loss_fn.func in _FUNCTIONS and not loss_fn.args:
+        return _from_function(loss_fn.func, dict(loss_fn.keywords))
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a name, a loss module or a function, got {loss_fn!r}")
+    return _checked(loss_fn)
+
+
+def check_independent_samples(model: nn.Module) -> None:
+    """Raise if a module couples the samples of a batch or makes the model random.
+
+    BatchNorm in train mode (or without running statistics) normalises with batch
+    statistics, so a sample's loss depends on the other samples and per-sample gradients are
+    not defined; Dropout in train mode with ``p > 0`` draws a new mask on every pass, so two
+    products would not see the same function.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            raise UnsupportedModelError(
+                f"BatchNorm layer {name!r} normalises with batch statistics (train mode or no "
+                f"running statistics), so the samples of a batch are not independent; call "
+                f"model.eval() on a BatchNorm that tracks running statistics"
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            raise UnsupportedModelError(
+                f"Dropout layer {name!r} is in train mode, so the model is random; call "
+                f"model.eval() for per-sample products"
+            )

@@ -1,0 +1,55 @@
+"""Choosing a route for a model: the capture route where it is exact, else torch.func."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.persample.base import PerSampleProducts
+from sgdgeom.persample.capture import CaptureProducts
+from sgdgeom.persample.func import FuncProducts
+from sgdgeom.persample.losses import LossSpec, check_independent_samples
+from sgdgeom.persample.source import DataSource
+
+__all__ = ["ROUTES", "make_products"]
+
+ROUTES = ("auto", "capture", "generic")
+
+
+def make_products(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: DataSource,
+    *,
+    route: str = "auto",
+    cache: bool | str = "auto",
+    progress: bool = False,
+) -> PerSampleProducts:
+    """The products of a model's per-sample gradients on ``data``.
+
+    ``route="capture"``: :class:`~sgdgeom.persample.capture.CaptureProducts` (layer rules,
+    with the module-local fallback for modules without one), or an error naming the
+    parameter where it cannot be exact (a weight used outside its module).
+    ``route="generic"``: :class:`~sgdgeom.persample.func.FuncProducts`, exact for any model.
+    ``route="auto"``: the capture route, else the generic one, with a warning that says why.
+    Models whose samples are not independent (BatchNorm or Dropout in train mode) are
+    refused on every route.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
+    check_independent_samples(model)
+    if route == "generic":
+        return FuncProducts(model, loss_fn, data, progress=progress)
+    try:
+        return CaptureProducts.from_model(model, loss_fn, data, cache=cache, progress=progress)
+    except UnsupportedModelError as err:
+        if route == "capture":
+            raise
+        warnings.warn(
+            f"the capture route is not exact for this model ({err}); using the generic "
+            f"torch.func route",
+            stacklevel=3,
+        )
+        return FuncProducts(model, loss_fn, data, progress=progress)
