@@ -122,7 +122,9 @@ def _case(name: str, seed: int) -> Case:
         model = build_model("resnet-gn", (2, 5, 5), 3, channels=4, blocks=1, groups=2)
         x, y = torch.randn(7, 2, 5, 5, generator=g), torch.randint(0, 3, (7,), generator=g)
     elif name == "resnet-bn-eval":
-        model = _randomise_batchnorm(build_model("resnet-bn", (2, 5, 5), 3, channels=4, blocks=1), g)
+        model = _randomise_batchnorm(
+            build_model("resnet-bn", (2, 5, 5), 3, channels=4, blocks=1), g
+        )
         x, y = torch.randn(7, 2, 5, 5, generator=g), torch.randint(0, 3, (7,), generator=g)
     elif name == "transformer":
         model = build_model("transformer", (5,), 3, dim=8, depth=2, heads=2, vocab=7).eval()

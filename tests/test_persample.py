@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from sgdgeom.persample import (
     DataSource,
     FuncProducts,
     LayerRule,
+    capture,
     capture_chunk,
     make_products,
     per_sample_loss,
@@ -38,8 +40,12 @@ def _products(case, route, chunk=4):
     return make_products(case.model, case.loss, DataSource((case.x, case.y), chunk), route=route)
 
 
+@pytest.mark.parametrize("rows_limit", ["default", 0])
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_jvp_vjp_grads_gram_norms_against_explicit_gradients(name):
+def test_jvp_vjp_grads_gram_norms_against_explicit_gradients(name, rows_limit, monkeypatch):
+    """With the default limit, small layers keep per-sample rows; with 0, none does."""
+    if rows_limit == 0:
+        monkeypatch.setattr(capture, "ROWS_LIMIT", 0)
     case = make_case(name)
     G = per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
     g = torch.Generator().manual_seed(2)
@@ -80,9 +86,7 @@ def test_second_order_products_against_explicit_hessians(name):
     assert_close(
         products.second_directional(v), torch.einsum("i,nij,j->n", v, H, v), what="vᵀ H_i v"
     )
-    assert_close(
-        products.hessian_vector(v, w), torch.einsum("n,nij,j->i", w, H, v), what="Σ w H v"
-    )
+    assert_close(products.hessian_vector(v, w), torch.einsum("n,nij,j->i", w, H, v), what="Σ w H v")
     if name == "layernorm":  # PyTorch's third derivatives of layer_norm are wrong: refused
         with pytest.raises(UnsupportedModelError, match="layer_norm"):
             products.third_directional(v, w)
@@ -394,3 +398,28 @@ def test_data_source_validation():
     with pytest.raises(ValueError, match="chunk_size"):
         DataSource((torch.zeros(3, 2), torch.zeros(3)), chunk_size=0)
     assert [len(x) for _, x, _ in DataSource((torch.zeros(7, 2), torch.zeros(7)), 3)] == [3, 3, 1]
+
+
+def test_the_coverage_check_runs_once_per_model_loss_and_input_shape(monkeypatch):
+    seen = []
+    original = capture.check_coverage
+
+    def counting(*args):
+        seen.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(capture, "check_coverage", counting)
+    case = make_case("mlp-relu")
+    for _ in range(2):
+        DiffusionMatrix(case.model, case.loss, (case.x, case.y), route="capture")
+    assert len(seen) == 1
+    DiffusionMatrix(case.model, "mse", (case.x, torch.randn(len(case.x), 3).double()))
+    assert len(seen) == 2  # another loss: checked again
+
+
+def test_readme_any_model_example_runs():
+    """The README's transformer example, as written."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in readme.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if 'build_model("transformer"' in b]
+    exec(compile(block, "README.md", "exec"), {})

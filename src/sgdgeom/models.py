@@ -197,9 +197,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(input_shape[0], channels, 3, padding=1, bias=False)
         self.stem_norm = _norm(norm, channels, groups)
-        self.blocks = nn.Sequential(
-            *(ResidualBlock(channels, norm, groups) for _ in range(blocks))
-        )
+        self.blocks = nn.Sequential(*(ResidualBlock(channels, norm, groups) for _ in range(blocks)))
         self.out = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

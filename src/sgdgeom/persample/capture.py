@@ -7,18 +7,27 @@ losses at its outputs (samples are independent, so row i of the output gradient 
 :math:`\partial f_i / \partial z_i`), and the rules turn them into ``G v``, ``Gᵀ w``, the
 Gram matrix and rows of G (DESIGN §1), with no further pass over the model.
 
+**Rows where they are small.** Where a layer's per-sample gradients over a chunk take no
+more memory than what its calls keep (a convolution or a norm layer on large feature maps:
+``b x`` the layer's parameters against ``b x`` its activations), the capture forms them once
+(:class:`RowsCall`) and drops the calls: every product is then a matrix product with them.
+A rule that :attr:`~sgdgeom.persample.layers.LayerRule.prefer_rows` (the fallback) forms them
+whenever they fit in :data:`ROWS_LIMIT`.
+
 **Coverage check** (before the first product). The rules are exact only if each parameter
 is used inside its owner's forward: a weight also used elsewhere (tied weights,
 ``F.linear(h, enc.weight.t())``) would lose that use without a word. So
 :func:`check_coverage` compares, per parameter, the sum of the rules' per-sample gradients
 with autograd's batch gradient on a few samples; a mismatch raises
 :class:`CoverageError` naming the parameter. A module called several times is exact (its
-rule sums over the calls).
+rule sums over the calls). The check runs once per model, plan, loss and input shape: a
+model that passed it is not checked again (its parameters may change, its structure not).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +40,7 @@ from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample.base import PerSampleProducts
 from sgdgeom.persample.layers import LayerRule, rule_for
+from sgdgeom.persample.layers.registry import write
 from sgdgeom.persample.losses import LossSpec, PerSampleLoss, per_sample_loss
 from sgdgeom.persample.source import DataSource
 
@@ -39,12 +49,15 @@ __all__ = [
     "Chunk",
     "CoverageError",
     "Layer",
+    "RowsCall",
     "capture_chunk",
     "check_coverage",
     "plan_layers",
 ]
 
 COVERAGE_SAMPLES = 8  # samples of the first chunk that the coverage check uses
+ROWS_LIMIT = 2**28  # bytes of per-sample rows a layer may keep per chunk (256 MiB)
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> what passed
 
 
 class CoverageError(UnsupportedModelError):
@@ -69,6 +82,32 @@ class Layer:
     def views(self, flat: Tensor) -> dict[str, Tensor]:
         """The layer's parameters' parts of a flat ``(d,)`` vector, shaped like them."""
         return {n: flat[self.slices[n]].view(self.shapes[n]) for n in self.names}
+
+
+@dataclass
+class RowsCall:
+    """A layer's per-sample gradients over one chunk, summed over its calls: ``(b, numel)``
+    for each trainable parameter (local names)."""
+
+    rows: dict[str, Tensor]
+
+
+def _compact(layer: Layer, calls: list[Any], size: int) -> list[Any]:
+    """The calls, or one :class:`RowsCall` where the rows are the cheaper thing to keep."""
+    if not calls:
+        return calls
+    numel = sum(layer.shapes[n].numel() for n in layer.names)
+    itemsize = next(iter(layer.module.parameters())).element_size()
+    rows_bytes = size * numel * itemsize
+    limit = ROWS_LIMIT if layer.rule.prefer_rows else min(ROWS_LIMIT, _nbytes([calls]))
+    if rows_bytes > limit:
+        return calls
+    rows: dict[str, Tensor] = {}
+    for call in calls:
+        for name, part in layer.rule.per_sample(layer.module, call, layer.names).items():
+            part = part.reshape(size, -1)
+            rows[name] = rows[name] + part if name in rows else part
+    return [RowsCall(rows)]
 
 
 @dataclass
@@ -170,7 +209,8 @@ def capture_chunk(
             )
             for saved, outs in record
         ]
-        calls.append(layer.rule.merge(layer.module, layer_calls) if layer_calls else [])
+        merged = layer.rule.merge(layer.module, layer_calls) if layer_calls else []
+        calls.append(_compact(layer, merged, len(x)))
     return calls, losses.detach(), list(grads[len(outputs) :])
 
 
@@ -235,7 +275,15 @@ class CaptureProducts(PerSampleProducts):
                 yield Chunk(start, len(x), calls, losses)
 
         _, x, y = next(data.chunks())
-        check_coverage(model, layers, space, loss, x[:COVERAGE_SAMPLES], y[:COVERAGE_SAMPLES])
+        key = (
+            tuple((id(layer.module), tuple(layer.names)) for layer in layers),
+            loss_fn if isinstance(loss_fn, str) else id(loss_fn),
+            tuple(x.shape[1:]),
+            x.dtype,
+        )
+        if _CHECKED.get(model) != key:
+            check_coverage(model, layers, space, loss, x[:COVERAGE_SAMPLES], y[:COVERAGE_SAMPLES])
+            _CHECKED[model] = key
         if cache is False:
             return cls(space, layers, stream, data.n)
         chunks = stream()
@@ -246,6 +294,40 @@ class CaptureProducts(PerSampleProducts):
         cached = [first, *chunks]
         return cls(space, layers, lambda: iter(cached), data.n)
 
+    # ------------------------------------------------------------------ one call
+
+    @staticmethod
+    def _call_jvp(layer: Layer, call: Any, view: dict[str, Tensor]) -> Tensor:
+        if isinstance(call, RowsCall):
+            return sum(call.rows[n] @ view[n].reshape(-1) for n in layer.names)
+        return layer.rule.jvp(layer.module, call, view)
+
+    @staticmethod
+    def _call_vjp(
+        layer: Layer, call: Any, w: Tensor, out: dict[str, Tensor], accumulate: bool
+    ) -> None:
+        if isinstance(call, RowsCall):
+            for name, target in out.items():
+                write(target, (w @ call.rows[name]).view(target.shape), accumulate)
+        else:
+            layer.rule.vjp(layer.module, call, w, out, accumulate)
+
+    @staticmethod
+    def _call_rows(layer: Layer, call: Any) -> dict[str, Tensor]:
+        if isinstance(call, RowsCall):
+            return call.rows
+        return layer.rule.per_sample(layer.module, call, layer.names)
+
+    @staticmethod
+    def _call_gram(layer: Layer, call_i: Any, call_j: Any) -> Tensor | None:
+        """``g_i · g_j`` over the layer between two calls, or ``None`` (materialise)."""
+        rows_i, rows_j = isinstance(call_i, RowsCall), isinstance(call_j, RowsCall)
+        if rows_i and rows_j:
+            return sum(call_i.rows[n] @ call_j.rows[n].T for n in layer.names)
+        if rows_i or rows_j:
+            return None
+        return layer.rule.gram(layer.module, call_i, call_j, layer.names)
+
     # ------------------------------------------------------------------ products
 
     def jvp(self, v: Tensor) -> Tensor:
@@ -255,7 +337,7 @@ class CaptureProducts(PerSampleProducts):
             part = out[chunk.start : chunk.start + chunk.size]
             for layer, calls, view in zip(self.layers, chunk.calls, views, strict=True):
                 for call in calls:
-                    part += layer.rule.jvp(layer.module, call, view)
+                    part += self._call_jvp(layer, call, view)
         return out
 
     def vjp(self, w: Tensor, out: Tensor | None = None) -> Tensor:
@@ -270,7 +352,7 @@ class CaptureProducts(PerSampleProducts):
             wc = w[chunk.start : chunk.start + chunk.size]
             for k, (layer, calls) in enumerate(zip(self.layers, chunk.calls, strict=True)):
                 for call in calls:
-                    layer.rule.vjp(layer.module, call, wc, views[k], accumulate=written[k])
+                    self._call_vjp(layer, call, wc, views[k], accumulate=written[k])
                     written[k] = True
         for k, view in enumerate(views):
             if not written[k]:  # never called: zero per-sample gradients
@@ -284,7 +366,7 @@ class CaptureProducts(PerSampleProducts):
         width = sum(self.layers_numel(layer))
         rows = torch.zeros(size, width, dtype=self.space.dtype, device=self.space.device)
         for call in calls:
-            parts = layer.rule.per_sample(layer.module, call, layer.names)
+            parts = self._call_rows(layer, call)
             rows += torch.cat([parts[n].reshape(size, -1) for n in layer.names], 1)
         return rows
 
@@ -324,7 +406,7 @@ class CaptureProducts(PerSampleProducts):
                         continue
                     part = None
                     if len(calls_i) == len(calls_j) == 1:
-                        part = layer.rule.gram(layer.module, calls_i[0], calls_j[0], layer.names)
+                        part = self._call_gram(layer, calls_i[0], calls_j[0])
                     if part is None:  # no ghost formula: materialise this layer's rows
                         part = (
                             self._rows(layer, calls_i, chunk_i.size)
@@ -345,7 +427,7 @@ class CaptureProducts(PerSampleProducts):
             stop = chunk.start + chunk.size
             for layer, calls in zip(self.layers, chunk.calls, strict=True):
                 norms = None
-                if len(calls) == 1:
+                if len(calls) == 1 and not isinstance(calls[0], RowsCall):
                     norms = layer.rule.sq_norms(layer.module, calls[0], layer.names)
                 if norms is None and calls:
                     rows = self._rows(layer, calls, chunk.size).square()

@@ -8,7 +8,8 @@ convolution (same stride, padding and dilation):
   v_b\cdot\sum_{hw}\Delta_i`, one forward-sized convolution;
 - ``vjp``: :math:`\sum_i w_i g_i` is the weight gradient of the batch with output gradients
   :math:`w_i\Delta_i` (``torch.nn.grad.conv2d_weight``);
-- ``per_sample``: :math:`\Delta_i\,\mathrm{unfold}(A_i)^\top`, ``(b, out·in·k_h·k_w)``.
+- ``per_sample``: the weight gradient of each sample alone, as one grouped convolution with
+  the samples as groups, ``(b, out·in·k_h·k_w)``.
 
 Grouped convolutions, string padding and other padding modes are declined, so they take the
 module-local fallback (exact, slower).
@@ -94,18 +95,20 @@ class ConvRule(LayerRule):
             write(out["bias"], weighted.sum((0, 2, 3)), accumulate)
 
     def per_sample(self, module: nn.Module, call: ConvCall, names: list[str]) -> Params:
-        grads = call.grads.flatten(2)
+        """Each sample's weight gradient as one grouped weight-gradient convolution, the
+        samples as groups: the cost of one batch weight gradient."""
+        b, c_in, h, w = call.inputs.shape
         rows = {}
         if "weight" in names:
-            geometry = _geometry(module)
-            patches = F.unfold(
-                call.inputs,
-                _shape2d(module)[2:],
-                geometry["dilation"],
-                geometry["padding"],
-                geometry["stride"],
+            shape = _shape2d(module)
+            g_w = torch.nn.grad.conv2d_weight(
+                call.inputs.reshape(1, b * c_in, h, w),
+                (b * shape[0], *shape[1:]),
+                call.grads.reshape(1, b * shape[0], *call.grads.shape[2:]),
+                **_geometry(module),
+                groups=b,
             )
-            rows["weight"] = torch.einsum("nop,nkp->nok", grads, patches).flatten(1)
+            rows["weight"] = g_w.reshape(b, -1)
         if "bias" in names:
-            rows["bias"] = grads.sum(2)
+            rows["bias"] = call.grads.sum((2, 3))
         return rows

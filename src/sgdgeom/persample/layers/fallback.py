@@ -13,6 +13,11 @@ inputs, with :math:`\theta` its parameters (those of its children included) and
 - ``per_sample``: ``vmap`` over the samples of the VJP with :math:`\delta_i`. Its memory is
   ``b x`` (the module's parameters) per chunk; ``gram`` and ``sq_norms`` materialise it.
 
+The rule prefers rows (:attr:`~LayerRule.prefer_rows`): where they fit in
+:data:`~sgdgeom.persample.capture.ROWS_LIMIT`, the capture forms them once (one ``vmap``,
+cheaper than one forward-mode pass through attention) and every product is a matrix
+product with them; else every product differentiates the module again.
+
 So one model mixes ghost-product rules and fallback modules, and D stays on the capture
 route. The batch is dimension 0 of every input and output, or dimension 1 for a module with
 ``batch_first=False`` (``nn.MultiheadAttention``'s default); an output without that batch
@@ -79,6 +84,7 @@ class FallbackRule(LayerRule):
     """Exact per-sample products of any module through ``torch.func`` (module-local)."""
 
     recursive = True
+    prefer_rows = True
 
     def record(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -118,6 +124,7 @@ class FallbackRule(LayerRule):
         return [outputs[k] for k in call.used]
 
     def jvp(self, module: nn.Module, call: FallbackCall, v: Params) -> Tensor:
+
         def contracted(p: Params) -> Tensor:
             outputs = self._forward(module, call, p, call.leaves)
             return sum(

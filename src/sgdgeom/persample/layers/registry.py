@@ -59,6 +59,9 @@ class LayerRule:
 
     #: whether the rule owns the parameters of the module's children too
     recursive = False
+    #: whether the capture should form the per-sample rows whenever they fit in memory
+    #: (else only where they are smaller than what the call keeps)
+    prefer_rows = False
 
     def supports(self, module: nn.Module) -> str | None:
         """``None`` if the rule is exact for this module, else the reason it is not."""
