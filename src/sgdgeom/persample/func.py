@@ -152,13 +152,17 @@ class FuncProducts(PerSampleProducts):
         with reference_kernels():
             return vmap(single, in_dims=(None, 0, 0))(params, x, y)
 
+    def _over_chunks(self, value: Callable[[Tensor, Tensor], Tensor], desc: str) -> Tensor:
+        """The ``(N,)`` vector of per-sample values ``value(x_chunk, y_chunk) -> (b,)``."""
+        out = torch.empty(self.n, dtype=self.space.dtype, device=self.space.device)
+        for start, x, y in self._chunks(desc):
+            values = value(x, y)
+            out[start : start + len(values)] = values
+        return out
+
     def jvp(self, v: Tensor) -> Tensor:
         tangent = self.space.unflatten(v)
-        out = torch.empty(self.n, dtype=v.dtype, device=v.device)
-        for start, x, y in self._chunks("G v"):
-            c = self._directional(self.params, x, y, tangent)
-            out[start : start + len(c)] = c
-        return out
+        return self._over_chunks(lambda x, y: self._directional(self.params, x, y, tangent), "G v")
 
     def _weighted_grad(
         self, weights: Tensor, scalar: Callable[[Params, Tensor, Tensor], Tensor], desc: str
@@ -177,11 +181,7 @@ class FuncProducts(PerSampleProducts):
 
     def second_directional(self, v: Tensor) -> Tensor:
         tangent = self.space.unflatten(v)
-        out = torch.empty(self.n, dtype=v.dtype, device=v.device)
-        for start, x, y in self._chunks("vᵀ H v"):
-            second = self._second(self.params, x, y, tangent)
-            out[start : start + len(second)] = second
-        return out
+        return self._over_chunks(lambda x, y: self._second(self.params, x, y, tangent), "vᵀ H v")
 
     def hessian_vector(self, v: Tensor, weights: Tensor) -> Tensor:
         tangent = self.space.unflatten(v)
@@ -218,9 +218,5 @@ class FuncProducts(PerSampleProducts):
             yield start, torch.cat([grads[n].reshape(len(x), -1) for n in self.space.names], 1)
 
     def losses(self) -> Tensor:
-        out = torch.empty(self.n, dtype=self.space.dtype, device=self.space.device)
         with torch.no_grad():
-            for start, x, y in self._chunks("losses"):
-                values = self.batch_losses(self.params, x, y)
-                out[start : start + len(values)] = values
-        return out
+            return self._over_chunks(lambda x, y: self.batch_losses(self.params, x, y), "losses")
