@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from sgdgeom.data import load_dataset
+from sgdgeom.models import build_model
 
 
 def sync(device: torch.device) -> None:
@@ -125,3 +129,26 @@ def print_table(
             f"{name:<30} {seconds * 1e3:>8.2f}ms {seconds / base_t:>7.2f} {mib:>9.1f} "
             f"{mib / base_m:>7.2f} {step:>9.1f} {step / max(base_s, 1e-9):>7.2f}"
         )
+
+
+def make_case(name: str, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The benchmark models and one batch: ``mlp`` (Musso's 784-784-784-10, B = 256 of
+    MNIST-5k), ``cnn`` (Musso eq. 24, B = 64 random 32x32 images), ``transformer`` (2 blocks,
+    dim 64, MNIST-5k digits as 28 tokens, B = 64) and ``resnet-gn`` (16 channels, 2 blocks,
+    B = 64 random 32x32 images)."""
+    torch.manual_seed(0)
+    if name in ("mlp", "transformer"):
+        ds = load_dataset("mnist5k")
+        batch = 256 if name == "mlp" else 64
+        x, y = ds.normalize(ds.x_train[:batch]), ds.y_train[:batch]
+        if name == "mlp":
+            model = build_model("fc", ds.input_shape, 10, depth=2)
+        else:
+            model = build_model("transformer", ds.input_shape, 10, dim=64, depth=2, heads=4)
+    elif name == "resnet-gn":
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        model = build_model("resnet-gn", (3, 32, 32), 10, channels=16, blocks=2)
+    else:
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        model = build_model("cnn-cifar10", (3, 32, 32), 10, init="kaiming")
+    return model.to(device), x.to(device), y.to(device)

@@ -36,6 +36,7 @@ from torch.func import functional_call, grad, vmap
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     interleaved_times,
+    make_case,
     median_time,
     peak_memory,
     peak_rss_in_child,
@@ -48,25 +49,6 @@ from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.models import build_model
 from sgdgeom.persample.func import reference_kernels
-
-
-def make_case(name: str, device: torch.device):
-    torch.manual_seed(0)
-    if name in ("mlp", "transformer"):
-        ds = load_dataset("mnist5k")
-        batch = 256 if name == "mlp" else 64
-        x, y = ds.normalize(ds.x_train[:batch]), ds.y_train[:batch]
-        if name == "mlp":
-            model = build_model("fc", ds.input_shape, 10, depth=2)
-        else:
-            model = build_model("transformer", ds.input_shape, 10, dim=64, depth=2, heads=4)
-    elif name == "resnet-gn":
-        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-        model = build_model("resnet-gn", (3, 32, 32), 10, channels=16, blocks=2)
-    else:
-        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-        model = build_model("cnn-cifar10", (3, 32, 32), 10, init="kaiming")
-    return model.to(device), x.to(device), y.to(device)
 
 
 def vmap_matvec(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable:

@@ -2,17 +2,18 @@
 
 Run: ``python benchmarks/optim.py [--device cuda]``.
 
-Musso's 784-784-784-10 MLP on MNIST-5k digits at B = 256 (issue 4). Every route is a
+Cases (``--cases``, see ``common.make_case``): Musso's 784-784-784-10 MLP on MNIST-5k
+digits at B = 256, the 2-block transformer and the ResNet-GN at B = 64. Every route is a
 whole training step (zero_grad, forward, backward, optimizer step); the baseline is
 ``torch.optim.SGD`` with momentum. Routes:
 
-- weak, fixed ε: ``(I − εD) ḡ`` with ε checked against ``tr D`` (no Gram matrix);
-- weak, ε = auto: ε = 0.5/λ_max of the batch, so the B x B Gram matrix every step;
-- exact, ε = auto: ``(I + εD)⁻¹ ḡ`` by Woodbury through the Gram matrix;
-- fused (the same three): the metric gradient is computed in place of the Linear layers'
-  weight gradients, which the backward then skips;
-- closure route, weak: the generic route for any model, which materialises the per-sample
-  gradients (B x d) with one batched backward.
+- default, weak / exact, ε auto: ``DiffusionMetricSGD(model, lr, eps="auto", mode=…)``
+  as constructed by default: fused (the metric gradient in place of the weight
+  gradients, which the backward skips), the B x B Gram matrix every step;
+- the same with a fixed ε (weak): no Gram matrix when ε tr D < 1;
+- unfused (``fused=False``), weak / exact: the weight gradients in the backward too;
+- closure route, weak: the route for parameters without the model, which materialises
+  the per-sample gradients (B x d) with one batched backward.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     interleaved_times,
+    make_case,
     peak_memory,
     peak_rss_in_child,
     print_table,
@@ -36,19 +38,9 @@ from common import (
     resident_mib,
 )
 
-from sgdgeom.data import load_dataset
-from sgdgeom.models import build_model
 from sgdgeom.optim import DiffusionMetricSGD
 
 BASELINE = "SGD step (baseline)"
-
-
-def make_case(device: torch.device):
-    torch.manual_seed(0)
-    ds = load_dataset("mnist5k")
-    x, y = ds.normalize(ds.x_train[:256]).to(device), ds.y_train[:256].to(device)
-    model = build_model("fc", ds.input_shape, 10, depth=2).to(device)
-    return model, x, y
 
 
 def routes(template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable]:
@@ -78,32 +70,16 @@ def routes(template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, C
 
         return step
 
+    def diffusion(**options: object) -> Callable:
+        return attached(lambda m: DiffusionMetricSGD(m, lr=1e-4, momentum=0.9, **options))
+
     return {
         BASELINE: attached(lambda m: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)),
-        "diffusion weak, fixed eps": attached(
-            lambda m: DiffusionMetricSGD(m, lr=1e-4, momentum=0.9, eps=1e-3, mode="weak")
-        ),
-        "diffusion weak, eps auto": attached(
-            lambda m: DiffusionMetricSGD(m, lr=1e-4, momentum=0.9, eps="auto", mode="weak")
-        ),
-        "diffusion exact, eps auto": attached(
-            lambda m: DiffusionMetricSGD(m, lr=1e-4, momentum=0.9, eps="auto", mode="exact")
-        ),
-        "fused weak, fixed eps": attached(
-            lambda m: DiffusionMetricSGD(
-                m, lr=1e-4, momentum=0.9, eps=1e-3, mode="weak", fused=True
-            )
-        ),
-        "fused weak, eps auto": attached(
-            lambda m: DiffusionMetricSGD(
-                m, lr=1e-4, momentum=0.9, eps="auto", mode="weak", fused=True
-            )
-        ),
-        "fused exact, eps auto": attached(
-            lambda m: DiffusionMetricSGD(
-                m, lr=1e-4, momentum=0.9, eps="auto", mode="exact", fused=True
-            )
-        ),
+        "default, weak, eps auto": diffusion(eps="auto", mode="weak"),
+        "default, exact, eps auto": diffusion(eps="auto", mode="exact"),
+        "default, weak, fixed eps": diffusion(eps=1e-3, mode="weak"),
+        "unfused, weak, eps auto": diffusion(eps="auto", mode="weak", fused=False),
+        "unfused, exact, eps auto": diffusion(eps="auto", mode="exact", fused=False),
         "closure route, weak, eps auto": closure_route,
     }
 
@@ -112,31 +88,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--memory", metavar="ROUTE", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cases", nargs="+", default=["mlp", "transformer", "resnet-gn"], metavar="CASE"
+    )
+    parser.add_argument("--memory", nargs=2, metavar=("CASE", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.memory:
-        model, x, y = make_case(device)
+        model, x, y = make_case(args.memory[0], device)
         before = resident_mib()
-        routes(model, x, y)[args.memory]()()
+        routes(model, x, y)[args.memory[1]]()()
         report_peak_rss(before)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    model, x, y = make_case(device)
-    setups = routes(model, x, y)
-    if device.type == "cuda":
-        memory = {route: peak_memory(setup, device) for route, setup in setups.items()}
-    else:
-        memory = {route: peak_rss_in_child(__file__, route) for route in setups}
-    seconds = interleaved_times(
-        {route: setup() for route, setup in setups.items()}, device, args.repeats
-    )
-    d = sum(p.numel() for p in model.parameters())
-    print_table(
-        f"784-784-784-10 MLP: d = {d:,}, B = {len(x)}, {device}",
-        [(route, seconds[route], memory[route]) for route in setups],
-        BASELINE,
-    )
+    for name in args.cases:
+        model, x, y = make_case(name, device)
+        setups = routes(model, x, y)
+        if device.type == "cuda":
+            memory = {route: peak_memory(setup, device) for route, setup in setups.items()}
+        else:
+            memory = {route: peak_rss_in_child(__file__, name, route) for route in setups}
+        seconds = interleaved_times(
+            {route: setup() for route, setup in setups.items()}, device, args.repeats
+        )
+        d = sum(p.numel() for p in model.parameters())
+        print_table(
+            f"{name}: d = {d:,}, B = {len(x)}, {device}",
+            [(route, seconds[route], memory[route]) for route in setups],
+            BASELINE,
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from sgdgeom.optim.local_entropy import (
     m_loss,
     split_sizes,
 )
+from sgdgeom.persample import per_sample_loss, plan_layers
+from sgdgeom.persample.layers.linear import LinearRule
+from tests.cases import CASE_NAMES, make_case
 from tests.distributed import spawn
 
 
@@ -342,3 +345,51 @@ def test_ddp_averages_to_the_global_batch_gradient(tmp_path):
     ple(x, y).backward()
     for got, expected in zip(torch.load(results), model.parameters(), strict=True):
         torch.testing.assert_close(got, expected.grad, rtol=0, atol=1e-12)
+
+
+def _linear_layers(model):
+    return [
+        layer.name
+        for layer in plan_layers(model)
+        if isinstance(layer.rule, LinearRule) and "weight" in layer.names
+    ]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_prefix_gradient_equals_naive_on_every_zoo_model(name):
+    """Smoothing every trainable Linear weight: the batched route, where it is taken, has the
+    naive route's loss and gradient; where it cannot be exact, auto takes the naive one."""
+    results = {}
+    for route in ("naive", "auto"):
+        case = make_case(name)
+        ple = PartialLocalEntropy(
+            case.model,
+            per_sample_loss(case.loss),
+            layers=_linear_layers(case.model),
+            R=0.2,
+            y=3,
+            route=route,
+            generator=torch.Generator().manual_seed(5),
+        )
+        loss = ple(case.x, case.y)
+        loss.backward()
+        grads = [p.grad for p in case.model.parameters() if p.requires_grad]
+        results[route] = (loss.detach(), grads, ple.route)
+    expected_route = "naive" if name in ("tied-autoencoder", "transformer") else "prefix"
+    assert results["auto"][2] == expected_route
+    torch.testing.assert_close(results["auto"][0], results["naive"][0], rtol=1e-12, atol=0)
+    for a, b in zip(results["auto"][1], results["naive"][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_explicit_prefix_names_the_tied_weight():
+    case = make_case("tied-autoencoder")
+    ple = PartialLocalEntropy(case.model, layers=["enc"], R=0.2, route="prefix")
+    with pytest.raises(UnsupportedModelError, match=r"enc\.weight .*outside that module"):
+        ple(case.x, case.y)
+    residual = make_case("transformer")
+    ple = PartialLocalEntropy(
+        residual.model, layers=["layers.layers.0.linear1"], R=0.2, route="prefix"
+    )
+    with pytest.raises(UnsupportedModelError, match="skip connection"):
+        ple(residual.x, residual.y)

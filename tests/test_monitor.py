@@ -173,3 +173,55 @@ def test_cli_temperatures_remakes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run/temperatures.png").is_file()
     assert_one_line_error(sgdgeom("temperatures", tmp_path), "has no metrics.jsonl")
+
+
+def test_plain_object_outside_the_trainer_with_its_own_loss():
+    """No Trainer: record() after each backward; the trace uses the run's loss (MSE)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    monitor = LayerTemperature(model=model, trace_every=1, probe=(x, y), loss_fn="mse")
+    for _ in range(3):
+        model.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        monitor.record()
+    metrics = monitor.epoch_metrics(1)
+    D = DiffusionMatrix(model, "mse", (x, y))
+    traces = D.param_traces()
+    assert metrics["trace/0"] == pytest.approx(traces["0.weight"] / 12, rel=1e-10)
+    assert set(metrics) >= {"temp/0/signal", "temp/2/noise", "trace/2"}
+    assert monitor.epoch_metrics(2) == {}  # reset after an epoch
+
+
+def test_layers_come_from_the_registry():
+    from tests.cases import make_case
+
+    case = make_case("transformer")
+    monitor = LayerTemperature(model=case.model)
+    # attention (the fallback rule) is one layer with its two projection matrices; LayerNorm
+    # has no weight matrix; frozen weights are not monitored
+    assert "layers.layers.0.self_attn" in monitor._layers
+    assert [n for n, _ in monitor._layers["layers.layers.0.self_attn"]] == [
+        "layers.layers.0.self_attn.in_proj_weight",
+        "layers.layers.0.self_attn.out_proj.weight",
+    ]
+    assert not any("norm" in name for name in monitor._layers)
+    frozen = make_case("partly-frozen")
+    assert list(LayerTemperature(model=frozen.model)._layers) == ["fc2", "out"]
+
+
+def test_a_missing_gradient_is_an_error_not_a_silent_skip():
+    from sgdgeom.optim import DiffusionMetricSGD
+
+    model, batches = tiny()
+    monitor = LayerTemperature(model=model)
+    opt = DiffusionMetricSGD(model, lr=0.1)  # fused by default: .grad stays empty
+    for step, (x, y) in enumerate(batches[:2]):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step == 0:
+            monitor.record()  # the first, checked step is unfused
+        else:
+            with pytest.raises(RuntimeError, match="fused=False"):
+                monitor.record()
+        opt.step()

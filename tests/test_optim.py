@@ -8,22 +8,26 @@ import pytest
 import torch
 from torch import nn
 
+from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.optim import DiffusionMetricSGD
-from sgdgeom.persample import per_sample_loss
-from tests.cases import make_case
+from sgdgeom.persample import CoverageError, per_sample_loss
+from tests.cases import CAPTURE_REFUSED, CASE_NAMES, make_case
 from tests.distributed import spawn
 from tests.reference import dense_diffusion, per_sample_gradients
 
 
-def dense_update(case, eps, mode):
-    """x − (I + εD)⁻¹ ḡ or x − (I − εD) ḡ with D, ḡ of the batch, from explicit gradients."""
-    G = per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
+def dense_update(case, eps, mode, lr=1.0):
+    """x − lr (I + εD)⁻¹ ḡ or x − lr (I − εD) ḡ with D, ḡ of the batch, from explicit
+    gradients (trainable parameters only), computed on a twin of the model: the optimizer
+    under test records every backward through its model."""
+    twin = make_case(case.name)
+    twin.model.load_state_dict(case.model.state_dict())
+    G = per_sample_gradients(twin.model, per_sample_loss(case.loss), case.x, case.y)
     D, g_bar = dense_diffusion(G), G.mean(0)
     eye = torch.eye(len(D), dtype=torch.float64)
     eps = 0.5 / float(torch.linalg.eigvalsh(D)[-1]) if eps == "auto" else eps
     step = torch.linalg.solve(eye + eps * D, g_bar) if mode == "exact" else g_bar - eps * D @ g_bar
-    x = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
-    return x - step, eps
+    return flat(case.model) - lr * step, eps
 
 
 def loss_and_backward(case):
@@ -32,80 +36,154 @@ def loss_and_backward(case):
     return loss
 
 
-@pytest.mark.parametrize("mode", ["weak", "exact"])
-@pytest.mark.parametrize("eps", ["auto", "fixed"])
-@pytest.mark.parametrize(
-    "name", ["mlp-relu", "small-cnn", "sequence", "mse-regression", "layernorm"]
-)
-def test_update_equals_dense_update(name, eps, mode):
-    case = make_case(name)
-    eps_value = "auto" if eps == "auto" else 0.8 / _lambda_max(case)
-    expected, eps_used = dense_update(case, eps_value, mode)
-    opt = DiffusionMetricSGD(
-        case.model, lr=1.0, eps=eps_used if eps == "fixed" else "auto", mode=mode
-    )
-    if name == "layernorm":  # no fast route: the closure gives the per-sample losses
-        assert not opt.attached
-        opt.step(lambda: per_sample_loss(case.loss)(case.model(case.x), case.y))
-    else:
-        assert opt.attached
-        loss_and_backward(case)
-        opt.step()
-    x = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
-    torch.testing.assert_close(x, expected, rtol=0, atol=1e-10)
-    assert opt.stats["eps"] == pytest.approx(eps_used, rel=1e-9)
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
+ATTACHED = [n for n in CASE_NAMES if n not in CAPTURE_REFUSED]
+
+
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("mode", ["weak", "exact"])
-@pytest.mark.parametrize("eps", ["auto", "fixed"])
-@pytest.mark.parametrize("name", ["mlp-relu", "sequence", "mse-regression"])
-def test_fused_update_equals_dense_update(name, eps, mode):
-    """fused=True: no weight gradients in the backward, the metric gradient in their place."""
+@pytest.mark.parametrize("name", ATTACHED)
+def test_update_equals_dense_update_on_every_zoo_model(name, mode, fused):
+    """Two steps of the ordinary loop; the second (fused, if asked: the first is the checked
+    unfused one) equals the update from dense per-sample gradients at that point."""
     case = make_case(name)
-    eps_value = "auto" if eps == "auto" else 0.8 / _lambda_max(case)
-    expected, eps_used = dense_update(case, eps_value, mode)
-    opt = DiffusionMetricSGD(
-        case.model, lr=1.0, eps=eps_used if eps == "fixed" else "auto", mode=mode, fused=True
-    )
+    opt = DiffusionMetricSGD(case.model, lr=0.1, eps="auto", mode=mode, fused=fused)
+    assert opt.attached and opt.fused == fused
     loss_and_backward(case)
-    assert all(p.grad is None for p in case.model.parameters())
     opt.step()
-    x = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
-    torch.testing.assert_close(x, expected, rtol=0, atol=1e-10)
+    opt.zero_grad()
+    expected, eps_used = dense_update(case, "auto", mode, lr=0.1)
+    loss_and_backward(case)
+    if fused:
+        assert all(p.grad is None for p in case.model.parameters())
+    opt.step()
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
     assert opt.stats["eps"] == pytest.approx(eps_used, rel=1e-9)
 
 
-def test_fused_equals_unfused_over_steps_with_momentum_and_decay():
-    cases = [make_case("mlp-tanh"), make_case("mlp-tanh")]
-    opts = [
-        DiffusionMetricSGD(
-            c.model,
-            lr=0.3,
-            momentum=0.9,
-            nesterov=True,
-            weight_decay=0.01,
-            mode="exact",
-            fused=fused,
-        )
-        for c, fused in zip(cases, (False, True), strict=True)
-    ]
-    x = cases[0].x.clone().requires_grad_()
-    for _ in range(3):
-        input_grads = []
-        for c, opt in zip(cases, opts, strict=True):
-            opt.zero_grad()
-            loss = per_sample_loss(c.loss)(c.model(x), c.y).mean()
-            input_grads.append(torch.autograd.grad(loss, x, retain_graph=True)[0])
-            loss.backward()
+@pytest.mark.parametrize("eps", ["auto", "fixed"])
+@pytest.mark.parametrize("name", ["mlp-relu", "small-cnn", "layernorm"])
+def test_fixed_and_auto_eps_on_the_first_step(name, eps):
+    case = make_case(name)
+    eps_value = "auto" if eps == "auto" else 0.8 / _lambda_max(case)
+    expected, _ = dense_update(case, eps_value, "exact")
+    opt = DiffusionMetricSGD(case.model, lr=1.0, eps=eps_value, mode="exact")
+    loss_and_backward(case)
+    opt.step()
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_extra_forward_or_a_no_grad_forward_is_ignored(fused):
+    case, other = make_case("transformer"), make_case("transformer", seed=1)
+    opt = DiffusionMetricSGD(case.model, lr=0.1, mode="exact", fused=fused)
+    for step in range(2):
+        if step == 1:
+            expected, _ = dense_update(case, "auto", "exact", lr=0.1)
+        opt.zero_grad()
+        loss = per_sample_loss(case.loss)(case.model(case.x), case.y).mean()
+        case.model(other.x)  # an evaluation inside the loop: never backpropagated
+        with torch.no_grad():
+            case.model(other.x)
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradient_accumulation_steps_with_the_union_of_the_micro_batches(fused):
+    case = make_case("resnet-gn")
+    opt = DiffusionMetricSGD(case.model, lr=0.1, mode="exact", fused=fused)
+    halves = [slice(0, 4), slice(4, 7)]  # unequal micro-batches of the 7 samples
+    for step in range(2):
+        if step == 1:
+            expected, _ = dense_update(case, "auto", "exact", lr=0.1)
+        opt.zero_grad()
+        for part in halves:
+            losses = per_sample_loss(case.loss)(case.model(case.x[part]), case.y[part])
+            (losses.sum() / len(case.x)).backward()  # the mean over the union
+        opt.step()
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
+
+
+def test_a_loss_reduction_that_does_not_match_fails_the_first_step_with_a_hint():
+    case = make_case("mlp-relu")
+    opt = DiffusionMetricSGD(case.model, lr=0.1, loss_reduction="sum")
+    loss_and_backward(case)  # a mean
+    with pytest.raises(CoverageError, match="12 times the mean.*loss_reduction='sum'"):
+        opt.step()
+
+
+def test_tied_weights_are_named_and_the_closure_route_is_exact():
+    case = make_case("tied-autoencoder")
+    expected, _ = dense_update(case, "auto", "weak")
+    opt = DiffusionMetricSGD(case.model, lr=1.0)
+    loss_and_backward(case)
+    before = flat(case.model)
+    with pytest.raises(CoverageError, match=r"enc\.weight.*tied weights.*step\(closure\)"):
+        opt.step()
+    assert torch.equal(flat(case.model), before)  # nothing moved
+    assert all("forward" not in m.__dict__ for m in case.model.modules())  # hooks gone
+    case.model.zero_grad()
+    opt.step(lambda: per_sample_loss(case.loss)(case.model(case.x), case.y))
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
+
+
+def test_fused_refuses_a_gradient_from_outside_its_layers():
+    case = make_case("mlp-relu")
+    opt = DiffusionMetricSGD(case.model, lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = per_sample_loss(case.loss)(case.model(case.x), case.y).mean()
+        if opt._recorder.fusing:  # a penalty on the weights reaches .grad directly
+            loss = loss + 0.1 * case.model.fc1.weight.square().sum()
+        loss.backward()
+        if opt._recorder.fusing:
+            with pytest.raises(RuntimeError, match=r"fc1\.weight received a gradient.*fused"):
+                opt.step()
+        else:
             opt.step()
-        torch.testing.assert_close(input_grads[0], input_grads[1], rtol=0, atol=1e-13)
-    for p, q in zip(cases[0].model.parameters(), cases[1].model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_fused_step_without_a_backward_is_an_error():
+    case = make_case("mlp-relu")
+    opt = DiffusionMetricSGD(case.model, lr=0.1)
+    loss_and_backward(case)
+    opt.step()
+    assert opt._recorder.fusing
+    case.model(case.x)  # forward, no backward
+    with pytest.raises(RuntimeError, match="no backward through the model"):
+        opt.step()
+
+
+def test_batchnorm_in_train_mode_is_refused_on_both_routes():
+    case = make_case("resnet-bn-eval")
+    case.model.train()
+    opt = DiffusionMetricSGD(case.model, lr=0.1)
+    loss_and_backward(case)
+    with pytest.raises(UnsupportedModelError, match=r"BatchNorm layer 'stem_norm'.*GroupNorm"):
+        opt.step()
+    opt.detach()
+    with pytest.raises(UnsupportedModelError, match="BatchNorm layer 'stem_norm'"):
+        opt.step(lambda: per_sample_loss(case.loss)(case.model(case.x), case.y))
+
+
+def test_parameters_instead_of_the_model_get_the_true_reason():
+    mlp = make_case("mlp-relu").model
+    opt = DiffusionMetricSGD(mlp.parameters(), lr=0.05)
+    with pytest.raises(RuntimeError, match="given parameters, not the model"):
+        opt.step()
 
 
 def test_fused_detach_gives_the_layers_their_weight_gradients_back():
     case = make_case("mlp-relu")
     opt = DiffusionMetricSGD(case.model, lr=0.1, fused=True)
+    loss_and_backward(case)
+    opt.step()
+    case.model.zero_grad(set_to_none=True)
     loss_and_backward(case)
     assert all(p.grad is None for p in case.model.parameters())
     opt.detach()
@@ -114,14 +192,11 @@ def test_fused_detach_gives_the_layers_their_weight_gradients_back():
     assert all("forward" not in m.__dict__ for m in case.model.modules())
 
 
-def test_fused_refuses_what_it_cannot_fuse():
-    cnn = make_case("small-cnn").model
-    before = {name: dict(m._forward_hooks) for name, m in cnn.named_modules()}
-    with pytest.raises(ValueError, match="Linear layers only"):
-        DiffusionMetricSGD(cnn, lr=0.1, fused=True)
-    assert {name: dict(m._forward_hooks) for name, m in cnn.named_modules()} == before
+def test_fused_arguments_are_checked():
     with pytest.raises(ValueError, match="needs the model itself"):
         DiffusionMetricSGD(list(make_case("mlp-relu").model.parameters()), lr=0.1, fused=True)
+    with pytest.raises(ValueError, match="Invalid fused"):
+        DiffusionMetricSGD(make_case("mlp-relu").model, lr=0.1, fused="yes")
 
 
 def test_fixed_eps_just_below_one_over_lambda_max_is_accepted():
@@ -210,7 +285,7 @@ def test_documented_errors():
         DiffusionMetricSGD(model, lr=0.1, nesterov=True)
     opt = DiffusionMetricSGD(model, lr=0.1)
     model.weight.grad = torch.ones(2, 2)
-    with pytest.raises(RuntimeError, match="no forward and backward of layer"):
+    with pytest.raises(RuntimeError, match="no backward through the model"):
         opt.step()
     with pytest.raises(RuntimeError, match="per-sample losses"):
         DiffusionMetricSGD([nn.Parameter(torch.zeros(2))], lr=0.1).step()
@@ -255,46 +330,49 @@ def test_loss_falls_on_noisy_problems(problem, start, lr, steps, mode):
     assert final < 0.1 * first, (first, final)
 
 
+DDP_CASES = ("mlp-relu", "transformer")
+
+
 def _ddp_worker(rank, world, results, mode):
-    case = make_case("mlp-relu")
-    half = len(case.x) // world
-    x, y = case.x[rank * half : (rank + 1) * half], case.y[rank * half : (rank + 1) * half]
-    model = nn.parallel.DistributedDataParallel(case.model)
-    opt = DiffusionMetricSGD(model, lr=1.0, eps="auto", mode=mode)
-    nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
-    # the closure route on a plain model: the rows of G are all-gathered
-    plain = make_case("layernorm")
-    xs, ys = plain.x[:8][rank * 4 : (rank + 1) * 4], plain.y[:8][rank * 4 : (rank + 1) * 4]
-    closure_opt = DiffusionMetricSGD(plain.model, lr=1.0, mode=mode)
+    flats = []
+    for name in DDP_CASES:  # the attached route: captures all-gathered
+        case = make_case(name)
+        half = len(case.x) // world
+        x, y = case.x[rank * half : (rank + 1) * half], case.y[rank * half : (rank + 1) * half]
+        model = nn.parallel.DistributedDataParallel(case.model)
+        opt = DiffusionMetricSGD(model, lr=1.0, eps="auto", mode=mode)
+        assert opt.attached and not opt.fused  # fused="auto" is off under DDP
+        per_sample_loss(case.loss)(model(x), y).mean().backward()
+        opt.step()
+        flats.append(flat(case.model))
+    # the closure route on parameters: the rows of G are all-gathered
+    plain = make_case("tied-autoencoder")
+    xs, ys = plain.x[rank * 4 : (rank + 1) * 4], plain.y[rank * 4 : (rank + 1) * 4]
+    closure_opt = DiffusionMetricSGD(plain.model.parameters(), lr=1.0, mode=mode)
     closure_opt.step(lambda: nn.functional.cross_entropy(plain.model(xs), ys, reduction="none"))
+    flats.append(flat(plain.model))
     if rank == 0:
-        flat = [
-            torch.cat([p.detach().reshape(-1) for p in m.parameters()])
-            for m in (case.model, plain.model)
-        ]
-        torch.save(flat, results)
+        torch.save(flats, results)
 
 
 @pytest.mark.parametrize("mode", ["weak", "exact"])
 def test_ddp_uses_the_global_batch(tmp_path, mode):
+    """Two gloo processes, each with half the batch, step as one process on the whole."""
     results = tmp_path / "rank0.pt"
     spawn(_ddp_worker, tmp_path, str(results), mode)
-    ddp_params, closure_params = torch.load(results)
-    case = make_case("mlp-relu")
-    case.x, case.y = case.x[:12], case.y[:12]
-    opt = DiffusionMetricSGD(case.model, lr=1.0, eps="auto", mode=mode)
-    loss_and_backward(case)
-    opt.step()
-    single = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
-    torch.testing.assert_close(ddp_params, single, rtol=0, atol=1e-6)
-    plain = make_case("layernorm")
-    opt = DiffusionMetricSGD(plain.model, lr=1.0, mode=mode)
-    opt.step(
-        lambda: nn.functional.cross_entropy(plain.model(plain.x[:8]), plain.y[:8], reduction="none")
-    )
-    single = torch.cat([p.detach().reshape(-1) for p in plain.model.parameters()])
-    torch.testing.assert_close(closure_params, single, rtol=0, atol=1e-6)
+    *ddp_flats, closure_flat = torch.load(results)
+    for name, ddp_flat in zip(DDP_CASES, ddp_flats, strict=True):
+        case = make_case(name)
+        n = len(case.x) // 2 * 2
+        case.x, case.y = case.x[:n], case.y[:n]
+        opt = DiffusionMetricSGD(case.model, lr=1.0, eps="auto", mode=mode)
+        loss_and_backward(case)
+        opt.step()
+        torch.testing.assert_close(ddp_flat, flat(case.model), rtol=0, atol=1e-6)
+    plain = make_case("tied-autoencoder")
+    opt = DiffusionMetricSGD(plain.model.parameters(), lr=1.0, mode=mode)
+    opt.step(lambda: nn.functional.cross_entropy(plain.model(plain.x), plain.y, reduction="none"))
+    torch.testing.assert_close(closure_flat, flat(plain.model), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -275,6 +275,10 @@ class DiffusionMatrix:
         bar_sq = torch.stack([g[self.space.slice(n)].square().sum() for n in self.space.names])
         return (mean_sq - bar_sq).clamp_min(0)
 
+    def param_traces(self) -> dict[str, float]:
+        """``tr`` of each parameter tensor's diagonal block, by name."""
+        return dict(zip(self.space.names, self._param_traces().tolist(), strict=True))
+
     def trace(self) -> float:
         """``tr D = (1/N) Σ_i ‖g_i − ḡ‖²``: ``tr K`` when the Gram matrix is built, else from
         per-sample squared norms (no Gram matrix)."""
@@ -363,6 +367,10 @@ class LayerBlock:
         full = torch.zeros(self.parent.space.dim, *v.shape[1:], dtype=v.dtype, device=v.device)
         full[self.mask] = v
         return (self.parent @ full)[self.mask]
+
+    def param_traces(self) -> dict[str, float]:
+        """``tr`` of each parameter tensor's diagonal block, by name."""
+        return dict(zip(self.space.names, self._param_traces().tolist(), strict=True))
 
     def trace(self) -> float:
         return self.parent.layer_traces()[self.layer].trace

@@ -29,41 +29,57 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sgdgeom.persample import LossSpec, plan_layers
 from sgdgeom.train import Callback, Trainer
 
 __all__ = ["LayerTemperature", "analyse_regimes", "plot_temperatures", "temperature_curves"]
 
 
-def _weighted_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(layer name, weight)`` for every module with a trainable ``weight`` of dim >= 2."""
-    out = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.requires_grad and weight.dim() >= 2:
-            out.append((name, weight))
+def _weighted_layers(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """``{layer: [(weight name, weight), ...]}``: the layers of the registry
+    (:func:`~sgdgeom.persample.plan_layers`, one owner module per parameter) that have
+    weights (:meth:`~sgdgeom.persample.Layer.weights`)."""
+    out = {}
+    for layer in plan_layers(model, allow_shared=True):
+        weights = layer.weights()
+        if weights:
+            out[layer.name] = weights
     return out
 
 
 class LayerTemperature(Callback):
     """Records each layer's training signal and noise (M2, Fig. 1) during training.
 
-    Per minibatch, after backward: ``s_I``, the mean absolute gradient of layer I's weights.
-    At the end of each epoch it adds to the epoch's metrics, for every layer I:
+    A layer is an owner module of the layer registry (:func:`~sgdgeom.persample.plan_layers`),
+    and its weights are its trainable parameters that are not biases and have at least two
+    dimensions (:meth:`~sgdgeom.persample.Layer.weights`): a Linear's or a convolution's
+    weight, an attention module's projection matrices.
+
+    Per minibatch, after backward (:meth:`record`): ``s_I``, the mean absolute gradient of
+    layer I's weights. At the end of each epoch (:meth:`epoch_metrics`), for every layer I:
 
     - ``temp/I/signal``: the mean of ``s_I`` over the epoch's minibatches;
     - ``temp/I/noise``: their standard deviation (population, as ``numpy.std``);
     - with ``snr=True``: ``snr/I/mean_norm`` ``‖E_b ∇_I L‖``, ``snr/I/std_norm``
       ``‖Std_b ∇_I L‖`` (element-wise over minibatches b) and ``snr/I/ratio``;
     - every ``trace_every`` epochs (0 = never): ``trace/I``, ``tr D_I / N_I`` of the
-      weights, from a :class:`~sgdgeom.diffusion.DiffusionMatrix` on ``probe`` (x, y).
+      weights, from a :class:`~sgdgeom.diffusion.DiffusionMatrix` of ``loss_fn`` on
+      ``probe`` (x, y).
+
+    It works as a plain object in any loop (``LayerTemperature(model=model)``, then
+    :meth:`record` after each ``backward()`` and :meth:`epoch_metrics` at the end of an
+    epoch) and as a :class:`~sgdgeom.train.Trainer` callback, whose hooks call those.
 
     Args:
-        layers: layer names to monitor; default every module with a weight matrix.
+        layers: layer names to monitor; default every layer with weights.
         snr: keep running sums of the gradient and its square: two more passes over the
             weights per step (``benchmarks/monitor.py``: about 10% of a small step more),
             so it is off unless asked for.
         trace_every: epochs between diffusion-trace measurements.
         probe: a fixed batch ``(x, y)`` for the trace (already normalised).
+        loss_fn: the per-sample loss of the trace: the run's own (see
+            :func:`~sgdgeom.persample.per_sample_loss`).
+        model: the model to monitor now (else: the Trainer's, when training begins).
     """
 
     def __init__(
@@ -73,6 +89,8 @@ class LayerTemperature(Callback):
         snr: bool = False,
         trace_every: int = 0,
         probe: tuple[Tensor, Tensor] | None = None,
+        loss_fn: LossSpec = "cross_entropy",
+        model: nn.Module | None = None,
     ) -> None:
         if trace_every < 0:
             raise ValueError(f"trace_every must be >= 0, got {trace_every}")
@@ -82,8 +100,12 @@ class LayerTemperature(Callback):
         self.snr = snr
         self.trace_every = trace_every
         self.probe = probe
-        self._layers: list[tuple[str, nn.Parameter]] = []
+        self.loss_fn = loss_fn
+        self.model: nn.Module | None = None
+        self._layers: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self._reset()
+        if model is not None:
+            self.attach(model)
 
     def _reset(self) -> None:
         self._signals: list[Tensor] = []
@@ -91,30 +113,50 @@ class LayerTemperature(Callback):
         self._squares: list[Tensor] = []
         self._count = 0
 
-    def on_train_begin(self, trainer: Trainer) -> None:
-        available = _weighted_layers(trainer.model)
+    def attach(self, model: nn.Module) -> None:
+        """Monitor ``model`` from now on (and forget what was recorded)."""
+        available = _weighted_layers(model)
+        if not available:
+            raise ValueError("the model has no layer with trainable weights to monitor")
         if self.layer_names is None:
             self._layers = available
         else:
-            by_name = dict(available)
-            missing = [n for n in self.layer_names if n not in by_name]
+            missing = [n for n in self.layer_names if n not in available]
             if missing:
                 raise ValueError(
-                    f"no weight layers named {missing}; the model's are {', '.join(by_name)}"
+                    f"no weight layers named {missing}; the model's are {', '.join(available)}"
                 )
-            self._layers = [(n, by_name[n]) for n in self.layer_names]
-        first = self._layers[0][1]
+            self._layers = {n: available[n] for n in self.layer_names}
+        self.model = model
+        self._weights = [(n, w) for pairs in self._layers.values() for n, w in pairs]
+        first = self._weights[0][1]
+        self._owner = torch.tensor(
+            [k for k, pairs in enumerate(self._layers.values()) for _ in pairs],
+            device=first.device,
+        )
         self._numels = torch.tensor(
-            [w.numel() for _, w in self._layers], dtype=first.dtype, device=first.device
+            [sum(w.numel() for _, w in pairs) for pairs in self._layers.values()],
+            dtype=first.dtype,
+            device=first.device,
         )
         self._reset()
 
-    def on_after_backward(self, trainer: Trainer, x: Tensor, y: Tensor, loss: Tensor) -> None:
-        grads = [w.grad for _, w in self._layers]
-        if any(g is None for g in grads):
-            return
-        # one fused kernel for every layer's L1 norm: a small step is launch-bound
-        self._signals.append(torch.stack(torch._foreach_norm(grads, 1)) / self._numels)
+    def record(self) -> None:
+        """Read the gradients of the minibatch just backpropagated."""
+        if self.model is None:
+            raise RuntimeError("LayerTemperature: attach(model) first (or pass model=)")
+        grads = [w.grad for _, w in self._weights]
+        missing = [n for (n, _), g in zip(self._weights, grads, strict=True) if g is None]
+        if missing:
+            raise RuntimeError(
+                f"LayerTemperature found no gradient of {missing} after backward(): call it "
+                f"after loss.backward(); an optimizer that fuses the weight gradients away "
+                f"(DiffusionMetricSGD's default) needs fused=False beside this monitor"
+            )
+        # one fused kernel for every tensor's L1 norm: a small step is launch-bound
+        norms = torch.stack(torch._foreach_norm(grads, 1))
+        per_layer = torch.zeros_like(self._numels).index_add_(0, self._owner, norms)
+        self._signals.append(per_layer / self._numels)
         if self.snr:
             if not self._sums:
                 self._sums = [torch.zeros_like(g) for g in grads]
@@ -123,27 +165,45 @@ class LayerTemperature(Callback):
             torch._foreach_addcmul_(self._squares, grads, grads)
         self._count += 1
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+    def epoch_metrics(self, epoch: int) -> dict[str, float]:
+        """The epoch's metrics (see the class doc), and a fresh start for the next."""
+        metrics: dict[str, float] = {}
         if self._count == 0:
-            return
+            return metrics
         signals = torch.stack(self._signals).double().cpu().numpy()  # (batches, layers)
         mean, std = signals.mean(0), signals.std(0)
-        for (name, _), m, s in zip(self._layers, mean, std, strict=True):
+        for name, m, sd in zip(self._layers, mean, std, strict=True):
             metrics[f"temp/{name}/signal"] = float(m)
-            metrics[f"temp/{name}/noise"] = float(s)
+            metrics[f"temp/{name}/noise"] = float(sd)
         if self.snr:
-            for (name, _), total, square in zip(
-                self._layers, self._sums, self._squares, strict=True
-            ):
+            mean_sq = dict.fromkeys(self._layers, 0.0)
+            std_sq = dict.fromkeys(self._layers, 0.0)
+            owners = [layer for layer, pairs in self._layers.items() for _ in pairs]
+            for layer, total, square in zip(owners, self._sums, self._squares, strict=True):
                 g_mean = total / self._count
                 g_std = (square / self._count - g_mean.square()).clamp_min(0).sqrt()
-                mean_norm, std_norm = float(g_mean.norm()), float(g_std.norm())
+                mean_sq[layer] += float(g_mean.square().sum())
+                std_sq[layer] += float(g_std.square().sum())
+            for name in self._layers:
+                mean_norm, std_norm = math.sqrt(mean_sq[name]), math.sqrt(std_sq[name])
                 metrics[f"snr/{name}/mean_norm"] = mean_norm
                 metrics[f"snr/{name}/std_norm"] = std_norm
                 metrics[f"snr/{name}/ratio"] = mean_norm / std_norm if std_norm > 0 else math.inf
         if self.trace_every and epoch % self.trace_every == 0:
-            metrics.update(self._traces(trainer.model))
+            metrics.update(self._traces(self.model))
         self._reset()
+        return metrics
+
+    # ------------------------------------------------------------------ Trainer callback
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.attach(trainer.model)
+
+    def on_after_backward(self, trainer: Trainer, x: Tensor, y: Tensor, loss: Tensor) -> None:
+        self.record()
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        metrics.update(self.epoch_metrics(epoch))
 
     def _traces(self, model: nn.Module) -> dict[str, float]:
         from sgdgeom.diffusion import DiffusionMatrix
@@ -156,13 +216,12 @@ class LayerTemperature(Callback):
         try:
             device = next(model.parameters()).device
             probe = (x.to(device), y.to(device))
-            traces = DiffusionMatrix(model, "cross_entropy", probe, chunk_size=256).layer_traces(
-                weights_only=True
-            )
+            traces = DiffusionMatrix(model, self.loss_fn, probe, chunk_size=256).param_traces()
         finally:
             model.train(was_training)
         return {
-            f"trace/{name}": traces[name].per_param for name, _ in self._layers if name in traces
+            f"trace/{layer}": sum(traces[n] for n, _ in pairs) / sum(w.numel() for _, w in pairs)
+            for layer, pairs in self._layers.items()
         }
 
 

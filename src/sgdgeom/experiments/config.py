@@ -114,6 +114,7 @@ class ModelConfig(_Strict):
 OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
     "sgd": (),
     "adam": (),
+    "adamw": (),
     "diffusion-sgd": ("eps", "mode", "safety", "fused"),
     "sam": ("rho",),
     "asam": ("rho",),
@@ -125,7 +126,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
 class OptimizerConfig(_Strict):
     """The optimizer and the baselines every table compares against:
 
-    - ``sgd`` (plain, momentum, weight decay), ``adam``;
+    - ``sgd`` (plain, momentum, weight decay), ``adam``, ``adamw`` (decoupled weight decay);
     - ``diffusion-sgd``: :class:`~sgdgeom.optim.DiffusionMetricSGD` (``eps``, ``mode``,
       ``safety``, ``fused``);
     - ``sam`` / ``asam``: SAM and adaptive SAM from the pytorch-optimizer package over SGD
@@ -134,7 +135,7 @@ class OptimizerConfig(_Strict):
       ``gamma_growth``, ``langevin_lr``, ``noise``).
     """
 
-    name: Literal["sgd", "adam", "diffusion-sgd", "sam", "asam", "entropy-sgd"]
+    name: Literal["sgd", "adam", "adamw", "diffusion-sgd", "sam", "asam", "entropy-sgd"]
     lr: float = Field(gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -237,11 +238,16 @@ class ExperimentConfig(_Strict):
                 f"optimizer diffusion-sgd reads the per-sample gradients of one forward and "
                 f"backward, and loss {self.loss.name} makes y + 1 of them: use one or the other"
             )
-        if self.optimizer.fused and self.monitor is not None and self.monitor.temperature:
+        reads_grad = self.monitor is not None and self.monitor.temperature
+        if self.optimizer.fused and reads_grad:
             raise ValueError(
                 "optimizer.fused leaves the weights' .grad empty, and monitor.temperature reads "
                 "it: set optimizer.fused: false or monitor.temperature: false"
             )
+        if self.optimizer.name == "diffusion-sgd" and self.optimizer.fused is None and reads_grad:
+            # the default, fused where exact, would hide the .grad that the monitor reads
+            unfused = self.optimizer.model_copy(update={"fused": False})
+            return self.model_copy(update={"optimizer": unfused})
         return self
 
 

@@ -56,7 +56,7 @@ def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Op
             eps=config.eps if config.eps is not None else "auto",
             mode=config.mode or "weak",
             safety=config.safety or 0.5,
-            fused=bool(config.fused),
+            fused="auto" if config.fused is None else config.fused,
             **sgd,
         )
     if config.name in ("sam", "asam"):
@@ -70,6 +70,8 @@ def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Op
         )
     if config.name == "sgd":
         return torch.optim.SGD(model.parameters(), **sgd)
+    if config.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -185,7 +187,11 @@ def _monitors(config: ExperimentConfig, dataset: Dataset, out: Path | None) -> l
         probe = (dataset.normalize(dataset.x_train[:n]), dataset.y_train[:n])
         callbacks.append(
             LayerTemperature(
-                monitor.layers, snr=monitor.snr, trace_every=monitor.trace_every, probe=probe
+                monitor.layers,
+                snr=monitor.snr,
+                trace_every=monitor.trace_every,
+                probe=probe,
+                loss_fn="cross_entropy",  # the base loss of every config (PLA smooths it)
             )
         )
     if monitor.tensorboard:

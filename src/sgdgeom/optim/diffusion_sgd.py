@@ -16,28 +16,41 @@ gradients, :math:`\bar g - \frac{\varepsilon}{B} \sum_i (w_i - \bar w) g_i`, wit
 
 Two routes:
 
-- **attached** (pass the model): forward hooks on every ``Linear`` and ``Conv2d`` read the
-  layer inputs, tensor hooks the output gradients, of the ordinary
-  ``loss = criterion(model(x), y); loss.backward(); opt.step()``. The step then costs one
-  weight-gradient-sized product per layer with per-sample coefficients, plus the ``B x B``
-  Gram matrix when ``eps="auto"`` or ``mode="exact"``: no second backward, no per-sample
-  gradients in memory.
+- **attached** (pass the model): the ordinary
+  ``loss = criterion(model(x), y); loss.backward(); opt.step()``. A
+  :class:`~sgdgeom.persample.recorder.LoopRecorder` hooks the owner module of every parameter
+  (the layer rules of :mod:`sgdgeom.persample.layers`: Linear, Conv1d/2d, Embedding, norm
+  layers, and the ``torch.func`` fallback for attention and any other module), so any model
+  takes this route. The step is built from the passes that the backward reached: an extra
+  forward (an evaluation inside the loop) is ignored, and gradient accumulation over several
+  backward calls gives the D of the union of the micro-batches (the accumulated loss must be
+  their mean: divide each micro-batch's mean loss by their number, the usual recipe).
 
-  With ``fused=True`` (models of ``Linear`` layers) that product *replaces* the weight
-  gradient: the layers' backward computes input gradients only, so ``.grad`` of their
-  weights and biases stays ``None``, and :meth:`step` forms ``∇_D f = Gᵀ(1 − εw)/B``
-  directly, with ``c = G ḡ`` from the Gram matrix. The step then costs a plain SGD step
-  plus the Gram matrix (``B² x widths`` per layer) and a ``B x B`` problem. Code that reads
-  ``.grad`` between ``backward()`` and ``step()`` (gradient clipping, gradient monitors)
-  needs ``fused=False``.
-- **closure** (any other model): ``step(closure)`` with a closure that returns the
-  *per-sample* losses ``(B,)`` with their graph; the per-sample gradients are materialised
-  (``B x d``) by one batched backward.
+  **Fused** (the default where exact, ``fused="auto"``): from the second step on, the layers
+  run on detached parameters, so the backward computes input gradients only, and
+  :meth:`step` forms ``∇_D f = Gᵀ(1 − εw)/B`` from the captures in place of the weight
+  gradients, with ``c = G ḡ`` from the Gram matrix. ``.grad`` of the model's parameters
+  then stays ``None``: a loop that reads ``.grad`` between ``backward()`` and ``step()``
+  (gradient clipping, gradient monitors) needs ``fused=False``, and a gradient that reaches
+  a parameter outside its module (a penalty on the weights) is an error, not a silent drop.
 
-Under ``DistributedDataParallel`` (``torch.distributed`` initialised) the layers' inputs and
-output gradients are all-gathered (``B x widths`` per layer, never ``B x d``), so every
-process takes the step of the global batch's D (``fused=False`` only: DDP reduces the
-``.grad`` that the fused route never makes).
+  **The first step is checked**: it runs unfused, and the mean of the per-sample gradients
+  that the rules give must equal autograd's ``.grad`` for every parameter. A weight also
+  used outside its module (tied weights), or a loss scaled otherwise than ``loss_reduction``
+  says, fails with an error that names the parameter.
+- **closure** (parameters instead of a model, a model with tied weights, or any step whose
+  closure returns a vector): ``step(closure)`` with a closure that returns the *per-sample*
+  losses ``(B,)`` with their graph; the per-sample gradients are materialised (``B x d``)
+  by one batched backward.
+
+Samples must be independent: BatchNorm in train mode couples them and is refused (at every
+step, naming the layer). Dropout is fine: one forward has one mask, and the per-sample
+gradients are those of that forward.
+
+Under ``DistributedDataParallel`` (``torch.distributed`` initialised) the layers' captures are
+all-gathered (``B x widths`` per layer, or the per-sample rows of small layers; never
+``B x d``), so every process takes the step of the global batch's D; ``fused`` is off (DDP
+all-reduces the ``.grad`` that fusing never makes).
 
 ``eps="auto"`` finds ``λ_max`` of the batch by Lanczos on its Gram matrix
 (:func:`~sgdgeom.diffusion.top_eigenvalue`, relative residual ``1e-10``), not from the
@@ -51,7 +64,6 @@ full spectrum.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -59,19 +71,21 @@ import torch
 from torch import Tensor, nn
 
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.metric import DiffusionMetric
 from sgdgeom.optim.momentum import heavy_ball
 from sgdgeom.params import ParamSpace
-from sgdgeom.persample import CaptureProducts, CoverageError, Layer, RowProducts, plan_layers
-from sgdgeom.persample.layers.conv import ConvRule
-from sgdgeom.persample.layers.linear import LinearRule
+from sgdgeom.persample import CaptureProducts, CoverageError, RowProducts, plan_layers
+from sgdgeom.persample.capture import Chunk, compact_calls, describe, uncovered
+from sgdgeom.persample.internal import internal_passes
+from sgdgeom.persample.recorder import LoopRecorder, Pass, all_gather, gather_call
 
 __all__ = ["DiffusionMetricSGD"]
 
 LAMBDA_TOL = 1e-10  # relative Lanczos residual of λ_max for eps="auto"
 _FUSED_DDP = (
     "fused=True does not run under DistributedDataParallel, which all-reduces the .grad "
-    "that the fused route never makes: use fused=False"
+    "that the fused route never makes: use fused=False (or 'auto')"
 )
 
 
@@ -80,51 +94,11 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class _InputGradientOnlyLinear(torch.autograd.Function):
-    """``F.linear`` whose backward returns the input's gradient only: ``fused=True`` leaves
-    the weight and bias gradients to :meth:`DiffusionMetricSGD.step`."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(weight)
-        return nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
-        (weight,) = ctx.saved_tensors
-        return (grad_output @ weight if ctx.needs_input_grad[0] else None), None, None
-
-
-def _fused_linear_forward(module: nn.Linear, x: Tensor) -> Tensor:
-    if torch.is_grad_enabled() and module.training:
-        return _InputGradientOnlyLinear.apply(x, module.weight, module.bias)
-    return nn.functional.linear(x, module.weight, module.bias)
-
-
-def _all_gather(t: Tensor) -> Tensor:
-    """Concatenate ``t`` of every process along dim 0 (equal shapes required)."""
-    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def _attachable_layers(model: nn.Module) -> list[Layer]:
-    """The plan of a model whose owner modules are all Linear or Conv1d/Conv2d (the attached
-    route), else ``[]`` (the closure route)."""
-    try:
-        layers = plan_layers(model)
-    except CoverageError:
-        return []
-    if all(isinstance(layer.rule, LinearRule | ConvRule) for layer in layers):
-        return layers
-    return []
-
-
 class DiffusionMetricSGD(torch.optim.Optimizer):
     """SGD along the diffusion-metric gradient, with momentum and weight decay.
 
     Args:
-        params: the model (attached route: hooks on its Linear/Conv2d layers), or an
+        params: the model (attached route, any model: see the module docstring), or an
             iterable of parameters (closure route).
         lr: learning rate.
         eps: ``"auto"`` (``safety / λ_max`` of the batch's D) or a number below
@@ -133,11 +107,12 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         safety: the fraction of ``1/λ_max`` that ``"auto"`` uses.
         momentum, dampening, nesterov, weight_decay: as in ``torch.optim.SGD`` (weight decay
             decoupled, see the module warning).
-        loss_reduction: ``"mean"`` (the loss is the batch mean of per-sample losses, as
-            PyTorch's losses by default) or ``"sum"``; the attached route needs it to turn
-            the captured output gradients into per-sample ones.
-        fused: compute the metric gradient in place of the Linear layers' weight gradients
-            (see the module docstring); ``.grad`` of the model's parameters stays ``None``.
+        loss_reduction: ``"mean"`` (the loss is the mean of the per-sample losses over the
+            samples since the last step, as PyTorch's losses by default) or ``"sum"``; the
+            attached route needs it to turn the captured output gradients into per-sample
+            ones, and the first step checks it.
+        fused: ``"auto"`` (fused unless under DDP), ``True`` or ``False``: compute the metric
+            gradient in place of the weight gradients (see the module docstring).
 
     After each step, ``stats`` holds the batch's ``eps`` and ``trace`` (tr D) and, with
     ``eps="auto"``, the ``lambda_max`` it was derived from.
@@ -165,7 +140,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         loss_reduction: str = "mean",
-        fused: bool = False,
+        fused: bool | str = "auto",
     ) -> None:
         if lr < 0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -182,24 +157,41 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         if not 0 < safety < 1:
             raise ValueError(f"Invalid safety: {safety}; it must lie in (0, 1)")
         if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"Invalid loss_reduction: {loss_reduction!r}")
+            raise ValueError(f"Invalid loss_reduction: {loss_reduction!r}; choose mean or sum")
+        if fused not in ("auto", True, False):
+            raise ValueError(f"Invalid fused: {fused!r}; choose 'auto', True or False")
         self.model = params if isinstance(params, nn.Module) else None
         self.loss_reduction = loss_reduction
         self.stats: dict[str, float] = {}
-        self._layers: list[Layer] = []
-        self._captures: dict[nn.Module, dict[str, Tensor | None]] = {}
-        self._handles: list[Any] = []
+        self._recorder: LoopRecorder | None = None
+        self._unattached = (
+            "DiffusionMetricSGD was given parameters, not the model: pass the model itself "
+            "for the ordinary loss.backward(); opt.step() loop"
+        )
+        self._batchnorms: list[tuple[str, nn.Module]] = []
+        if fused is True and self.model is None:
+            raise ValueError(
+                "fused=True needs the model itself (pass the model, not its parameters)"
+            )
+        if fused is True and _distributed():
+            raise ValueError(_FUSED_DDP)
         if self.model is not None:
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             params = [p for _, p in named]
-            self._layers = _attachable_layers(self.model)
-        self.fused = fused
-        if fused:
-            self._check_fusable()
-        for layer in self._layers:
-            self._handles.append(layer.module.register_forward_hook(self._forward_hook))
-            if fused:
-                layer.module.forward = types.MethodType(_fused_linear_forward, layer.module)
+            self._batchnorms = [
+                (n, m)
+                for n, m in self.model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ]
+            try:
+                layers = plan_layers(self.model)
+            except CoverageError as err:
+                self._unattached = str(err)
+            else:
+                fuse = fused is True or (fused == "auto" and not _distributed())
+                self._recorder = LoopRecorder(self.model, layers, fused=fuse)
+        self.fused = bool(self._recorder is not None and self._recorder.fused)
+        self._checked = False
         defaults = {
             "lr": lr,
             "eps": eps,
@@ -225,67 +217,110 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         device or dtype since the optimizer was made)."""
         return ParamSpace(zip(self._names, self._params, strict=True))
 
-    # ------------------------------------------------------------------ hooks
-
     @property
     def attached(self) -> bool:
         """Whether the step reads per-sample information from hooks (else: closure)."""
-        return bool(self._layers)
-
-    def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if not (torch.is_grad_enabled() and module.training and output.requires_grad):
-            return
-        record: dict[str, Tensor | None] = {"input": inputs[0].detach(), "grad": None}
-        self._captures[module] = record
-        output.register_hook(lambda g: record.__setitem__("grad", g.detach()))
-
-    def _check_fusable(self) -> None:
-        if not self.attached:
-            raise ValueError(
-                "fused=True needs the model itself, made of Linear layers (pass the model, "
-                "not its parameters), or use fused=False"
-            )
-        others = [layer.name for layer in self._layers if not isinstance(layer.rule, LinearRule)]
-        if others:
-            raise ValueError(
-                f"fused=True supports Linear layers only; {others} are not: use fused=False"
-            )
-        if _distributed():
-            raise ValueError(_FUSED_DDP)
+        return self._recorder is not None
 
     def detach(self) -> None:
-        """Remove the hooks from the model (and, if fused, give its layers their forward
-        back)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self.fused:
-            for layer in self._layers:
-                layer.module.__dict__.pop("forward", None)
+        """Remove the hooks from the model and give its layers their own forward back."""
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+            self._unattached = "the optimizer was detached from the model"
 
-    def _layer_calls(self) -> tuple[list[list[Any]], int]:
-        """The calls of every layer since the last step (all-gathered under DDP), as the
-        layer rules take them, and the batch size."""
-        calls, batch = [], None
-        world = torch.distributed.get_world_size() if _distributed() else 1
-        for layer in self._layers:
-            record = self._captures.get(layer.module)
-            if record is None or record["grad"] is None:
-                raise RuntimeError(
-                    f"DiffusionMetricSGD saw no forward and backward of layer {layer.name!r} "
-                    f"since the last step; call loss.backward() on the model's output before "
-                    f"step()"
+    # ------------------------------------------------------------------ attached route
+
+    def _check_independent(self) -> None:
+        for name, module in self._batchnorms:
+            if module.training or module.running_mean is None:
+                raise UnsupportedModelError(
+                    f"BatchNorm layer {name!r} normalises with batch statistics, so a sample's "
+                    f"loss depends on the others and per-sample gradients are not defined: "
+                    f"use GroupNorm or LayerNorm, or put that layer in eval mode"
                 )
-            a, g = record["input"], record["grad"]
-            if _distributed():
-                a, g = _all_gather(a), _all_gather(g)
-            if batch is not None and len(a) != batch:
-                raise RuntimeError("the captured layers disagree on the batch size")
-            batch = len(a)
-            if self.loss_reduction == "mean":  # output grads of the mean loss are 1/B of f_i's
-                g = g * (batch // world)
-            calls.append([layer.rule.call(layer.module, a, (g,))])
-        return calls, batch
+
+    def _products(self, passes: list[Pass], space: ParamSpace) -> CaptureProducts:
+        """The captured passes as one set of products (one chunk per pass), all-gathered
+        under DDP, scaled from the mean loss's output gradients to the per-sample ones."""
+        recorder = self._recorder
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        chunks, start, local = [], 0, 0
+        for recorded in passes:
+            calls = [
+                compact_calls(layer, layer_calls, recorded.size)
+                for layer, layer_calls in zip(
+                    recorder.layers, recorder.calls(recorded), strict=True
+                )
+            ]
+            if world > 1:
+                calls = [[gather_call(call) for call in layer_calls] for layer_calls in calls]
+            chunks.append(Chunk(start, recorded.size * world, calls, None))
+            start += recorded.size * world
+            local += recorded.size
+        scale = local if self.loss_reduction == "mean" else 1.0
+        return CaptureProducts.from_chunks(space, recorder.layers, chunks, scale)
+
+    def _check_coverage(self, products: CaptureProducts, mean_gradient: Tensor) -> None:
+        """The first step: the rules' mean per-sample gradient must be autograd's ``.grad``."""
+        space = products.space
+        weights = torch.full((products.n,), 1 / products.n, dtype=space.dtype, device=space.device)
+        summed = space.unflatten(products.vjp(weights))
+        expected = list(space.unflatten(mean_gradient).values())
+        bad = uncovered(summed, expected)
+        if not bad:
+            return
+        ratios = [
+            float(e.norm() / g.norm()) for g, e in zip(summed.values(), expected, strict=True)
+        ]
+        hint = (
+            f"the loss's gradient is {ratios[0]:.4g} times the mean of the per-sample gradients "
+            f"for every parameter: loss_reduction={self.loss_reduction!r} does not match the "
+            f"loss (with gradient accumulation, divide each micro-batch's mean loss by their "
+            f"number)"
+            if len(bad) == len(ratios) and max(ratios) - min(ratios) < 1e-6 * max(ratios)
+            else "a parameter is also used outside its module's forward (tied weights?): call "
+            "step(closure) with a closure that returns the per-sample losses (B,)"
+        )
+        self.detach()
+        self._unattached = f"per-sample gradients of {describe(bad)} are not exact: {hint}"
+        raise CoverageError(self._unattached)
+
+    def _attached_products(self, space: ParamSpace) -> tuple[CaptureProducts, Tensor | None]:
+        """The step's products and, unless fused, the mean gradient from ``.grad``; raises
+        where a step would be wrong."""
+        recorder = self._recorder
+        self._check_independent()
+        passes = recorder.take()
+        if not passes:
+            raise RuntimeError(
+                "DiffusionMetricSGD saw no backward through the model since the last step: "
+                "call loss.backward() on the model's output before step() (a forward alone, "
+                "or one under torch.no_grad(), makes no step)"
+            )
+        products = self._products(passes, space)
+        if recorder.fusing:
+            stray = [
+                n
+                for n, p in zip(self._names, self._params, strict=True)
+                if p.grad is not None and bool(p.grad.any())
+            ]
+            if stray:
+                raise RuntimeError(
+                    f"{', '.join(stray)} received a gradient outside the fused layers (a "
+                    f"penalty on the weights, or .grad set by hand); the fused step reads the "
+                    f"captures only: use fused=False"
+                )
+            return products, None
+        mean_gradient = self._mean_gradient(space)
+        if not self._checked:
+            self._check_coverage(products, mean_gradient)
+            self._checked = True
+            if recorder.fused:  # checked: from now on the backward skips weight gradients
+                recorder.fusing = True
+                for p in self._params:
+                    p.grad = None
+        return products, mean_gradient
 
     # ------------------------------------------------------------------ step
 
@@ -311,38 +346,35 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             )
         loss = None
         space = self.space
-        if self.attached:
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            if self.fused:  # no backward since the last step: no step
-                if all(record["grad"] is None for record in self._captures.values()):
-                    return loss
-                if _distributed():
-                    raise RuntimeError(_FUSED_DDP)
-                mean_gradient = None
-            else:
-                if all(p.grad is None for p in self._params):
-                    return loss
-                mean_gradient = self._mean_gradient(space)
-            calls, batch = self._layer_calls()
-            products = CaptureProducts.from_calls(space, self._layers, calls, batch)
+        losses = None
+        if self._recorder is not None and closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if loss.dim() == 1 and loss.requires_grad:  # per-sample losses: closure route
+                losses, loss = loss, None
+        if self._recorder is not None and losses is None:
+            idle = not self._recorder.passes and all(p.grad is None for p in self._params)
+            if idle and not self._recorder.fusing:
+                return loss  # no forward, no gradient: no step (torch.optim's contract)
+            products, mean_gradient = self._attached_products(space)
         else:
             if closure is None:
                 raise RuntimeError(
-                    "this model has layers other than Linear and Conv2d: call "
-                    "step(closure) with a closure returning the per-sample losses (B,)"
+                    f"{self._unattached}; or call step(closure) with a closure that returns "
+                    f"the per-sample losses (B,)"
                 )
-            with torch.enable_grad():
-                losses = closure()
+            self._check_independent()
+            if self._recorder is not None:
+                self._recorder.take()  # the closure's forward is not a loop's pass
+            with torch.enable_grad(), internal_passes():
+                losses = closure() if losses is None else losses
                 products = RowProducts.from_losses(space, self._params, losses)
             if _distributed():
-                products = RowProducts(space, _all_gather(products.rows))
+                products = RowProducts(space, all_gather(products.rows))
             loss = losses.detach().mean()
             mean_gradient = products.rows.mean(0)
             for p, g in zip(self._params, space.unflatten(mean_gradient).values(), strict=True):
                 p.grad = g.clone()
-        self._captures.clear()
         direction = self._direction(products, mean_gradient, group)
         self._apply(space.unflatten(direction))
         return loss

@@ -55,7 +55,10 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from sgdgeom.errors import UnsupportedModelError
-from sgdgeom.persample import LossSpec, per_sample_loss
+from sgdgeom.params import ParamSpace
+from sgdgeom.persample import CoverageError, LossSpec, per_sample_loss, plan_layers, rule_for
+from sgdgeom.persample.capture import coverage_failures, describe
+from sgdgeom.persample.layers.linear import LinearRule
 
 __all__ = [
     "PartialLocalEntropy",
@@ -188,13 +191,46 @@ class PartialLocalEntropy:
             raise ValueError(f"route must be auto, naive, prefix or split, got {route!r}")
         if route == "split" and self.kind != "pla":
             raise ValueError("the split-batch estimator is for PLA only")
-        batched_ok = all(isinstance(m, nn.Linear) for m in self.smoothed.values())
-        if route in ("prefix", "split") and not batched_ok:
+        # the layer registry decides where a branch can open: modules that its Linear rule
+        # serves (a subclass that changes the forward is not one)
+        others = [n for n, m in self.smoothed.items() if not isinstance(rule_for(m), LinearRule)]
+        if route in ("prefix", "split") and others:
             raise UnsupportedModelError(
-                f"the {route} route needs every smoothed module to be a Linear; use route='naive'"
+                f"the {route} route branches at Linear layers only, and {others} are not "
+                f"(by the layer registry); use route='naive'"
             )
-        self._batched_ok = batched_ok
+        self._batched_ok = not others
+        self._coverage_checked = route == "naive"
         return route
+
+    def _check_branching(self, x: Tensor, target: Tensor) -> None:
+        """Once, on a few samples: the batched routes perturb a smoothed weight inside its
+        Linear's forward only, so each must be used there only (not tied elsewhere). Where
+        one is not, ``"auto"`` takes the naive route (exact), and an explicit batched route
+        raises, naming the weight."""
+        self._coverage_checked = True
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        try:
+            space = ParamSpace(model)
+            failures = coverage_failures(
+                model, plan_layers(model, space), space, self.loss, x[:8], target[:8]
+            )
+        except CoverageError as err:  # a weight shared between modules
+            if self._route == "auto":
+                self._batched_ok = False
+                return
+            raise UnsupportedModelError(f"{err}; use route='naive'") from None
+        prefix = "module." if model is not self.model else ""
+        smoothed = {n: e for n, e in failures.items() if prefix + n in self.masks}
+        if not smoothed:
+            return
+        if self._route == "auto":
+            self._batched_ok = False
+            return
+        raise UnsupportedModelError(
+            f"the {self._route} route perturbs {describe(smoothed)} inside its Linear only, but "
+            f"it is also used outside that module (tied weights?); use route='naive'"
+        )
 
     @property
     def route(self) -> str:
@@ -266,13 +302,37 @@ class PartialLocalEntropy:
         if model is not self.model:
             raise ValueError("this PartialLocalEntropy was built for another model")
         route = self.route
+        first = route != "naive" and not self._coverage_checked
+        if first:
+            self._check_branching(x, target)
+            route = self.route
         deltas = self.sample()
         distances = self._distances(deltas)
         if route == "naive":
             losses, logits = self._naive(x, target, deltas)
+        elif first:
+            losses, logits = self._first_batched(x, target, deltas)
         else:
             losses, logits = self._batched(x, target, deltas)
         return self.combine(losses, distances), logits
+
+    def _first_batched(
+        self, x: Tensor, target: Tensor, deltas: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The first batched pass: a model whose layers after the branch point cannot take
+        the branched rows (a skip connection around a smoothed Linear adds B unbranched rows
+        to (y+1)·B branched ones) fails here, and ``"auto"`` takes the naive route."""
+        try:
+            return self._batched(x, target, deltas)
+        except RuntimeError as err:
+            if self._route != "auto":
+                raise UnsupportedModelError(
+                    f"the {self._route} route failed on this model ({err}): every layer after "
+                    f"the first smoothed one must take the branched rows, which a skip "
+                    f"connection around a smoothed layer does not; use route='naive'"
+                ) from err
+            self._batched_ok = False
+            return self._naive(x, target, deltas)
 
     def _naive(self, x: Tensor, target: Tensor, deltas: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self.model(x)

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten
 from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample.base import PerSampleProducts
+from sgdgeom.persample.internal import internal_passes
 from sgdgeom.persample.layers import LayerRule, rule_for
 from sgdgeom.persample.layers.registry import write
 from sgdgeom.persample.losses import LossSpec, PerSampleLoss, per_sample_loss
@@ -52,6 +53,10 @@ __all__ = [
     "RowsCall",
     "capture_chunk",
     "check_coverage",
+    "compact_calls",
+    "coverage_failures",
+    "describe",
+    "uncovered",
     "plan_layers",
 ]
 
@@ -79,6 +84,16 @@ class Layer:
     def qualified(self, local: str) -> str:
         return f"{self.name}.{local}" if self.name else local
 
+    def weights(self) -> list[tuple[str, nn.Parameter]]:
+        """The layer's weights in Musso's sense (M2): its trainable parameters that are not
+        biases and have at least 2 dimensions (matrices, kernels), by qualified name."""
+        named = dict(self.module.named_parameters(recurse=self.rule.recursive))
+        return [
+            (self.qualified(n), named[n])
+            for n in self.names
+            if not ParamSpace.is_bias(n) and named[n].dim() >= 2
+        ]
+
     def views(self, flat: Tensor) -> dict[str, Tensor]:
         """The layer's parameters' parts of a flat ``(d,)`` vector, shaped like them."""
         return {n: flat[self.slices[n]].view(self.shapes[n]) for n in self.names}
@@ -92,7 +107,7 @@ class RowsCall:
     rows: dict[str, Tensor]
 
 
-def _compact(layer: Layer, calls: list[Any], size: int) -> list[Any]:
+def compact_calls(layer: Layer, calls: list[Any], size: int) -> list[Any]:
     """The calls, or one :class:`RowsCall` where the rows are the cheaper thing to keep."""
     if not calls:
         return calls
@@ -120,13 +135,17 @@ class Chunk:
     losses: Tensor | None
 
 
-def plan_layers(model: nn.Module, space: ParamSpace | None = None) -> list[Layer]:
-    """The owner modules of the trainable parameters, each with its rule.
+def plan_layers(
+    model: nn.Module, space: ParamSpace | None = None, *, allow_shared: bool = False
+) -> list[Layer]:
+    """The owner modules of the trainable parameters, each with its rule: the registry's one
+    definition of a model's layers.
 
     Walking the modules from the root, a module that owns parameters directly gets
     :func:`~sgdgeom.persample.layers.rule_for` its type; a recursive rule (the fallback) owns
     its children's parameters too. Raises :class:`CoverageError` if a parameter tensor is
-    shared between modules.
+    shared between modules (with ``allow_shared``, its first owner keeps it: enough to name
+    layers, not for per-sample products).
     """
     space = space or ParamSpace(model)
     trainable = set(space.names)
@@ -141,6 +160,8 @@ def plan_layers(model: nn.Module, space: ParamSpace | None = None) -> list[Layer
             names, slices, shapes = [], {}, {}
             for name, param in local:
                 qualified = f"{prefix}.{name}" if prefix else name
+                if id(param) in owner_of and allow_shared:
+                    continue
                 if id(param) in owner_of:
                     raise CoverageError(
                         f"{qualified} is the same tensor as {owner_of[id(param)]} (a weight "
@@ -187,14 +208,15 @@ def capture_chunk(
         for k, layer in enumerate(layers)
     ]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), internal_passes():
             losses = loss(model(x), y)
+            total = losses.sum()
     finally:
         for handle in handles:
             handle.remove()
     outputs = [t for record in records for _, outs in record for t in outs if t.requires_grad]
     targets = outputs + [p for p in params]
-    grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True) if targets else []
+    grads = torch.autograd.grad(total, targets, allow_unused=True) if targets else []
     found = {id(t): g for t, g in zip(outputs, grads, strict=False)}
     calls = []
     for layer, record in zip(layers, records, strict=True):
@@ -210,7 +232,7 @@ def capture_chunk(
             for saved, outs in record
         ]
         merged = layer.rule.merge(layer.module, layer_calls) if layer_calls else []
-        calls.append(_compact(layer, merged, len(x)))
+        calls.append(compact_calls(layer, merged, len(x)))
     return calls, losses.detach(), list(grads[len(outputs) :])
 
 
@@ -224,6 +246,8 @@ class CaptureProducts(PerSampleProducts):
 
     Build it with :meth:`from_model` (runs the captures and the coverage check) or
     :meth:`from_calls` (reuses the calls of a training step, as the optimizer does).
+    ``scale`` multiplies the captured gradients: a training loop's output gradients are
+    those of the mean loss, ``1/N`` of the per-sample ones, so it passes ``scale = N``.
     """
 
     def __init__(
@@ -232,10 +256,12 @@ class CaptureProducts(PerSampleProducts):
         layers: Sequence[Layer],
         chunks: Callable[[], Iterator[Chunk]],
         n: int,
+        scale: float = 1.0,
     ) -> None:
         self.space = space
         self.layers = list(layers)
         self.n = n
+        self.scale = scale
         self._chunks = chunks
 
     @classmethod
@@ -246,10 +272,18 @@ class CaptureProducts(PerSampleProducts):
         calls: list[list[Any]],
         size: int,
         losses: Tensor | None = None,
+        scale: float = 1.0,
     ) -> CaptureProducts:
         """Products over one chunk of ``size`` samples whose calls are at hand."""
-        chunk = Chunk(0, size, calls, losses)
-        return cls(space, layers, lambda: iter([chunk]), size)
+        return cls.from_chunks(space, layers, [Chunk(0, size, calls, losses)], scale)
+
+    @classmethod
+    def from_chunks(
+        cls, space: ParamSpace, layers: Sequence[Layer], chunks: list[Chunk], scale: float = 1.0
+    ) -> CaptureProducts:
+        """Products over chunks at hand (consecutive, from sample 0)."""
+        n = sum(chunk.size for chunk in chunks)
+        return cls(space, layers, lambda: iter(chunks), n, scale)
 
     @classmethod
     def from_model(
@@ -338,7 +372,7 @@ class CaptureProducts(PerSampleProducts):
             for layer, calls, view in zip(self.layers, chunk.calls, views, strict=True):
                 for call in calls:
                     part += self._call_jvp(layer, call, view)
-        return out
+        return out.mul_(self.scale) if self.scale != 1 else out
 
     def vjp(self, w: Tensor, out: Tensor | None = None) -> Tensor:
         """Each layer's part is written in place into its slice of the result, the first
@@ -358,7 +392,7 @@ class CaptureProducts(PerSampleProducts):
             if not written[k]:  # never called: zero per-sample gradients
                 for part in view.values():
                     part.zero_()
-        return total
+        return total.mul_(self.scale) if self.scale != 1 else total
 
     def _rows(self, layer: Layer, calls: list[Any], size: int) -> Tensor:
         """The layer's per-sample gradients over one chunk, ``(size, d_layer)``, summed over
@@ -385,7 +419,7 @@ class CaptureProducts(PerSampleProducts):
                 for name, numel in zip(layer.names, self.layers_numel(layer), strict=True):
                     rows[:, layer.slices[name]] = part[:, offset : offset + numel]
                     offset += numel
-            yield chunk.start, rows
+            yield chunk.start, rows.mul_(self.scale) if self.scale != 1 else rows
 
     def losses(self) -> Tensor:
         chunks = [chunk.losses for chunk in self._chunks()]
@@ -416,7 +450,7 @@ class CaptureProducts(PerSampleProducts):
                 i, j = chunk_i.start, chunk_j.start
                 out[i : i + chunk_i.size, j : j + chunk_j.size] = block
                 out[j : j + chunk_j.size, i : i + chunk_i.size] = block.T
-        return out
+        return out.mul_(self.scale**2) if self.scale != 1 else out
 
     def sq_norms(self) -> Tensor:
         out = torch.zeros(
@@ -437,7 +471,25 @@ class CaptureProducts(PerSampleProducts):
                         offset += numel
                 for name, value in (norms or {}).items():
                     out[chunk.start : stop, column[layer.qualified(name)]] = value
-        return out
+        return out.mul_(self.scale**2) if self.scale != 1 else out
+
+
+def coverage_failures(
+    model: nn.Module,
+    layers: Sequence[Layer],
+    space: ParamSpace,
+    loss: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+) -> dict[str, float]:
+    """The parameters whose summed per-sample gradients (by the rules) differ from
+    autograd's gradient of ``Σ_i f_i`` on ``(x, y)``, with their relative errors. Costs one
+    weight-gradient-sized product per layer on these few samples."""
+    params = list(space.params(model).values())
+    calls, _, expected = capture_chunk(model, layers, loss, x, y, params)
+    products = CaptureProducts.from_calls(space, layers, calls, len(x))
+    ones = torch.ones(len(x), dtype=space.dtype, device=space.device)
+    return uncovered(space.unflatten(products.vjp(ones)), expected)
 
 
 def check_coverage(
@@ -450,27 +502,33 @@ def check_coverage(
 ) -> None:
     """Raise :class:`CoverageError` unless, for every trainable parameter, the sum of the
     rules' per-sample gradients equals autograd's gradient of ``Σ_i f_i`` on ``(x, y)``
-    (relative error at most ``sqrt(eps)`` of the dtype). Costs one weight-gradient-sized
-    product per layer on these few samples."""
-    params = list(space.params(model).values())
-    calls, _, expected = capture_chunk(model, layers, loss, x, y, params)
-    products = CaptureProducts.from_calls(space, layers, calls, len(x))
-    ones = torch.ones(len(x), dtype=space.dtype, device=space.device)
-    summed = space.unflatten(products.vjp(ones))
-    tol = torch.finfo(space.dtype).eps ** 0.5
-    bad = []
-    for (name, got), want in zip(summed.items(), expected, strict=True):
-        want = torch.zeros_like(got) if want is None else want
-        error, scale = float((got - want).norm()), max(float(want.norm()), float(got.norm()))
-        if not error <= tol * scale:
-            bad.append(f"{name} (relative error {error / max(scale, 1e-300):.1e})")
+    (relative error at most ``sqrt(eps)`` of the dtype)."""
+    bad = coverage_failures(model, layers, space, loss, x, y)
     if bad:
         raise CoverageError(
-            f"the per-sample gradients of {', '.join(bad)} do not add up to the batch gradient: "
+            f"the per-sample gradients of {describe(bad)} do not add up to the batch gradient: "
             f"the parameter is also used outside its module's forward (tied weights?), or its "
             f"module mixes the samples of a batch; use route='generic', which is exact for any "
             f"model"
         )
+
+
+def uncovered(summed: dict[str, Tensor], expected: Sequence[Tensor | None]) -> dict[str, float]:
+    """``{name: relative error}`` of the parameters whose summed per-sample gradients differ
+    from autograd's gradient by more than ``sqrt(eps)`` of the dtype, relatively."""
+    bad = {}
+    for (name, got), want in zip(summed.items(), expected, strict=True):
+        want = torch.zeros_like(got) if want is None else want
+        tol = torch.finfo(got.dtype).eps ** 0.5
+        error, scale = float((got - want).norm()), max(float(want.norm()), float(got.norm()))
+        if not error <= tol * scale:
+            bad[name] = error / max(scale, 1e-300)
+    return bad
+
+
+def describe(failures: dict[str, float]) -> str:
+    """``"fc1.weight (relative error 6.0e-01), ..."``."""
+    return ", ".join(f"{name} (relative error {error:.1e})" for name, error in failures.items())
 
 
 def _nbytes(tree: Any) -> int:

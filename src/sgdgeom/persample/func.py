@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample.base import PerSampleProducts
+from sgdgeom.persample.internal import internal_passes
 from sgdgeom.persample.losses import LossSpec, per_sample_loss
 from sgdgeom.persample.source import DataSource
 
@@ -129,7 +130,9 @@ class FuncProducts(PerSampleProducts):
 
     def batch_losses(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample losses ``(b,)`` of a chunk as a function of the parameters."""
-        return self.loss(functional_call(self.model, {**params, **self.constants}, (x,)), y)
+        with internal_passes():
+            output = functional_call(self.model, {**params, **self.constants}, (x,))
+        return self.loss(output, y)
 
     def _chunks(self, desc: str) -> Iterator[tuple[int, Tensor, Tensor]]:
         return self.data.chunks(self.progress, desc)

@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.persample.func import jvp_or_double_vjp, reference_kernels
+from sgdgeom.persample.internal import internal_passes
 from sgdgeom.persample.layers.registry import LayerRule, Params, register_fallback, write
 
 __all__ = ["FallbackCall", "FallbackRule"]
@@ -118,9 +119,9 @@ class FallbackRule(LayerRule):
     @staticmethod
     def _forward(module: nn.Module, call: FallbackCall, params: Params, leaves: list) -> list:
         args, kwargs = tree_unflatten(leaves, call.spec)
-        outputs = _tensor_leaves(
-            functional_call(module, {**params, **call.constants}, args, kwargs)
-        )
+        with internal_passes():
+            output = functional_call(module, {**params, **call.constants}, args, kwargs)
+        outputs = _tensor_leaves(output)
         return [outputs[k] for k in call.used]
 
     def jvp(self, module: nn.Module, call: FallbackCall, v: Params) -> Tensor:

@@ -1,0 +1,246 @@
+r"""Captures of an ordinary training loop: ``loss = criterion(model(x), y); loss.backward()``.
+
+:class:`LoopRecorder` puts forward hooks on the owner modules of a plan
+(:func:`~sgdgeom.persample.capture.plan_layers`) and tensor hooks on their outputs, so each
+*pass* (one forward of the model) keeps what its layer rules need and, once a backward runs
+through it, the gradients at the layers' outputs. :meth:`LoopRecorder.take` returns only the
+passes that a backward reached:
+
+- an extra forward between ``loss = …`` and ``backward()`` (an evaluation inside the loop)
+  gets no gradient and is dropped; a forward under ``torch.no_grad()`` is not recorded;
+- gradient accumulation over several backward calls gives one pass per micro-batch, and the
+  products over their union (one chunk each).
+
+**Fused forwards.** With ``fused=True`` every owner module runs its forward on detached
+copies of its parameters, and its outputs go through an identity node (:class:`_Tap`) that
+keeps them in the graph. The backward then computes input gradients only; the weight
+gradients are left to whoever reads the captures (the metric gradient of
+:class:`~sgdgeom.optim.DiffusionMetricSGD` replaces them), and ``.grad`` of those parameters
+stays ``None``. It works for every rule, the fallback included, since no rule is involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from sgdgeom.persample.capture import Layer
+from sgdgeom.persample.internal import in_internal_pass
+from sgdgeom.persample.layers.fallback import FallbackCall
+
+__all__ = ["LoopRecorder", "Pass", "all_gather", "gather_call"]
+
+
+@dataclass
+class _Call:
+    """One call of one layer: what its rule recorded, and its outputs' gradients so far."""
+
+    layer: int
+    saved: Any
+    outputs: list[weakref.ref]
+    grads: list[Tensor | None]
+    handles: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Pass:
+    """One forward of the model: its batch size and the calls of its layers."""
+
+    size: int
+    calls: list[_Call] = field(default_factory=list)
+
+    def reached(self) -> bool:
+        """Whether a backward has reached any of its calls."""
+        return any(g is not None for call in self.calls for g in call.grads)
+
+    def alive(self) -> bool:
+        """Whether a backward may still reach it (some output is still referenced)."""
+        return any(ref() is not None for call in self.calls for ref in call.outputs)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a fused layer's output that keeps it in the graph (through ``anchor``, a
+    leaf that requires grad) when neither its input nor its detached parameters do."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, anchor: Tensor) -> Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+@contextlib.contextmanager
+def _detached_parameters(module: nn.Module, recursive: bool) -> Iterator[None]:
+    """Run the module on detached copies of its parameters (restored afterwards)."""
+    owners = list(module.modules()) if recursive else [module]
+    saved = [(m, name, p) for m in owners for name, p in m._parameters.items() if p is not None]
+    for m, name, p in saved:
+        m._parameters[name] = p.detach()
+    try:
+        yield
+    finally:
+        for m, name, p in saved:
+            m._parameters[name] = p
+
+
+class LoopRecorder:
+    """Records the passes of a training loop over a plan's layers (see the module doc).
+
+    Args:
+        model: the model whose forward opens a pass (a DDP wrapper included).
+        layers: the plan of its owner modules.
+        fused: give the layers fused forwards (input gradients only); see :attr:`fusing`.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[Layer], fused: bool = False) -> None:
+        self.layers = layers
+        self.fused = fused
+        #: whether the fused forwards skip the weight gradients now (switched by the owner,
+        #: e.g. on only after a first, unfused step has been checked)
+        self.fusing = False
+        self.passes: list[Pass] = []
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._handles = [model.register_forward_pre_hook(self._open_pass)]
+        for k, layer in enumerate(layers):
+            hook = functools.partial(self._record, k)
+            self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+            if fused:
+                layer.module.forward = functools.partial(_fused_forward, self, layer)
+
+    def remove(self) -> None:
+        """Remove the hooks and give the layers their own forward back."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        _forget(self.passes)
+        if self.fused:
+            for layer in self.layers:
+                layer.module.__dict__.pop("forward", None)
+        self.passes.clear()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _open_pass(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not torch.is_grad_enabled() or in_internal_pass():
+            return
+        # passes that no backward reached and none can reach any more hold memory only
+        kept = [p for p in self.passes if p.reached() or p.alive()]
+        _forget([p for p in self.passes if p not in kept])
+        self.passes = kept
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        self.passes.append(Pass(len(first) if first is not None and first.dim() else 0))
+
+    def _record(self, k: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not (torch.is_grad_enabled() and self.passes) or in_internal_pass():
+            return
+        rule = self.layers[k].rule
+        outputs = list(rule.outputs(output))
+        if not any(t.requires_grad for t in outputs):
+            return
+        call = _Call(
+            k,
+            rule.record(module, args, kwargs, output),
+            [weakref.ref(t) for t in outputs],
+            [None] * len(outputs),
+        )
+        for j, t in enumerate(outputs):
+            if t.requires_grad:
+                call.handles.append(t.register_hook(functools.partial(_store_grad, call, j)))
+        self.passes[-1].calls.append(call)
+
+    # ------------------------------------------------------------------ reading
+
+    def take(self) -> list[Pass]:
+        """The passes that a backward reached since the last call, in order; all recorded
+        passes are forgotten."""
+        reached = [p for p in self.passes if p.reached()]
+        _forget(self.passes)  # a later backward through them must not write into them
+        self.passes = []
+        return reached
+
+    def calls(self, recorded: Pass) -> list[list[Any]]:
+        """One pass's calls per layer, as the rules take them (a call that no gradient
+        reached contributes nothing and is left out; a missing output gradient is zero)."""
+        out: list[list[Any]] = [[] for _ in self.layers]
+        for call in recorded.calls:
+            if all(g is None for g in call.grads):
+                continue
+            layer = self.layers[call.layer]
+            grads = tuple(
+                g if g is not None else torch.zeros_like(ref())
+                for g, ref in zip(call.grads, call.outputs, strict=True)
+            )
+            out[call.layer].append(layer.rule.call(layer.module, call.saved, grads))
+        return [
+            self.layers[k].rule.merge(self.layers[k].module, c) if c else c
+            for k, c in enumerate(out)
+        ]
+
+
+def _forget(passes: list[Pass]) -> None:
+    for recorded in passes:
+        for call in recorded.calls:
+            for handle in call.handles:
+                handle.remove()
+
+
+def _store_grad(call: _Call, j: int, grad: Tensor) -> None:
+    grad = grad.detach()
+    call.grads[j] = grad if call.grads[j] is None else call.grads[j] + grad
+
+
+def _fused_forward(recorder: LoopRecorder, layer: Layer, *args: Any, **kwargs: Any) -> Any:
+    """The module's own forward, on detached parameters when fusing; an output that would
+    leave the graph (no input requires grad) is tapped back into it."""
+    module = layer.module
+    forward = type(module).forward
+    if not (recorder.fusing and torch.is_grad_enabled()) or in_internal_pass():
+        return forward(module, *args, **kwargs)
+    with _detached_parameters(module, layer.rule.recursive):
+        output = forward(module, *args, **kwargs)
+    anchor = recorder._anchor
+    return tree_map(
+        lambda t: (
+            _Tap.apply(t, anchor)
+            if isinstance(t, Tensor) and t.is_floating_point() and not t.requires_grad
+            else t
+        ),
+        output,
+    )
+
+
+def all_gather(t: Tensor, dim: int = 0) -> Tensor:
+    """Concatenate ``t`` of every process along ``dim`` (equal shapes required)."""
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim)
+
+
+def gather_call(call: Any) -> Any:
+    """A call with the samples of every process (``torch.distributed``): each batched tensor
+    all-gathered along its batch dimension."""
+    if isinstance(call, FallbackCall):
+        leaves = [
+            all_gather(t, call.batch_dim) if flag else t
+            for t, flag in zip(call.leaves, call.batched, strict=True)
+        ]
+        grads = tuple(all_gather(g, call.batch_dim) for g in call.grads)
+        return replace(call, leaves=leaves, grads=grads)
+    changes = {}
+    for f in fields(call):
+        value = getattr(call, f.name)
+        if isinstance(value, Tensor):
+            changes[f.name] = all_gather(value)
+        elif isinstance(value, dict):  # rows
+            changes[f.name] = {n: all_gather(t) for n, t in value.items()}
+    return replace(call, **changes)
