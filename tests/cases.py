@@ -1,8 +1,9 @@
 """Test cases as data: (model factory, loss, data, seed), served to every operator test.
 
 The zoo covers the papers' models and the unusual ones: normalisation layers, attention,
-Conv1d, a tied weight used outside its module, a layer called twice, partly frozen layers
-and a functional loss. Every case is float64 and small enough for dense references.
+Conv1d, a tied weight used outside its module, a layer called twice, partly frozen layers,
+a layer output changed in place, and a functional loss. Every case is float64 and small
+enough for dense references.
 """
 
 from __future__ import annotations
@@ -143,6 +144,11 @@ def _case(name: str, seed: int) -> Case:
         model.fc1.weight.requires_grad_(False)  # its bias trains
         model.out.bias.requires_grad_(False)  # its weight trains
         x, y = torch.randn(9, 6, generator=g), torch.randint(0, 3, (9,), generator=g)
+    elif name == "inplace-relu":  # a layer output changed in place after the layer
+        model = nn.Sequential(
+            nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+        )
+        x, y = torch.randn(9, 4, generator=g), torch.randint(0, 3, (9,), generator=g)
     elif name == "functional-loss":
         model = build_model("mlp", (4,), 3, widths=(5,), activation="tanh")
         x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -167,6 +173,7 @@ CASE_NAMES = [
     "tied-autoencoder",
     "reused-linear",
     "partly-frozen",
+    "inplace-relu",
     "functional-loss",
 ]
 # Cases the capture route must refuse (a weight used outside its module): they take the

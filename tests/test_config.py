@@ -85,7 +85,8 @@ def test_unknown_model_option_lists_options():
 def test_bad_values_name_the_choices():
     with pytest.raises(
         ConfigError,
-        match=r"optimizer\.name: .*'sgd', 'adam', 'adamw', 'diffusion-sgd', 'sam', 'asam' or 'entropy-sgd'",
+        match=r"optimizer\.name: .*'sgd', 'adam', 'adamw', 'diffusion-sgd', 'sam', 'asam' "
+        r"or 'entropy-sgd'",
     ):
         parse_config(with_("optimizer", name="lbfgs"))
     with pytest.raises(ConfigError, match=r"optimizer\.lr: .*greater than 0"):

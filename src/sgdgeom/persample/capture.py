@@ -7,12 +7,14 @@ losses at its outputs (samples are independent, so row i of the output gradient 
 :math:`\partial f_i / \partial z_i`), and the rules turn them into ``G v``, ``Gᵀ w``, the
 Gram matrix and rows of G (DESIGN §1), with no further pass over the model.
 
-**Rows where they are small.** Where a layer's per-sample gradients over a chunk take no
-more memory than what its calls keep (a convolution or a norm layer on large feature maps:
-``b x`` the layer's parameters against ``b x`` its activations), the capture forms them once
-(:class:`RowsCall`) and drops the calls: every product is then a matrix product with them.
-A rule that :attr:`~sgdgeom.persample.layers.LayerRule.prefer_rows` (the fallback) forms them
-whenever they fit in :data:`ROWS_LIMIT`.
+**Rows where they are cheaper.** Where a layer's per-sample gradients over a chunk fit in
+:data:`ROWS_LIMIT` and take no more memory than what its calls keep (a convolution or a norm
+layer on large feature maps: ``b x`` the layer's parameters against ``b x`` its
+activations), or where its Gram matrix would materialise them anyway (a Linear on long
+sequences), the capture forms them once (:class:`RowsCall`) and drops the calls: every
+product is then a matrix product with them. A rule that
+:attr:`~sgdgeom.persample.layers.LayerRule.prefer_rows` (the fallback) forms them whenever
+they fit.
 
 **Coverage check** (before the first product). The rules are exact only if each parameter
 is used inside its owner's forward: a weight also used elsewhere (tied weights,
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.params import ParamSpace
@@ -108,14 +110,19 @@ class RowsCall:
 
 
 def compact_calls(layer: Layer, calls: list[Any], size: int) -> list[Any]:
-    """The calls, or one :class:`RowsCall` where the rows are the cheaper thing to keep."""
+    """The calls, or one :class:`RowsCall` where the rows are the cheaper thing to keep:
+    within :data:`ROWS_LIMIT`, when the rule prefers rows, when they are smaller than the
+    calls, or when the rule would materialise them for the Gram matrix anyway (it has no
+    ghost formula for these calls): then every later product reuses them."""
     if not calls:
         return calls
     numel = sum(layer.shapes[n].numel() for n in layer.names)
     itemsize = next(iter(layer.module.parameters())).element_size()
-    rows_bytes = size * numel * itemsize
-    limit = ROWS_LIMIT if layer.rule.prefer_rows else min(ROWS_LIMIT, _nbytes([calls]))
-    if rows_bytes > limit:
+    if size * numel * itemsize > ROWS_LIMIT:
+        return calls
+    materialised = len(calls) > 1 or not layer.rule.has_ghost_gram(layer.module, calls[0])
+    smaller = size * numel * itemsize <= _nbytes([calls])
+    if not (layer.rule.prefer_rows or materialised or smaller):
         return calls
     rows: dict[str, Tensor] = {}
     for call in calls:
@@ -193,15 +200,26 @@ def capture_chunk(
     x: Tensor,
     y: Tensor,
     params: Sequence[Tensor] = (),
+    copy_outputs: bool = False,
 ) -> tuple[list[list[Any]], Tensor, list[Tensor | None]]:
     """One forward recording every layer's calls, one backward of ``Σ_i f_i`` to their
     outputs (and to ``params``, for the coverage check). Returns the calls per layer, the
-    per-sample losses ``(b,)`` and the gradients of ``params``."""
-    records: list[list[tuple[Any, tuple[Tensor, ...]]]] = [[] for _ in layers]
+    per-sample losses ``(b,)`` and the gradients of ``params``.
 
-    def hook(k: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    A layer output that the forward later changes in place (``ReLU(inplace=True)``) would
+    give the gradient of the changed tensor: that is detected by its version counter, and
+    the chunk is captured again with ``copy_outputs`` (the layers hand on copies)."""
+    records: list[list[tuple[Any, tuple[Tensor, ...]]]] = [[] for _ in layers]
+    versions: list[tuple[Tensor, int]] = []
+
+    def hook(k: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         rule = layers[k].rule
-        records[k].append((rule.record(module, args, kwargs, output), rule.outputs(output)))
+        outputs = rule.outputs(output)
+        records[k].append((rule.record(module, args, kwargs, output), outputs))
+        versions.extend((t, t._version) for t in outputs)
+        if copy_outputs:
+            return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
+        return None
 
     handles = [
         layer.module.register_forward_hook(functools.partial(hook, k), with_kwargs=True)
@@ -214,6 +232,8 @@ def capture_chunk(
     finally:
         for handle in handles:
             handle.remove()
+    if not copy_outputs and any(t._version != version for t, version in versions):
+        return capture_chunk(model, layers, loss, x, y, params, copy_outputs=True)
     outputs = [t for record in records for _, outs in record for t in outs if t.requires_grad]
     targets = outputs + [p for p in params]
     grads = torch.autograd.grad(total, targets, allow_unused=True) if targets else []
@@ -384,6 +404,7 @@ class CaptureProducts(PerSampleProducts):
         written = [False] * len(self.layers)
         for chunk in self._chunks():
             wc = w[chunk.start : chunk.start + chunk.size]
+            wc = wc * self.scale if self.scale != 1 else wc  # G = scale · G_captured
             for k, (layer, calls) in enumerate(zip(self.layers, chunk.calls, strict=True)):
                 for call in calls:
                     self._call_vjp(layer, call, wc, views[k], accumulate=written[k])
@@ -392,7 +413,7 @@ class CaptureProducts(PerSampleProducts):
             if not written[k]:  # never called: zero per-sample gradients
                 for part in view.values():
                     part.zero_()
-        return total.mul_(self.scale) if self.scale != 1 else total
+        return total
 
     def _rows(self, layer: Layer, calls: list[Any], size: int) -> Tensor:
         """The layer's per-sample gradients over one chunk, ``(size, d_layer)``, summed over

@@ -72,7 +72,7 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, output: Tensor, anchor: Tensor) -> Tensor:
-        return output.view_as(output)
+        return output.clone()  # not a view: a later in-place op (ReLU(inplace=True)) is fine
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:

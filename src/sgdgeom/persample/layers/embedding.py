@@ -71,6 +71,9 @@ class EmbeddingRule(LayerRule):
         rows.scatter_add_(1, call.indices[..., None].expand(-1, -1, dim), call.grads)
         return {"weight": rows.flatten(1)}
 
+    def has_ghost_gram(self, module: nn.Module, call: EmbeddingCall) -> bool:
+        return call.indices.numel() ** 2 <= GHOST_LIMIT
+
     def gram(
         self, module: nn.Module, call_i: EmbeddingCall, call_j: EmbeddingCall, names: list[str]
     ) -> Tensor | None:

@@ -85,25 +85,26 @@ class LinearRule(LayerRule):
             rows["bias"] = call.grads.sum(1)
         return rows
 
-    @staticmethod
-    def _ghost(call: LinearCall) -> bool:
+    def has_ghost_gram(self, module: nn.Module, call: LinearCall) -> bool:
         t, fan_in, fan_out = call.inputs.shape[1], call.inputs.shape[2], call.grads.shape[2]
         return t == 1 or t * t * (fan_in + fan_out) <= fan_in * fan_out
 
     def gram(
         self, module: nn.Module, call_i: LinearCall, call_j: LinearCall, names: list[str]
     ) -> Tensor | None:
-        if not (self._ghost(call_i) and self._ghost(call_j)):
+        if not (self.has_ghost_gram(module, call_i) and self.has_ghost_gram(module, call_j)):
             return None
+        if call_i.inputs.shape[1] == call_j.inputs.shape[1] == 1:
+            delta = call_i.grads[:, 0] @ call_j.grads[:, 0].T
+            if "weight" not in names:
+                return delta
+            act = call_i.inputs[:, 0] @ call_j.inputs[:, 0].T
+            return delta * (act + 1) if "bias" in names else delta * act
         out = 0.0
         if "weight" in names:
-            if call_i.inputs.shape[1] == call_j.inputs.shape[1] == 1:
-                delta = call_i.grads[:, 0] @ call_j.grads[:, 0].T
-                out = delta * (call_i.inputs[:, 0] @ call_j.inputs[:, 0].T)
-            else:
-                delta = torch.einsum("ito,jso->itjs", call_i.grads, call_j.grads)
-                act = torch.einsum("iti,jsi->itjs", call_i.inputs, call_j.inputs)
-                out = (delta * act).sum((1, 3))
+            delta = torch.einsum("ito,jso->itjs", call_i.grads, call_j.grads)
+            act = torch.einsum("iti,jsi->itjs", call_i.inputs, call_j.inputs)
+            out = (delta * act).sum((1, 3))
         if "bias" in names:
             out = out + call_i.grads.sum(1) @ call_j.grads.sum(1).T
         return out

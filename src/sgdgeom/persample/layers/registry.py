@@ -104,6 +104,10 @@ class LayerRule:
         than materialising rows; ``None`` if there is none."""
         return None
 
+    def has_ghost_gram(self, module: nn.Module, call: Any) -> bool:
+        """Whether :meth:`gram` has a cheaper formula for this call than materialised rows."""
+        return False
+
     def sq_norms(self, module: nn.Module, call: Any, names: list[str]) -> Params | None:
         """``‖g_{i,name}‖²``, ``(b,)`` per name, by a cheaper formula; ``None`` if none."""
         return None
