@@ -269,11 +269,12 @@ def test_registry_serves_every_rule_and_falls_back():
     assert type(rule_for(nn.LayerNorm(3))).__name__ == "LayerNormRule"
     assert type(rule_for(nn.GroupNorm(1, 2))).__name__ == "GroupNormRule"
     assert type(rule_for(nn.BatchNorm2d(2).eval())).__name__ == "BatchNormRule"
+    assert type(rule_for(nn.MultiheadAttention(4, 2))).__name__ == "MultiheadAttentionRule"
     for declined in (
         nn.Conv2d(2, 2, 3, groups=2),
         nn.Conv2d(2, 2, 3, padding="same"),
         nn.Embedding(4, 2, max_norm=1.0),
-        nn.MultiheadAttention(4, 2),
+        nn.MultiheadAttention(4, 2, kdim=3, vdim=3),
         nn.PReLU(),
     ):
         assert type(rule_for(declined)).__name__ == "FallbackRule"
@@ -312,13 +313,55 @@ def test_declined_and_unknown_modules_are_exact_through_the_fallback():
     assert rules == {
         "grouped": "FallbackRule",
         "act": "FallbackRule",
-        "attn": "FallbackRule",
+        "attn": "MultiheadAttentionRule",
         "out": "LinearRule",
     }
     G = per_sample_gradients(model, per_sample_loss("cross_entropy"), *data)
     assert_close(D.dense(), dense_diffusion(G), what="fallback modules")
     centred = G - G.mean(0)
     assert_close(D.gram(), centred @ centred.T / len(G), what="fallback Gram matrix")
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_rule_and_its_masked_calls_are_exact(batch_first):
+    """Unmasked calls take the attention rule; masked ones (attn_mask, key padding,
+    is_causal) its fallback; a module the rule declines (kdim) the fallback too."""
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.plain = nn.MultiheadAttention(6, 2, batch_first=batch_first)
+            self.masked = nn.MultiheadAttention(6, 3, batch_first=batch_first, bias=False)
+            self.cross = nn.MultiheadAttention(6, 2, kdim=4, vdim=4, batch_first=True)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = x if batch_first else x.transpose(0, 1)
+            h = self.plain(h, h, h)[0]
+            causal = torch.triu(torch.full((5, 5), float("-inf"), dtype=x.dtype), 1)
+            h = self.masked(h, h, h, attn_mask=causal, need_weights=False)[0]
+            h = h if batch_first else h.transpose(0, 1)
+            h = self.cross(h, x[..., :4], x[..., :4], need_weights=False)[0]
+            return self.out(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Attend().double().eval()
+    data = (torch.randn(6, 5, 6, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    D = DiffusionMatrix(model, "cross_entropy", data, route="capture", chunk_size=4)
+    rules = {layer.name: type(layer.rule).__name__ for layer in D.products.layers}
+    assert rules["plain"] == rules["masked"] == "MultiheadAttentionRule"
+    assert rules["cross"] == "FallbackRule"
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), *data)
+    assert_close(D.dense(), dense_diffusion(G), what="attention")
+    for limit in (0, capture.ROWS_LIMIT):  # the rule's own products, and its rows
+        capture.ROWS_LIMIT, saved = limit, capture.ROWS_LIMIT
+        try:
+            products = make_products(model, "cross_entropy", DataSource(data, 4))
+            v = torch.randn(products.space.dim, dtype=torch.float64)
+            assert_close(products.jvp(v), G @ v, what=f"attention jvp, rows limit {limit}")
+            assert_close(products.vjp(G @ v), G.T @ (G @ v), what="attention vjp")
+        finally:
+            capture.ROWS_LIMIT = saved
 
 
 def test_a_user_rule_is_used_for_its_module():

@@ -1,6 +1,6 @@
 """Layer rules, one file each, and the registry that maps module types to them."""
 
-from sgdgeom.persample.layers import conv, embedding, fallback, linear, norm
+from sgdgeom.persample.layers import attention, conv, embedding, fallback, linear, norm
 from sgdgeom.persample.layers.registry import (
     LayerRule,
     decline_reason,
@@ -12,6 +12,7 @@ from sgdgeom.persample.layers.registry import (
 
 __all__ = [
     "LayerRule",
+    "attention",
     "conv",
     "decline_reason",
     "embedding",
