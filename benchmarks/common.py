@@ -95,6 +95,16 @@ def peak_rss_in_child(script: str, *args: str) -> tuple[float, float]:
     return peak, peak - before
 
 
+def route_memory(
+    script: str, case: str, setups: dict[str, Callable[[], Any]], device: torch.device
+) -> dict[str, tuple[float, float]]:
+    """Each route's (peak MiB, step MiB): in this process on CUDA, else in a fresh child
+    process per route (``script --memory CASE ROUTE``)."""
+    if device.type == "cuda":
+        return {route: peak_memory(setup, device) for route, setup in setups.items()}
+    return {route: peak_rss_in_child(script, case, route) for route in setups}
+
+
 def _status_mib(field: str) -> float:
     status = Path("/proc/self/status").read_text()
     return int(status.split(f"{field}:")[1].split()[0]) / 1024

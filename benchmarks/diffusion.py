@@ -38,11 +38,10 @@ from common import (
     interleaved_times,
     make_case,
     median_time,
-    peak_memory,
-    peak_rss_in_child,
     print_table,
     report_peak_rss,
     resident_mib,
+    route_memory,
 )
 
 from sgdgeom.data import load_dataset
@@ -131,10 +130,7 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
 def run_case(name: str, device: torch.device, repeats: int) -> None:
     model, x, y = make_case(name, device)
     setups = routes(model, x, y)
-    if device.type == "cuda":
-        memory = {route: peak_memory(setup, device) for route, setup in setups.items()}
-    else:
-        memory = {route: peak_rss_in_child(__file__, name, route) for route in setups}
+    memory = route_memory(__file__, name, setups, device)
     seconds = interleaved_times(
         {route: setup() for route, setup in setups.items()}, device, repeats
     )

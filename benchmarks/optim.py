@@ -32,11 +32,10 @@ from common import (
     interleaved_times,
     make_case,
     median_time,
-    peak_memory,
-    peak_rss_in_child,
     print_table,
     report_peak_rss,
     resident_mib,
+    route_memory,
 )
 
 from sgdgeom.optim import DiffusionMetricSGD
@@ -106,10 +105,7 @@ def main() -> None:
     for name in args.cases:
         model, x, y = make_case(name, device)
         setups = routes(model, x, y)
-        if device.type == "cuda":
-            memory = {route: peak_memory(setup, device) for route, setup in setups.items()}
-        else:
-            memory = {route: peak_rss_in_child(__file__, name, route) for route in setups}
+        memory = route_memory(__file__, name, setups, device)
         # the closure route (seconds a step, GBs of rows) is timed on its own: taking turns
         # with it slowed the baseline of the fast routes (26 -> 39 ms on the transformer)
         fast = {route: setup() for route, setup in setups.items() if route != CLOSURE}

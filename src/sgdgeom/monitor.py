@@ -155,8 +155,9 @@ class LayerTemperature(Callback):
             )
         # one fused kernel for every tensor's L1 norm: a small step is launch-bound
         norms = torch.stack(torch._foreach_norm(grads, 1))
-        per_layer = torch.zeros_like(self._numels).index_add_(0, self._owner, norms)
-        self._signals.append(per_layer / self._numels)
+        if len(norms) != len(self._numels):  # a layer with several weight tensors
+            norms = torch.zeros_like(self._numels).index_add_(0, self._owner, norms)
+        self._signals.append(norms / self._numels)
         if self.snr:
             if not self._sums:
                 self._sums = [torch.zeros_like(g) for g in grads]

@@ -20,7 +20,7 @@ Two routes:
   ``loss = criterion(model(x), y); loss.backward(); opt.step()``. A
   :class:`~sgdgeom.persample.recorder.LoopRecorder` hooks the owner module of every parameter
   (the layer rules of :mod:`sgdgeom.persample.layers`: Linear, Conv1d/2d, Embedding, norm
-  layers, and the ``torch.func`` fallback for attention and any other module), so any model
+  layers, attention, and the ``torch.func`` fallback for any other module), so any model
   takes this route. The step is built from the passes that the backward reached: an extra
   forward (an evaluation inside the loop) is ignored, and gradient accumulation over several
   backward calls gives the D of the union of the micro-batches (the accumulated loss must be

@@ -1,6 +1,6 @@
 r"""The module-local fallback: exact per-sample products of any parametrised module.
 
-For a module without a rule (``nn.MultiheadAttention``, a user's module, a grouped
+For a module without a rule (a user's module, a masked attention call, a grouped
 convolution...), the capture keeps the module's inputs and the gradients
 :math:`\delta_i` at its outputs, and ``torch.func`` differentiates the module alone at those
 inputs, with :math:`\theta` its parameters (those of its children included) and
