@@ -25,7 +25,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -228,7 +228,8 @@ def all_gather(t: Tensor, dim: int = 0) -> Tensor:
 
 def gather_call(call: Any) -> Any:
     """A call with the samples of every process (``torch.distributed``): each batched tensor
-    all-gathered along its batch dimension."""
+    all-gathered along its batch dimension (dim 0, or a fallback call's own), through nested
+    calls, dicts and lists."""
     if isinstance(call, FallbackCall):
         leaves = [
             all_gather(t, call.batch_dim) if flag else t
@@ -236,11 +237,12 @@ def gather_call(call: Any) -> Any:
         ]
         grads = tuple(all_gather(g, call.batch_dim) for g in call.grads)
         return replace(call, leaves=leaves, grads=grads)
-    changes = {}
-    for f in fields(call):
-        value = getattr(call, f.name)
-        if isinstance(value, Tensor):
-            changes[f.name] = all_gather(value)
-        elif isinstance(value, dict):  # rows
-            changes[f.name] = {n: all_gather(t) for n, t in value.items()}
-    return replace(call, **changes)
+    if isinstance(call, Tensor):
+        return all_gather(call)
+    if isinstance(call, dict):
+        return {name: gather_call(value) for name, value in call.items()}
+    if isinstance(call, list | tuple):
+        return type(call)(gather_call(value) for value in call)
+    if is_dataclass(call):
+        return replace(call, **{f.name: gather_call(getattr(call, f.name)) for f in fields(call)})
+    return call
