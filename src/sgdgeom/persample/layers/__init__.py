@@ -3,10 +3,8 @@
 from sgdgeom.persample.layers import attention, conv, embedding, fallback, linear, norm
 from sgdgeom.persample.layers.registry import (
     LayerRule,
-    decline_reason,
     register_fallback,
     register_rule,
-    registered_types,
     rule_for,
 )
 
@@ -14,13 +12,11 @@ __all__ = [
     "LayerRule",
     "attention",
     "conv",
-    "decline_reason",
     "embedding",
     "fallback",
     "linear",
     "norm",
     "register_fallback",
     "register_rule",
-    "registered_types",
     "rule_for",
 ]

@@ -29,10 +29,8 @@ from torch import Tensor, nn
 __all__ = [
     "LayerRule",
     "Params",
-    "decline_reason",
     "register_fallback",
     "register_rule",
-    "registered_types",
     "rule_for",
     "write",
 ]
@@ -112,10 +110,6 @@ class LayerRule:
         """``‖g_{i,name}‖²``, ``(b,)`` per name, by a cheaper formula; ``None`` if none."""
         return None
 
-    def param_names(self, module: nn.Module) -> list[str]:
-        """The local names of the parameters the rule owns (all, trainable or not)."""
-        return [n for n, _ in module.named_parameters(recurse=self.recursive)]
-
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
 _FALLBACK: list[LayerRule] = []
@@ -150,20 +144,3 @@ def rule_for(module: nn.Module) -> LayerRule:
             return rule
         break
     return _FALLBACK[0]
-
-
-def decline_reason(module: nn.Module) -> str | None:
-    """Why a module falls to the fallback rule, or ``None`` if a rule serves it."""
-    for base in type(module).__mro__:
-        rule = _RULES.get(base)
-        if rule is None:
-            continue
-        if type(module).forward is not base.forward:
-            return f"{type(module).__name__} overrides the forward of {base.__name__}"
-        return rule.supports(module)
-    return f"no rule is registered for {type(module).__name__}"
-
-
-def registered_types() -> list[type[nn.Module]]:
-    """The module types with a registered rule."""
-    return list(_RULES)
