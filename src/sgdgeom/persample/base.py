@@ -2,7 +2,7 @@ r"""The products protocol: what every route computes with the per-sample gradien
 
 Notation (DESIGN §1): per-sample losses :math:`f_i(x)`, :math:`i = 1..N`, per-sample
 gradients :math:`g_i = \nabla f_i \in \mathbb{R}^d`, stacked as the rows of
-:math:`G \in \mathbb{R}^{N \times d}`. :math:`G` is never stored by the fast routes;
+:math:`G \in \mathbb{R}^{N \times d}`. :math:`G` is never stored by the capture route;
 everything is a product:
 
 - ``jvp(v)``: :math:`c = G v`, shape ``(N,)``;

@@ -1,8 +1,8 @@
 """Materialised rows: products with an explicit ``G`` (``N x d``) already in memory.
 
-The dense route: the optimizer's for models that no layer rule covers (a closure gives the
-per-sample losses of one minibatch, ``N = B``, so ``B x d`` is affordable where ``N x d`` of a
-dataset is not), the RBM's CD gradients, and the tests' references.
+The dense route: the optimizer's closure route (a closure gives the per-sample losses of one
+minibatch, ``N = B``, so ``B x d`` is affordable where ``N x d`` of a dataset is not), the RBM's
+CD gradients, and the tests' references.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ __all__ = ["RowProducts"]
 
 
 class RowProducts(PerSampleProducts):
-    """Products with an explicit ``G`` (``N x d``) already in memory: the optimizer's route
-    for models outside the fast route, whose closure gives the per-sample losses of one
-    minibatch (``N = B``, so ``B x d`` is affordable where ``N x d`` of a dataset is not)."""
+    """Products with an explicit ``G`` (``N x d``) already in memory: the optimizer's closure
+    route (parameters without the model, or tied weights), whose closure gives the per-sample
+    losses of one minibatch (``N = B``, so ``B x d`` is affordable where ``N x d`` of a dataset
+    is not)."""
 
     def __init__(self, space: ParamSpace, rows: Tensor, losses: Tensor | None = None) -> None:
         if rows.dim() != 2 or rows.shape[1] != space.dim:
