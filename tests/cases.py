@@ -70,6 +70,19 @@ class TiedAutoencoder(nn.Module):
         return self.out(torch.tanh(reconstruction))
 
 
+class SequenceFirst(nn.Module):
+    """Batch-first input, but a Linear applied to the sequence-first transpose (T, B, F):
+    the layer's dim 0 is not the samples. With T = B no shape gives it away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(x.transpose(0, 1))).mean(0))
+
+
 class ReusedLinear(nn.Module):
     """One Linear called twice in a forward."""
 
@@ -144,6 +157,9 @@ def _case(name: str, seed: int) -> Case:
         model.fc1.weight.requires_grad_(False)  # its bias trains
         model.out.bias.requires_grad_(False)  # its weight trains
         x, y = torch.randn(9, 6, generator=g), torch.randint(0, 3, (9,), generator=g)
+    elif name == "sequence-first":
+        model = SequenceFirst()
+        x, y = torch.randn(6, 6, 3, generator=g), torch.randint(0, 3, (6,), generator=g)
     elif name == "inplace-relu":  # a layer output changed in place after the layer
         model = nn.Sequential(
             nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
@@ -174,11 +190,13 @@ CASE_NAMES = [
     "reused-linear",
     "partly-frozen",
     "inplace-relu",
+    "sequence-first",
     "functional-loss",
 ]
-# Cases the capture route must refuse (a weight used outside its module): they take the
-# generic route, and route="capture" raises an error naming the parameter.
-CAPTURE_REFUSED = {"tied-autoencoder"}
+# Cases the capture route must refuse (a weight used outside its module, a layer whose dim 0
+# is not the samples): they take the generic route, and route="capture" raises an error
+# naming the parameter.
+CAPTURE_REFUSED = {"tied-autoencoder", "sequence-first"}
 
 
 def make_case(name: str, seed: int = 0) -> Case:

@@ -132,6 +132,20 @@ def test_tied_weights_are_named_and_the_closure_route_is_exact():
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("length", [6, 5])
+def test_a_layer_whose_dim_0_is_not_the_samples_is_named(length):
+    """Sequence-first inside the model: with T = B no shape gives it away, and the sums the
+    first check compares are equal; the randomly weighted sample check still fails."""
+    case = make_case("sequence-first")
+    case.x = case.x[:, :length]
+    opt = DiffusionMetricSGD(case.model, lr=0.1)
+    loss_and_backward(case)
+    before = flat(case.model)
+    with pytest.raises(CoverageError, match=r"another axis than dim 0.*step\(closure\)"):
+        opt.step()
+    assert torch.equal(flat(case.model), before)
+
+
 def test_fused_refuses_a_gradient_from_outside_its_layers():
     case = make_case("mlp-relu")
     opt = DiffusionMetricSGD(case.model, lr=0.1)

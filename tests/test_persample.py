@@ -202,6 +202,18 @@ def test_tied_weight_refused_by_capture_and_exact_by_auto():
     assert D.trace() == pytest.approx(float(dense_diffusion(G).trace()), rel=1e-12)
 
 
+@pytest.mark.parametrize("length", [6, 5])
+def test_a_sequence_first_layer_is_refused_by_capture_and_exact_by_auto(length):
+    case = make_case("sequence-first")
+    x = case.x[:, :length]
+    with pytest.raises(CoverageError, match=r"fc\.|dim 0"):
+        DiffusionMatrix(case.model, case.loss, (x, case.y), route="capture")
+    G = per_sample_gradients(case.model, per_sample_loss(case.loss), x, case.y)
+    with pytest.warns(UserWarning, match="capture route is not exact"):
+        D = DiffusionMatrix(case.model, case.loss, (x, case.y))
+    assert_close(D.dense(), dense_diffusion(G), what="sequence-first, generic")
+
+
 def test_tied_weight_inside_one_modules_forward_stays_on_the_capture_route():
     """The root owns a parameter, so the fallback owns the whole model and is exact."""
 

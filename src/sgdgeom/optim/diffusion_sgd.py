@@ -76,7 +76,13 @@ from sgdgeom.metric import DiffusionMetric
 from sgdgeom.optim.momentum import heavy_ball
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import CaptureProducts, CoverageError, RowProducts, plan_layers
-from sgdgeom.persample.capture import Chunk, compact_calls, describe, uncovered
+from sgdgeom.persample.capture import (
+    Chunk,
+    compact_calls,
+    coverage_failures,
+    describe,
+    uncovered,
+)
 from sgdgeom.persample.internal import internal_passes
 from sgdgeom.persample.recorder import LoopRecorder, Pass, all_gather, gather_call
 
@@ -87,6 +93,10 @@ _FUSED_DDP = (
     "fused=True does not run under DistributedDataParallel, which all-reduces the .grad "
     "that the fused route never makes: use fused=False (or 'auto')"
 )
+
+
+class _UnprobedError(Exception):
+    """The model's output is not one batched tensor, so the sample check cannot probe it."""
 
 
 def _distributed() -> bool:
@@ -261,6 +271,37 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         scale = local if self.loss_reduction == "mean" else 1.0
         return CaptureProducts.from_chunks(space, recorder.layers, chunks, scale)
 
+    def _check_samples(self, inputs: Tensor, space: ParamSpace) -> None:
+        """The first step, part two: the samples must be what the rules take for samples.
+        On 8 of the step's inputs, with the per-sample "loss" ``f_i = u · model(x)_i`` for a
+        fixed ``u``, the rules' per-sample gradients weighted by random ``r_i`` must equal
+        autograd's gradient of ``Σ_i r_i f_i``: a layer that takes another axis for the
+        samples (sequence-first, with a length equal to the batch) fails it."""
+
+        def probe(output: Any, _: Any) -> Tensor:
+            if not isinstance(output, Tensor) or output.dim() == 0:
+                raise _UnprobedError
+            flat = output.flatten(1)
+            u = torch.linspace(-1.0, 1.0, flat.shape[1], dtype=flat.dtype, device=flat.device)
+            return flat @ u
+
+        x = inputs[:8]
+        try:
+            bad = coverage_failures(self.model, self._recorder.layers, space, probe, x, x)
+        except _UnprobedError:
+            return  # the output is not one batched tensor: the first check alone
+        except RuntimeError as err:  # a layer's calls lack the batch along dim 0
+            bad = {f"a layer's calls ({err})": float("nan")}
+        if bad:
+            self.detach()
+            self._unattached = (
+                f"per-sample gradients of {describe(bad)} are not exact: a parameter is also "
+                f"used outside its module's forward (tied weights?), or a layer takes another "
+                f"axis than dim 0 for the samples (sequence-first?): call step(closure) with a "
+                f"closure that returns the per-sample losses (B,)"
+            )
+            raise CoverageError(self._unattached)
+
     def _check_coverage(self, products: CaptureProducts, mean_gradient: Tensor) -> None:
         """The first step: the rules' mean per-sample gradient must be autograd's ``.grad``."""
         space = products.space
@@ -298,6 +339,9 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 "call loss.backward() on the model's output before step() (a forward alone, "
                 "or one under torch.no_grad(), makes no step)"
             )
+        first = not self._checked and not recorder.fusing
+        if first and passes[0].inputs is not None and not _distributed():
+            self._check_samples(passes[0].inputs, space)
         products = self._products(passes, space)
         if recorder.fusing:
             stray = [
@@ -313,7 +357,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 )
             return products, None
         mean_gradient = self._mean_gradient(space)
-        if not self._checked:
+        if first:
             self._check_coverage(products, mean_gradient)
             self._checked = True
             if recorder.fused:  # checked: from now on the backward skips weight gradients

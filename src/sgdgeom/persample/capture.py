@@ -201,10 +201,12 @@ def capture_chunk(
     y: Tensor,
     params: Sequence[Tensor] = (),
     copy_outputs: bool = False,
+    param_weights: Tensor | None = None,
 ) -> tuple[list[list[Any]], Tensor, list[Tensor | None]]:
     """One forward recording every layer's calls, one backward of ``Σ_i f_i`` to their
-    outputs (and to ``params``, for the coverage check). Returns the calls per layer, the
-    per-sample losses ``(b,)`` and the gradients of ``params``.
+    outputs and, for the coverage check, one of ``Σ_i r_i f_i`` to ``params`` (``r`` =
+    ``param_weights``). Returns the calls per layer, the per-sample losses ``(b,)`` and the
+    gradients of ``params``.
 
     A layer output that the forward later changes in place (``ReLU(inplace=True)``) would
     give the gradient of the changed tensor: that is detected by its version counter, and
@@ -229,14 +231,20 @@ def capture_chunk(
         with torch.enable_grad(), internal_passes():
             losses = loss(model(x), y)
             total = losses.sum()
+            weighted = (param_weights * losses).sum() if param_weights is not None else total
     finally:
         for handle in handles:
             handle.remove()
     if not copy_outputs and any(t._version != version for t, version in versions):
-        return capture_chunk(model, layers, loss, x, y, params, copy_outputs=True)
+        return capture_chunk(model, layers, loss, x, y, params, True, param_weights)
     outputs = [t for record in records for _, outs in record for t in outs if t.requires_grad]
-    targets = outputs + [p for p in params]
-    grads = torch.autograd.grad(total, targets, allow_unused=True) if targets else []
+    grads = (
+        list(torch.autograd.grad(total, outputs, retain_graph=True, allow_unused=True))
+        if outputs
+        else []
+    )
+    if params:
+        grads += torch.autograd.grad(weighted, list(params), allow_unused=True)
     found = {id(t): g for t, g in zip(outputs, grads, strict=False)}
     calls = []
     for layer, record in zip(layers, records, strict=True):
@@ -336,7 +344,15 @@ class CaptureProducts(PerSampleProducts):
             x.dtype,
         )
         if _CHECKED.get(model) != key:
-            check_coverage(model, layers, space, loss, x[:COVERAGE_SAMPLES], y[:COVERAGE_SAMPLES])
+            try:
+                check_coverage(
+                    model, layers, space, loss, x[:COVERAGE_SAMPLES], y[:COVERAGE_SAMPLES]
+                )
+            except RuntimeError as err:
+                raise CoverageError(
+                    f"a layer's calls do not hold the samples along dim 0 ({err}): a "
+                    f"sequence-first layer? use route='generic', which is exact for any model"
+                ) from err
             _CHECKED[model] = key
         if cache is False:
             return cls(space, layers, stream, data.n)
@@ -503,14 +519,17 @@ def coverage_failures(
     x: Tensor,
     y: Tensor,
 ) -> dict[str, float]:
-    """The parameters whose summed per-sample gradients (by the rules) differ from
-    autograd's gradient of ``Σ_i f_i`` on ``(x, y)``, with their relative errors. Costs one
-    weight-gradient-sized product per layer on these few samples."""
+    """The parameters whose per-sample gradients (by the rules), summed with random weights
+    ``r_i``, differ from autograd's gradient of ``Σ_i r_i f_i`` on ``(x, y)``, with their
+    relative errors. Random weights also catch a rule that takes another axis for the samples
+    (a sequence-first layer whose length equals the batch). Costs one weight-gradient-sized
+    product per layer on these few samples."""
     params = list(space.params(model).values())
-    calls, _, expected = capture_chunk(model, layers, loss, x, y, params)
+    r = torch.rand(len(x), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = (0.5 + r).to(dtype=space.dtype, device=space.device)
+    calls, _, expected = capture_chunk(model, layers, loss, x, y, params, param_weights=r)
     products = CaptureProducts.from_calls(space, layers, calls, len(x))
-    ones = torch.ones(len(x), dtype=space.dtype, device=space.device)
-    return uncovered(space.unflatten(products.vjp(ones)), expected)
+    return uncovered(space.unflatten(products.vjp(r)), expected)
 
 
 def check_coverage(
@@ -529,8 +548,8 @@ def check_coverage(
         raise CoverageError(
             f"the per-sample gradients of {describe(bad)} do not add up to the batch gradient: "
             f"the parameter is also used outside its module's forward (tied weights?), or its "
-            f"module mixes the samples of a batch; use route='generic', which is exact for any "
-            f"model"
+            f"module mixes the samples of a batch or takes another axis for them (a "
+            f"sequence-first layer); use route='generic', which is exact for any model"
         )
 
 

@@ -56,6 +56,8 @@ class Pass:
 
     size: int
     calls: list[_Call] = field(default_factory=list)
+    #: the model's input, when the forward took one tensor and nothing else
+    inputs: Tensor | None = None
 
     def reached(self) -> bool:
         """Whether a backward has reached any of its calls."""
@@ -110,7 +112,7 @@ class LoopRecorder:
         self.fusing = False
         self.passes: list[Pass] = []
         self._anchor = torch.zeros((), requires_grad=True)
-        self._handles = [model.register_forward_pre_hook(self._open_pass)]
+        self._handles = [model.register_forward_pre_hook(self._open_pass, with_kwargs=True)]
         for k, layer in enumerate(layers):
             hook = functools.partial(self._record, k)
             self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
@@ -130,15 +132,18 @@ class LoopRecorder:
 
     # ------------------------------------------------------------------ hooks
 
-    def _open_pass(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _open_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict) -> None:
         if not torch.is_grad_enabled() or in_internal_pass():
             return
         # passes that no backward reached and none can reach any more hold memory only
         kept = [p for p in self.passes if p.reached() or p.alive()]
         _forget([p for p in self.passes if p not in kept])
         self.passes = kept
-        first = next((a for a in args if isinstance(a, Tensor)), None)
-        self.passes.append(Pass(len(first) if first is not None and first.dim() else 0))
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        first = tensors[0] if tensors else None
+        size = len(first) if first is not None and first.dim() else 0
+        alone = len(args) == 1 and not kwargs and first is not None
+        self.passes.append(Pass(size, inputs=first.detach() if alone else None))
 
     def _record(self, k: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not (torch.is_grad_enabled() and self.passes) or in_internal_pass():
