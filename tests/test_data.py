@@ -23,7 +23,7 @@ from sgdgeom.errors import DatasetError
 
 
 def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
-    code = {np.uint8: 0x08, np.int32: 0x0C, np.float32: 0x0D}[array.dtype.type]
+    code = {np.uint8: 0x08, np.int8: 0x09, np.int32: 0x0C, np.float32: 0x0D}[array.dtype.type]
     header = struct.pack(">BBBB", 0, 0, code, array.ndim)
     header += struct.pack(f">{array.ndim}I", *array.shape)
     raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()

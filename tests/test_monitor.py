@@ -12,8 +12,8 @@ from torch import nn
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.experiments.config import parse_config
 from sgdgeom.experiments.runner import run_training
+from sgdgeom.files import read_jsonl
 from sgdgeom.monitor import LayerTemperature, analyse_regimes
-from sgdgeom.train import read_jsonl
 
 
 def tiny():

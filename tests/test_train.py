@@ -14,8 +14,9 @@ from sgdgeom.data import load_dataset
 from sgdgeom.errors import ConfigError, NonFiniteLossError
 from sgdgeom.experiments.config import parse_config
 from sgdgeom.experiments.runner import run_training
+from sgdgeom.files import read_jsonl
 from sgdgeom.models import build_model
-from sgdgeom.train import Callback, Trainer, read_jsonl
+from sgdgeom.train import Callback, Trainer
 
 CONFIG = {
     "name": "resume",

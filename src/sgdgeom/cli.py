@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from sgdgeom.errors import SgdgeomError
+from sgdgeom.files import safe_name
 
 app = typer.Typer(
     name="sgdgeom",
@@ -41,9 +42,11 @@ Device = Annotated[
 def datasets(data_root: DataRoot = None) -> None:
     """List the datasets, where each comes from, and whether it is available now."""
     from sgdgeom.data import DATASETS, load_dataset
+    from sgdgeom.errors import DatasetError, DatasetMissingError
 
     typer.echo(f"{'name':<14} {'available':<10} {'description'}")
     for spec in DATASETS.values():
+        problem = ""
         if spec.embedded:
             status = "offline"
         elif data_root is None:
@@ -52,9 +55,13 @@ def datasets(data_root: DataRoot = None) -> None:
             try:
                 load_dataset(spec.name, data_root)
                 status = "yes"
-            except SgdgeomError:
+            except DatasetMissingError:
                 status = "missing"
+            except DatasetError as err:
+                status, problem = "corrupt", str(err)
         typer.echo(f"{spec.name:<14} {status:<10} {spec.description}")
+        if problem:
+            typer.echo(f"{'':<25} {problem}")
         if not spec.embedded:
             typer.echo(f"{'':<25} files: {spec.layout}")
 
@@ -77,7 +84,7 @@ def train(
     from sgdgeom.experiments.runner import run_training
 
     cfg = load_config(config)
-    out_dir = out if out is not None else Path("runs") / cfg.name
+    out_dir = out if out is not None else Path("runs") / safe_name(cfg.name)
     final = run_training(
         cfg, out_dir, resume=resume, data_root=data_root, device=device, progress=progress
     )
@@ -100,7 +107,7 @@ def compare(
     from sgdgeom.experiments.compare import load_comparison, run_comparison
 
     name, _ = load_comparison(config)
-    out_dir = out if out is not None else Path("runs") / name
+    out_dir = out if out is not None else Path("runs") / safe_name(name)
     summary = run_comparison(config, out_dir, resume=resume, data_root=data_root, device=device)
     typer.echo(f"{'variant':<20} {'final acc':>10} {'best acc':>10} {'final loss':>11}")
     for variant, final in summary["variants"].items():
@@ -141,7 +148,7 @@ def rbm(
     from sgdgeom.experiments.rbm import load_rbm_config, run_rbm
 
     cfg = load_rbm_config(config)
-    out_dir = out if out is not None else Path("runs") / cfg.name
+    out_dir = out if out is not None else Path("runs") / safe_name(cfg.name)
     summary = run_rbm(cfg, out_dir)
     typer.echo(f"{'update':<14} {'test LL':>10} {'best test':>10} {'train LL':>10}")
     for update, row in summary["updates"].items():
@@ -163,7 +170,7 @@ def geodesic(
     from sgdgeom.experiments.geodesic import load_geodesic_config, run_geodesic
 
     cfg = load_geodesic_config(config)
-    out_dir = out if out is not None else Path("runs") / cfg.name
+    out_dir = out if out is not None else Path("runs") / safe_name(cfg.name)
     result = run_geodesic(cfg, out_dir)
     table = result.get("tracking_table") or [
         {"model": k, "mean_distance_to_sgd_mean": v}
@@ -196,6 +203,7 @@ def sweep(
     gpus_per_run: Annotated[
         float, typer.Option("--gpus-per-run", help="GPUs each Ray task reserves.")
     ] = 0.0,
+    yes: Annotated[bool, typer.Option("--yes", help="Run a grid of more than 2,000 runs.")] = False,
     data_root: DataRoot = None,
     device: Device = None,
 ) -> None:
@@ -206,11 +214,11 @@ def sweep(
     """
     from sgdgeom.experiments.config import load_yaml_as
     from sgdgeom.experiments.report import write_report
-    from sgdgeom.experiments.sweep import SweepConfig, expand_sweep, run_sweep
+    from sgdgeom.experiments.sweep import MAX_RUNS, SweepConfig, expand_sweep, run_sweep
 
     sweep_config = load_yaml_as(SweepConfig, config)
-    out_dir = out if out is not None else Path("runs") / sweep_config.name
-    spec = expand_sweep(sweep_config, out_dir, str(config))
+    out_dir = out if out is not None else Path("runs") / safe_name(sweep_config.name)
+    spec = expand_sweep(sweep_config, out_dir, str(config), max_runs=None if yes else MAX_RUNS)
     typer.echo(f"sweep {spec.name}: {len(spec.runs)} runs into {out_dir}")
     result = run_sweep(
         spec,
@@ -354,12 +362,17 @@ def spectrum(
 
 
 def main() -> None:
-    """Entry point: run the app, turning sgdgeom's errors into one-line messages."""
+    """Entry point: run the app, turning sgdgeom's errors, and the operating system's (a
+    full disk, a folder without write permission), into one-line messages with exit
+    status 2."""
     try:
         app()
-    except SgdgeomError as err:
-        typer.echo(f"sgdgeom: error: {err}", err=True)
+    except (SgdgeomError, OSError) as err:
+        typer.echo(f"sgdgeom: error: {' '.join(str(err).split())}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("sgdgeom: interrupted; finished epochs and runs are kept", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,10 +39,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sgdgeom.errors import DatasetError
+from sgdgeom.errors import DatasetError, DatasetMissingError
 
 __all__ = [
     "AUGMENTATIONS",
+    "AUGMENTATION_DATASETS",
     "DATASETS",
     "Dataset",
     "DatasetSpec",
@@ -135,12 +137,12 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 def _read_bytes(path: Path, what: str) -> bytes:
     """The file's bytes, gunzipped if it is gzip, or a DatasetError naming file and format."""
     if not path.is_file():
-        raise DatasetError(f"missing file {path} (expected {what})")
+        raise DatasetMissingError(f"missing file {path} (expected {what})")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise DatasetError(f"corrupt gzip file {path} (expected {what}): {err}") from None
     return raw
 
@@ -270,14 +272,14 @@ def _find_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
             if candidate.is_dir():
                 return candidate
     tried = ", ".join(str(root / n) for n in names)
-    raise DatasetError(f"no {what} directory under data root {root} (looked for {tried})")
+    raise DatasetMissingError(f"no {what} directory under data root {root} (looked for {tried})")
 
 
 def _idx_file(folder: Path, stem: str) -> Path:
     for candidate in (folder / stem, folder / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
-    raise DatasetError(f"missing file {folder / stem} (or {stem}.gz): expected an IDX file")
+    raise DatasetMissingError(f"missing file {folder / stem} (or {stem}.gz): expected an IDX file")
 
 
 def _idx_loader(names: tuple[str, ...]) -> Callable[[Path | None], Arrays]:
@@ -287,6 +289,8 @@ def _idx_loader(names: tuple[str, ...]) -> Callable[[Path | None], Arrays]:
         for split in ("train", "t10k"):
             images = read_idx(_idx_file(folder, f"{split}-images-idx3-ubyte"))
             labels = read_idx(_idx_file(folder, f"{split}-labels-idx1-ubyte"))
+            if len(images) == 0:
+                raise DatasetError(f"{folder}: the {split} IDX files hold no images")
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
                 raise DatasetError(
                     f"IDX files in {folder} disagree: images {images.shape}, labels {labels.shape}"
@@ -322,12 +326,12 @@ def _load_stl10(root: Path | None) -> Arrays:
 
 def _require_root(root: Path | None, name: str) -> Path:
     if root is None:
-        raise DatasetError(
+        raise DatasetMissingError(
             f"dataset {name!r} is read from files: pass --data-root DIR "
             f"(see `sgdgeom datasets` for the layout)"
         )
     if not root.is_dir():
-        raise DatasetError(f"data root {root} does not exist or is not a directory")
+        raise DatasetMissingError(f"data root {root} does not exist or is not a directory")
     return root
 
 
@@ -340,6 +344,7 @@ class DatasetSpec:
     embedded: bool
     layout: str
     loader: Callable[[Path | None], Arrays]
+    num_classes: int = 10
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -409,6 +414,12 @@ def _statistics(x: Tensor) -> tuple[Tensor, Tensor]:
 def _load_cached(name: str, root: str | None) -> Dataset:
     spec = DATASETS[name]
     x_train, y_train, x_test, y_test = spec.loader(Path(root) if root is not None else None)
+    for split, labels in (("train", y_train), ("test", y_test)):
+        if len(labels) and not 0 <= labels.min() <= labels.max() < spec.num_classes:
+            raise DatasetError(
+                f"{name} {split} labels must lie in 0..{spec.num_classes - 1}, found "
+                f"{labels.min()}..{labels.max()}: the label file is corrupt"
+            )
     xt = torch.as_tensor(np.asarray(x_train, np.float32))
     mean, std = _statistics(xt)
     return Dataset(
@@ -417,7 +428,7 @@ def _load_cached(name: str, root: str | None) -> Dataset:
         torch.as_tensor(np.asarray(y_train, np.int64)),
         torch.as_tensor(np.asarray(x_test, np.float32)),
         torch.as_tensor(np.asarray(y_test, np.int64)),
-        int(max(y_train.max(), y_test.max())) + 1,
+        spec.num_classes,
         mean,
         std,
     )
@@ -463,6 +474,12 @@ AUGMENTATIONS: dict[str, Callable[[], nn.Module]] = {
     "cifar10-crop": _cifar10_crop,
     "stl10-heavy": _stl10_heavy,
 }
+
+AUGMENTATION_DATASETS: dict[str, tuple[str, ...]] = {
+    "cifar10-crop": ("cifar10",),
+    "stl10-heavy": ("stl10",),
+}
+"""The datasets each augmentation is made for (its output size is theirs)."""
 
 
 def augmentation(name: str) -> nn.Module:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sgdgeom.errors import InputError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import (
     CaptureProducts,
@@ -109,7 +110,7 @@ class DiffusionMatrix:
         progress: bool = False,
     ) -> None:
         if data is None:
-            raise ValueError("data is required: a batch (x, y) or a DataLoader")
+            raise InputError("data is required: a batch (x, y) or a DataLoader")
         self.space = ParamSpace(model)
         source = DataSource(data, chunk_size, self.space.device)
         self.products: PerSampleProducts = make_products(
@@ -178,6 +179,7 @@ class DiffusionMatrix:
 
     @cached_property
     def _raw_gram(self) -> Tensor:
+        _check_gram_memory(self.n, self.space.dtype, self.space.device)
         return self.products.gram()
 
     @cached_property
@@ -213,7 +215,7 @@ class DiffusionMatrix:
         self._check_k(k, self.n)
         values, vectors = self._eigh[0][:k], self._eigh[1][:, :k]
         if bool((values <= 0).any()):
-            raise ValueError(f"D has only {self.rank()} nonzero eigenvalues; ask for k <= that")
+            raise InputError(f"D has only {self.rank()} nonzero eigenvalues; ask for k <= that")
         columns = []
         for lam, w in zip(values, vectors.T, strict=True):
             w = (w - w.mean()).to(self.space.dtype)
@@ -249,7 +251,7 @@ class DiffusionMatrix:
     @staticmethod
     def _check_k(k: int, limit: int) -> None:
         if not 1 <= k <= limit:
-            raise ValueError(f"k must be in 1..{limit}, got {k}")
+            raise InputError(f"k must be in 1..{limit}, got {k}")
 
     def lambda_max(self, tol: float | None = None) -> float:
         """The largest eigenvalue of D, through the Gram matrix: from its full spectrum
@@ -333,7 +335,7 @@ class DiffusionMatrix:
         small models only: it refuses ``d > limit``."""
         d = self.space.dim
         if d > limit:
-            raise ValueError(
+            raise InputError(
                 f"dense() would form a {d} x {d} matrix (limit {limit}); use D @ v, eigsh(k) "
                 f"or gram() instead, or pass a larger limit"
             )
@@ -360,7 +362,7 @@ class LayerBlock:
 
     def __matmul__(self, v: Tensor) -> Tensor:
         if v.shape[0] != self.dim:
-            raise ValueError(
+            raise InputError(
                 f"layer {self.layer!r} has {self.dim} parameters, got a vector of "
                 f"shape {tuple(v.shape)}"
             )
@@ -378,7 +380,7 @@ class LayerBlock:
     def dense(self, limit: int = DENSE_LIMIT) -> Tensor:
         """The block as an explicit ``(d_I, d_I)`` matrix (small layers only)."""
         if self.dim > limit:
-            raise ValueError(f"block {self.layer!r} is {self.dim} x {self.dim} (limit {limit})")
+            raise InputError(f"block {self.layer!r} is {self.dim} x {self.dim} (limit {limit})")
         return _covariance(self.parent.products, self.parent.mean_gradient(), self.mask)
 
 
@@ -395,7 +397,7 @@ def top_eigenvalue(K: Tensor, tol: float = 1e-10) -> float:
     """
     K = K.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(K).all():
-        raise ValueError(
+        raise InputError(
             "the Gram matrix has NaN or infinite entries: the per-sample gradients are not "
             "finite (a diverged loss?)"
         )
@@ -433,3 +435,33 @@ def _covariance(products: PerSampleProducts, mean: Tensor, mask: Tensor | None =
         centred = (rows[:, mask] if mask is not None else rows) - mean
         out += centred.T @ centred
     return out / products.n
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: ``MemAvailable`` of
+    ``/proc/meminfo``), or None where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_gram_memory(n: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before allocating, a Gram matrix whose spectrum would not fit: the ``N x N``
+    matrix, its centred copy (``dtype``) and the float64 copy and workspace of
+    ``eigvalsh``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = n * n * (2 * itemsize + 16)
+    free = _available_bytes(device)
+    if free is not None and needed > free:
+        raise InputError(
+            f"the {n:,} x {n:,} Gram matrix and its eigendecomposition need about "
+            f"{needed / 2**30:.1f} GiB, and {device.type} has {free / 2**30:.1f} GiB free: use "
+            f"D.eigsh(k) for the top k eigenpairs (it needs no N x N matrix), or fewer samples"
+        )

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, vmap
 
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.errors import InputError
 from sgdgeom.metric import DiffusionMetric
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import LossSpec, per_sample_loss
@@ -69,7 +70,7 @@ def christoffel(
     model's parameters, from explicit per-sample gradients and Hessians (tiny models)."""
     space = ParamSpace(model)
     if space.dim > DENSE_LIMIT:
-        raise ValueError(
+        raise InputError(
             f"christoffel() forms a {space.dim}^3 tensor (limit {DENSE_LIMIT}); "
             f"use christoffel_contract()"
         )

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.errors import InputError
 
 __all__ = ["DiffusionMetric", "resolve_eps"]
 
@@ -51,16 +52,16 @@ def resolve_eps(eps: float | str, safety: float, lambda_max: float) -> float:
     """The ε of the metric: ``"auto"`` is ``safety / λ_max`` (0 when D = 0); a number must
     satisfy ``0 <= ε < 1/λ_max`` (F6)."""
     if not 0 < safety < 1:
-        raise ValueError(f"safety must be in (0, 1), got {safety}")
+        raise InputError(f"safety must be in (0, 1), got {safety}")
     if eps == "auto":
         return safety / lambda_max if lambda_max > 0 else 0.0
     if isinstance(eps, str):
-        raise ValueError(f"eps must be 'auto' or a number, got {eps!r}")
+        raise InputError(f"eps must be 'auto' or a number, got {eps!r}")
     eps = float(eps)
     if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+        raise InputError(f"eps must be a finite number >= 0, got {eps}")
     if eps * lambda_max >= 1:
-        raise ValueError(
+        raise InputError(
             f"eps = {eps:.6g} is at or above 1/λ_max = {1 / lambda_max:.6g}; the diffusion "
             f"metric needs ε < 1/λ_max (Fioresi et al., eq. 6): use eps='auto' or a smaller eps"
         )

@@ -335,6 +335,7 @@ def build_model(
         raise ConfigError(f"unknown init {init!r}; choose default or kaiming")
     try:
         model = MODELS[name](tuple(input_shape), num_classes, **options)
-    except TypeError as err:
-        raise ConfigError(f"bad options {sorted(options)} for model {name!r}: {err}") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"bad options {options} for model {name!r}: {first}") from None
     return kaiming_init(model) if init == "kaiming" else model

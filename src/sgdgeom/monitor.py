@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sgdgeom.errors import InputError
+from sgdgeom.files import save_figure
 from sgdgeom.persample import LossSpec, plan_layers
 from sgdgeom.train import Callback, Trainer
 
@@ -93,9 +95,9 @@ class LayerTemperature(Callback):
         model: nn.Module | None = None,
     ) -> None:
         if trace_every < 0:
-            raise ValueError(f"trace_every must be >= 0, got {trace_every}")
+            raise InputError(f"trace_every must be >= 0, got {trace_every}")
         if trace_every and probe is None:
-            raise ValueError("trace_every > 0 needs a probe batch (x, y)")
+            raise InputError("trace_every > 0 needs a probe batch (x, y)")
         self.layer_names = list(layers) if layers is not None else None
         self.snr = snr
         self.trace_every = trace_every
@@ -117,13 +119,13 @@ class LayerTemperature(Callback):
         """Monitor ``model`` from now on (and forget what was recorded)."""
         available = _weighted_layers(model)
         if not available:
-            raise ValueError("the model has no layer with trainable weights to monitor")
+            raise InputError("the model has no layer with trainable weights to monitor")
         if self.layer_names is None:
             self._layers = available
         else:
             missing = [n for n in self.layer_names if n not in available]
             if missing:
-                raise ValueError(
+                raise InputError(
                     f"no weight layers named {missing}; the model's are {', '.join(available)}"
                 )
             self._layers = {n: available[n] for n in self.layer_names}
@@ -233,7 +235,7 @@ def temperature_curves(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per-layer signal and noise arrays from metrics records (``metrics.jsonl``)."""
     rows = [r for r in records if any(k.startswith("temp/") for k in r)]
     if not rows:
-        raise ValueError("no temperature metrics (temp/...) in these records")
+        raise InputError("no temperature metrics (temp/...) in these records")
     layers = [k.split("/")[1] for k in rows[0] if k.startswith("temp/") and k.endswith("/signal")]
     curves = {
         "epochs": np.array([r["epoch"] for r in rows], dtype=float),
@@ -383,6 +385,6 @@ def plot_temperatures(
         right.set_title("gradient signal-to-noise (above 0: signal-dominated)")
         right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from sgdgeom.errors import InputError
+
 __all__ = ["ParamSpace"]
 
 
@@ -42,7 +44,7 @@ class ParamSpace:
         pairs = model.named_parameters() if isinstance(model, nn.Module) else model
         named = [(n, p) for n, p in pairs if p.requires_grad]
         if not named:
-            raise ValueError("the model has no trainable parameters")
+            raise InputError("the model has no trainable parameters")
         self.names: list[str] = [n for n, _ in named]
         self.shapes: list[torch.Size] = [p.shape for _, p in named]
         self.numels: list[int] = [p.numel() for _, p in named]
@@ -71,7 +73,7 @@ class ParamSpace:
             tensors = [tensors[n] for n in self.names]
         parts = list(tensors)
         if len(parts) != len(self.names):
-            raise ValueError(f"expected {len(self.names)} tensors, got {len(parts)}")
+            raise InputError(f"expected {len(self.names)} tensors, got {len(parts)}")
         batched = parts[0].dim() == len(self.shapes[0]) + 1
         if batched:
             return torch.cat([t.reshape(-1, t.shape[-1]) for t in parts])
@@ -80,7 +82,7 @@ class ParamSpace:
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Split a flat ``(d,)`` vector into a dict of views shaped like the parameters."""
         if vector.shape[0] != self.dim or vector.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 f"expected a flat vector of shape ({self.dim},), got {tuple(vector.shape)}"
             )
         return {

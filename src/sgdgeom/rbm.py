@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.errors import InputError
 from sgdgeom.metric import DiffusionMetric
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import RowProducts
@@ -91,7 +92,7 @@ class RBM(nn.Module):
     ) -> None:
         super().__init__()
         if n_visible < 1 or n_hidden < 1:
-            raise ValueError(f"layer sizes must be >= 1, got {n_visible}, {n_hidden}")
+            raise InputError(f"layer sizes must be >= 1, got {n_visible}, {n_hidden}")
         self.W = nn.Parameter(torch.randn(n_hidden, n_visible, generator=generator) * init_scale)
         self.b = nn.Parameter(torch.zeros(n_visible))
         self.c = nn.Parameter(torch.zeros(n_hidden))
@@ -157,7 +158,7 @@ class RBM(nn.Module):
     ) -> CDStatistics:
         """Phases 1 and 2 for a batch (PCD when ``chains``, the persistent chains, is given)."""
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise InputError(f"k must be >= 1, got {k}")
         v, h = self.positive_phase(v)
         v_neg, h_neg = self.negative_phase(v if chains is None else chains, k, generator)
         return CDStatistics(v, h, v_neg, h_neg)
@@ -182,7 +183,7 @@ class RBM(nn.Module):
             D.gram()
             step = DiffusionMetric(D, eps, safety).gradient(exact=metric == "exact")
         else:
-            raise ValueError(f"metric must be None, 'weak' or 'exact', got {metric!r}")
+            raise InputError(f"metric must be None, 'weak' or 'exact', got {metric!r}")
         for p, s in zip(self.parameters(), D.space.unflatten(step).values(), strict=True):
             p.sub_(lr * s)
         return D
@@ -197,7 +198,7 @@ class RBM(nn.Module):
 
     def _check_enumerable(self) -> None:
         if self.n_hidden > ENUMERATION_LIMIT:
-            raise ValueError(
+            raise InputError(
                 f"exact partition function needs n_hidden <= {ENUMERATION_LIMIT}, got "
                 f"{self.n_hidden}; use ais_log_partition()"
             )

@@ -15,7 +15,7 @@ run with :class:`~sgdgeom.errors.NonFiniteLossError` and leaves the last good ch
 from __future__ import annotations
 
 import json
-import os
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,14 +26,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sgdgeom.data import Dataset, batches
-from sgdgeom.errors import NonFiniteLossError, SgdgeomError
+from sgdgeom.errors import CheckpointError, InputError, NonFiniteLossError, SgdgeomError
+from sgdgeom.files import atomic_write_bytes, load_checkpoint
 
 __all__ = [
     "Callback",
     "TensorBoardLogger",
     "Trainer",
-    "atomic_write_bytes",
-    "read_jsonl",
     "resolve_device",
 ]
 
@@ -105,25 +104,36 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def _optimizer_signature(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's class and the plain hyperparameters of its groups, as built."""
+    plain = (bool, int, float, str, type(None))
+    groups = [
+        {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in group.items()
+            if key != "params"
+            and (
+                isinstance(value, plain)
+                or (isinstance(value, tuple) and all(isinstance(v, plain) for v in value))
+            )
+        }
+        for group in optimizer.param_groups
+    ]
+    return {"class": type(optimizer).__name__, "groups": groups}
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete record of a JSON-lines file (a torn last line is skipped)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+def _describe(signature: dict[str, Any]) -> str:
+    first = signature["groups"][0] if signature["groups"] else {}
+    keys = ("lr", "momentum", "weight_decay", "eps", "betas")
+    shown = ", ".join(f"{k}={first[k]}" for k in keys if k in first)
+    return f"{signature['class']}({shown})"
+
+
+def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record for JSON: NaN and infinities (not JSON) become null."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
 
 
 def _cross_entropy_objective(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,6 +161,10 @@ class Trainer:
         seed: seeds the shuffling and the global random state of every epoch.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: show a tqdm progress bar.
+        run_id: what is trained, e.g. a hash of the config (the runner passes
+            :func:`~sgdgeom.experiments.config.resume_key`). The checkpoint records it,
+            and resuming refuses a checkpoint of another id, as it refuses one of another
+            optimizer class or hyperparameters.
 
     Example:
         >>> from sgdgeom.data import load_dataset
@@ -179,9 +193,10 @@ class Trainer:
         device: str = "auto",
         test_batch_size: int = 1000,
         progress: bool = True,
+        run_id: str | None = None,
     ) -> None:
         if epochs < 1 or batch_size < 1 or test_batch_size < 1:
-            raise ValueError(
+            raise InputError(
                 f"epochs, batch_size and test_batch_size must be >= 1, got {epochs}, "
                 f"{batch_size}, {test_batch_size}"
             )
@@ -198,6 +213,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.seed = seed
         self.progress = progress
+        self.run_id = run_id
+        self._signature = _optimizer_signature(optimizer)
         self.epoch = 0  # epochs completed
         self.step = 0  # steps completed in all
         self.history: list[dict[str, Any]] = []
@@ -226,6 +243,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "callbacks": [cb.state_dict() for cb in self.callbacks],
                 "history": self.history,
+                "run_id": self.run_id,
+                "optimizer_signature": self._signature,
             },
             buffer,
         )
@@ -235,22 +254,44 @@ class Trainer:
         path = self.checkpoint_path
         if path is None or not path.is_file():
             return
+        state = load_checkpoint(path, map_location=self.device)
+        missing = sorted({"epoch", "step", "model", "optimizer", "history"} - set(state))
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a run's")
+        self._check_origin(path, state)
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except Exception as err:  # a damaged or foreign checkpoint must not train silently
-            raise SgdgeomError(f"cannot resume from {path}: {err}") from None
-        for callback, cb_state in zip(self.callbacks, state["callbacks"], strict=False):
+        except (RuntimeError, KeyError, ValueError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(f"cannot resume from {path}: {first}") from None
+        for callback, cb_state in zip(self.callbacks, state.get("callbacks", []), strict=False):
             callback.load_state_dict(cb_state)
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         # Metrics of an epoch after the checkpoint were never confirmed: rewrite the log.
         self._write_metrics_log()
 
+    def _check_origin(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by another run: another ``run_id``, optimizer class or
+        initial hyperparameters (loading it would silently train with its settings)."""
+        saved_id = state.get("run_id")
+        if self.run_id is not None and saved_id != self.run_id:
+            raise CheckpointError(
+                f"checkpoint {path} belongs to another run (run id {saved_id}, this run's is "
+                f"{self.run_id}); resume it under its own config, or choose another --out"
+            )
+        saved = state.get("optimizer_signature")
+        if saved is not None and saved != self._signature:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with {_describe(saved)}, but this run uses "
+                f"{_describe(self._signature)}; resume it with its own optimizer, or choose "
+                f"another --out"
+            )
+
     def _write_metrics_log(self) -> None:
         if self.out_dir is None:
             return
-        text = "".join(json.dumps(record) + "\n" for record in self.history)
+        text = "".join(json.dumps(_finite_or_null(r)) + "\n" for r in self.history)
         atomic_write_bytes(self.out_dir / METRICS, text.encode())
 
     # ------------------------------------------------------------------ loop
@@ -312,6 +353,26 @@ class Trainer:
             bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
 
+    def _check_finite(self, record: dict[str, Any]) -> None:
+        """Stop before the epoch is recorded if a loss or a weight is NaN or infinite, so that
+        the last checkpoint stays the last finite one."""
+        bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(record[k])]
+        bad += [
+            name
+            for name, param in self.model.named_parameters()
+            if not bool(torch.isfinite(param).all())
+        ]
+        if bad:
+            kept = (
+                f"the last good checkpoint is {self.checkpoint_path} (epoch {self.epoch})"
+                if self.checkpoint_path is not None and self.epoch > 0
+                else "no checkpoint was written"
+            )
+            raise NonFiniteLossError(
+                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} became NaN or infinite "
+                f"in epoch {self.epoch + 1}; {kept}. Lower the learning rate or check the data."
+            )
+
     def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         """For optimizers that re-evaluate the loss (SAM, Entropy-SGD): zero the gradients,
         recompute the objective on the same minibatch and backpropagate it."""
@@ -332,6 +393,11 @@ class Trainer:
         """
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not resume and self.checkpoint_path.exists():
+                raise InputError(
+                    f"{self.out_dir} already holds a run: fit(resume=True) continues it; "
+                    f"choose another out_dir to start a new one"
+                )
         if resume:
             self._resume()
         for cb in self.callbacks:
@@ -351,6 +417,7 @@ class Trainer:
                 record |= self._train_epoch(bar)
                 record["test_loss"], record["test_acc"] = self.evaluate()
                 record["seconds"] = time.perf_counter() - start
+                self._check_finite(record)
                 self.epoch += 1
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, self.epoch, record)

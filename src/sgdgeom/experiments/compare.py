@@ -25,7 +25,8 @@ from typing import Any
 from sgdgeom.errors import ConfigError
 from sgdgeom.experiments.config import ExperimentConfig, parse_config, read_yaml
 from sgdgeom.experiments.runner import run_training
-from sgdgeom.train import FINAL, METRICS, atomic_write_bytes, read_jsonl
+from sgdgeom.files import atomic_write_bytes, read_jsonl, safe_names, save_figure
+from sgdgeom.train import FINAL, METRICS
 
 __all__ = ["load_comparison", "plot_curves", "run_comparison"]
 
@@ -71,8 +72,9 @@ def run_comparison(
     ``curves.png``. Returns the summary: each variant's final metrics."""
     name, configs = load_comparison(path)
     out = Path(out_dir)
+    folders = safe_names(configs, "variants")
     for variant, config in configs.items():
-        run_dir = out / variant
+        run_dir = out / folders[variant]
         if (run_dir / FINAL).is_file():
             continue
         started = (run_dir / METRICS).is_file()
@@ -86,18 +88,18 @@ def run_comparison(
         )
     summary = {
         "name": name,
-        "variants": {v: json.loads((out / v / FINAL).read_text()) for v in configs},
+        "variants": {v: json.loads((out / f / FINAL).read_text()) for v, f in folders.items()},
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
-    plot_curves(out, list(configs), out / "curves.png", title=name)
+    plot_curves(out, folders, out / "curves.png", title=name)
     return summary
 
 
 def plot_curves(
-    out_dir: str | Path, variants: list[str], path: str | Path, title: str = ""
+    out_dir: str | Path, folders: dict[str, str], path: str | Path, title: str = ""
 ) -> Path:
     """Training loss, test loss and test accuracy per epoch, one line per variant, read
-    from ``OUT/VARIANT/metrics.jsonl``."""
+    from ``OUT/FOLDER/metrics.jsonl`` (``folders`` maps each variant to its folder)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,8 +111,8 @@ def plot_curves(
         ("test_acc", "test accuracy", False),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for variant in variants:
-        records = read_jsonl(Path(out_dir) / variant / METRICS)
+    for variant, folder in folders.items():
+        records = read_jsonl(Path(out_dir) / folder / METRICS)
         epochs = [r["epoch"] for r in records]
         for ax, (key, _, _) in zip(axes, panels, strict=True):
             ax.plot(epochs, [r[key] for r in records], marker="o", ms=3, label=variant)
@@ -123,6 +125,6 @@ def plot_curves(
     axes[-1].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)

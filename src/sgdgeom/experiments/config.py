@@ -23,13 +23,16 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sgdgeom.data import AUGMENTATIONS, DATASETS
+from sgdgeom.data import AUGMENTATION_DATASETS, AUGMENTATIONS, DATASETS
 from sgdgeom.errors import ConfigError
 from sgdgeom.models import MODELS
 
@@ -47,11 +50,14 @@ __all__ = [
     "load_yaml_as",
     "parse_config",
     "read_yaml",
+    "resume_key",
 ]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are refused, and values are not coerced (``epochs: true`` is no 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataConfig(_Strict):
@@ -71,12 +77,19 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
         return name
 
-    @field_validator("augment")
-    @classmethod
-    def _known_augmentation(cls, name: str | None) -> str | None:
-        if name is not None and name not in AUGMENTATIONS:
+    @model_validator(mode="after")
+    def _augmentation_of_the_dataset(self) -> DataConfig:
+        name = self.augment
+        if name is None:
+            return self
+        if name not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {name!r}; allowed: {', '.join(AUGMENTATIONS)}")
-        return name
+        meant_for = AUGMENTATION_DATASETS[name]
+        if self.name not in meant_for:
+            raise ValueError(
+                f"augmentation {name!r} is made for {' or '.join(meant_for)}, not {self.name}"
+            )
+        return self
 
 
 def _model_options(name: str) -> list[str]:
@@ -165,8 +178,10 @@ class OptimizerConfig(_Strict):
             raise ValueError(
                 f"{', '.join(dict.fromkeys(foreign))} apply only to name: {' or '.join(owners)}"
             )
-        if isinstance(self.eps, float) and self.eps < 0:
-            raise ValueError(f"eps must be 'auto' or a number >= 0, got {self.eps}")
+        if isinstance(self.eps, float) and not 0 <= self.eps < math.inf:
+            raise ValueError(f"eps must be 'auto' or a finite number >= 0, got {self.eps}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
         return self
 
 
@@ -256,6 +271,9 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field is not None else None
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+            models = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = models[0] if len(models) == 1 else None
         if not (inspect.isclass(annotation) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
@@ -288,15 +306,31 @@ def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
         raise ConfigError(_format(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (else the last wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """The content of a YAML file, or a :class:`ConfigError` naming the file."""
+    """The content of a YAML file, or a :class:`ConfigError` naming the file (missing,
+    unreadable, not YAML, or with a key given twice)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
 
 
 Schema = TypeVar("Schema", bound=BaseModel)
@@ -321,3 +355,12 @@ def config_hash(config: ExperimentConfig) -> str:
     """A short stable hash of the config's content (the key of the result store)."""
     text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resume_key(config: ExperimentConfig) -> str:
+    """The hash of what a checkpoint's state depends on: the whole config but for
+    ``train.epochs`` and ``train.device``, so that a run may be resumed to train longer or
+    on another device, and never under another model, data, optimizer, loss or seed."""
+    data = config.model_dump(mode="json")
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("epochs", "device")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,7 +22,7 @@ from typing import Any
 
 from sgdgeom.experiments.report import SECTIONS, write_report
 from sgdgeom.experiments.sweep import SweepConfig, expand_sweep, run_sweep
-from sgdgeom.train import atomic_write_bytes
+from sgdgeom.files import atomic_write_bytes
 
 __all__ = ["demo_sweep", "run_demo"]
 

@@ -22,6 +22,7 @@ from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import ConfigError
 from sgdgeom.experiments.config import load_yaml_as
+from sgdgeom.files import atomic_write_bytes, save_figure
 from sgdgeom.geometry import (
     chaudhari_soatto_sde,
     geodesic,
@@ -32,7 +33,6 @@ from sgdgeom.geometry import (
 )
 from sgdgeom.models import build_model
 from sgdgeom.params import ParamSpace
-from sgdgeom.train import atomic_write_bytes
 
 __all__ = ["GeodesicConfig", "load_geodesic_config", "plot_geodesic", "run_geodesic"]
 
@@ -200,7 +200,7 @@ def plot_geodesic(json_path: str | Path, out_dir: str | Path) -> None:
     ax.set_title(f"which model tracks the SGD mean? d={result['d']}, N={result['N']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / "distances.png", dpi=120)
+    save_figure(fig, Path(out_dir) / "distances.png", dpi=120)
     plt.close(fig)
     res = result["residuals"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -213,5 +213,5 @@ def plot_geodesic(json_path: str | Path, out_dir: str | Path) -> None:
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / "residuals.png", dpi=120)
+    save_figure(fig, Path(out_dir) / "residuals.png", dpi=120)
     plt.close(fig)

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.errors import InputError
+from sgdgeom.files import atomic_write_bytes, save_figure
 from sgdgeom.geometry import geodesic, gradient_flow, metric_flow, set_parameters, sgd_ensemble
 from sgdgeom.metric import DiffusionMetric
-from sgdgeom.train import atomic_write_bytes
 
 __all__ = ["PlaneProblem", "make_problem", "run_plane"]
 
@@ -38,7 +39,7 @@ class PlaneProblem(nn.Module):
     def __init__(self, kind: str, start: tuple[float, float]) -> None:
         super().__init__()
         if kind not in ("quadratic", "rosenbrock"):
-            raise ValueError(f"unknown problem {kind!r}; choose quadratic or rosenbrock")
+            raise InputError(f"unknown problem {kind!r}; choose quadratic or rosenbrock")
         self.kind = kind
         self.x = nn.Parameter(torch.tensor(start, dtype=torch.float64))
 
@@ -255,5 +256,5 @@ def plot_plane(json_path: str | Path, png: str | Path) -> None:
         ax.set_ylabel("x₂")
         ax.set_aspect("equal")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png, dpi=110)
     plt.close(fig)

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from sgdgeom.errors import InputError
 from sgdgeom.experiments.store import ResultStore
+from sgdgeom.files import safe_name, save_figure
 
 __all__ = ["plot_store_curves", "plot_versus", "plot_sweep", "group_label"]
 
@@ -38,7 +40,7 @@ def _save(fig: Any, path: Path) -> list[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     out = [path.parent / f"{path.name}.{suffix}" for suffix in ("png", "svg")]
     for target in out:
-        fig.savefig(target, dpi=120)
+        save_figure(fig, target, dpi=120)
     _pyplot().close(fig)
     return out
 
@@ -84,7 +86,7 @@ def plot_versus(
         else:
             baselines[group_label(labels, drop=(lines,) if lines else ())].append(value)
     if not series:
-        raise ValueError(f"no finished run of sweep {sweep!r} has the label {x!r}")
+        raise InputError(f"no finished run of sweep {sweep!r} has the label {x!r}")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for column, title in enumerate(("best test accuracy", "final test accuracy")):
         ax = axes[column]
@@ -138,7 +140,7 @@ def plot_store_curves(store: ResultStore, sweep: str, path: str | Path) -> list[
         if records:
             groups[group_label(run["labels"])].append(records)
     if not groups:
-        raise ValueError(f"sweep {sweep!r} has no recorded epochs yet")
+        raise InputError(f"sweep {sweep!r} has no recorded epochs yet")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, runs in sorted(groups.items()):
         epochs = min(len(r) for r in runs)
@@ -165,7 +167,7 @@ def plot_sweep(
     made = []
     for spec in plots:
         if spec["kind"] == "versus":
-            stem = f"{sweep}-versus-{spec['x']}".replace("/", "-")
+            stem = safe_name(f"{sweep}-versus-{spec['x']}")
             files = plot_versus(
                 store,
                 sweep,
@@ -176,6 +178,6 @@ def plot_sweep(
                 y_range=spec.get("y_range"),
             )
         else:
-            files = plot_store_curves(store, sweep, Path(out_dir) / f"{sweep}-curves")
+            files = plot_store_curves(store, sweep, Path(out_dir) / safe_name(f"{sweep}-curves"))
         made.append(files[0])
     return made

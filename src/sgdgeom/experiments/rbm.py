@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from sgdgeom.data import batches, load_dataset
 from sgdgeom.experiments.config import load_yaml_as
+from sgdgeom.files import atomic_write_bytes, read_jsonl, save_figure
 from sgdgeom.rbm import ENUMERATION_LIMIT, RBM
-from sgdgeom.train import atomic_write_bytes, read_jsonl
 
 __all__ = ["RBMConfig", "load_rbm_config", "plot_rbm", "run_rbm"]
 
@@ -154,7 +154,7 @@ def plot_rbm(out_dir: str | Path, updates: list[str], title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "loglik.png", dpi=120)
+    save_figure(fig, out / "loglik.png", dpi=120)
     plt.close(fig)
     fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 4), squeeze=False)
     for ax, (update, records) in zip(axes[0], histories.items(), strict=True):
@@ -172,5 +172,5 @@ def plot_rbm(out_dir: str | Path, updates: list[str], title: str = "") -> None:
         ax.set_title(update)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "spectrum.png", dpi=120)
+    save_figure(fig, out / "spectrum.png", dpi=120)
     plt.close(fig)

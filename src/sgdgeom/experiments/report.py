@@ -6,7 +6,7 @@ std of the best and final test accuracy over seeds). A directory may also hold
 ``sections.json``, extra sections written by other experiments (``sgdgeom demo`` puts the
 diffusion spectrum, the layer temperatures and the geodesic there): a list of
 ``{"title", "text", "table": [[header...], [row...], ...], "images": [paths]}``, with paths
-relative to the directory.
+relative to the directory. Only files inside the directory are embedded.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from sgdgeom.errors import SgdgeomError
+from sgdgeom.errors import InputError, SgdgeomError
 from sgdgeom.experiments.plots import group_label, plot_sweep
 from sgdgeom.experiments.store import STORE, ResultStore
-from sgdgeom.train import atomic_write_bytes
+from sgdgeom.files import atomic_write_bytes, inside
 
 __all__ = ["SECTIONS", "write_report"]
 
@@ -125,14 +125,20 @@ def _extra_sections(directory: Path) -> list[str]:
     path = directory / SECTIONS
     if not path.is_file():
         return []
-    out = []
-    for section in json.loads(path.read_text()):
-        parts = [f"<h2>{html.escape(section['title'])}</h2>"]
-        if section.get("text"):
-            parts.append(f"<p>{html.escape(section['text'])}</p>")
-        parts.append(_table(section.get("table") or []))
-        parts += [_image(directory / p) for p in section.get("images", [])]
-        out.append("\n".join(parts))
+    try:
+        sections = json.loads(path.read_text())
+        if not isinstance(sections, list):
+            raise TypeError(f"a list of sections, not a {type(sections).__name__}")
+        out = []
+        for section in sections:
+            parts = [f"<h2>{html.escape(str(section['title']))}</h2>"]
+            if section.get("text"):
+                parts.append(f"<p>{html.escape(str(section['text']))}</p>")
+            parts.append(_table(section.get("table") or []))
+            parts += [_image(inside(p, directory, "image")) for p in section.get("images", [])]
+            out.append("\n".join(parts))
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
+        raise InputError(f"{path} is not a list of report sections: {err}") from None
     return out
 
 

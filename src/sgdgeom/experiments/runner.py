@@ -2,7 +2,8 @@
 
 The run directory holds ``config.yaml`` (the validated config), ``metrics.jsonl``,
 ``checkpoint.pt`` and, once finished, ``final.json``. A directory that already holds a run
-is never overwritten: resume it, or choose another directory.
+is never overwritten: resume it, or choose another directory. Nothing is written before
+the data, the model, the optimizer and the loss are built, so bad input leaves no folder.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from sgdgeom.experiments.config import (
     OptimizerConfig,
     config_hash,
     parse_config,
+    read_yaml,
+    resume_key,
 )
+from sgdgeom.files import atomic_write_bytes, read_jsonl
 from sgdgeom.models import build_model
 from sgdgeom.monitor import LayerTemperature, analyse_regimes, plot_temperatures, temperature_curves
 from sgdgeom.train import (
@@ -33,8 +37,6 @@ from sgdgeom.train import (
     Callback,
     TensorBoardLogger,
     Trainer,
-    atomic_write_bytes,
-    read_jsonl,
 )
 
 __all__ = ["build_optimizer", "run_training", "write_temperature_report"]
@@ -95,20 +97,26 @@ def _sam(
     return optimizer
 
 
-def _prepare_run_dir(config: ExperimentConfig, out_dir: Path, resume: bool) -> None:
+def _check_run_dir(config: ExperimentConfig, out_dir: Path, resume: bool) -> None:
+    """Refuse a run directory that holds another config's run, or this run without
+    ``resume``; reads only."""
     saved = out_dir / "config.yaml"
-    if saved.is_file():
-        previous = parse_config(yaml.safe_load(saved.read_text()), str(saved))
-        if config_hash(previous) != config_hash(config):
-            raise ConfigError(f"{out_dir} holds a run of a different config; choose another --out")
-        if not resume and ((out_dir / CHECKPOINT).exists() or (out_dir / METRICS).exists()):
-            raise ConfigError(
-                f"{out_dir} already holds this run; pass --resume to continue it, or choose "
-                f"another --out"
-            )
+    if not saved.is_file():
+        return
+    previous = parse_config(read_yaml(saved), str(saved))
+    if config_hash(previous) != config_hash(config):
+        raise ConfigError(f"{out_dir} holds a run of a different config; choose another --out")
+    if not resume and ((out_dir / CHECKPOINT).exists() or (out_dir / METRICS).exists()):
+        raise ConfigError(
+            f"{out_dir} already holds this run; pass --resume to continue it, or choose "
+            f"another --out"
+        )
+
+
+def _write_run_config(config: ExperimentConfig, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    atomic_write_bytes(saved, text.encode())
+    atomic_write_bytes(out_dir / "config.yaml", text.encode())
 
 
 def run_training(
@@ -127,7 +135,7 @@ def run_training(
     """
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        _prepare_run_dir(config, out, resume)
+        _check_run_dir(config, out, resume)
     dataset = load_dataset(config.data.name, data_root).subset(
         config.data.n_train, config.data.n_test
     )
@@ -140,8 +148,6 @@ def run_training(
         **config.model.options,
     )
     optimizer = build_optimizer(config.optimizer, model)
-    # the monitors first: callbacks given here see the epoch records they complete
-    callbacks = [*_monitors(config, dataset, out), *callbacks]
     extra = {}
     if config.loss.name != "cross_entropy":
         from sgdgeom.optim.local_entropy import PartialLocalEntropy
@@ -156,6 +162,10 @@ def run_training(
             k=config.loss.k,
             route=config.loss.route or "auto",
         ).objective
+    if out is not None:  # everything is built: the config is good, the run may begin
+        _write_run_config(config, out)
+    # the monitors first: callbacks given here see the epoch records they complete
+    callbacks = [*_monitors(config, dataset, out), *callbacks]
     trainer = Trainer(
         model,
         dataset,
@@ -169,6 +179,7 @@ def run_training(
         seed=config.seed,
         device=device or config.train.device,
         progress=progress,
+        run_id=resume_key(config),
         **extra,
     )
     final = trainer.fit(resume=resume)

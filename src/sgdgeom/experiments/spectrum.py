@@ -13,28 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import ConfigError, SgdgeomError
-from sgdgeom.experiments.config import parse_config
+from sgdgeom.experiments.config import parse_config, read_yaml
+from sgdgeom.files import atomic_write_bytes, load_checkpoint, save_figure
 from sgdgeom.models import build_model
-from sgdgeom.train import atomic_write_bytes, resolve_device
+from sgdgeom.train import resolve_device
 
 __all__ = ["format_report", "plot_spectrum", "spectrum_report", "write_report"]
 
 
 def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    if not path.is_file():
-        raise SgdgeomError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        weights = state.get("model", state)
-    except Exception as err:  # a damaged file must be reported, not half-loaded
-        raise SgdgeomError(f"cannot read checkpoint {path}: {err}") from None
+    """The weights of a checkpoint (``weights_only=True``) and the config of its run folder."""
+    state = load_checkpoint(path)
+    weights = state.get("model", state)
     config_path = path.parent / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    config = read_yaml(config_path) if config_path.is_file() else None
     return weights, config
 
 
@@ -158,7 +154,7 @@ def plot_spectrum(report: dict[str, Any], path: str | Path) -> Path:
     ax_layers.set_title("per-layer diffusion temperature")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -19,6 +19,7 @@ duplicated. Plots and reports read the store only.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from sgdgeom.errors import SgdgeomError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a second sweep is not refused there
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["STORE", "ResultStore"]
 
@@ -92,6 +98,29 @@ class ResultStore:
                 db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as err:
             raise SgdgeomError(f"{self.path} is not a usable result store: {err}") from None
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the store's lock file (``results.sqlite.lock``) while a sweep runs: a second
+        sweep on the same store is refused with a message instead of training every run
+        twice. The lock goes with its process, so a killed sweep leaves none behind."""
+        lock = self.path.with_name(f"{self.path.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise SgdgeomError(
+                        f"another sweep (pid {holder}) is running on {self.path.parent}; wait "
+                        f"for it to end, or choose another --out"
+                    ) from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

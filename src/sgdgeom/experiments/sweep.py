@@ -32,8 +32,9 @@ so the same seeds give the same numbers.
 from __future__ import annotations
 
 import copy
+import math
 import os
-import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -51,9 +52,11 @@ from sgdgeom.experiments.compare import merge
 from sgdgeom.experiments.config import config_hash, load_yaml_as, parse_config
 from sgdgeom.experiments.runner import run_training
 from sgdgeom.experiments.store import STORE, ResultStore
+from sgdgeom.files import safe_name
 from sgdgeom.train import Callback, Trainer
 
 __all__ = [
+    "MAX_RUNS",
     "PlotSpec",
     "RunSpec",
     "Sweep",
@@ -63,6 +66,9 @@ __all__ = [
     "load_sweep",
     "run_sweep",
 ]
+
+MAX_RUNS = 2000
+"""Grids larger than this are refused unless asked for (``--yes``)."""
 
 
 class PlotSpec(BaseModel):
@@ -147,10 +153,7 @@ def _label(value: Any) -> Any:
     return value
 
 
-def _grid_points(grid: dict[str, list[Any]], where: str) -> Iterator[dict[str, Any]]:
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}: grid key {key!r} needs a non-empty list of values")
+def _grid_points(grid: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
     keys = list(grid)
     for values in product(*(grid[k] for k in keys)):
         yield dict(zip(keys, values, strict=True))
@@ -158,21 +161,55 @@ def _grid_points(grid: dict[str, list[Any]], where: str) -> Iterator[dict[str, A
 
 def _run_name(variant: str, point: dict[str, Any]) -> str:
     parts = [variant] + [f"{k.split('.')[-1]}={_label(v)}" for k, v in point.items()]
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join(parts))
+    return "_".join(parts)
 
 
-def expand_sweep(config: SweepConfig, out_dir: str | Path, source: str = "sweep") -> Sweep:
-    """Every run of a sweep config, each validated as an experiment config; runs with
-    identical configs are run once."""
-    runs: dict[str, RunSpec] = {}
+def _variant_grids(config: SweepConfig, source: str) -> dict[str, tuple[dict[str, Any], dict]]:
+    """Each variant's override (without its grid) and its grid crossed with the top one."""
+    out = {}
     for variant, override in config.variants.items():
         override = dict(override or {})
         own_grid = override.pop("grid", {}) or {}
         if not isinstance(own_grid, dict):
             raise ConfigError(f"{source}: variant {variant!r}: grid must map keys to lists")
-        grid = {**own_grid, **config.grid}
-        for point in _grid_points(grid, f"{source} variant {variant!r}"):
-            name = _run_name(variant, point)
+        out[variant] = (override, {**own_grid, **config.grid})
+    return out
+
+
+def expand_sweep(
+    config: SweepConfig,
+    out_dir: str | Path,
+    source: str = "sweep",
+    max_runs: int | None = MAX_RUNS,
+) -> Sweep:
+    """Every run of a sweep config, each validated as an experiment config; runs with
+    identical configs are run once.
+
+    A grid of more than ``max_runs`` points is refused before anything is built (pass
+    ``None``, or ``--yes`` on the command line, to run it anyway). Run names become folder
+    names through :func:`~sgdgeom.files.safe_name`; two runs whose names give one folder
+    are refused.
+    """
+    grids = _variant_grids(config, source)
+    for variant, (_, grid) in grids.items():
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(
+                    f"{source} variant {variant!r}: grid key {key!r} needs a non-empty list "
+                    f"of values"
+                )
+    total = sum(math.prod(len(v) for v in grid.values()) for _, grid in grids.values())
+    if max_runs is not None and total > max_runs:
+        raise ConfigError(
+            f"{source}: the grid has {total:,} runs, more than {max_runs:,}; check it, and "
+            f"pass --yes to run it anyway"
+        )
+    runs: dict[str, RunSpec] = {}
+    folders: dict[str, str] = {}
+    for variant, (override, grid) in grids.items():
+        for point in _grid_points(grid):
+            label = _run_name(variant, point)
+            name = safe_name(label)
             data = merge(config.base, override)
             for key, value in point.items():
                 _set_dotted(data, key, value)
@@ -181,6 +218,12 @@ def expand_sweep(config: SweepConfig, out_dir: str | Path, source: str = "sweep"
             run_hash = config_hash(experiment)
             if run_hash in runs:
                 continue
+            if name in folders:
+                raise ConfigError(
+                    f"{source}: runs {folders[name]!r} and {label!r} both become the folder "
+                    f"runs/{name}; rename a variant"
+                )
+            folders[name] = label
             runs[run_hash] = RunSpec(
                 hash=run_hash,
                 name=name,
@@ -198,9 +241,9 @@ def expand_sweep(config: SweepConfig, out_dir: str | Path, source: str = "sweep"
     return Sweep(config.name, list(runs.values()), list(config.plots))
 
 
-def load_sweep(path: str | Path, out_dir: str | Path) -> Sweep:
+def load_sweep(path: str | Path, out_dir: str | Path, max_runs: int | None = MAX_RUNS) -> Sweep:
     """Read, validate and expand a sweep config file."""
-    return expand_sweep(load_yaml_as(SweepConfig, path), out_dir, str(path))
+    return expand_sweep(load_yaml_as(SweepConfig, path), out_dir, str(path), max_runs)
 
 
 class StoreRecorder(Callback):
@@ -243,15 +286,32 @@ def execute_run(
             callbacks=[StoreRecorder(store, spec.hash)],
             progress=False,
         )
-    except (SgdgeomError, ValueError, RuntimeError) as err:
-        reason = f"{type(err).__name__}: {err}".replace("\n", " ")
-        store.fail(spec.hash, reason)
-        return {"hash": spec.hash, "status": "failed", "error": reason}
+    except Exception as err:  # any failure of one run is recorded; the sweep goes on
+        return _failed(store, spec, err)
     finally:
         torch.set_num_threads(previous_threads)
     store.finish(spec.hash, final)
     seconds = time.perf_counter() - start
     return {"hash": spec.hash, "status": "finished", "final": final, "seconds": seconds}
+
+
+def _failed(store: ResultStore, spec: RunSpec, err: BaseException) -> dict[str, Any]:
+    """Record a failed run with the exception's type and message, as one line."""
+    reason = " ".join(f"{type(err).__name__}: {err}".split())
+    store.fail(spec.hash, reason)
+    return {"hash": spec.hash, "status": "failed", "error": reason}
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a pool worker: end the process as soon as ``parent`` (the sweep) is gone, so that a
+    killed sweep leaves no worker training queued runs."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.25)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="sgdgeom-parent-watch").start()
 
 
 Runner = Callable[[list[RunSpec], Callable[[RunSpec, dict[str, Any]], None]], None]
@@ -266,10 +326,20 @@ def _local_engine(workers: int, options: dict[str, Any]) -> Runner:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=context,
+            initializer=_exit_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = {pool.submit(execute_run, spec, **options): spec for spec in pending}
             for future in as_completed(futures):
-                report(futures[future], future.result())
+                spec = futures[future]
+                try:
+                    result = future.result()
+                except Exception as err:  # the worker died (killed, out of memory)
+                    result = _failed(ResultStore(options["store_path"]), spec, err)
+                report(spec, result)
 
     return run
 
@@ -329,13 +399,6 @@ def run_sweep(
         raise ConfigError(f"unknown engine {engine!r}; allowed: local, ray")
     out = Path(out_dir)
     store = ResultStore(out / STORE)
-    store.register(
-        sweep.name,
-        [spec.as_row() for spec in sweep.runs],
-        [plot.model_dump() for plot in sweep.plots],
-    )
-    status = {row["hash"]: row["status"] for row in store.runs(sweep.name)}
-    pending = [spec for spec in sweep.runs if status.get(spec.hash) != "finished"]
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     options = {
         "store_path": str(out / STORE),
@@ -348,25 +411,33 @@ def run_sweep(
         if engine == "ray"
         else _local_engine(workers, options)
     )
-    done = len(sweep.runs) - len(pending)
-    with tqdm(
-        total=len(sweep.runs), initial=done, disable=not progress, desc=sweep.name, unit="run"
-    ) as bar:
-        if done and progress:
-            tqdm.write(f"{done} of {len(sweep.runs)} runs already finished; skipping them")
+    with store.exclusive():
+        store.register(
+            sweep.name,
+            [spec.as_row() for spec in sweep.runs],
+            [plot.model_dump() for plot in sweep.plots],
+        )
+        status = {row["hash"]: row["status"] for row in store.runs(sweep.name)}
+        pending = [spec for spec in sweep.runs if status.get(spec.hash) != "finished"]
+        done = len(sweep.runs) - len(pending)
+        with tqdm(
+            total=len(sweep.runs), initial=done, disable=not progress, desc=sweep.name, unit="run"
+        ) as bar:
+            if done and progress:
+                tqdm.write(f"{done} of {len(sweep.runs)} runs already finished; skipping them")
 
-        def report(spec: RunSpec, result: dict[str, Any]) -> None:
-            bar.update(1)
-            if not progress:
-                return
-            if result["status"] == "finished":
-                final = result["final"]
-                tqdm.write(
-                    f"finished {spec.name}: best acc {final['best_test_acc']:.4f}, final acc "
-                    f"{final['final_test_acc']:.4f} ({result['seconds']:.0f} s)"
-                )
-            else:
-                tqdm.write(f"FAILED {spec.name}: {result['error']}")
+            def report(spec: RunSpec, result: dict[str, Any]) -> None:
+                bar.update(1)
+                if not progress:
+                    return
+                if result["status"] == "finished":
+                    final = result["final"]
+                    tqdm.write(
+                        f"finished {spec.name}: best acc {final['best_test_acc']:.4f}, final "
+                        f"acc {final['final_test_acc']:.4f} ({result['seconds']:.0f} s)"
+                    )
+                else:
+                    tqdm.write(f"FAILED {spec.name}: {result['error']}")
 
-        runner(pending, report)
+            runner(pending, report)
     return {"name": sweep.name, "runs": store.runs(sweep.name)}

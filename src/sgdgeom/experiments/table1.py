@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from sgdgeom.errors import ConfigError
 from sgdgeom.models import MODELS, build_model
 
@@ -63,10 +65,8 @@ def size_row(
     if dataset not in DATASET_SIZES:
         raise ConfigError(f"unknown dataset {dataset!r}; allowed: {', '.join(DATASET_SIZES)}")
     shape, n, classes = DATASET_SIZES[dataset]
-    try:
+    with torch.device("meta"):  # shapes only: no memory, however wide the model
         net = build_model(model, shape, classes, **(options or {}))
-    except TypeError as err:
-        raise ConfigError(f"model {model!r}: {err}") from None
     d = sum(p.numel() for p in net.parameters())
     return {
         "model": model,

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdgeom.diffusion import DiffusionMatrix
-from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.errors import InputError, UnsupportedModelError
 from sgdgeom.metric import DiffusionMetric
 from sgdgeom.optim.momentum import heavy_ball
 from sgdgeom.params import ParamSpace
@@ -153,23 +153,23 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         fused: bool | str = "auto",
     ) -> None:
         if lr < 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+            raise InputError(f"Invalid learning rate: {lr}")
         if momentum < 0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
+            raise InputError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+            raise InputError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+            raise InputError("Nesterov momentum requires a momentum and zero dampening")
         if mode not in ("weak", "exact"):
-            raise ValueError(f"Invalid mode: {mode!r}; choose 'weak' or 'exact'")
+            raise InputError(f"Invalid mode: {mode!r}; choose 'weak' or 'exact'")
         if (isinstance(eps, str) and eps != "auto") or (not isinstance(eps, str) and eps < 0):
-            raise ValueError(f"Invalid eps: {eps!r}; use 'auto' or a number >= 0")
+            raise InputError(f"Invalid eps: {eps!r}; use 'auto' or a number >= 0")
         if not 0 < safety < 1:
-            raise ValueError(f"Invalid safety: {safety}; it must lie in (0, 1)")
+            raise InputError(f"Invalid safety: {safety}; it must lie in (0, 1)")
         if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"Invalid loss_reduction: {loss_reduction!r}; choose mean or sum")
+            raise InputError(f"Invalid loss_reduction: {loss_reduction!r}; choose mean or sum")
         if fused not in ("auto", True, False):
-            raise ValueError(f"Invalid fused: {fused!r}; choose 'auto', True or False")
+            raise InputError(f"Invalid fused: {fused!r}; choose 'auto', True or False")
         self.model = params if isinstance(params, nn.Module) else None
         self.loss_reduction = loss_reduction
         self.stats: dict[str, float] = {}
@@ -180,11 +180,11 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         )
         self._batchnorms: list[tuple[str, nn.Module]] = []
         if fused is True and self.model is None:
-            raise ValueError(
+            raise InputError(
                 "fused=True needs the model itself (pass the model, not its parameters)"
             )
         if fused is True and _distributed():
-            raise ValueError(_FUSED_DDP)
+            raise InputError(_FUSED_DDP)
         if self.model is not None:
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             params = [p for _, p in named]
@@ -384,7 +384,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             g["eps"] != group["eps"] or g["mode"] != group["mode"] or g["safety"] != group["safety"]
             for g in self.param_groups
         ):
-            raise ValueError(
+            raise InputError(
                 "eps, mode and safety are global to the metric: use the same "
                 "values in every param group"
             )

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sgdgeom.errors import InputError
 from sgdgeom.optim.momentum import heavy_ball
 
 __all__ = ["EntropySGD"]
@@ -95,9 +96,9 @@ class EntropySGD(torch.optim.Optimizer):
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"EntropySGD: invalid {', '.join(bad)}")
+            raise InputError(f"EntropySGD: invalid {', '.join(bad)}")
         if nesterov and momentum == 0:
-            raise ValueError("EntropySGD: nesterov needs momentum > 0")
+            raise InputError("EntropySGD: nesterov needs momentum > 0")
         defaults = dict(
             lr=lr,
             langevin_lr=langevin_lr,
@@ -121,7 +122,7 @@ class EntropySGD(torch.optim.Optimizer):
         """One outer step. ``.grad`` must hold the gradient at the current weights;
         ``closure`` zeroes the gradients, recomputes the loss and calls ``backward``."""
         if closure is None:
-            raise ValueError("EntropySGD.step needs a closure that re-evaluates the loss")
+            raise InputError("EntropySGD.step needs a closure that re-evaluates the loss")
         pairs = self._params()
         anchor = [p.detach().clone() for _, p in pairs]
         mean = [p.detach().clone() for _, p in pairs]

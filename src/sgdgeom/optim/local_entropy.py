@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.errors import InputError, UnsupportedModelError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import CoverageError, LossSpec, per_sample_loss, plan_layers, rule_for
 from sgdgeom.persample.capture import coverage_failures, describe
@@ -128,16 +128,16 @@ class PartialLocalEntropy:
         generator: torch.Generator | None = None,
     ) -> None:
         if not R > 0:
-            raise ValueError(f"R must be > 0, got {R}")
+            raise InputError(f"R must be > 0, got {R}")
         if y < 0:
-            raise ValueError(f"y must be >= 0, got {y}")
+            raise InputError(f"y must be >= 0, got {y}")
         if kind not in ("pla", "plea"):
-            raise ValueError(
+            raise InputError(
                 f"kind must be 'pla' or 'plea' (finite k gives the kernel forms "
                 f"M19, M14), got {kind!r}"
             )
         if k is not None and not k > 0:
-            raise ValueError(f"k must be > 0 or None (the box limit), got {k}")
+            raise InputError(f"k must be > 0 or None (the box limit), got {k}")
         self.model, self.R, self.y, self.kind, self.k = model, R, y, kind, k
         self.loss = per_sample_loss(base_loss)
         self.generator = generator
@@ -161,36 +161,36 @@ class PartialLocalEntropy:
         if layers == "all":
             chosen = list(weights) if not mask else []
         elif isinstance(layers, str):
-            raise ValueError(f"layers must be 'all' or a list of layer names, got {layers!r}")
+            raise InputError(f"layers must be 'all' or a list of layer names, got {layers!r}")
         else:
             chosen = list(layers)
         unknown = [n for n in chosen if n not in weights]
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"no weight layers named {unknown}; the model's are {', '.join(weights)}"
             )
         selected: dict[str, Tensor | None] = {weights[n]: None for n in chosen}
         for name, m in mask.items():
             if name not in params:
-                raise ValueError(f"mask names unknown parameter {name!r}")
+                raise InputError(f"mask names unknown parameter {name!r}")
             if name.rpartition(".")[2] == "bias":
-                raise ValueError(
+                raise InputError(
                     f"{name!r} is a bias: biases are never smoothed (Musso, footnote 15)"
                 )
             if m.shape != params[name].shape or m.dtype != torch.bool:
-                raise ValueError(
+                raise InputError(
                     f"mask for {name!r} must be a bool tensor of shape {tuple(params[name].shape)}"
                 )
             selected[name] = m if selected.get(name, m) is not None else None
         if not selected:
-            raise ValueError("nothing to smooth: name some layers or give a mask")
+            raise InputError("nothing to smooth: name some layers or give a mask")
         return selected
 
     def _choose_route(self, route: str) -> str:
         if route not in ("auto", "naive", "prefix", "split"):
-            raise ValueError(f"route must be auto, naive, prefix or split, got {route!r}")
+            raise InputError(f"route must be auto, naive, prefix or split, got {route!r}")
         if route == "split" and self.kind != "pla":
-            raise ValueError("the split-batch estimator is for PLA only")
+            raise InputError("the split-batch estimator is for PLA only")
         # the layer registry decides where a branch can open: modules that its Linear rule
         # serves (a subclass that changes the forward is not one)
         others = [n for n, m in self.smoothed.items() if not isinstance(rule_for(m), LinearRule)]
@@ -300,7 +300,7 @@ class PartialLocalEntropy:
         """``(loss, logits)`` for :class:`~sgdgeom.train.Trainer`; the logits are those at
         the unperturbed weights (for ``"split"``, each chunk's at its own point)."""
         if model is not self.model:
-            raise ValueError("this PartialLocalEntropy was built for another model")
+            raise InputError("this PartialLocalEntropy was built for another model")
         route = self.route
         first = route != "naive" and not self._coverage_checked
         if first:
@@ -443,7 +443,7 @@ def split_sizes(batch: int, y: int) -> list[int]:
     """The chunks of the split route: y chunks of ``s = batch // (y+1)`` rows for the
     perturbed points, the first ``batch − y s`` rows (at least ``s``) for W itself."""
     if batch < y + 1:
-        raise ValueError(
+        raise InputError(
             f"the split route needs at least y+1 = {y + 1} samples per batch, got {batch}"
         )
     size = batch // (y + 1)
@@ -543,7 +543,7 @@ def gaussian_local_entropy(
     trainable parameters are perturbed (the isotropic case).
     """
     if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+        raise InputError(f"gamma must be > 0, got {gamma}")
     loss = per_sample_loss(base_loss)
     params = dict(model.named_parameters())
     exponents = []

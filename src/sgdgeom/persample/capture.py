@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.errors import InputError, UnsupportedModelError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample.base import PerSampleProducts
 from sgdgeom.persample.internal import internal_passes
@@ -461,7 +461,7 @@ class CaptureProducts(PerSampleProducts):
     def losses(self) -> Tensor:
         chunks = [chunk.losses for chunk in self._chunks()]
         if any(c is None for c in chunks):
-            raise ValueError("these products were built from captures without the losses")
+            raise InputError("these products were built from captures without the losses")
         return torch.cat(chunks)
 
     def gram(self) -> Tensor:

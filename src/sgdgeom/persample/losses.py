@@ -22,7 +22,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.errors import InputError, UnsupportedModelError
 
 __all__ = ["LossSpec", "PerSampleLoss", "check_independent_samples", "per_sample_loss"]
 
@@ -97,7 +97,7 @@ def per_sample_loss(loss_fn: LossSpec) -> PerSampleLoss:
     """
     if isinstance(loss_fn, str):
         if loss_fn not in _MODULES:
-            raise ValueError(f"unknown loss {loss_fn!r}; choose one of {', '.join(_MODULES)}")
+            raise InputError(f"unknown loss {loss_fn!r}; choose one of {', '.join(_MODULES)}")
         loss_fn = _MODULES[loss_fn]()
     if isinstance(loss_fn, tuple(_MODULES.values())):
         if getattr(loss_fn, "weight", None) is not None:

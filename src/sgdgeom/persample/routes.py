@@ -6,7 +6,7 @@ import warnings
 
 from torch import nn
 
-from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.errors import InputError, UnsupportedModelError
 from sgdgeom.persample.base import PerSampleProducts
 from sgdgeom.persample.capture import CaptureProducts
 from sgdgeom.persample.func import FuncProducts
@@ -38,7 +38,7 @@ def make_products(
     refused on every route.
     """
     if route not in ROUTES:
-        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
+        raise InputError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     check_independent_samples(model)
     if route == "generic":
         return FuncProducts(model, loss_fn, data, progress=progress)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from sgdgeom.errors import InputError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample.base import PerSampleProducts
 
@@ -26,7 +27,7 @@ class RowProducts(PerSampleProducts):
 
     def __init__(self, space: ParamSpace, rows: Tensor, losses: Tensor | None = None) -> None:
         if rows.dim() != 2 or rows.shape[1] != space.dim:
-            raise ValueError(f"rows must be (N, {space.dim}), got {tuple(rows.shape)}")
+            raise InputError(f"rows must be (N, {space.dim}), got {tuple(rows.shape)}")
         self.space, self.rows, self.n = space, rows, len(rows)
         self._losses = losses
 
@@ -37,7 +38,7 @@ class RowProducts(PerSampleProducts):
         """Per-sample gradients of a ``(B,)`` loss vector with its autograd graph: one
         batched backward (``is_grads_batched``)."""
         if losses.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 f"the closure must return per-sample losses (B,), got shape {tuple(losses.shape)}"
             )
         eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
@@ -70,7 +71,7 @@ class RowProducts(PerSampleProducts):
 
     def losses(self) -> Tensor:
         if self._losses is None:
-            raise ValueError("these products were built without the losses")
+            raise InputError("these products were built without the losses")
         return self._losses
 
     def gram(self) -> Tensor:

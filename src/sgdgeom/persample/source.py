@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sgdgeom.errors import SgdgeomError
+from sgdgeom.errors import InputError, SgdgeomError
 
 __all__ = ["DataSource"]
 
@@ -26,7 +26,7 @@ class DataSource:
         self, data: Any, chunk_size: int | None = None, device: torch.device | None = None
     ) -> None:
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
         self.device = device
         self.chunk_size = chunk_size
         self._batch: tuple[Tensor, Tensor] | None = None
@@ -38,7 +38,7 @@ class DataSource:
         ):
             x, y = data
             if len(x) != len(y) or len(x) == 0:
-                raise ValueError(
+                raise InputError(
                     f"x and y must hold the same number (>0) of samples, got {len(x)} and {len(y)}"
                 )
             self._batch = (x, y)
@@ -50,7 +50,7 @@ class DataSource:
                 pass
             self.n = self._n_seen
             if self.n == 0:
-                raise ValueError("the data loader yielded no samples")
+                raise InputError("the data loader yielded no samples")
         else:
             raise TypeError(
                 f"data must be a batch (x, y) or an iterable of batches, got {type(data).__name__}"
