@@ -54,8 +54,9 @@ def write_yaml(path: Path, data: dict) -> Path:
 def config(tmp_path: Path, name: str = "config.yaml", **sections) -> Path:
     data = json.loads(json.dumps(TINY))
     for section, value in sections.items():
-        if isinstance(value, dict) and isinstance(data.get(section), dict):
-            data[section].update(value)
+        same = isinstance(value, dict) and isinstance(data.get(section), dict)
+        if same and value.get("name", data[section].get("name")) == data[section].get("name"):
+            data[section].update(value)  # the same component with other options
         else:
             data[section] = value
     return write_yaml(tmp_path / name, data)
@@ -106,7 +107,7 @@ def test_malicious_checkpoint_never_runs_its_payload(tmp_path):
     marker = tmp_path / "PWNED"
     torch.save({"model": Payload(marker), "epoch": 1}, out / "checkpoint.pt")
     proc = run_cli(tmp_path, "train", path, "--out", out, "--resume", outputs=(out,))
-    assert_one_line_error(proc, r"checkpoint .* weights_only=True, so it was not loaded")
+    assert_one_line_error(proc, r"checkpoint .*\(the global posix.system\), .* not loaded")
     proc = run_cli(
         tmp_path, "spectrum", "--checkpoint", out / "checkpoint.pt", "--out", tmp_path / "s"
     )
@@ -130,6 +131,12 @@ def test_malicious_cifar_batch_never_runs_its_payload(tmp_path):
     )  # fmt: skip
     assert_one_line_error(proc, r"corrupt file .*data_batch_1")
     assert not marker.exists()
+
+
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    (tmp_path / "notes.pt").write_text("data: [1, 2]\n")
+    proc = run_cli(tmp_path, "spectrum", "--checkpoint", "notes.pt", "--out", tmp_path / "s")
+    assert_one_line_error(proc, r"notes.pt is not a checkpoint, or is corrupt")
 
 
 def test_truncated_checkpoint_says_so(tmp_path):
@@ -393,6 +400,9 @@ NO_FC9 = r"no weight layers named \['fc9'\]; the model's are fc1, out"
         ({"data": {"augment": "cifar10-crop"}}, r"'cifar10-crop' is made for cifar10, not digits"),
         ({"train": {"epochs": True}}, r"train.epochs: Input should be a valid integer"),
         ({"monitor": {"bogus": 1}}, r"monitor.bogus: unknown key; allowed: temperature, snr"),
+        ({"seed": 2**70}, r"seed: Input should be less than 4294967296"),
+        ({"model": {"name": "mlp", "widths": [0]}}, r"parameter fc1.weight is empty"),
+        ({"model": {"name": "transformer", "depth": 0}}, r"needs depth >= 1 encoder layers"),
     ],
     ids=[
         "eps-5",
@@ -403,6 +413,9 @@ NO_FC9 = r"no weight layers named \['fc9'\]; the model's are fc1, out"
         "augment",
         "epochs-true",
         "monitor-bogus",
+        "seed-overflow",
+        "zero-width",
+        "zero-depth",
     ],
 )
 def test_bad_config_values_are_one_line_errors(tmp_path, sections, pattern):

@@ -136,6 +136,6 @@ def test_rbm_config_errors(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"n_hidden: .*less than or equal to 20.*"
-        r"learning_rate: Extra inputs",
+        r"learning_rate: unknown key; allowed: name, seed",
     ):
         load_rbm_config(path)

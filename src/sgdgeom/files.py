@@ -151,10 +151,16 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        unsafe = re.search(r"unsupported GLOBAL (\S+)", str(err))
+        if unsafe is None:
+            raise CheckpointError(
+                f"{path} is not a checkpoint, or is corrupt (it does not unpickle as tensors "
+                f"and plain data); restore it or start the run again"
+            ) from None
         raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and plain data, and sgdgeom "
-            f"loads checkpoints with weights_only=True, so it was not loaded ({first})"
+            f"checkpoint {path} holds objects other than tensors and plain data (the global "
+            f"{unsafe.group(1)}), and sgdgeom loads checkpoints with weights_only=True, so it "
+            f"was not loaded"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise CheckpointError(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -226,6 +227,8 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         shape = tuple(input_shape)
+        if depth < 1:
+            raise ConfigError(f"a transformer needs depth >= 1 encoder layers, got {depth}")
         if vocab is not None:
             if len(shape) != 1:
                 raise ConfigError(f"token input must be (T,), got {shape}")
@@ -334,8 +337,16 @@ def build_model(
     if init not in ("default", "kaiming"):
         raise ConfigError(f"unknown init {init!r}; choose default or kaiming")
     try:
-        model = MODELS[name](tuple(input_shape), num_classes, **options)
-    except (TypeError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0]
+        with warnings.catch_warnings():  # an empty layer is refused below, with its name
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            model = MODELS[name](tuple(input_shape), num_classes, **options)
+    except (TypeError, ValueError, RuntimeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"bad options {options} for model {name!r}: {first}") from None
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ConfigError(
+            f"bad options {options} for model {name!r}: parameter {empty[0]} is empty; every "
+            f"width, depth and channel count must be >= 1"
+        )
     return kaiming_init(model) if init == "kaiming" else model

@@ -238,7 +238,7 @@ class ExperimentConfig(_Strict):
     monitors."""
 
     name: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     data: DataConfig
     model: ModelConfig
     optimizer: OptimizerConfig
@@ -280,13 +280,13 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _format(err: ValidationError, source: str) -> str:
+def _format(err: ValidationError, source: str, schema: type[BaseModel] = ExperimentConfig) -> str:
     lines = []
     for item in err.errors():
         loc = tuple(item["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            allowed = ", ".join(_allowed_keys(ExperimentConfig, loc))
+            allowed = ", ".join(_allowed_keys(schema, loc))
             lines.append(f"{where}: unknown key; allowed: {allowed}")
         elif item["type"] == "missing":
             lines.append(f"{where}: missing key")
@@ -342,8 +342,7 @@ def load_yaml_as(schema: type[Schema], path: str | Path) -> Schema:
     try:
         return schema.model_validate(read_yaml(path))
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(_format(err, str(path), schema)) from None
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
