@@ -315,7 +315,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(epoch_seed)
         self.model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for step_in_epoch, (x_raw, y) in enumerate(
+        for step, (x_raw, y) in enumerate(
             batches(self._x_train, self._y_train, self.batch_size, generator=generator), 1
         ):
             x = self.augment(x_raw) if self.augment is not None else x_raw
@@ -326,16 +326,7 @@ class Trainer:
             loss, logits = self.objective(self.model, x, y)
             value = loss.item()
             if not torch.isfinite(loss):
-                where = f"epoch {epoch}, step {step_in_epoch}"
-                kept = (
-                    f"the last good checkpoint is {self.checkpoint_path} (epoch {self.epoch})"
-                    if self.checkpoint_path is not None and self.epoch > 0
-                    else "no checkpoint was written yet"
-                )
-                raise NonFiniteLossError(
-                    f"the loss became {value} at {where}; {kept}. Lower the learning rate "
-                    f"or check the data."
-                )
+                self._stop_non_finite(f"the loss became {value} at epoch {epoch}, step {step}")
             loss.backward()
             for cb in self.callbacks:
                 cb.on_after_backward(self, x, y, loss)
@@ -363,15 +354,16 @@ class Trainer:
             if not bool(torch.isfinite(param).all())
         ]
         if bad:
-            kept = (
-                f"the last good checkpoint is {self.checkpoint_path} (epoch {self.epoch})"
-                if self.checkpoint_path is not None and self.epoch > 0
-                else "no checkpoint was written"
-            )
-            raise NonFiniteLossError(
-                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} became NaN or infinite "
-                f"in epoch {self.epoch + 1}; {kept}. Lower the learning rate or check the data."
-            )
+            named = f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+            self._stop_non_finite(f"{named} became NaN or infinite in epoch {self.epoch + 1}")
+
+    def _stop_non_finite(self, what: str) -> None:
+        kept = (
+            f"the last good checkpoint is {self.checkpoint_path} (epoch {self.epoch})"
+            if self.checkpoint_path is not None and self.epoch > 0
+            else "no checkpoint was written"
+        )
+        raise NonFiniteLossError(f"{what}; {kept}. Lower the learning rate or check the data.")
 
     def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         """For optimizers that re-evaluate the loss (SAM, Entropy-SGD): zero the gradients,
