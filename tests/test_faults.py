@@ -597,3 +597,14 @@ def test_every_checkpoint_we_write_resumes_with_weights_only(tmp_path, optimizer
     resumed = run_training(cfg, tmp_path / "run", resume=True, progress=False)
     whole = run_training(cfg, tmp_path / "whole", progress=False)
     assert resumed == whole
+
+
+def test_a_sweep_without_its_data_stops_once_before_starting(tmp_path):
+    base = {k: v for k, v in TINY.items() if k != "name"}
+    base["data"] = {"name": "mnist", "batch_size": 32}
+    sweep = write_yaml(
+        tmp_path / "sweep.yaml", {"name": "s", "base": base, "grid": {"seed": list(range(40))}}
+    )
+    proc = run_cli(tmp_path, "sweep", sweep, "--out", tmp_path / "out")
+    assert_one_line_error(proc, r"dataset 'mnist' is read from files: pass --data-root")
+    assert not (tmp_path / "out").exists()

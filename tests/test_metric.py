@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.errors import InputError
 from sgdgeom.metric import DiffusionMetric, resolve_eps
 from sgdgeom.persample import per_sample_loss
 from tests.cases import CASE_NAMES, make_case
@@ -73,3 +74,21 @@ def test_resolve_eps_edge_cases():
         resolve_eps(-1.0, 0.5, 1.0)
     with pytest.raises(ValueError, match=">= 0"):
         resolve_eps(float("nan"), 0.5, 1.0)
+
+
+def test_matmul_takes_vectors_matrices_and_dicts_and_refuses_another_dtype():
+    case = make_case("mlp-relu")
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    metric = DiffusionMetric(D, eps="auto")
+    V = torch.randn(D.space.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g_dense = torch.eye(D.space.dim, dtype=torch.float64) + metric.eps * D.dense()
+    assert_close(metric @ V, g_dense @ V, what="g @ V")
+    assert_close(metric @ V[:, 0], g_dense @ V[:, 0], what="g @ v")
+    as_dict = metric @ D.space.unflatten(V[:, 1])
+    assert_close(D.space.flatten(as_dict), g_dense @ V[:, 1], what="g @ dict")
+    with pytest.raises(InputError, match=r"v is float32 on cpu, but .* float64 on cpu: pass v.to"):
+        D @ V[:, 0].float()
+    with pytest.raises(InputError, match=r"v is float32 .* pass v.to"):
+        metric.solve(V[:, 0].float())
+    with pytest.raises(InputError, match=rf"v must be a \({D.space.dim},\) tensor, got \(5,\)"):
+        D @ torch.zeros(5, dtype=torch.float64)

@@ -7,8 +7,11 @@ weight spaces*. The public API is listed in ``__all__``, grouped by concept.
 
 from sgdgeom.diffusion import DiffusionMatrix, LayerBlock, LayerTrace
 from sgdgeom.errors import (
+    CheckpointError,
     ConfigError,
     DatasetError,
+    InputError,
+    MissingExtraError,
     NonFiniteLossError,
     SgdgeomError,
     UnsupportedModelError,
@@ -39,8 +42,11 @@ __all__ = [
     # restricted Boltzmann machines (poster outlook)
     "RBM",
     # errors
+    "CheckpointError",
     "ConfigError",
     "DatasetError",
+    "InputError",
+    "MissingExtraError",
     "NonFiniteLossError",
     "SgdgeomError",
     "UnsupportedModelError",

@@ -23,7 +23,29 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: no type names beside flags
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from sgdgeom import __version__
+
+        typer.echo(f"sgdgeom {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """The geometry of SGD noise in weight space."""
+
 
 DataRoot = Annotated[
     Path | None,

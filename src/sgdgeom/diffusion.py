@@ -148,16 +148,15 @@ class DiffusionMatrix:
     # ------------------------------------------------------------------ products
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``D v = (1/N) Gᵀ (c - c̄)`` with ``c = G v``: one JVP and one VJP, ``(d,) -> (d,)``."""
+        """``D v = (1/N) Gᵀ (c - c̄)`` with ``c = G v``: one JVP and one VJP, ``(d,) -> (d,)``.
+        ``v`` must have D's dtype and device (see :meth:`ParamSpace.check_vector`)."""
+        self.space.check_vector(v)
         c = self.products.jvp(v)
         return self.products.vjp(c - c.mean()) / self.n
 
     def __matmul__(self, v: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
-        if isinstance(v, dict):
-            return self.space.unflatten(self.matvec(self.space.flatten(v)))
-        if v.dim() == 2:
-            return torch.stack([self.matvec(col) for col in v.T], 1)
-        return self.matvec(v)
+        """``D @ v`` for a ``(d,)`` vector, a ``(d, k)`` matrix or a dict by parameter name."""
+        return self.space.apply(self.matvec, v)
 
     @cached_property
     def _mean_gradient(self) -> Tensor:

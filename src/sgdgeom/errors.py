@@ -14,6 +14,7 @@ __all__ = [
     "DatasetError",
     "DatasetMissingError",
     "InputError",
+    "MissingExtraError",
     "NonFiniteLossError",
     "SgdgeomError",
     "UnsupportedModelError",
@@ -46,6 +47,10 @@ class CheckpointError(InputError):
 
 class UnsupportedModelError(InputError):
     """A model has a layer that the requested computation does not support."""
+
+
+class MissingExtraError(SgdgeomError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
 
 
 class NonFiniteLossError(SgdgeomError, FloatingPointError):

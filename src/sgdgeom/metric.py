@@ -124,6 +124,10 @@ class DiffusionMetric:
         """``g v = v + ε D v``."""
         return v + self.eps * self.D.matvec(v)
 
+    def __matmul__(self, v: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        """``g @ v`` for a ``(d,)`` vector, a ``(d, k)`` matrix or a dict by parameter name."""
+        return self.D.space.apply(self.apply, v)
+
     @cached_property
     def _cholesky(self) -> Tensor:
         K = self.D.gram()
@@ -148,6 +152,7 @@ class DiffusionMetric:
     def solve(self, v: Tensor, exact: bool = True) -> Tensor:
         """``g⁻¹ v`` exactly (Woodbury through the ``N x N`` Gram matrix) or, with
         ``exact=False``, the weak-field ``(I − εD) v``."""
+        self.D.space.check_vector(v)
         return self._solve(v, self.D.products.jvp(v), exact)
 
     def gradient(self, exact: bool = True, out: Tensor | None = None) -> Tensor:

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +91,31 @@ class ParamSpace:
                 self.names, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True
             )
         }
+
+    def check_vector(self, v: Tensor, what: str = "v") -> None:
+        """Refuse a vector that an operator on this space cannot take as it is: another
+        length, dtype or device (converting silently could lose precision or move data)."""
+        if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] != self.dim:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise InputError(f"{what} must be a ({self.dim},) tensor, got {shape}")
+        if v.dtype != self.dtype or v.device != self.device:
+            raise InputError(
+                f"{what} is {str(v.dtype).removeprefix('torch.')} on {v.device}, but the "
+                f"operator works in {str(self.dtype).removeprefix('torch.')} on {self.device}: "
+                f"pass {what}.to(dtype=torch.{str(self.dtype).removeprefix('torch.')}, "
+                f"device='{self.device}')"
+            )
+
+    def apply(
+        self, operator: Callable[[Tensor], Tensor], v: Tensor | Mapping[str, Tensor]
+    ) -> Tensor | dict[str, Tensor]:
+        """An operator ``(d,) -> (d,)`` applied to a flat vector, to each column of a
+        ``(d, k)`` matrix, or to a dict of tensors by parameter name (a dict comes back)."""
+        if isinstance(v, Mapping):
+            return self.unflatten(operator(self.flatten(v)))
+        if isinstance(v, Tensor) and v.dim() == 2:
+            return torch.stack([operator(column) for column in v.T], 1)
+        return operator(v)
 
     def params(self, model: nn.Module) -> dict[str, Tensor]:
         """The model's current trainable parameters as a dict (the tensors themselves)."""

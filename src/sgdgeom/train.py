@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sgdgeom.data import Dataset, batches
 from sgdgeom.errors import CheckpointError, InputError, NonFiniteLossError, SgdgeomError
+from sgdgeom.extras import require
 from sgdgeom.files import atomic_write_bytes, load_checkpoint
 
 __all__ = [
@@ -78,13 +79,8 @@ class TensorBoardLogger(Callback):
     ``tensorboard`` package; the JSON-lines metrics are written regardless)."""
 
     def __init__(self, log_dir: str | Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise SgdgeomError(
-                "TensorBoard output needs the tensorboard package: pip install tensorboard"
-            ) from None
-        self.writer = SummaryWriter(str(log_dir))
+        tensorboard = require("torch.utils.tensorboard", "TensorBoard output")
+        self.writer = tensorboard.SummaryWriter(str(log_dir))
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
         for key, value in metrics.items():

@@ -28,6 +28,7 @@ from sgdgeom.experiments.config import (
     read_yaml,
     resume_key,
 )
+from sgdgeom.extras import require
 from sgdgeom.files import atomic_write_bytes, read_jsonl
 from sgdgeom.models import build_model
 from sgdgeom.monitor import LayerTemperature, analyse_regimes, plot_temperatures, temperature_curves
@@ -83,7 +84,7 @@ def _sam(
     """SAM (Foret et al. 2021) or ASAM (Kwon et al. 2021) from pytorch-optimizer, over
     torch's SGD. Their ``step`` re-evaluates the loss, so it is marked as needing a
     closure (see :class:`~sgdgeom.train.Trainer`)."""
-    from pytorch_optimizer import SAM
+    SAM = require("pytorch_optimizer", f"optimizer {'asam' if adaptive else 'sam'}").SAM
 
     default_rho = 0.5 if adaptive else 0.05  # the values their papers use for CIFAR
     optimizer = SAM(

@@ -47,11 +47,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from sgdgeom.errors import ConfigError, SgdgeomError
+from sgdgeom.data import load_dataset
+from sgdgeom.errors import ConfigError
 from sgdgeom.experiments.compare import merge
 from sgdgeom.experiments.config import config_hash, load_yaml_as, parse_config
 from sgdgeom.experiments.runner import run_training
 from sgdgeom.experiments.store import STORE, ResultStore
+from sgdgeom.extras import require
 from sgdgeom.files import safe_name
 from sgdgeom.train import Callback, Trainer
 
@@ -347,12 +349,7 @@ def _local_engine(workers: int, options: dict[str, Any]) -> Runner:
 def _ray_engine(
     workers: int, address: str | None, gpus_per_run: float, options: dict[str, Any]
 ) -> Runner:
-    try:
-        import ray
-    except ImportError:
-        raise SgdgeomError(
-            "the ray engine needs Ray: pip install 'sgdgeom[ray]' (or pip install ray)"
-        ) from None
+    ray = require("ray", "the ray engine")
 
     def run(pending: list[RunSpec], report: Callable[[RunSpec, dict[str, Any]], None]) -> None:
         started_here = not ray.is_initialized()
@@ -390,13 +387,16 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run every unfinished run of ``sweep`` and return the store's rows for it.
 
-    ``threads`` (CPU threads per run) defaults to the CPU count divided by ``workers``.
+    Every dataset the runs read is loaded once first, so that a missing one stops the
+    sweep with one message before anything starts. ``threads`` (CPU threads per run) defaults to the CPU count divided by ``workers``.
     Progress is a bar and one line per finished run.
     """
     if workers < 1 or (threads is not None and threads < 1):
         raise ConfigError(f"workers and threads must be >= 1, got {workers} and {threads}")
     if engine not in ("local", "ray"):
         raise ConfigError(f"unknown engine {engine!r}; allowed: local, ray")
+    for name in sorted({spec.config["data"]["name"] for spec in sweep.runs}):
+        load_dataset(name, data_root)  # a missing dataset stops the sweep here, once
     out = Path(out_dir)
     store = ResultStore(out / STORE)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
