@@ -388,8 +388,9 @@ def run_sweep(
     """Run every unfinished run of ``sweep`` and return the store's rows for it.
 
     Every dataset the runs read is loaded once first, so that a missing one stops the
-    sweep with one message before anything starts. ``threads`` (CPU threads per run) defaults to the CPU count divided by ``workers``.
-    Progress is a bar and one line per finished run.
+    sweep with one message before anything starts. ``threads`` (CPU threads per run)
+    defaults to the CPU count divided by ``workers``. Progress is a bar and one line per
+    finished run.
     """
     if workers < 1 or (threads is not None and threads < 1):
         raise ConfigError(f"workers and threads must be >= 1, got {workers} and {threads}")
