@@ -1,0 +1,168 @@
+"""The README runs: every Python block as it stands, every command line at small size.
+
+Each Python block is self-contained and runs in a fresh namespace in a temporary folder.
+Each ``sgdgeom`` line of the README's shell blocks is in :data:`COMMANDS`, which says how a
+test runs it: the same command on a copy of its config trained for one epoch on a few
+samples (the full sizes are the README's own), or where else it is tested. A README line
+missing from :data:`COMMANDS`, or an entry whose line left the README, fails the test.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_cli import sgdgeom
+from tests.test_data import make_mnist_root
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README, re.S | re.M)
+
+
+PYTHON = blocks("python")
+LINES = [
+    line.split("#")[0].strip()
+    for block in blocks("bash")
+    for line in block.splitlines()
+    if line.startswith(".venv/bin/sgdgeom")
+]
+
+SMALL = {"train": {"epochs": 1}, "data": {"n_train": 128, "n_test": 64}}
+
+
+def shrink(config: dict) -> dict:
+    """A config (experiment, comparison base or sweep base) at one epoch on a few samples."""
+    for section, values in SMALL.items():
+        if isinstance(config.get(section), dict):
+            config[section].update(values)
+    if isinstance(config.get("base"), dict):
+        shrink(config["base"])
+    return config
+
+
+def small_copy(tmp_path: Path, name: str, edit=shrink) -> Path:
+    """``configs/NAME`` shrunk, at the same relative path under ``tmp_path``."""
+    target = tmp_path / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(edit(yaml.safe_load((ROOT / name).read_text()))))
+    return target
+
+
+def fashion_root(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    make_mnist_root(root, name="fashion-mnist", n=(64, 32))
+    return root
+
+
+def my_fashion(tmp_path: Path) -> None:
+    config = shrink(yaml.safe_load((ROOT / "configs/quick/mnist5k-fc2-sgd.yaml").read_text()))
+    config["data"] = {"name": "fashion-mnist", "batch_size": 32}
+    (tmp_path / "my-fashion.yaml").write_text(yaml.safe_dump(config))
+
+
+def quick(name: str):
+    return lambda tmp_path: small_copy(tmp_path, f"configs/quick/{name}")
+
+
+def sweep_two_runs(tmp_path: Path) -> None:
+    def edit(config):
+        shrink(config)
+        config["grid"] = {"seed": [0]}
+        config["variants"] = dict(list(config["variants"].items())[:2])
+        for override in config["variants"].values():
+            if isinstance(override, dict) and "grid" in override:
+                override["grid"] = {k: v[:1] for k, v in override["grid"].items()}
+        return config
+
+    small_copy(tmp_path, "configs/quick/sweeps/musso-4.2-mnist5k-fc2.yaml", edit)
+
+
+def rbm_small(tmp_path: Path) -> None:
+    def edit(config):
+        config.update(epochs=2, n_train=200)
+        return config
+
+    small_copy(tmp_path, "configs/quick/rbm/digits.yaml", edit)
+
+
+def demo_checkpoint(tmp_path: Path) -> None:
+    proc = sgdgeom(
+        "train", small_copy(tmp_path, "configs/quick/mnist5k-fc2-sgd.yaml"),
+        "--out", "runs/demo/runs/sgd", "--no-progress", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+RAY_TEST = "tests/test_sweep.py::test_ray_engine_stores_what_the_local_engine_stores"
+
+# README line -> (a preparation in tmp_path, the arguments to run there instead of the
+# line's own, or None to run the line's own) or a string naming where it is tested.
+COMMANDS = {
+    ".venv/bin/sgdgeom train configs/quick/mnist5k-fc2-sgd.yaml --out runs/mine": (
+        quick("mnist5k-fc2-sgd.yaml"), None),
+    ".venv/bin/sgdgeom train configs/quick/mnist5k-fc2-sgd.yaml --out runs/mine --resume": (
+        quick("mnist5k-fc2-sgd.yaml"), None),
+    ".venv/bin/sgdgeom datasets --data-root ~/data": (
+        fashion_root, ["datasets", "--data-root", "data"]),
+    ".venv/bin/sgdgeom train my-fashion.yaml --data-root ~/data": (
+        lambda t: (fashion_root(t), my_fashion(t)),
+        ["train", "my-fashion.yaml", "--data-root", "data", "--out", "runs/fashion"]),
+    ".venv/bin/sgdgeom spectrum --model fc --dataset mnist5k --out runs/spectrum": (
+        None, ["spectrum", "--model", "fc", "--dataset", "mnist5k", "--n", "200",
+               "--out", "runs/spectrum"]),
+    ".venv/bin/sgdgeom spectrum --checkpoint runs/demo/runs/sgd/checkpoint.pt --out "
+    "runs/spectrum-trained": (demo_checkpoint, None),
+    ".venv/bin/sgdgeom compare configs/quick/mnist5k-optimizers.yaml --out runs/optimizers": (
+        quick("mnist5k-optimizers.yaml"), None),
+    ".venv/bin/sgdgeom train configs/quick/mnist5k-fig1-relu.yaml --out runs/fig1-relu": (
+        quick("mnist5k-fig1-relu.yaml"), None),
+    ".venv/bin/sgdgeom temperatures runs/fig1-relu": (
+        lambda t: sgdgeom("train", quick("mnist5k-fig1-relu.yaml")(t), "--out", "runs/fig1-relu",
+                          "--no-progress", cwd=t), None),
+    ".venv/bin/sgdgeom rbm configs/quick/rbm/digits.yaml --out runs/digits-rbm": (
+        rbm_small, None),
+    ".venv/bin/sgdgeom sweep configs/quick/sweeps/musso-4.2-mnist5k-fc2.yaml --workers 2": (
+        sweep_two_runs, None),
+    ".venv/bin/sgdgeom sweep CONFIG --engine ray [--address HOST:PORT] [--workers N] "
+    "[--gpus-per-run 1]": RAY_TEST,
+    ".venv/bin/sgdgeom report runs/musso-4.2-mnist5k-fc2": (
+        lambda t: (sweep_two_runs(t), sgdgeom(
+            "sweep", "configs/quick/sweeps/musso-4.2-mnist5k-fc2.yaml", cwd=t)), None),
+    ".venv/bin/sgdgeom table1": (None, None),
+}  # fmt: skip
+
+
+def test_every_readme_command_is_covered():
+    assert sorted(LINES) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON)))
+def test_python_block_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(PYTHON[index], f"README.md python block {index + 1}", "exec"), {})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("line", [k for k, v in COMMANDS.items() if not isinstance(v, str)])
+def test_command_runs(line, tmp_path):
+    prepare, args = COMMANDS[line]
+    if prepare is not None:
+        prepare(tmp_path)
+    args = args if args is not None else line.split()[1:]
+    proc = sgdgeom(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_examples_elsewhere_exist():
+    for line, where in COMMANDS.items():
+        if isinstance(where, str):
+            path, _, name = where.partition("::")
+            assert f"def {name}(" in (ROOT / path).read_text(), line
