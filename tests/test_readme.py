@@ -22,11 +22,12 @@ ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, re.S | re.M)
+def blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
 
 
 PYTHON = blocks("python")
+LIGHTNING_PAGE = (ROOT / "docs/guide/lightning.md").read_text()
 LINES = [
     line.split("#")[0].strip()
     for block in blocks("bash")
@@ -147,6 +148,13 @@ def test_every_readme_command_is_covered():
 def test_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(PYTHON[index], f"README.md python block {index + 1}", "exec"), {})
+
+
+def test_lightning_page_runs(tmp_path, monkeypatch):
+    pytest.importorskip("lightning.pytorch")
+    monkeypatch.chdir(tmp_path)
+    (code,) = blocks("python", LIGHTNING_PAGE)
+    exec(compile(code, "docs/guide/lightning.md", "exec"), {})
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ Read from ``--data-root`` (our own readers, no torchvision):
 - ``cifar10``: the CIFAR-10 python batches.
 - ``stl10``: the STL-10 binaries (labelled part only).
 
-Example:
+Examples:
     >>> ds = load_dataset("digits")
     >>> ds.x_train.shape, ds.num_classes
     (torch.Size([1438, 1, 8, 8]), 10)

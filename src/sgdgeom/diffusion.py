@@ -16,7 +16,7 @@ rank at most ``N - 1`` (F3), and zero iff all :math:`g_i` are equal. It is never
 - the centred Gram matrix ``K = (1/N) G_c G_cᵀ`` (``N x N``) has exactly the nonzero
   eigenvalues of D, and its eigenvectors ``w`` map to D's as ``u = G_cᵀ w / sqrt(N λ)``.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS

@@ -1,7 +1,7 @@
 """Optional dependencies: the core needs torch, numpy, scipy and a few small packages; the
 rest comes with an extra (``pip install 'sgdgeom[data]'``), and a missing one is named.
 
-Example:
+Examples:
     >>> require("math", "a doctest").sqrt(4.0)
     2.0
     >>> require("no_such_module_here", "the demo")  # doctest: +ELLIPSIS

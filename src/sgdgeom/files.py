@@ -51,7 +51,7 @@ def safe_name(name: str, limit: int = NAME_LIMIT) -> str:
     start and ends with a hash of the whole. Distinct names may map to one component;
     callers that need uniqueness check it.
 
-    Example:
+    Examples:
         >>> safe_name("../../x"), safe_name("/tmp/a b"), safe_name("fc1+fc2_R=0.1")
         ('--..-x', '-tmp-a-b', 'fc1+fc2_R=0.1')
         >>> len(safe_name("v" * 300))
@@ -69,7 +69,7 @@ def safe_name(name: str, limit: int = NAME_LIMIT) -> str:
 def safe_names(names: Iterable[str], what: str = "names") -> dict[str, str]:
     """Each name's :func:`safe_name`, or an :class:`InputError` if two of them share one.
 
-    Example:
+    Examples:
         >>> safe_names(["a b", "a-b"], "variants")
         Traceback (most recent call last):
         ...

@@ -21,7 +21,7 @@ Woodbury's identity gives the exact inverse through an ``N x N`` solve:
 
 and the weak-field form is the same expression with :math:`w = c - \bar c`.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> from sgdgeom.diffusion import DiffusionMatrix

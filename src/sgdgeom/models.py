@@ -18,7 +18,7 @@ part of the contract:
   (a ``(T, F)`` sample, or an image's rows as T = H tokens of C·W features); learned
   positions, mean pooling, ``out``.
 
-Example:
+Examples:
     >>> model = build_model("fc", input_shape=(1, 28, 28), num_classes=10, depth=2)
     >>> [name for name, _ in model.named_children() if name.startswith(("fc", "out"))]
     ['fc1', 'fc2', 'out']

@@ -9,7 +9,7 @@ A *layer* is a module that owns parameters directly (``fc1`` owns ``fc1.weight``
 ``fc1.bias``). Musso's layer quantities use the layer's *weights* only: biases are
 parameters whose name ends in ``bias`` (Musso, footnote 15).
 
-Example:
+Examples:
     >>> from torch import nn
     >>> space = ParamSpace(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1)))
     >>> space.dim, space.layers

@@ -71,11 +71,12 @@ class RBM(nn.Module):
     """A Bernoulli-Bernoulli restricted Boltzmann machine.
 
     Args:
-        n_visible, n_hidden: layer sizes.
+        n_visible: the number of visible units.
+        n_hidden: the number of hidden units.
         init_scale: standard deviation of the initial weights (biases start at 0).
         generator: the random source of the initial weights.
 
-    Example:
+    Examples:
         >>> rbm = RBM(6, 3, generator=torch.Generator().manual_seed(0))
         >>> v = torch.bernoulli(torch.full((4, 6), 0.5))
         >>> rbm.log_likelihood(v).shape

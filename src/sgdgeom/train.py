@@ -162,7 +162,7 @@ class Trainer:
             and resuming refuses a checkpoint of another id, as it refuses one of another
             optimizer class or hyperparameters.
 
-    Example:
+    Examples:
         >>> from sgdgeom.data import load_dataset
         >>> from sgdgeom.models import build_model
         >>> ds = load_dataset("digits").subset(256, 128)

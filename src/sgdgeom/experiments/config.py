@@ -4,7 +4,7 @@ A config is a mapping with the sections ``data``, ``model``, ``optimizer`` and `
 (see :class:`ExperimentConfig`). Every key is checked: an unknown key or a bad value is a
 :class:`~sgdgeom.errors.ConfigError` that names the key and what is allowed.
 
-Example:
+Examples:
     >>> cfg = parse_config({
     ...     "name": "demo", "data": {"name": "digits"}, "model": {"name": "mlp"},
     ...     "optimizer": {"name": "sgd", "lr": 0.1}, "train": {"epochs": 1}})

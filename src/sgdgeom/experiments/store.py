@@ -76,7 +76,7 @@ class ResultStore:
     The object holds only the path; each call opens its own connection, so a store can be
     handed to worker processes.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> store = ResultStore(os.path.join(tempfile.mkdtemp(), "results.sqlite"))
         >>> store.register("demo", [{"hash": "h1", "name": "a", "labels": {"seed": 0},

@@ -55,7 +55,11 @@ class LayerTemperatures(pl.Callback):
     (and, with ``snr``, ``snr/I/...``) at the end of each training epoch.
 
     Args:
-        layers, snr, trace_every, probe, loss_fn: as for ``LayerTemperature``.
+        layers: the layers to monitor (default: every layer with weights).
+        snr: also log the gradient signal-to-noise norms.
+        trace_every: epochs between ``tr D_I / N_I`` measurements on ``probe``.
+        probe: a fixed batch ``(x, y)`` for the traces.
+        loss_fn: the per-sample loss of the traces.
         module: the attribute path of the network inside the LightningModule (``"net"``);
             None monitors the LightningModule itself.
     """

@@ -115,8 +115,10 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             ``1/λ_max``; a step whose batch has ``ε ≥ 1/λ_max`` raises ``ValueError``.
         mode: ``"weak"`` (the paper's ``(I − εD) ḡ``) or ``"exact"`` (``(I + εD)⁻¹ ḡ``).
         safety: the fraction of ``1/λ_max`` that ``"auto"`` uses.
-        momentum, dampening, nesterov, weight_decay: as in ``torch.optim.SGD`` (weight decay
-            decoupled, see the module warning).
+        momentum: as in ``torch.optim.SGD``.
+        dampening: as in ``torch.optim.SGD``.
+        nesterov: as in ``torch.optim.SGD``.
+        weight_decay: as in ``torch.optim.SGD``, but decoupled (see the module warning).
         loss_reduction: ``"mean"`` (the loss is the mean of the per-sample losses over the
             samples since the last step, as PyTorch's losses by default) or ``"sum"``; the
             attached route needs it to turn the captured output gradients into per-sample
@@ -127,7 +129,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
     After each step, ``stats`` holds the batch's ``eps`` and ``trace`` (tr D) and, with
     ``eps="auto"``, the ``lambda_max`` it was derived from.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> opt = DiffusionMetricSGD(model, lr=0.1, eps="auto", mode="exact")
         >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))

@@ -50,9 +50,11 @@ class EntropySGD(torch.optim.Optimizer):
         gamma_growth: γ₁; the scope at outer step t is γ (1 + γ₁)^t.
         noise: ε, the thermal noise of the inner SGLD (0 gives plain inner gradient steps).
         alpha: the weight of the exponential average μ of the inner iterates.
-        momentum, nesterov, weight_decay: as in ``torch.optim.SGD``, on the outer gradient.
+        momentum: as in ``torch.optim.SGD``, on the outer gradient.
+        nesterov: as in ``torch.optim.SGD``, on the outer gradient.
+        weight_decay: as in ``torch.optim.SGD``, on the outer gradient.
 
-    Example:
+    Examples:
         >>> w = torch.nn.Parameter(torch.tensor([2.0]))
         >>> opt = EntropySGD([w], lr=1.0, langevin_lr=0.1, L=5, gamma=0.1, noise=0.0)
         >>> def closure():

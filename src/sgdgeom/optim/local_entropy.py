@@ -105,7 +105,7 @@ class PartialLocalEntropy:
             epoch. Under DDP give every rank the same seed: all ranks then draw the same
             perturbations and the averaged gradient is the PLA gradient of the global batch.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> pla = PartialLocalEntropy(model, layers=["2"], R=0.01, y=4,
         ...                           generator=torch.Generator().manual_seed(0))

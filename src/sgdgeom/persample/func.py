@@ -50,7 +50,7 @@ def jvp_or_double_vjp(
     """``(f(p), J_f(p) t)`` by forward-mode AD, or by two reverse-mode products where an
     operator has no forward-mode derivative.
 
-    Example:
+    Examples:
         >>> import torch
         >>> f = lambda p: (p["a"] ** 2).sum(0, keepdim=True)
         >>> p, t = {"a": torch.tensor([1.0, 2.0])}, {"a": torch.tensor([1.0, 1.0])}

@@ -5,7 +5,7 @@ vector of the :math:`f_i`, never their mean, so a loss that already reduces over
 (``F.cross_entropy`` with its default ``reduction="mean"``) is mapped to its per-sample form
 or refused: summing a mean would silently scale D by :math:`N^2`.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch.nn import functional as F
     >>> loss = per_sample_loss(F.cross_entropy)

@@ -11,7 +11,7 @@ A module with parameters and no rule (or one its rule declines, e.g. a grouped
 convolution) is served by the module-local ``torch.func`` fallback
 (:mod:`sgdgeom.persample.layers.fallback`), which owns all the parameters beneath it.
 
-Example:
+Examples:
     >>> from torch import nn
     >>> type(rule_for(nn.Linear(2, 3))).__name__
     'LinearRule'
