@@ -250,6 +250,25 @@ def test_python_trainer_refuses_another_optimizers_checkpoint(tmp_path):
     assert trainer(torch.optim.Adam, lr=1e-3).fit(resume=True)["epochs"] == 1
 
 
+def test_checkpoints_without_a_run_id_or_with_a_garbled_record_are_refused(tmp_path):
+    from sgdgeom.experiments.config import parse_config
+    from sgdgeom.experiments.runner import run_training
+
+    cfg = parse_config(TINY)
+    run_training(cfg, tmp_path / "run", progress=False)
+    (tmp_path / "run" / "final.json").unlink()
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for change, message in [
+        ({"run_id": None}, "records no run id"),
+        ({"optimizer_signature": ["junk"]}, "an unreadable optimizer record"),
+        ({"optimizer_signature": {"groups": 5}}, r"trained with \?\(\)"),
+    ]:
+        torch.save({**state, **change}, path)
+        with pytest.raises(CheckpointError, match=message):
+            run_training(cfg, tmp_path / "run", resume=True, progress=False)
+
+
 # ------------------------------------------------------------- 4. one run cannot abort a sweep
 
 

@@ -118,11 +118,15 @@ def _optimizer_signature(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"class": type(optimizer).__name__, "groups": groups}
 
 
-def _describe(signature: dict[str, Any]) -> str:
-    first = signature["groups"][0] if signature["groups"] else {}
+def _describe(signature: Any) -> str:
+    """``Class(lr=..., momentum=...)`` of a signature (one read from a file may be anything)."""
+    if not isinstance(signature, dict):
+        return f"an unreadable optimizer record ({type(signature).__name__})"
+    groups = signature.get("groups")
+    first = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
     keys = ("lr", "momentum", "weight_decay", "eps", "betas")
     shown = ", ".join(f"{k}={first[k]}" for k in keys if k in first)
-    return f"{signature['class']}({shown})"
+    return f"{signature.get('class', '?')}({shown})"
 
 
 def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
@@ -272,9 +276,14 @@ class Trainer:
         initial hyperparameters (loading it would silently train with its settings)."""
         saved_id = state.get("run_id")
         if self.run_id is not None and saved_id != self.run_id:
+            whose = (
+                "records no run id (an older sgdgeom or another program wrote it)"
+                if saved_id is None
+                else f"belongs to another run (run id {saved_id}, this run's is {self.run_id})"
+            )
             raise CheckpointError(
-                f"checkpoint {path} belongs to another run (run id {saved_id}, this run's is "
-                f"{self.run_id}); resume it under its own config, or choose another --out"
+                f"checkpoint {path} {whose}; resume it under its own config, or choose "
+                f"another --out"
             )
         saved = state.get("optimizer_signature")
         if saved is not None and saved != self._signature:
