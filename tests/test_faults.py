@@ -211,10 +211,13 @@ def test_config_named_with_an_absolute_path_writes_under_runs(tmp_path):
 def test_atomic_write_leaves_no_temporary_file_on_failure(tmp_path):
     target = tmp_path / "f.json"
     atomic_write_bytes(target, b"old")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # as open() makes
     with pytest.raises(TypeError):
         atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "plain"]
 
 
 # ------------------------------------------------------------- 3. foreign checkpoints

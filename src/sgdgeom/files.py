@@ -39,6 +39,9 @@ __all__ = [
     "save_figure",
 ]
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once, at import: the process's umask, for the files written
+
 NAME_LIMIT = 96
 """The longest path component :func:`safe_name` makes (file systems allow 255 bytes)."""
 
@@ -107,6 +110,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; give the mode open() would give
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
