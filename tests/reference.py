@@ -88,3 +88,25 @@ class Case:
     loss: object  # a loss name, module or function (see per_sample_loss)
     x: Tensor
     y: Tensor
+
+
+def dense_divergence(model: nn.Module, loss: Callable, x: Tensor, y: Tensor) -> Tensor:
+    """(∇·D)_k = Σ_j ∂D_jk/∂θ_j: D(θ) built from per-sample gradients taken with
+    ``create_graph``, then differentiated once more, row by row, with plain autograd."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(x)):
+        value = loss(model(x[i : i + 1]), y[i : i + 1]).sum()
+        grads = torch.autograd.grad(value, params, create_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    G = torch.stack(rows)
+    centred = G - G.mean(0)
+    D = centred.T @ centred / len(G)
+    out = torch.zeros(D.shape[0], dtype=D.dtype)
+    for j in range(D.shape[0]):  # Σ_k over rows: ∂_j of row j of D, all k at once
+        row_grads = [
+            torch.autograd.grad(D[j, k], params, retain_graph=True) for k in range(D.shape[0])
+        ]
+        for k, gs in enumerate(row_grads):
+            out[k] += torch.cat([g.reshape(-1) for g in gs])[j]
+    return out

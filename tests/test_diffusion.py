@@ -9,11 +9,16 @@ import torch
 from torch import nn
 
 from sgdgeom.diffusion import DiffusionMatrix, top_eigenvalue
-from sgdgeom.errors import SgdgeomError, UnsupportedModelError
+from sgdgeom.errors import InputError, SgdgeomError, UnsupportedModelError
 from sgdgeom.persample import per_sample_loss
 from tests.cases import CASE_NAMES, make_case
 from tests.cases import routes_for as _routes
-from tests.reference import assert_close, dense_diffusion, per_sample_gradients
+from tests.reference import (
+    assert_close,
+    dense_diffusion,
+    dense_divergence,
+    per_sample_gradients,
+)
 
 
 @pytest.fixture(params=CASE_NAMES)
@@ -244,3 +249,42 @@ def test_lanczos_refuses_a_gram_matrix_that_is_not_finite():
     K[1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         top_eigenvalue(K)
+
+
+def _divergence_models():
+    torch.manual_seed(3)
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)
+    ).double()
+    regression = nn.Linear(3, 1).double()
+    return {
+        "mlp": (mlp, "cross_entropy", torch.randn(7, 3), torch.randint(0, 3, (7,))),
+        "cnn": (cnn, "cross_entropy", torch.randn(6, 1, 3, 3), torch.randint(0, 3, (6,))),
+        "linear-regression": (regression, "mse", torch.randn(7, 3), torch.randn(7, 1)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "linear-regression"])
+def test_divergence_exact_and_hutchinson_against_autograd_of_dense_d(name):
+    model, loss, x, y = _divergence_models()[name]
+    x, y = x.double(), (y.double() if y.is_floating_point() else y)
+    reference = dense_divergence(model, per_sample_loss(loss), x, y)
+    D = DiffusionMatrix(model, loss, (x, y), route="generic")
+    exact = D.divergence()
+    assert exact.stderr is None
+    assert_close(exact.value, reference, rtol=1e-10, atol=1e-12, what="∇·D exact")
+    assert float(reference.abs().max()) > 1e-3  # a divergence that is not zero
+    estimate = D.divergence(probes=400, seed=1)
+    assert estimate.probes == 400 and estimate.stderr.shape == reference.shape
+    z = (estimate.value - reference).abs() / estimate.stderr.clamp_min(1e-15)
+    assert float(z.max()) < 4.0, z
+
+
+def test_divergence_needs_second_derivatives():
+    model, loss, x, y = _divergence_models()["mlp"]
+    D = DiffusionMatrix(model, loss, (x.double(), y), route="capture")
+    with pytest.raises(UnsupportedModelError, match="route='generic'"):
+        D.divergence()
+    with pytest.raises(InputError, match="probes must be None"):
+        DiffusionMatrix(model, loss, (x.double(), y), route="generic").divergence(probes=1)

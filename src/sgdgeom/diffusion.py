@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from sgdgeom.errors import InputError
 from sgdgeom.params import ParamSpace
@@ -53,7 +54,7 @@ from sgdgeom.persample import (
     make_products,
 )
 
-__all__ = ["DiffusionMatrix", "LayerBlock", "LayerTrace"]
+__all__ = ["DiffusionMatrix", "Divergence", "LayerBlock", "LayerTrace"]
 
 DENSE_LIMIT = 8192  # dense() refuses d above this (a d x d float64 matrix of 512 MiB)
 
@@ -329,6 +330,51 @@ class DiffusionMatrix:
 
     # ------------------------------------------------------------------ dense and blocks
 
+    def divergence(
+        self, probes: int | None = None, seed: int = 0, progress: bool = False
+    ) -> Divergence:
+        """``∇·D``, the divergence of D as a field over parameter space, ``(d,)``:
+        ``(∇·D)_k = Σ_j ∂_j D_jk``, which the current of Fioresi et al.'s (F12) needs.
+
+        From ``D = (1/N) Σ_i g_i g_iᵀ − ḡ ḡᵀ`` (DESIGN §1)::
+
+            ∇·D = Cov_i(tr H_i, g_i) + ½ ∇ tr D
+                = (1/N) Σ_i (t_i − t̄) g_i + (1/N) Σ_i H_i g_i − H̄ ḡ
+
+        with ``t_i = tr H_i``. ``½ ∇ tr D`` takes one gradient of the per-sample gradient
+        norms and one Hessian-vector product, exactly. The traces are exact with
+        ``probes=None`` (``d`` directional second derivatives: small models), or
+        Hutchinson's ``t_i ≈ zᵀ H_i z`` with ``probes`` Rademacher vectors ``z`` shared by
+        all samples, which keeps the covariance unbiased; the standard error of each
+        coordinate is that of the mean over the probes.
+
+        Needs second derivatives: the generic route (``route="generic"``).
+        """
+        products, n, space = self.products, self.n, self.space
+        weights = torch.full((n,), 1.0 / n, dtype=space.dtype, device=space.device)
+        half_grad_trace = products.gradient_norm_gradient(weights) - products.hessian_vector(
+            self._mean_gradient, weights
+        )
+        if probes is None:
+            traces = torch.zeros(n, dtype=space.dtype, device=space.device)
+            basis = torch.zeros(space.dim, dtype=space.dtype, device=space.device)
+            for j in tqdm(range(space.dim), desc="tr H_i", disable=not progress):
+                basis[j] = 1.0
+                traces += products.second_directional(basis)
+                basis[j] = 0.0
+            covariance = products.vjp((traces - traces.mean()) / n)
+            return Divergence(covariance + half_grad_trace, None, None)
+        if probes < 2:
+            raise InputError(f"probes must be None (exact) or >= 2, got {probes}")
+        generator = torch.Generator().manual_seed(seed)
+        estimates = torch.empty(probes, space.dim, dtype=space.dtype, device=space.device)
+        for k in tqdm(range(probes), desc="Hutchinson probes", disable=not progress):
+            signs = torch.randint(0, 2, (space.dim,), generator=generator) * 2 - 1
+            quadratic = products.second_directional(signs.to(space.device, space.dtype))
+            estimates[k] = products.vjp((quadratic - quadratic.mean()) / n)
+        stderr = estimates.std(0) / math.sqrt(probes)
+        return Divergence(estimates.mean(0) + half_grad_trace, stderr, probes)
+
     def dense(self, limit: int = DENSE_LIMIT) -> Tensor:
         """D as an explicit ``(d, d)`` matrix, from materialised per-sample gradients. For
         small models only: it refuses ``d > limit``."""
@@ -343,6 +389,16 @@ class DiffusionMatrix:
     def block(self, layer: str) -> LayerBlock:
         """The diagonal block ``D_I`` of one layer, as an operator on that layer's vectors."""
         return LayerBlock(self, layer)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """``∇·D`` (:meth:`DiffusionMatrix.divergence`): the ``(d,)`` ``value``, and with
+    Hutchinson probes the ``(d,)`` standard error of each coordinate (None when exact)."""
+
+    value: Tensor
+    stderr: Tensor | None
+    probes: int | None
 
 
 class LayerBlock:

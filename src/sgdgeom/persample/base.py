@@ -13,7 +13,8 @@ everything is a product:
 - ``losses()``: the :math:`f_i`, ``(N,)``;
 - second-order products, for the geometry of Fioresi et al. (F7, F8): ``second_directional``
   (:math:`v^\top H_i v`), ``hessian_vector`` (:math:`\sum_i w_i H_i v`) and
-  ``third_directional`` (:math:`\sum_i w_i \nabla(v^\top H_i v)`). Only routes that hold the
+  ``third_directional`` (:math:`\sum_i w_i \nabla(v^\top H_i v)`) and
+  ``gradient_norm_gradient`` (:math:`\sum_i w_i H_i g_i`). Only routes that hold the
   loss as a function of the parameters (:class:`~sgdgeom.persample.func.FuncProducts`)
   provide them; the others raise :class:`~sgdgeom.errors.UnsupportedModelError`.
 
@@ -99,6 +100,11 @@ class PerSampleProducts(Protocol):
     def third_directional(self, v: Tensor, weights: Tensor) -> Tensor:
         """``Σ_i w_i ∇_x (vᵀ H_i(x) v)``: ``(d,)``, the third-derivative tensors contracted
         twice with ``v``."""
+        raise _no_second_order(self)
+
+    def gradient_norm_gradient(self, weights: Tensor) -> Tensor:
+        """``Σ_i w_i ∇_x (½‖g_i(x)‖²) = Σ_i w_i H_i g_i``: ``(d,)``, each sample's Hessian
+        applied to its own gradient."""
         raise _no_second_order(self)
 
 

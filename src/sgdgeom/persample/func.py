@@ -210,14 +210,26 @@ class FuncProducts(PerSampleProducts):
             weights, lambda p, x, y: self._second(p, x, y, tangent), "Σ w ∇(vᵀ H v)"
         )
 
-    def per_sample_grads(self) -> Iterator[tuple[int, Tensor]]:
-        def single(p: Params, x: Tensor, y: Tensor) -> Tensor:
-            return self.batch_losses(p, x[None], y[None])[0]
+    def _per_sample_grads(self, params: Params, x: Tensor, y: Tensor) -> Params:
+        """Every sample's gradient, by parameter name: ``{name: (b, *shape)}``."""
 
-        per_sample = vmap(grad(single), in_dims=(None, 0, 0))
+        def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
+            return self.batch_losses(p, xi[None], yi[None])[0]
+
+        with reference_kernels():
+            return vmap(grad(single), in_dims=(None, 0, 0))(params, x, y)
+
+    def gradient_norm_gradient(self, weights: Tensor) -> Tensor:
+        def half_sq_norms(p: Params, x: Tensor, y: Tensor) -> Tensor:
+            grads = self._per_sample_grads(p, x, y)
+            return 0.5 * sum(g.reshape(len(x), -1).square().sum(1) for g in grads.values())
+
+        with reference_kernels():
+            return self._weighted_grad(weights, half_sq_norms, "Σ w H g")
+
+    def per_sample_grads(self) -> Iterator[tuple[int, Tensor]]:
         for start, x, y in self._chunks("per-sample gradients"):
-            with reference_kernels():
-                grads = per_sample(self.params, x, y)
+            grads = self._per_sample_grads(self.params, x, y)
             yield start, torch.cat([grads[n].reshape(len(x), -1) for n in self.space.names], 1)
 
     def losses(self) -> Tensor:
