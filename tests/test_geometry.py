@@ -7,10 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.errors import InputError
 from sgdgeom.geometry import (
     chaudhari_soatto_sde,
     christoffel,
     christoffel_contract,
+    current,
     geodesic,
     gradient_flow,
     metric_flow,
@@ -19,7 +22,12 @@ from sgdgeom.geometry import (
 )
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import per_sample_loss
-from tests.reference import assert_close
+from tests.reference import (
+    assert_close,
+    dense_diffusion,
+    dense_divergence,
+    per_sample_gradients,
+)
 
 
 def tiny(seed=0, n=7):
@@ -209,3 +217,31 @@ def test_plane_quadratic_curl_matches_the_closed_form(tmp_path):
     assert result["curl_max"] > 1e-3
     assert np.allclose(result["long_run"]["minimum_of_f"], c.mean(0), atol=1e-6)
     assert (tmp_path / "plane-quadratic.png").is_file()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_current_of_f12_against_dense_matrices(exact):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(9, 3, dtype=torch.float64), torch.randint(0, 3, (9,))
+    loss = per_sample_loss("cross_entropy")
+    G = per_sample_gradients(model, loss, x, y)
+    D_dense, g_bar = dense_diffusion(G), G.mean(0)
+    divergence = dense_divergence(model, loss, x, y)
+    D = DiffusionMatrix(model, "cross_entropy", (x, y), route="generic")
+    beta = 50.0
+    result = current(D, beta, eps="auto", exact=exact)
+    eye = torch.eye(len(g_bar), dtype=torch.float64)
+    metric = eye + result.eps * D_dense
+    metric_gradient = (
+        torch.linalg.solve(metric, g_bar) if exact else (eye - result.eps * D_dense) @ g_bar
+    )
+    expected = -g_bar + metric @ metric_gradient - result.eps / beta * divergence
+    assert_close(result.j, expected, rtol=1e-9, atol=1e-12, what="j of (F12)")
+    assert_close(result.divergence_term, result.eps / beta * divergence, what="β⁻¹∇·D̃")
+    ratio = float((result.eps / beta * divergence).norm() / g_bar.norm())
+    assert result.ratio == pytest.approx(ratio, rel=1e-9)
+    if exact:  # D̃ ∇_D f = ∇f: only the divergence is left
+        assert_close(result.j, -result.eps / beta * divergence, rtol=1e-9, atol=1e-12)
+    with pytest.raises(InputError, match="beta must be > 0"):
+        current(D, 0.0)

@@ -40,10 +40,12 @@ from sgdgeom.params import ParamSpace
 from sgdgeom.persample import LossSpec, per_sample_loss
 
 __all__ = [
+    "Current",
     "Trajectory",
     "chaudhari_soatto_sde",
     "christoffel",
     "christoffel_contract",
+    "current",
     "geodesic",
     "gradient_flow",
     "metric_flow",
@@ -305,6 +307,59 @@ def _hessian_vector(D: DiffusionMatrix, v: Tensor) -> Tensor:
     """``H v`` of the mean loss, ``(1/N) Σ_i H_i v``, forward-over-reverse."""
     weights = torch.full((D.n,), 1.0 / D.n, dtype=v.dtype, device=v.device)
     return D.products.hessian_vector(v, weights)
+
+
+# --------------------------------------------------------------------------- steady state
+
+
+@dataclass(frozen=True)
+class Current:
+    """The Chaudhari–Soatto current of (F12) at one point (:func:`current`).
+
+    Attributes:
+        j: ``(d,)``, ``j = −∇f + D̃ ∇Φ − β⁻¹ ∇·D̃`` with ``D̃ = I + εD`` and ``∇Φ = ∇_D f``.
+        divergence_term: ``(d,)``, ``β⁻¹ ∇·D̃ = (ε/β) ∇·D``.
+        ratio: ``‖(ε/β) ∇·D‖ / ‖∇f‖``, what (F12) needs to be small for ``j ≈ 0``.
+        eps: the ε of the metric.
+        stderr: ``(d,)`` standard error of ``divergence_term`` (Hutchinson), else None.
+    """
+
+    j: Tensor
+    divergence_term: Tensor
+    ratio: float
+    eps: float
+    stderr: Tensor | None
+
+
+def current(
+    D: DiffusionMatrix,
+    beta: float,
+    eps: float | str = "auto",
+    *,
+    exact: bool = True,
+    probes: int | None = None,
+    seed: int = 0,
+) -> Current:
+    """The current ``j(x)`` of Fioresi et al. (F12) at D's point, with ``∇Φ = ∇_D f`` (F11).
+
+    ``j = −∇f + D̃ ∇_D f − β⁻¹ ∇·D̃`` with ``D̃ = g = I + εD``. With the exact metric
+    gradient ``D̃ ∇_D f = ∇f``, so ``j = −(ε/β) ∇·D``; the weak field
+    (``exact=False``, ``∇_D f ≈ (I − εD)∇f``) leaves ``−ε² D² ∇f`` besides. The paper
+    argues ``∇·D̃ = 0`` under (F9), hence ``j = 0``; :attr:`Current.ratio` measures how far
+    that holds. ``probes``: Hutchinson probes for ``∇·D`` (None: exact, small models).
+    """
+    if not beta > 0:
+        raise InputError(f"beta must be > 0, got {beta}")
+    metric = DiffusionMetric(D, eps=eps)
+    gradient = D.mean_gradient()
+    divergence = D.divergence(probes=probes, seed=seed)
+    scale = metric.eps / beta
+    term = scale * divergence.value
+    j = -gradient + metric.apply(metric.gradient(exact=exact)) - term
+    norm = float(gradient.norm())
+    ratio = float(term.norm()) / norm if norm > 0 else float("inf")
+    stderr = scale * divergence.stderr if divergence.stderr is not None else None
+    return Current(j, term, ratio, metric.eps, stderr)
 
 
 # --------------------------------------------------------------------------- residuals
