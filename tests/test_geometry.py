@@ -10,6 +10,7 @@ from torch import nn
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import InputError
 from sgdgeom.geometry import (
+    RESIDUAL_LEVELS,
     chaudhari_soatto_sde,
     christoffel,
     christoffel_contract,
@@ -131,17 +132,33 @@ def test_f9_residual_vanishes_for_quadratic_losses_but_not_for_a_network():
     model, data = quadratic_model()
     x0 = ParamSpace(model).vector(model)
     t = np.linspace(0, 1, 9)
-    flow = metric_flow(model, "mse", data, x0, t, eps=0.1)
-    res = residuals(model, "mse", data, flow, eps=0.1)
+    path = geodesic(model, "mse", data, x0, t, eps=0.1)
+    res = residuals(model, "mse", data, path, eps=0.1)
     assert np.max(res["third_derivative"]) < 1e-12
-    assert np.min(res["force"]) > 1e-3  # the kept terms are not zero
+    assert np.min(res["force"]) > 1e-3 and np.min(res["gradient"]) > 1e-3  # kept terms
     assert np.max(res["eps_over_n2"]) > 1e-6 and np.max(res["d_xddot"]) > 1e-8
+    assert set(RESIDUAL_LEVELS) | {"force", "gradient"} == set(res)
     net, net_data = tiny(seed=2)
     x0 = ParamSpace(net).vector(net)
-    flow = metric_flow(net, "cross_entropy", net_data, x0, t, eps=0.1)
+    path = geodesic(net, "cross_entropy", net_data, x0, t, eps=0.1)
     assert (
-        np.max(residuals(net, "cross_entropy", net_data, flow, eps=0.1)["third_derivative"]) > 1e-6
+        np.max(residuals(net, "cross_entropy", net_data, path, eps=0.1)["third_derivative"]) > 1e-6
     )
+    with pytest.raises(InputError, match="accelerations"):
+        residuals(model, "mse", data, metric_flow(model, "mse", data, x0[:8], t, eps=0.1), 0.1)
+
+
+def test_geodesic_accelerations_are_the_derivative_of_its_velocities():
+    """The stored ẍ (the equation's right-hand side) against a finite difference of the
+    stored velocities on a fine grid: an independent check of both."""
+    net, net_data = tiny(seed=2)
+    x0 = ParamSpace(net).vector(net)
+    t = np.linspace(0, 0.5, 201)
+    path = geodesic(net, "cross_entropy", net_data, x0, t, eps=0.1, rtol=1e-11, atol=1e-13)
+    finite = np.gradient(path.v, t, axis=0, edge_order=2)
+    scale = np.abs(path.a).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(path.a[5:-5], finite[5:-5], atol=1e-5 * scale)
 
 
 def test_sgd_ensemble_and_sde_statistics():

@@ -49,6 +49,7 @@ __all__ = [
     "geodesic",
     "gradient_flow",
     "metric_flow",
+    "RESIDUAL_LEVELS",
     "residuals",
     "set_parameters",
     "sgd_ensemble",
@@ -119,13 +120,15 @@ def christoffel_contract(
 @dataclass
 class Trajectory:
     """A trajectory sampled at ``t`` (``(T,)``): positions ``x`` (``(T, d)``), velocities
-    ``v`` (``(T, d)``) and the mean loss ``f`` (``(T,)``)."""
+    ``v`` (``(T, d)``), the mean loss ``f`` (``(T,)``) and, for a second-order equation,
+    the accelerations ``a`` (``(T, d)``) that its right-hand side gives at each point."""
 
     t: np.ndarray
     x: np.ndarray
     v: np.ndarray
     f: np.ndarray
     info: dict[str, Any]
+    a: np.ndarray | None = None
 
 
 def _integrate(
@@ -294,12 +297,19 @@ def geodesic(
     )
     xs, vs = result.y[:d].T, result.y[d:].T
     fs = _losses_along(model, loss_fn, data, xs, dtype)
+    accelerations = np.stack(
+        [
+            acceleration(*(torch.as_tensor(part, dtype=dtype) for part in (x, v))).double().numpy()
+            for x, v in zip(xs, vs, strict=True)
+        ]
+    )
     return Trajectory(
         result.t,
         xs,
         vs,
         np.array(fs),
         {"flow": f"geodesic-{'exact' if exact else 'weak'}", "nfev": result.nfev},
+        accelerations,
     )
 
 
@@ -372,9 +382,14 @@ def residuals(
     trajectory: Trajectory,
     eps: float,
 ) -> dict[str, np.ndarray]:
-    r"""The terms the reduction (F8) → (F10) drops, along a trajectory, as functions of t.
+    r"""The terms the reduction (F8) → (F10) drops, along a geodesic, as functions of t,
+    each beside a kept term of the same equation.
 
-    With :math:`w_i = f_i - \bar f` and ``ẍ`` from the sampled velocities:
+    ``ẍ`` is the geodesic equation's own right-hand side at each stored point
+    (:attr:`Trajectory.a`), not a finite difference. With :math:`w_i = f_i - \bar f`:
+
+    *Acceleration level*, the geodesic equation (F8) ``ẍ + Γ(ẋ, ẋ) = −H ẋ``, beside the
+    kept force ``force`` :math:`= \|H\dot x\|`:
 
     - ``third_derivative``: :math:`\varepsilon\,\mathrm{Cov}_i(f_i, T_i[\dot x,\dot x])`, the
       part of the (F9) integrand :math:`\frac{\varepsilon}{N^2}\sum_\alpha \hat f_\alpha
@@ -382,20 +397,38 @@ def residuals(
     - ``hessian_acceleration``: :math:`\varepsilon\,\mathrm{Cov}_i(f_i, H_i \ddot x)`, the
       rest of that integrand (``d²/dt² ∇f_i = T_i[ẋ,ẋ] + H_i ẍ``; it vanishes only if
       ``ẍ = 0``, which (F9) also assumes without saying);
+    - ``d_xddot``: :math:`\varepsilon D \ddot x`, the :math:`\nabla\hat f\cdot\ddot x` part of
+      :math:`d^2\hat f/dt^2` left out after (F8).
+
+    *Velocity level*, the once-integrated equation (F10) ``g ẋ = −∇f``, beside the kept
+    gradient ``gradient`` :math:`= \|\nabla f\|`:
+
     - ``eps_over_n2``: :math:`\varepsilon\,\mathrm{Cov}_i(f_i, H_i \dot x)`, the term
       :math:`\frac{\varepsilon}{N^2}\sum_\alpha \hat f_\alpha \frac{d}{dt}\partial_k\hat
-      f_\alpha` the paper discards as small;
-    - ``d_xddot``: :math:`\varepsilon D \ddot x`, the :math:`\nabla\hat f\cdot\ddot x` part of
-      :math:`d^2\hat f/dt^2` left out after (F8);
+      f_\alpha` the paper discards as small.
 
-    each as a norm, and ``force``: :math:`\|H\dot x\|`, the kept right-hand side, to compare.
+    Each is a norm; :data:`RESIDUAL_LEVELS` maps each term to the kept term it is compared
+    with.
     """
-    xddot = np.gradient(trajectory.v, trajectory.t, axis=0, edge_order=2)
+    if trajectory.a is None:
+        raise InputError(
+            "residuals need the accelerations ẍ of a second-order equation: pass a "
+            "trajectory from geometry.geodesic"
+        )
     rows = [
         _residuals_at(model, loss_fn, data, x, v, a, eps)
-        for x, v, a in zip(trajectory.x, trajectory.v, xddot, strict=True)
+        for x, v, a in zip(trajectory.x, trajectory.v, trajectory.a, strict=True)
     ]
     return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+
+
+RESIDUAL_LEVELS = {
+    "third_derivative": "force",
+    "hessian_acceleration": "force",
+    "d_xddot": "force",
+    "eps_over_n2": "gradient",
+}
+"""Each dropped term of :func:`residuals` and the kept term of its own equation."""
 
 
 def _residuals_at(
@@ -421,6 +454,7 @@ def _residuals_at(
         "eps_over_n2": eps * float(products.hessian_vector(velocity, w).norm()),
         "d_xddot": eps * float(D.matvec(acceleration).norm()),
         "force": float(_hessian_vector(D, velocity).norm()),
+        "gradient": float(D.mean_gradient().norm()),
     }
 
 

@@ -24,6 +24,7 @@ from sgdgeom.errors import ConfigError
 from sgdgeom.experiments.config import load_yaml_as
 from sgdgeom.files import atomic_write_bytes, save_figure
 from sgdgeom.geometry import (
+    RESIDUAL_LEVELS,
     chaudhari_soatto_sde,
     geodesic,
     gradient_flow,
@@ -154,7 +155,7 @@ def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
         for f in config.eps_fractions
     }
     pick = np.linspace(0, len(t) - 1, config.residual_points).round().astype(int)
-    sub = type(geo)(geo.t[pick], geo.x[pick], geo.v[pick], geo.f[pick], geo.info)
+    sub = type(geo)(geo.t[pick], geo.x[pick], geo.v[pick], geo.f[pick], geo.info, geo.a[pick])
     sub_res = residuals(model, "cross_entropy", data, sub, middle / lam)
     table = sorted(((float(np.mean(d)), name) for name, d in distances.items()))
     result = {
@@ -204,13 +205,13 @@ def plot_geodesic(json_path: str | Path, out_dir: str | Path) -> None:
     plt.close(fig)
     res = result["residuals"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in ("force", "third_derivative", "hessian_acceleration", "eps_over_n2", "d_xddot"):
-        ax.semilogy(res["t"], np.maximum(res[key], 1e-300), marker="o", label=key)
+    for key, kept in RESIDUAL_LEVELS.items():
+        ratio = np.array(res[key]) / np.maximum(np.array(res[kept]), 1e-300)
+        label = f"{key} / {'‖Hẋ‖' if kept == 'force' else '‖∇f‖'}"
+        ax.semilogy(res["t"], np.maximum(ratio, 1e-300), marker="o", label=label)
     ax.set_xlabel("t")
-    ax.set_ylabel("norm")
-    ax.set_title(
-        f"kept force ‖Hẋ‖ and dropped terms along the exact geodesic, ε={res['eps_fraction']}/λ_max"
-    )
+    ax.set_ylabel("dropped term / kept term of the same equation")
+    ax.set_title(f"dropped terms along the exact geodesic, ε={res['eps_fraction']}/λ_max")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, Path(out_dir) / "residuals.png", dpi=120)
