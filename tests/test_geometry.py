@@ -14,13 +14,16 @@ from sgdgeom.geometry import (
     chaudhari_soatto_sde,
     christoffel,
     christoffel_contract,
+    curl,
     current,
     geodesic,
     gradient_flow,
     metric_flow,
+    metric_gradient_field,
     residuals,
     sgd_ensemble,
 )
+from sgdgeom.metric import DiffusionMetric
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import per_sample_loss
 from tests.reference import (
@@ -262,3 +265,41 @@ def test_current_of_f12_against_dense_matrices(exact):
         assert_close(result.j, -result.eps / beta * divergence, rtol=1e-9, atol=1e-12)
     with pytest.raises(InputError, match="beta must be > 0"):
         current(D, 0.0)
+
+
+def _field_fd(field, point, direction, h=1e-5):
+    return (field(point + h * direction) - field(point - h * direction)) / (2 * h)
+
+
+@pytest.mark.parametrize("kind", ["quadratic", "rosenbrock"])
+def test_curl_on_the_plane_is_exact_against_finite_differences(kind):
+    from sgdgeom.experiments.plane import identity_loss, make_problem
+
+    model, data = make_problem(kind, n=16)
+    point = ParamSpace(model).vector(model).detach()
+    D = DiffusionMatrix(model, identity_loss, data, route="generic")
+    eps = 0.5 / D.lambda_max()
+    field = metric_gradient_field(model, identity_loss, data, eps)
+    assert_close(field(point), DiffusionMetric(D, eps).gradient(exact=True), what="∇_D f")
+    result = curl(model, identity_loss, data, eps)
+    e1, e2 = torch.eye(2, dtype=torch.float64)
+    expected = _field_fd(field, point, e1)[1] - _field_fd(field, point, e2)[0]  # ∂₁F₂ − ∂₂F₁
+    assert result.values.shape == (1,)
+    assert float(result.values[0]) == pytest.approx(float(expected), rel=1e-6, abs=1e-9)
+    assert abs(float(expected)) > 1e-4  # ∇_D f is not a gradient field here
+
+
+def test_curl_in_random_sections_vanishes_only_for_a_gradient_field():
+    model, data = tiny(seed=3)
+    point = ParamSpace(model).vector(model).detach()
+    flat = curl(model, "cross_entropy", data, eps=0.0, sections=4)
+    assert float(flat.values.abs().max()) < 1e-12  # ε = 0: ∇f, whose Jacobian is symmetric
+    D = DiffusionMatrix(model, "cross_entropy", data, route="generic")
+    eps = 0.5 / D.lambda_max()
+    result = curl(model, "cross_entropy", data, eps=eps, sections=4, seed=2)
+    field = metric_gradient_field(model, "cross_entropy", data, eps)
+    for (u, v), value in zip(result.sections, result.values, strict=True):
+        expected = v @ _field_fd(field, point, u) - u @ _field_fd(field, point, v)
+        assert float(value) == pytest.approx(float(expected), rel=1e-5, abs=1e-10)
+        assert torch.allclose(u @ v, torch.zeros((), dtype=torch.float64), atol=1e-12)
+    assert float(result.relative.max()) > 1e-6

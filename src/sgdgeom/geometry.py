@@ -40,12 +40,15 @@ from sgdgeom.params import ParamSpace
 from sgdgeom.persample import LossSpec, per_sample_loss
 
 __all__ = [
+    "Curl",
     "Current",
     "Trajectory",
     "chaudhari_soatto_sde",
     "christoffel",
     "christoffel_contract",
     "current",
+    "curl",
+    "metric_gradient_field",
     "geodesic",
     "gradient_flow",
     "metric_flow",
@@ -370,6 +373,93 @@ def current(
     ratio = float(term.norm()) / norm if norm > 0 else float("inf")
     stderr = scale * divergence.stderr if divergence.stderr is not None else None
     return Current(j, term, ratio, metric.eps, stderr)
+
+
+def metric_gradient_field(
+    model: nn.Module, loss_fn: LossSpec, data: tuple[Tensor, Tensor], eps: float
+) -> Callable[[Tensor], Tensor]:
+    """``x ↦ ∇_D f(x) = g(x)⁻¹ ∇f(x)`` (F10) at a fixed ε, as a function of the flat
+    parameters that ``torch.func`` differentiates (``jvp``, ``vjp``, ``jacrev``).
+
+    Exact through Woodbury: ``g⁻¹ ḡ = ḡ − (ε/N) G_cᵀ (I + εK)⁻¹ G_c ḡ``, with the ``(N, d)``
+    per-sample gradients materialised: small models (the plane problems, tiny networks).
+    """
+    space = ParamSpace(model)
+    loss = per_sample_loss(loss_fn)
+    inputs, targets = data
+    constants = {n: p.detach() for n, p in model.named_parameters() if n not in space.names}
+    constants |= dict(model.named_buffers())
+
+    def single(params: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return loss(functional_call(model, {**params, **constants}, (xi[None],)), yi[None])[0]
+
+    def field(point: Tensor) -> Tensor:
+        grads = vmap(grad(single), in_dims=(None, 0, 0))(space.unflatten(point), inputs, targets)
+        G = torch.cat([grads[n].reshape(len(inputs), -1) for n in space.names], 1)
+        mean = G.mean(0)
+        centred = G - mean
+        n = len(G)
+        eye = torch.eye(n, dtype=G.dtype, device=G.device)
+        weights = torch.linalg.solve(eye + eps * centred @ centred.T / n, centred @ mean)
+        return mean - eps / n * centred.T @ weights
+
+    return field
+
+
+@dataclass(frozen=True)
+class Curl:
+    """The curl of ``∇_D f`` in 2-D sections (:func:`curl`).
+
+    Attributes:
+        values: ``(m,)``, ``vᵀ J u − uᵀ J v`` for each section ``(u, v)`` (orthonormal),
+            ``J`` the Jacobian of ``∇_D f``: zero for every section iff a potential Φ with
+            ``∇Φ = ∇_D f`` (F11) exists near the point.
+        relative: ``(m,)``, ``|value|`` over the Frobenius norm of ``J`` restricted to the
+            section.
+        sections: ``(m, 2, d)``, the ``u`` and ``v`` of each section.
+    """
+
+    values: Tensor
+    relative: Tensor
+    sections: Tensor
+
+
+def curl(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    eps: float,
+    *,
+    sections: int = 8,
+    seed: int = 0,
+) -> Curl:
+    """The curl of the metric gradient field ``∇_D f`` at the model's parameters, which
+    decides whether the potential Φ of (F11) exists at all.
+
+    With ``d = 2`` the one section is the plane itself, ``(e₁, e₂)``: the exact curl
+    ``∂₁F₂ − ∂₂F₁``. Otherwise ``sections`` random orthonormal pairs ``(u, v)``; each costs
+    two JVPs of :func:`metric_gradient_field`.
+    """
+    space = ParamSpace(model)
+    point = space.vector(model).detach()
+    field = metric_gradient_field(model, loss_fn, data, eps)
+    dtype, device = point.dtype, point.device
+    if space.dim == 2:
+        pairs = torch.eye(2, dtype=dtype, device=device)[None]
+    else:
+        if sections < 1:
+            raise InputError(f"sections must be >= 1, got {sections}")
+        generator = torch.Generator().manual_seed(seed)
+        gaussian = torch.randn(sections, space.dim, 2, generator=generator, dtype=dtype)
+        pairs = torch.linalg.qr(gaussian.to(device))[0].transpose(1, 2)
+    values, relative = [], []
+    for u, v in pairs:
+        ju, jv = (torch.func.jvp(field, (point,), (w,))[1] for w in (u, v))
+        block = torch.stack([torch.stack([u @ ju, u @ jv]), torch.stack([v @ ju, v @ jv])])
+        value = v @ ju - u @ jv
+        values.append(value)
+        relative.append(value.abs() / block.norm().clamp_min(torch.finfo(dtype).tiny))
+    return Curl(torch.stack(values), torch.stack(relative), pairs)
 
 
 # --------------------------------------------------------------------------- residuals
