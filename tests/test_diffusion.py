@@ -288,3 +288,12 @@ def test_divergence_needs_second_derivatives():
         D.divergence()
     with pytest.raises(InputError, match="probes must be None"):
         DiffusionMatrix(model, loss, (x.double(), y), route="generic").divergence(probes=1)
+
+
+@pytest.mark.parametrize("name", ["partly-frozen", "tied-autoencoder", "reused-linear",
+                                  "functional-loss"])  # fmt: skip
+def test_divergence_on_unusual_models_against_autograd_of_dense_d(name):
+    case = make_case(name)
+    reference = dense_divergence(case.model, per_sample_loss(case.loss), case.x, case.y)
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y), route="generic")
+    assert_close(D.divergence().value, reference, rtol=1e-9, atol=1e-12, what=f"∇·D {name}")

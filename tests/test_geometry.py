@@ -303,3 +303,15 @@ def test_curl_in_random_sections_vanishes_only_for_a_gradient_field():
         assert float(value) == pytest.approx(float(expected), rel=1e-5, abs=1e-10)
         assert torch.allclose(u @ v, torch.zeros((), dtype=torch.float64), atol=1e-12)
     assert float(result.relative.max()) > 1e-6
+
+
+@pytest.mark.parametrize("name", ["partly-frozen", "tied-autoencoder"])
+def test_metric_gradient_field_on_unusual_models(name):
+    from tests.cases import make_case
+
+    case = make_case(name)
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y), route="generic")
+    eps = 0.5 / D.lambda_max()
+    field = metric_gradient_field(case.model, case.loss, (case.x, case.y), eps)
+    point = ParamSpace(case.model).vector(case.model).detach()
+    assert_close(field(point), DiffusionMetric(D, eps).gradient(exact=True), what=name)
