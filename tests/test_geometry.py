@@ -315,3 +315,86 @@ def test_metric_gradient_field_on_unusual_models(name):
     field = metric_gradient_field(case.model, case.loss, (case.x, case.y), eps)
     point = ParamSpace(case.model).vector(case.model).detach()
     assert_close(field(point), DiffusionMetric(D, eps).gradient(exact=True), what=name)
+
+
+def _quadratic_plane(seed=0, n=16):
+    """The plane quadratic ``f_i = ½ (x − ξ_i)ᵀ A (x − ξ_i)``, ``A = diag(1, 4)``: its
+    per-sample gradients ``A (x − ξ_i)`` have the constant covariance ``D = A C A`` (``C``
+    the population covariance of the centres), derived here by hand."""
+    from sgdgeom.experiments.plane import identity_loss, make_problem
+
+    model, data = make_problem("quadratic", n=n, seed=seed)
+    A = np.diag([1.0, 4.0])
+    centres = data[0].numpy()
+    C = np.cov(centres.T, bias=True)
+    return model, data, identity_loss, A, centres.mean(0), A @ C @ A
+
+
+def _stationary_check(iterates, mean, cov):
+    """Every path's last state is an independent draw: its sample mean and covariance
+    against the reference, within 4 standard errors of each entry."""
+    last = iterates[:, -1]
+    paths = len(last)
+    sample_cov = np.cov(last.T)
+    se_mean = np.sqrt(np.diag(cov) / paths)
+    se_cov = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / paths)
+    assert np.all(np.abs(last.mean(0) - mean) < 4 * se_mean)
+    assert np.all(np.abs(sample_cov - cov) < 4 * se_cov)
+    return sample_cov, se_cov
+
+
+def test_sde_stationary_covariance_solves_the_lyapunov_equation():
+    """Chaudhari–Soatto SDE on a quadratic with constant D: the stationary covariance Σ of
+    ``dx = −A(x − ξ̄) dt + √(2T D) dW`` solves ``AΣ + ΣA = 2TD`` (continuous Lyapunov);
+    Euler–Maruyama with step dt solves ``Σ = (I − dt A) Σ (I − dt A) + 2T D dt``
+    exactly. Both references come from scipy, not from the library."""
+    from scipy.linalg import solve_continuous_lyapunov, solve_discrete_lyapunov
+
+    model, data, loss, A, centre, D = _quadratic_plane()
+    lr, batch, dt = 0.2, 2, 0.01
+    temperature = lr / (2 * batch)
+    sde = chaudhari_soatto_sde(
+        model,
+        loss,
+        data,
+        torch.tensor(centre + np.array([0.3, -0.2])),
+        lr=lr,
+        batch_size=batch,
+        t_end=6.0,  # 6 relaxation times of the slow direction
+        dt=dt,
+        paths=3000,
+        every=600,
+        generator=torch.Generator().manual_seed(1),
+    )
+    step = np.eye(2) - dt * A
+    discrete = solve_discrete_lyapunov(step, 2 * temperature * D * dt)
+    sample_cov, se_cov = _stationary_check(sde["iterates"], centre, discrete)
+    continuous = solve_continuous_lyapunov(A, 2 * temperature * D)
+    assert np.abs(continuous - discrete).max() < 0.03 * np.abs(continuous).max()  # O(dt)
+    assert np.all(np.abs(sample_cov - continuous) < 4 * se_cov + np.abs(continuous - discrete))
+    isotropic = solve_continuous_lyapunov(A, 2 * temperature * np.trace(D) / 2 * np.eye(2))
+    assert np.abs(sample_cov - isotropic).max() > 10 * se_cov.max()  # it sees D's shape
+
+
+def test_sgd_stationary_covariance_solves_its_discrete_lyapunov_equation():
+    """SGD on the same quadratic: minibatch noise of covariance D/b whatever x, so the
+    iterates' stationary covariance solves ``Σ = (I − ηA) Σ (I − ηA) + η² D / b``."""
+    from scipy.linalg import solve_discrete_lyapunov
+
+    model, data, loss, A, centre, D = _quadratic_plane(seed=3)
+    lr, batch = 0.1, 3
+    ensemble = sgd_ensemble(
+        model,
+        loss,
+        data,
+        torch.tensor(centre),
+        lr=lr,
+        batch_size=batch,
+        steps=150,
+        runs=3000,
+        every=150,
+        generator=torch.Generator().manual_seed(2),
+    )
+    assert ensemble["iterates"].shape == (3000, 2, 2)
+    reference = solve_discrete_lyapunov(np.eye(2) - lr * A, lr**2 * D / batch)
+    _stationary_check(ensemble["iterates"], centre, reference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -247,8 +248,16 @@ def test_split_batch_points_and_unbiased_objective(batch, batched, layers, monke
 
 def test_bad_settings():
     model, _x, _y = setup()
-    with pytest.raises(ValueError, match="R must be > 0"):
+    with pytest.raises(ValueError, match="R must be a finite number > 0"):
         PartialLocalEntropy(model, R=0)
+    with pytest.raises(ValueError, match="exactly one of R"):
+        PartialLocalEntropy(model)
+    with pytest.raises(ValueError, match="exactly one of R"):
+        PartialLocalEntropy(model, R=0.1, gamma=1.0)
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
+        PartialLocalEntropy(model, gamma=float("inf"))
+    with pytest.raises(ValueError, match="Gaussian distance has none"):
+        PartialLocalEntropy(model, gamma=1.0, k=5.0)
     with pytest.raises(ValueError, match="kind must be"):
         PartialLocalEntropy(model, R=0.1, kind="kernel")
     with pytest.raises(ValueError, match="no weight layers named"):
@@ -299,8 +308,14 @@ def test_loss_config_trains_and_is_reproducible():
     assert run_training(config, None, progress=False) == first
     plain = run_training(parse_config(base), None, progress=False)
     assert plain != first
-    with pytest.raises(ConfigError, match="needs R"):
+    with pytest.raises(ConfigError, match="needs exactly one of R"):
         parse_config({**base, "loss": {"name": "pla"}})
+    with pytest.raises(ConfigError, match="needs exactly one of R"):
+        parse_config({**base, "loss": {"name": "pla", "R": 0.1, "gamma": 10.0}})
+    with pytest.raises(ConfigError, match="Gaussian distance"):
+        parse_config({**base, "loss": {"name": "pla", "gamma": 10.0, "k": 3.0}})
+    gaussian = parse_config({**base, "loss": {"name": "plea", "layers": ["fc2"], "gamma": 400.0}})
+    assert run_training(gaussian, None, progress=False) not in (first, plain)
     with pytest.raises(ConfigError, match="apply only to name: pla or plea"):
         parse_config({**base, "loss": {"name": "cross_entropy", "R": 0.1}})
 
@@ -394,3 +409,172 @@ def test_explicit_prefix_names_the_tied_weight():
     )
     with pytest.raises(UnsupportedModelError, match="skip connection"):
         ple(residual.x, residual.y)
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+def test_kernel_matches_its_closed_form():
+    """(M5)-(M6) evaluated literally, with numpy, against ``exp(−kernel_distance)``."""
+    rng = np.random.default_rng(0)
+    R = 0.7
+    delta = rng.uniform(-2 * R, 2 * R, size=(50, 4))
+    for k in (0.5, 3.0, 20.0):
+        # 1 − 1/(1 + e^{−z}) = 1/(1 + e^{z}): the same factor, without the cancellation
+        factors = 1 / ((1 + np.exp(2 * k * (delta - R))) * (1 + np.exp(-2 * k * (delta + R))))
+        kernel = factors.prod(1)
+        ours = torch.exp(-kernel_distance(torch.tensor(delta), R, k)).numpy()
+        np.testing.assert_allclose(ours, kernel, rtol=1e-12, atol=1e-300)
+    assert kernel.min() < 1e-6 and kernel.max() > 0.5  # k = 20: both sides of the edge
+
+
+class QuadraticLoss:
+    """``L(w) = c + Σ_j (½ a_j w_j² − b_j w_j)``: a bias-free ``Linear(3, 1)`` with the
+    squared error on rows ``s_j e_j`` (``m`` rows per coordinate), so that the Hessian
+    ``diag(a)`` is diagonal and every expectation factorises into 1-D integrals."""
+
+    def __init__(self, seed=0, m=4):
+        gen = torch.Generator().manual_seed(seed)
+        scales = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+        self.x = torch.diag(scales).repeat(m, 1)  # (3m, 3)
+        self.t = torch.randn(len(self.x), dtype=torch.float64, generator=gen)
+        self.model = nn.Linear(3, 1, bias=False).double()
+        with torch.no_grad():
+            self.model.weight.copy_(torch.randn(1, 3, dtype=torch.float64, generator=gen) * 0.5)
+        n = len(self.x)
+        rows = self.x.numpy()
+        self.a = (rows**2).sum(0) / n
+        self.b = (rows * self.t.numpy()[:, None]).sum(0) / n
+        self.c = float((self.t**2).sum()) / (2 * n)
+        self.w = self.model.weight.detach().numpy()[0]
+
+    @staticmethod
+    def loss(out, target):
+        return 0.5 * (out[:, 0] - target) ** 2
+
+    def value(self, scale=1.0):
+        """``L(w)`` times ``scale``, in closed form."""
+        return scale * (self.c + float(np.sum(0.5 * self.a * self.w**2 - self.b * self.w)))
+
+    def box_mean_exp(self, R):
+        """``E_{Δ∼U[−R,R]³} e^{−L(w+Δ)}``: a product of erf integrals."""
+        from scipy.special import erf
+
+        a, b, w = self.a, self.b, self.w
+        root = np.sqrt(a / 2)
+        integral = (
+            np.exp(b**2 / (2 * a))
+            * np.sqrt(np.pi / (2 * a))
+            * (erf(root * (w + R - b / a)) - erf(root * (w - R - b / a)))
+        )
+        return np.exp(-self.c) * np.prod(integral / (2 * R))
+
+    def gaussian_mean_exp(self, variance, scale=1.0):
+        """``E_{Δ∼N(0, variance I)} e^{−scale·L(w+Δ)}``: a Gaussian integral."""
+        a, b, w = scale * self.a, scale * self.b, self.w
+        factor = (b - a * w) ** 2 * variance / (2 * (1 + a * variance))
+        return np.exp(-self.value(scale)) * np.prod(np.exp(factor) / np.sqrt(1 + a * variance))
+
+    def kernel_mean_exp(self, R, k, half):
+        """``E_{Δ∼U[−half,half]³} e^{−L(w+Δ) − d_{R,k}(Δ)}`` by 1-D quadrature (M5)."""
+        from scipy.integrate import quad
+
+        def factor(j):
+            def integrand(d):
+                kernel = 1 / ((1 + np.exp(2 * k * (d - R))) * (1 + np.exp(-2 * k * (d + R))))
+                u = self.w[j] + d
+                return np.exp(-(0.5 * self.a[j] * u**2 - self.b[j] * u)) * kernel
+
+            return quad(integrand, -half, half, epsabs=0, epsrel=1e-12)[0] / (2 * half)
+
+        return np.exp(-self.c) * np.prod([factor(j) for j in range(3)])
+
+
+def _smoothing(problem, **settings):
+    return PartialLocalEntropy(
+        problem.model,
+        problem.loss,
+        layers="all",
+        route="naive",
+        generator=torch.Generator().manual_seed(5),
+        **settings,
+    )
+
+
+def _expected_mean_exp(problem, R=None, k=None, gamma=None):
+    if gamma is not None:
+        return problem.gaussian_mean_exp(1 / (2 * gamma))
+    if k is None:
+        return problem.box_mean_exp(R)
+    return problem.kernel_mean_exp(R, k, R + local_entropy.KERNEL_MARGIN / k)
+
+
+def test_quadratic_problem_is_what_it_says():
+    problem = QuadraticLoss()
+    value = nn.functional.linear(problem.x, problem.model.weight.detach())
+    assert float(problem.loss(value, problem.t).mean()) == pytest.approx(problem.value(), 1e-14)
+    assert len(problem.x) == 12 and np.allclose(problem.a, [4 / 12, 16 / 12, 36 / 12])
+
+
+SETTINGS = [{"R": 0.6}, {"R": 0.6, "k": 4.0}, {"gamma": 1.5}]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["box", "kernel", "gaussian"])
+def test_free_entropy_estimator_against_closed_forms(settings):
+    """(M16)/(M18) and the Gaussian (M11) free entropy: ``−log E[e^{−L−d}]`` of the
+    sampling distribution (its constant left out), against erf, quadrature or Gaussian
+    integrals of the quadratic loss."""
+    problem = QuadraticLoss()
+    ple = _smoothing(problem, **settings)
+    value, se = local_free_entropy(ple, problem.x, problem.t, samples=20000, chunk=2000)
+    expected = -np.log(_expected_mean_exp(problem, **settings))
+    assert abs(value - expected) < 4 * se
+    assert abs(expected - problem.value()) > 20 * se  # the smoothing is visible
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["box", "kernel", "gaussian"])
+def test_m_loss_draws_against_closed_forms(settings):
+    """The M-loss (M3; M14 with k; M11's Gaussian distance): for any y,
+    ``E e^{−M} = (e^{−L(W)} + y E[e^{−L(W+Δ)−d(Δ)}]) / (y+1)``."""
+    problem = QuadraticLoss(seed=1)
+    y = 3
+    ple = _smoothing(problem, kind="plea", y=y, **settings)
+    with torch.no_grad():
+        draws = torch.tensor([float(ple(problem.x, problem.t)) for _ in range(4000)])
+    weights = torch.exp(-draws.double())
+    se = float(weights.std()) / math.sqrt(len(weights))
+    expected = (np.exp(-problem.value()) + y * _expected_mean_exp(problem, **settings)) / (y + 1)
+    assert abs(float(weights.mean()) - expected) < 4 * se
+    assert abs(expected - np.exp(-problem.value())) > 10 * se
+
+
+def test_gaussian_pla_expectation_on_a_quadratic_loss():
+    """PLA with the Gaussian distance: ``E L_PLA = L(W) + (y/(1+y)) ½ tr(A) / (2γ)``."""
+    problem = QuadraticLoss(seed=2)
+    gamma, y = 2.0, 3
+    ple = _smoothing(problem, gamma=gamma, y=y)
+    with torch.no_grad():
+        draws = torch.tensor([float(ple(problem.x, problem.t)) for _ in range(4000)])
+    expected = problem.value() + y / (1 + y) * 0.5 * problem.a.sum() / (2 * gamma)
+    se = float(draws.double().std()) / math.sqrt(len(draws))
+    assert abs(float(draws.double().mean()) - expected) < 4 * se
+    assert abs(expected - problem.value()) > 20 * se
+
+
+def test_isotropic_gaussian_free_entropy_against_its_closed_form():
+    """(M1) by :func:`gaussian_local_entropy`: ``−log E_{N(0, I/γ)} e^{−βL(W+Δ)}``."""
+    problem = QuadraticLoss(seed=3)
+    gamma, beta = 3.0, 2.0
+    value, se = gaussian_local_entropy(
+        problem.model,
+        problem.x,
+        problem.t,
+        gamma=gamma,
+        beta=beta,
+        base_loss=problem.loss,
+        samples=20000,
+        generator=torch.Generator().manual_seed(0),
+    )
+    expected = -np.log(problem.gaussian_mean_exp(1 / gamma, scale=beta))
+    assert abs(value - expected) < 4 * se
+    assert abs(expected - problem.value(beta)) > 20 * se

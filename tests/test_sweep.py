@@ -115,7 +115,7 @@ def test_layer_lists_become_readable_labels(tmp_path):
         ({"grid": {"optimizer.lrate": [0.1]}}, "optimizer.lrate: unknown key"),
         ({"grid": {"seed": []}}, "needs a non-empty list"),
         ({"grid": {"optimizer.lr": [-1.0]}}, "optimizer.lr"),
-        ({"variants": {"x": {"loss": {"name": "pla"}}}}, "needs R"),
+        ({"variants": {"x": {"loss": {"name": "pla"}}}}, "needs exactly one of R"),
         (
             {"plots": [{"kind": "versus", "x": "loss.R", "y_range": [0.9, 0.8]}]},
             "low < high",

@@ -49,6 +49,7 @@ __all__ = [
     "current",
     "curl",
     "metric_gradient_field",
+    "per_sample_gradient_function",
     "geodesic",
     "gradient_flow",
     "metric_flow",
@@ -375,6 +376,27 @@ def current(
     return Current(j, term, ratio, metric.eps, stderr)
 
 
+def per_sample_gradient_function(
+    model: nn.Module, loss_fn: LossSpec
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``(point, inputs, targets) ↦ G``, the ``(N, d)`` per-sample gradients of ``loss_fn``
+    at the flat parameters ``point`` (``torch.func``: differentiable, and ``vmap``-able over
+    points). Parameters outside the space and buffers are held at their current values."""
+    space = ParamSpace(model)
+    loss = per_sample_loss(loss_fn)
+    constants = {n: p.detach() for n, p in model.named_parameters() if n not in space.names}
+    constants |= dict(model.named_buffers())
+
+    def single(params: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return loss(functional_call(model, {**params, **constants}, (xi[None],)), yi[None])[0]
+
+    def gradients(point: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
+        grads = vmap(grad(single), in_dims=(None, 0, 0))(space.unflatten(point), inputs, targets)
+        return torch.cat([grads[n].reshape(len(inputs), -1) for n in space.names], 1)
+
+    return gradients
+
+
 def metric_gradient_field(
     model: nn.Module, loss_fn: LossSpec, data: tuple[Tensor, Tensor], eps: float
 ) -> Callable[[Tensor], Tensor]:
@@ -384,18 +406,11 @@ def metric_gradient_field(
     Exact through Woodbury: ``g⁻¹ ḡ = ḡ − (ε/N) G_cᵀ (I + εK)⁻¹ G_c ḡ``, with the ``(N, d)``
     per-sample gradients materialised: small models (the plane problems, tiny networks).
     """
-    space = ParamSpace(model)
-    loss = per_sample_loss(loss_fn)
+    gradients = per_sample_gradient_function(model, loss_fn)
     inputs, targets = data
-    constants = {n: p.detach() for n, p in model.named_parameters() if n not in space.names}
-    constants |= dict(model.named_buffers())
-
-    def single(params: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        return loss(functional_call(model, {**params, **constants}, (xi[None],)), yi[None])[0]
 
     def field(point: Tensor) -> Tensor:
-        grads = vmap(grad(single), in_dims=(None, 0, 0))(space.unflatten(point), inputs, targets)
-        G = torch.cat([grads[n].reshape(len(inputs), -1) for n in space.names], 1)
+        G = gradients(point, inputs, targets)
         mean = G.mean(0)
         centred = G - mean
         n = len(G)
@@ -551,6 +566,12 @@ def _residuals_at(
 # --------------------------------------------------------------------------- stochastic
 
 
+def _snapshots(steps: int, every: int) -> list[int]:
+    if steps < 1 or every < 1:
+        raise InputError(f"steps and every must be >= 1, got steps={steps}, every={every}")
+    return list(range(0, steps + 1, every))
+
+
 def sgd_ensemble(
     model: nn.Module,
     loss_fn: LossSpec,
@@ -561,35 +582,41 @@ def sgd_ensemble(
     batch_size: int,
     steps: int,
     runs: int,
+    every: int = 1,
     generator: torch.Generator | None = None,
 ) -> dict[str, np.ndarray]:
-    """``runs`` independent SGD runs from ``x0`` (minibatches drawn with replacement): the
-    mean and covariance of the iterates after each step, at times ``t_k = k·lr`` (so that
-    they compare with the flows, whose time unit is one unit of learning rate)."""
-    x_all, y_all = data
-    n = len(x_all)
-    loss = per_sample_loss(loss_fn)
-    space = ParamSpace(model)
-    iterates = torch.empty(runs, steps + 1, space.dim, dtype=x0.dtype)
-    for r in range(runs):
-        set_parameters(model, x0)
-        iterates[r, 0] = x0
+    """``runs`` independent SGD runs from ``x0`` (``(d,)``), all advanced together
+    (``vmap`` over runs), each with its own minibatches drawn with replacement:
+    ``x ← x − lr · (1/b) Σ_{i∈batch} ∇f_i(x)``.
+
+    Returns the iterates every ``every`` steps, ``iterates`` ``(runs, K, d)``, their mean
+    ``(K, d)`` and covariance ``(K, d, d)`` over runs, at times ``t_k = k·lr`` (the flows'
+    time unit is one unit of learning rate).
+    """
+    inputs, targets = data
+    n = len(inputs)
+    kept = _snapshots(steps, every)
+    step_gradient = vmap(per_sample_gradient_function(model, loss_fn), in_dims=(0, 0, 0))
+    x = x0.detach().expand(runs, -1).clone()
+    iterates = [x.clone()]
+    with torch.no_grad():
         for k in range(1, steps + 1):
-            idx = torch.randint(0, n, (batch_size,), generator=generator)
-            model.zero_grad(set_to_none=True)
-            loss(model(x_all[idx]), y_all[idx]).mean().backward()
-            with torch.no_grad():
-                for p in space.params(model).values():
-                    p.sub_(lr * p.grad)
-            iterates[r, k] = space.vector(model)
+            idx = torch.randint(0, n, (runs, batch_size), generator=generator).to(x.device)
+            x = x - lr * step_gradient(x, inputs[idx], targets[idx]).mean(1)
+            if k % every == 0:
+                iterates.append(x.clone())
+    return _ensemble_statistics(lr * np.array(kept), torch.stack(iterates, 1))
+
+
+def _ensemble_statistics(t: np.ndarray, iterates: Tensor) -> dict[str, np.ndarray]:
     mean = iterates.mean(0)
     centred = iterates - mean
-    cov = torch.einsum("rkd,rke->kde", centred, centred) / max(runs - 1, 1)
+    cov = torch.einsum("rkd,rke->kde", centred, centred) / max(len(iterates) - 1, 1)
     return {
-        "t": lr * np.arange(steps + 1),
-        "mean": mean.numpy(),
-        "cov": cov.numpy(),
-        "iterates": iterates.numpy(),
+        "t": t,
+        "mean": mean.cpu().numpy(),
+        "cov": cov.cpu().numpy(),
+        "iterates": iterates.cpu().numpy(),
     }
 
 
@@ -604,25 +631,32 @@ def chaudhari_soatto_sde(
     t_end: float,
     dt: float,
     paths: int,
+    every: int = 1,
     generator: torch.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     r"""Euler-Maruyama paths of :math:`dx = -\nabla f\,dt + \sqrt{2\beta^{-1} D}\,dW` with
-    :math:`\beta^{-1} = \eta / (2b)` (Chaudhari & Soatto 2018). The noise
-    :math:`\sqrt{2\beta^{-1}D}\,dW` is drawn as :math:`\sqrt{2\beta^{-1}/N}\,G_c^\top \xi`,
-    :math:`\xi \sim N(0, dt\,I_N)`, which has the covariance :math:`2\beta^{-1} D\,dt`
-    without a square root of D."""
+    :math:`\beta^{-1} = \eta / (2b)` (Chaudhari & Soatto 2018), all advanced together
+    (``vmap`` over paths). The noise :math:`\sqrt{2\beta^{-1}D}\,dW` is drawn as
+    :math:`\sqrt{2\beta^{-1}/N}\,G_c^\top \xi`, :math:`\xi \sim N(0, dt\,I_N)`, which has
+    the covariance :math:`2\beta^{-1} D\,dt` without a square root of D.
+
+    Returns the same keys as :func:`sgd_ensemble`, every ``every`` steps of ``dt``.
+    """
+    inputs, targets = data
     temperature = lr / (2 * batch_size)
     steps = round(t_end / dt)
-    space = ParamSpace(model)
-    out = torch.empty(paths, steps + 1, space.dim, dtype=x0.dtype)
-    for path in range(paths):
-        x = x0.clone()
-        out[path, 0] = x
+    kept = _snapshots(steps, every)
+    gradients = vmap(per_sample_gradient_function(model, loss_fn), in_dims=(0, None, None))
+    x = x0.detach().expand(paths, -1).clone()
+    n = len(inputs)
+    iterates = [x.clone()]
+    with torch.no_grad():
         for k in range(1, steps + 1):
-            set_parameters(model, x)
-            D = _matrix(model, loss_fn, data)
-            xi = torch.randn(D.n, dtype=x.dtype, generator=generator) * dt**0.5
-            noise = D.products.vjp(xi - xi.mean()) * (2 * temperature / D.n) ** 0.5
-            x = x - D.mean_gradient() * dt + noise
-            out[path, k] = x
-    return {"t": dt * np.arange(steps + 1), "mean": out.mean(0).numpy(), "iterates": out.numpy()}
+            G = gradients(x, inputs, targets)  # (paths, N, d)
+            mean = G.mean(1)
+            xi = torch.randn(paths, n, dtype=x.dtype, generator=generator).to(x.device)
+            noise = torch.einsum("pn,pnd->pd", xi, G - mean[:, None])
+            x = x - mean * dt + noise * (2 * temperature * dt / n) ** 0.5
+            if k % every == 0:
+                iterates.append(x.clone())
+    return _ensemble_statistics(dt * np.array(kept), torch.stack(iterates, 1))

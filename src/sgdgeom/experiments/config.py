@@ -213,23 +213,30 @@ class MonitorConfig(_Strict):
 class LossConfig(_Strict):
     """The training loss: plain cross-entropy, or Musso's partial local entropy smoothing
     ``layers`` (``pla``: eq. 23, ``plea``: eq. 22; a finite ``k`` gives eq. 19 / 14) with
-    box half-side ``R`` and ``y`` perturbed points (see
-    :class:`~sgdgeom.optim.local_entropy.PartialLocalEntropy`)."""
+    box half-side ``R``, or the Gaussian distance ``gamma ‖ΔW‖²`` of eq. 11 instead, and
+    ``y`` perturbed points (see :class:`~sgdgeom.optim.local_entropy.PartialLocalEntropy`)."""
 
     name: Literal["cross_entropy", "pla", "plea"] = "cross_entropy"
     layers: list[str] | Literal["all"] | None = None
     R: float | None = Field(None, gt=0)
+    gamma: float | None = Field(None, gt=0)
     y: int | None = Field(None, ge=0)
     k: float | None = Field(None, gt=0)
     route: Literal["auto", "naive", "prefix", "split"] | None = None
 
     @model_validator(mode="after")
     def _entropy_keys(self) -> LossConfig:
-        extra = [k for k in ("layers", "R", "y", "k", "route") if getattr(self, k) is not None]
+        keys = ("layers", "R", "gamma", "y", "k", "route")
+        extra = [k for k in keys if getattr(self, k) is not None]
         if self.name == "cross_entropy" and extra:
             raise ValueError(f"{', '.join(extra)} apply only to name: pla or plea")
-        if self.name != "cross_entropy" and self.R is None:
-            raise ValueError(f"loss {self.name} needs R, the half-side of the sampling box")
+        if self.name != "cross_entropy" and (self.R is None) == (self.gamma is None):
+            raise ValueError(
+                f"loss {self.name} needs exactly one of R (the half-side of the sampling box) "
+                f"and gamma (the Gaussian distance of Musso eq. 11)"
+            )
+        if self.k is not None and self.gamma is not None:
+            raise ValueError("k sharpens the box kernel; the Gaussian distance (gamma) has none")
         return self
 
 

@@ -158,6 +158,7 @@ def run_training(
             model,
             layers=config.loss.layers or "all",
             R=config.loss.R,
+            gamma=config.loss.gamma,
             y=config.loss.y if config.loss.y is not None else 4,
             kind=config.loss.name,
             k=config.loss.k,

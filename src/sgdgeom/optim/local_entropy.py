@@ -18,6 +18,13 @@ and :math:`-\log\frac{1}{1+y}[e^{-\mathcal L(W)} + \sum_a e^{-\mathcal L(W+\Delt
 d(\Delta W^a)}]`. The kernel is restricted to ``U`` (the product over the smoothed
 coordinates only, M13).
 
+With ``gamma`` instead of ``R`` the distance is the Gaussian one of (M11),
+:math:`d(\gamma;\Delta W) = \gamma\|\Delta W\|_2^2` on ``U``: the displacements are drawn
+from :math:`N(0, I_U/(2\gamma))`, whose density carries the factor
+:math:`e^{-\gamma\|\Delta W\|^2}` as the uniform box carries the indicator (M8), so
+(M22) and (M23) keep their form. As ``y → ∞`` the M-loss tends to the isotropic local free
+entropy (M1) with β = 1 and (M1)'s γ equal to ``2 gamma``, restricted to ``U``.
+
 .. warning::
     For a finite k the displacements are drawn uniformly in the larger box of half-side
     ``R + 5/k``, which covers the kernel's support: outside it each coordinate's kernel
@@ -95,6 +102,8 @@ class PartialLocalEntropy:
         mask: instead of (or on top of) ``layers``, ``{weight name: bool tensor}`` selecting
             individual weights, for finer anisotropy.
         R: half-side of the sampling box (Musso's R).
+        gamma: instead of R, the Gaussian distance ``γ‖ΔW‖²`` of (M11): displacements
+            drawn from ``N(0, 1/(2γ))`` on each smoothed weight.
         y: number of perturbed points (y = 0 gives the base loss, M4).
         kind: ``"pla"`` (M23; M19 with finite k) or ``"plea"`` (M22; M14 with finite k).
         k: kernel sharpness (M5); None is the box limit ``k → ∞``.
@@ -119,7 +128,8 @@ class PartialLocalEntropy:
         base_loss: LossSpec = "cross_entropy",
         layers: Sequence[str] | str = "all",
         *,
-        R: float,
+        R: float | None = None,
+        gamma: float | None = None,
         y: int = 4,
         kind: str = "pla",
         k: float | None = None,
@@ -127,8 +137,13 @@ class PartialLocalEntropy:
         route: str = "auto",
         generator: torch.Generator | None = None,
     ) -> None:
-        if not R > 0:
-            raise InputError(f"R must be > 0, got {R}")
+        if (R is None) == (gamma is None):
+            raise InputError(
+                "give exactly one of R (the box, M22/M23) and gamma (the Gaussian distance, M11)"
+            )
+        for name, value in (("R", R), ("gamma", gamma)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"{name} must be a finite number > 0, got {value}")
         if y < 0:
             raise InputError(f"y must be >= 0, got {y}")
         if kind not in ("pla", "plea"):
@@ -138,7 +153,9 @@ class PartialLocalEntropy:
             )
         if k is not None and not k > 0:
             raise InputError(f"k must be > 0 or None (the box limit), got {k}")
-        self.model, self.R, self.y, self.kind, self.k = model, R, y, kind, k
+        if k is not None and gamma is not None:
+            raise InputError("k sharpens the box kernel (M5); the Gaussian distance has none")
+        self.model, self.R, self.gamma, self.y, self.kind, self.k = model, R, gamma, y, kind, k
         self.loss = per_sample_loss(base_loss)
         self.generator = generator
         self.masks = self._select(layers, mask or {})
@@ -253,18 +270,22 @@ class PartialLocalEntropy:
     # ------------------------------------------------------------------ sampling
 
     def sample(self, points: int | None = None) -> dict[str, Tensor]:
-        """Displacements ``{weight name: (points, *shape)}``, uniform in the box (of half-side
-        ``R + 5/k`` for a finite k) on the smoothed coordinates, zero elsewhere."""
+        """Displacements ``{weight name: (points, *shape)}`` on the smoothed coordinates,
+        zero elsewhere: uniform in the box (of half-side ``R + 5/k`` for a finite k), or
+        ``N(0, 1/(2γ))`` for the Gaussian distance (M11)."""
         points = self.y if points is None else points
-        half = _half_side(self.R, self.k)
         params = dict(self.model.named_parameters())
         out = {}
         for name, m in self.masks.items():
             p = params[name]
             device = self.generator.device if self.generator is not None else p.device
             delta = torch.empty((points, *p.shape), dtype=p.dtype, device=device)
-            delta = delta.uniform_(-half, half, generator=self.generator).to(p.device)
-            out[name] = delta if m is None else delta * m
+            if self.gamma is None:
+                half = _half_side(self.R, self.k)
+                delta = delta.uniform_(-half, half, generator=self.generator)
+            else:
+                delta = delta.normal_(0.0, (2 * self.gamma) ** -0.5, generator=self.generator)
+            out[name] = delta.to(p.device) if m is None else delta.to(p.device) * m
         return out
 
     def _distances(self, deltas: dict[str, Tensor]) -> Tensor | None:
@@ -514,7 +535,9 @@ def local_free_entropy(
     \mathrm{Vol} - \log \mathbb E_{\Delta \sim \mathrm{box}}[e^{-\mathcal L(W+\Delta) -
     d(\Delta)}]`. The constant :math:`-\log \mathrm{Vol}` of the sampling box (``N_U``
     times ``log 2R'``) is left out: differences between weights, layers or runs are what
-    probe the shape of a minimum.
+    probe the shape of a minimum. With the Gaussian distance (M11) the kernel is
+    :math:`e^{-\gamma\|\Delta\|^2}` and the constant left out is
+    :math:`-\frac{N_U}{2}\log\frac{\pi}{\gamma}`.
     """
     deltas = ple.sample(samples)
     losses = _point_losses(ple, x, target, deltas, chunk)
