@@ -398,3 +398,102 @@ def test_sgd_stationary_covariance_solves_its_discrete_lyapunov_equation():
     assert ensemble["iterates"].shape == (3000, 2, 2)
     reference = solve_discrete_lyapunov(np.eye(2) - lr * A, lr**2 * D / batch)
     _stationary_check(ensemble["iterates"], centre, reference)
+
+
+class ScaledSpheres(nn.Module):
+    """``f_i(x) = ½ s_i ‖x‖² + b_iᵀx``, the per-sample constants ``(s_i, b_i)`` as inputs:
+    ``D(x)`` varies with x (its Christoffel symbols do not vanish) yet every derivative is
+    derived by hand in :func:`hand_geodesic_rhs`."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor(start, dtype=torch.float64))
+
+    def forward(self, constants):
+        s, b = constants[:, 0], constants[:, 1:]
+        return 0.5 * s * (self.x**2).sum() + b @ self.x
+
+
+def hand_geodesic_rhs(s, b, eps, exact):
+    """The geodesic equation (F8) ``ẍ = −Γ(ẋ, ẋ) − H ẋ`` of ``g = I + εD`` from the
+    definition ``Γ_zuv = ½ (∂_u g_zv + ∂_v g_zu − ∂_z g_uv)``, with D and ∂D by hand:
+    ``g_i = s_i x + b_i``, so ``D = V x xᵀ + x cᵀ + c xᵀ + B`` (``V = Var s``,
+    ``c = Cov(s, b)``, ``B = Cov b``) and
+    ``∂_u D_vz = V (δ_uv x_z + x_v δ_uz) + δ_uv c_z + c_v δ_uz``; ``H = s̄ I``."""
+    V = s.var()
+    c = ((s - s.mean())[:, None] * (b - b.mean(0))).mean(0)
+    B = np.cov(b.T, bias=True)
+    d = b.shape[1]
+    eye = np.eye(d)
+
+    def dD(x):  # dD[u, v, z] = ∂_u D_vz
+        return (
+            V * (np.einsum("uv,z->uvz", eye, x) + np.einsum("v,uz->uvz", x, eye))
+            + np.einsum("uv,z->uvz", eye, c)
+            + np.einsum("v,uz->uvz", c, eye)
+        )
+
+    def rhs(_, state):
+        x, v = state[:d], state[d:]
+        D = V * np.outer(x, x) + np.outer(x, c) + np.outer(c, x) + B
+        g = eye + eps * D
+        dg = eps * dD(x)
+        first_kind = 0.5 * (
+            np.einsum("uzv->zuv", dg) + np.einsum("vzu->zuv", dg) - np.einsum("zuv->zuv", dg)
+        )
+        gamma = (
+            np.linalg.solve(g, first_kind.reshape(d, -1)).reshape(d, d, d) if exact else first_kind
+        )
+        return np.concatenate([v, -np.einsum("wuv,u,v->w", gamma, v, v) - s.mean() * v])
+
+    def initial_velocity(x):
+        D = V * np.outer(x, x) + np.outer(x, c) + np.outer(c, x) + B
+        return -np.linalg.solve(eye + eps * D, s.mean() * x + b.mean(0))
+
+    return rhs, initial_velocity
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_geodesic_with_nonzero_christoffel_against_a_hand_derived_equation(exact):
+    from scipy.integrate import solve_ivp
+
+    gen = np.random.default_rng(4)
+    s = gen.uniform(0.5, 1.5, 6)
+    b = gen.normal(size=(6, 3))
+    start = np.array([1.5, -1.0, 0.8])
+    model = ScaledSpheres(start.tolist())
+    data = (torch.tensor(np.column_stack([s, b])), torch.zeros(6))
+    eps = 0.2
+    rhs, initial_velocity = hand_geodesic_rhs(s, b, eps, exact)
+    t = np.linspace(0, 2.0, 9)
+    reference = solve_ivp(
+        rhs,
+        (0, 2.0),
+        np.concatenate([start, initial_velocity(start)]),
+        t_eval=t,
+        rtol=1e-12,
+        atol=1e-14,
+        method="DOP853",
+    )
+    ours = geodesic(
+        model,
+        lambda out, _: out,
+        data,
+        torch.tensor(start),
+        t,
+        eps,
+        exact=exact,
+        rtol=1e-11,
+        atol=1e-13,
+    )
+    np.testing.assert_allclose(ours.x, reference.y[:3].T, atol=1e-8)
+    np.testing.assert_allclose(ours.v, reference.y[3:].T, atol=1e-8)
+    flat = solve_ivp(  # without Γ: the test tells the Christoffel term apart
+        lambda _, st: np.concatenate([st[3:], -s.mean() * st[3:]]),
+        (0, 2.0),
+        reference.y[:, 0],
+        t_eval=t,
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    assert np.abs(flat.y[:3] - reference.y[:3]).max() > 1e-3
