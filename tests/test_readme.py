@@ -136,6 +136,8 @@ COMMANDS = {
     ".venv/bin/sgdgeom report runs/musso-4.2-mnist5k-fc2": (
         lambda t: (sweep_two_runs(t), sgdgeom(
             "sweep", "configs/quick/sweeps/musso-4.2-mnist5k-fc2.yaml", cwd=t)), None),
+    ".venv/bin/sgdgeom steady-state configs/quick/steady-state/aligned.yaml --out runs/steady": (
+        quick("steady-state/aligned.yaml"), None),
     ".venv/bin/sgdgeom table1": (None, None),
 }  # fmt: skip
 

@@ -204,6 +204,36 @@ def geodesic(
     typer.echo(f"results in {out_dir}")
 
 
+@app.command("steady-state")
+def steady_state(
+    config: Annotated[Path, typer.Argument(help="A steady-state experiment config (YAML).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Results directory; default runs/NAME.")
+    ] = None,
+) -> None:
+    """Where SGD settles on a two-parameter problem, against exp(−βf), exp(−βΦ) (F11) and
+    the Chaudhari–Soatto SDE: total variation distances with error bars."""
+    from sgdgeom.experiments.steady_state import load_steady_state_config, run_steady_state
+
+    cfg = load_steady_state_config(config)
+    out_dir = out if out is not None else Path("runs") / safe_name(cfg.name)
+    result = run_steady_state(cfg, out_dir)
+    typer.echo(f"{'density':<40} {'TV to the SGD histogram':>26}")
+    for name, d in result["distances"].items():
+        typer.echo(f"{name:<40} {d['tv']:>16.4f} ± {d['stderr']:.4f}")
+    floor = result["sampling_floor"]
+    typer.echo(
+        f"sampling floor: {floor['sample_vs_density']:.4f} against a density, "
+        f"{floor['sample_vs_sample']:.4f} between two samples"
+    )
+    if not result["potential_exists"]:
+        typer.echo(
+            f"no Φ with ∇Φ = ∇_D f: the curl of ∇_D f reaches "
+            f"{result['curl_relative_max']:.3g} of its derivatives"
+        )
+    typer.echo(f"results in {out_dir}")
+
+
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="A sweep config: base, variants, grid, plots.")],

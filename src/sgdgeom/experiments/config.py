@@ -199,7 +199,11 @@ class MonitorConfig(_Strict):
     signal-to-noise norms; ``trace_every``: epochs between ``tr D_I / N_I`` measurements on
     the first ``probe_size`` training samples (0 = never); ``layers``: which layers (default
     all with a weight matrix); ``tensorboard``: also write TensorBoard scalars (needs the
-    tensorboard package).
+    tensorboard package). ``current_every``: epochs between measurements of Fioresi et al.'s
+    (F12) current and the curl of ∇_D f on the probe samples
+    (:class:`~sgdgeom.steady_state.SteadyStateMonitor`; 0 = never), with
+    ``current_probes`` Hutchinson probes for ∇·D (null: exact) and ``curl_sections`` random
+    sections.
     """
 
     temperature: bool = True
@@ -208,6 +212,9 @@ class MonitorConfig(_Strict):
     probe_size: int = Field(256, ge=2)
     layers: list[str] | None = None
     tensorboard: bool = False
+    current_every: int = Field(0, ge=0)
+    current_probes: int | None = Field(8, ge=2)
+    curl_sections: int = Field(4, ge=0)
 
 
 class LossConfig(_Strict):

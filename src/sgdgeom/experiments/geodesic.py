@@ -4,7 +4,8 @@ From one initial point, on a small real dataset, the experiment integrates the G
 the metric flow (F10; weak and exact) and the geodesic equation (F8; weak and exact
 Christoffel symbols) for several ε, runs an ensemble of SGD runs and the Chaudhari-Soatto
 SDE, and measures over time the distance between the SGD-ensemble mean and each model,
-and the terms the (F8) → (F10) reduction drops. It writes ``geodesic.json``,
+the terms the (F8) → (F10) reduction drops, and, at the same points, (F12)'s current and
+the curl of ∇_D f (:class:`~sgdgeom.steady_state.SteadyStateMonitor`). It writes ``geodesic.json``,
 ``distances.png`` and ``residuals.png`` (plots from the JSON alone).
 """
 
@@ -30,12 +31,16 @@ from sgdgeom.geometry import (
     gradient_flow,
     metric_flow,
     residuals,
+    set_parameters,
     sgd_ensemble,
 )
 from sgdgeom.models import build_model
 from sgdgeom.params import ParamSpace
+from sgdgeom.steady_state import SteadyStateMonitor
 
 __all__ = ["GeodesicConfig", "load_geodesic_config", "plot_geodesic", "run_geodesic"]
+
+EXACT_DIVERGENCE_LIMIT = 1024  # parameters up to which ∇·D is exact (d Hessian passes)
 
 
 class GeodesicConfig(BaseModel):
@@ -46,7 +51,7 @@ class GeodesicConfig(BaseModel):
 
     name: str
     seed: int = 0
-    problem: Literal["two-layer", "quadratic", "rosenbrock"] = "two-layer"
+    problem: Literal["two-layer", "quadratic", "aligned", "rosenbrock"] = "two-layer"
     dataset: Literal["digits", "mnist1d"] = "digits"
     n: int = Field(128, ge=4)
     hidden: int = Field(8, ge=1)
@@ -157,6 +162,18 @@ def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
     pick = np.linspace(0, len(t) - 1, config.residual_points).round().astype(int)
     sub = type(geo)(geo.t[pick], geo.x[pick], geo.v[pick], geo.f[pick], geo.info, geo.a[pick])
     sub_res = residuals(model, "cross_entropy", data, sub, middle / lam)
+    # (F11)-(F12) at the same points: the current's divergence term and the curl of ∇_D f
+    beta = 2 * config.batch_size / config.lr
+    monitor = SteadyStateMonitor(
+        data,
+        eps=middle / lam,
+        probes=None if len(x0) <= EXACT_DIVERGENCE_LIMIT else 32,
+        seed=config.seed,
+    )
+    steady = []
+    for point in sub.x:
+        set_parameters(model, torch.as_tensor(point))
+        steady.append(monitor.measure(model, beta))
     table = sorted(((float(np.mean(d)), name) for name, d in distances.items()))
     result = {
         "config": config.model_dump(mode="json"),
@@ -171,6 +188,16 @@ def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
             "t": sub.t.tolist(),
             "eps_fraction": middle,
             **{k: v.tolist() for k, v in sub_res.items()},
+        },
+        "current": {
+            "t": sub.t.tolist(),
+            "beta": beta,
+            "eps": middle / lam,
+            **{
+                key.split("/")[1]: [m[key] for m in steady]
+                for key in steady[0]
+                if key not in ("current/beta", "current/eps")
+            },
         },
         "loss": {name: traj.f.tolist() for name, traj in trajectories.items()},
         "tracking_table": [

@@ -4,13 +4,16 @@
 
 - ``quadratic``: ``f_i = ½ (x − ξ_i)ᵀ A (x − ξ_i)`` with ``A = diag(1, 4)`` and centres
   ``ξ_i`` spread anisotropically (third derivatives zero: the (F9) assumption holds);
+- ``aligned``: the same with centres spread along the axes, so that ``D`` commutes with
+  ``A``: the one problem here whose metric gradient ``∇_D f`` is a gradient (F11's Φ exists);
 - ``rosenbrock``: ``f_i = (a_i − x₁)² + 5 (x₂ − x₁² + b_i)²`` with noisy ``a_i, b_i``.
 
 The experiment draws the loss contours, the metric ellipses of ``g(x) = I + εD(x)`` (the
 unit circle of g, ``{v: vᵀ g v = r²}``), the fields ``−∇f`` and ``−∇_D f``, and the GD,
-SGD-mean, metric-flow and geodesic trajectories. For Chaudhari and Soatto it measures the
-curl of ``∇_D f`` (its non-conservative part: a gradient field has none) and where long SGD
-runs concentrate compared with the minimum of f, where the metric flow stops.
+SGD-mean, metric-flow and geodesic trajectories. For Chaudhari and Soatto it measures, at
+every grid point, the exact curl of ``∇_D f`` (a gradient field has none: F11's Φ exists
+only where it vanishes) and (F12)'s ratio ``‖(ε/β)∇·D‖ / ‖∇f‖``, and where long SGD runs
+concentrate compared with the minimum of f, where the metric flow stops.
 """
 
 from __future__ import annotations
@@ -26,10 +29,20 @@ from torch import Tensor, nn
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import InputError
 from sgdgeom.files import atomic_write_bytes, save_figure
-from sgdgeom.geometry import geodesic, gradient_flow, metric_flow, set_parameters, sgd_ensemble
+from sgdgeom.geometry import (
+    curl,
+    current,
+    geodesic,
+    gradient_flow,
+    metric_flow,
+    set_parameters,
+    sgd_ensemble,
+)
 from sgdgeom.metric import DiffusionMetric
 
-__all__ = ["PlaneProblem", "make_problem", "run_plane"]
+__all__ = ["PROBLEMS", "PlaneProblem", "make_problem", "run_plane"]
+
+PROBLEMS = ("quadratic", "aligned", "rosenbrock")
 
 
 class PlaneProblem(nn.Module):
@@ -38,14 +51,14 @@ class PlaneProblem(nn.Module):
 
     def __init__(self, kind: str, start: tuple[float, float]) -> None:
         super().__init__()
-        if kind not in ("quadratic", "rosenbrock"):
-            raise InputError(f"unknown problem {kind!r}; choose quadratic or rosenbrock")
+        if kind not in PROBLEMS:
+            raise InputError(f"unknown problem {kind!r}; choose {', '.join(PROBLEMS)}")
         self.kind = kind
         self.x = nn.Parameter(torch.tensor(start, dtype=torch.float64))
 
     def forward(self, constants: Tensor) -> Tensor:
         x1, x2 = self.x[0], self.x[1]
-        if self.kind == "quadratic":
+        if self.kind != "rosenbrock":
             diff = self.x - constants
             return 0.5 * (diff[:, 0] ** 2 + 4.0 * diff[:, 1] ** 2)
         a, b = constants[:, 0], constants[:, 1]
@@ -63,10 +76,16 @@ def make_problem(
     """The model (at its start point) and its per-sample constants."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 2, dtype=torch.float64, generator=g)
-    if kind == "quadratic":
-        # centres spread along a tilted direction: anisotropic noise
+    if kind != "rosenbrock":
+        # anisotropic noise: centres spread along a tilted direction, or along the axes
         rotation = torch.tensor([[0.8, -0.6], [0.6, 0.8]], dtype=torch.float64)
-        constants = noise * torch.tensor([0.8, 0.15], dtype=torch.float64) @ rotation.T
+        if kind == "aligned":  # an exactly diagonal sample covariance: D commutes with A
+            centred = noise - noise.mean(0)
+            whitening = torch.linalg.cholesky(centred.T @ centred / n)
+            noise = torch.linalg.solve_triangular(whitening, centred.T, upper=False).T
+        constants = noise * torch.tensor([0.8, 0.15], dtype=torch.float64)
+        if kind == "quadratic":
+            constants = constants @ rotation.T
         start = (2.0, 1.5)
     else:
         constants = torch.stack([1 + 0.3 * noise[:, 0], 0.2 * noise[:, 1]], 1)
@@ -86,6 +105,18 @@ def _field(
         metric.gradient().numpy(),
         D.dense().numpy(),
     )
+
+
+def _instruments(
+    model: PlaneProblem, data: tuple[Tensor, Tensor], eps: float, beta: float, point: np.ndarray
+) -> tuple[float, float, float]:
+    """At one point: the exact curl of ∇_D f, the same relative to its Jacobian, and the
+    ratio ‖(ε/β)∇·D‖ / ‖∇f‖ of (F12) (:func:`~sgdgeom.geometry.current`)."""
+    set_parameters(model, torch.as_tensor(point))
+    rotation = curl(model, identity_loss, data, eps)
+    D = DiffusionMatrix(model, identity_loss, data, route="generic", chunk_size=None)
+    ratio = current(D, beta, eps).ratio
+    return float(rotation.values[0]), float(rotation.relative[0]), ratio
 
 
 def _argmin(model: PlaneProblem, data: tuple[Tensor, Tensor], x0: Tensor) -> np.ndarray:
@@ -118,8 +149,9 @@ def run_plane(
     model, data = make_problem(kind, n, seed)
     x0 = model.x.detach().clone()
     # one ε for the whole plane: a fraction of 1/max λ_max over the grid and the start
-    xs = np.linspace(-2.5, 2.5, grid) if kind == "quadratic" else np.linspace(-1.6, 1.8, grid)
-    ys = np.linspace(-2.0, 2.0, grid) if kind == "quadratic" else np.linspace(-0.6, 2.6, grid)
+    quadratic = kind != "rosenbrock"
+    xs = np.linspace(-2.5, 2.5, grid) if quadratic else np.linspace(-1.6, 1.8, grid)
+    ys = np.linspace(-2.0, 2.0, grid) if quadratic else np.linspace(-0.6, 2.6, grid)
     points = [np.array([a, b]) for b in ys for a in xs] + [x0.numpy()]
     lam_max = max(float(np.linalg.eigvalsh(_field(model, data, 0.0, p)[3])[-1]) for p in points)
     eps = eps_fraction / lam_max
@@ -153,13 +185,11 @@ def run_plane(
         runs=runs,
         generator=torch.Generator().manual_seed(seed + 1),
     )
-    # the curl ∂₁F₂ − ∂₂F₁ of F = ∇_D f on the grid, against the size of its derivatives
-    F = np.array([f[2] for f in fields]).reshape(grid, grid, 2)
-    dx, dy = xs[1] - xs[0], ys[1] - ys[0]
-    curl = np.gradient(F[:, :, 1], dx, axis=1) - np.gradient(F[:, :, 0], dy, axis=0)
-    scale = np.abs(np.gradient(F[:, :, 0], dx, axis=1)) + np.abs(
-        np.gradient(F[:, :, 1], dy, axis=0)
-    )
+    # (F11)-(F12) on the grid: the exact curl ∂₁F₂ − ∂₂F₁ of F = ∇_D f, and the current's
+    # divergence term against ∇f at SGD's temperature β = 2b/η
+    beta = 2 * batch_size / lr
+    instruments = [_instruments(model, data, eps, beta, p) for p in points[:-1]]
+    curls = np.array([c for c, _, _ in instruments])
     minimum = _argmin(model, data, x0)
     final = long_run["iterates"][:, -1]
     sgd_mean_t = np.stack([np.interp(t, ensemble["t"], ensemble["mean"][:, j]) for j in (0, 1)], 1)
@@ -185,8 +215,11 @@ def run_plane(
         "geodesic_minus_metric_flow": float(
             np.linalg.norm(runs_["geodesic-exact"].x - runs_["metric-exact"].x, axis=1).max()
         ),
-        "curl_max": float(np.abs(curl).max()),
-        "curl_relative": float(np.abs(curl).max() / scale.max()),
+        "curl": curls.tolist(),
+        "curl_max": float(np.abs(curls).max()),
+        "curl_relative": float(max(r for _, r, _ in instruments)),
+        "beta": beta,
+        "current_ratio": [q for _, _, q in instruments],
         "long_run": {
             "steps": round(10 * t_end / lr),
             "mean": final.mean(0).tolist(),

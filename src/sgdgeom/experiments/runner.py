@@ -32,6 +32,7 @@ from sgdgeom.extras import require
 from sgdgeom.files import atomic_write_bytes, read_jsonl
 from sgdgeom.models import build_model
 from sgdgeom.monitor import LayerTemperature, analyse_regimes, plot_temperatures, temperature_curves
+from sgdgeom.steady_state import SteadyStateMonitor
 from sgdgeom.train import (
     CHECKPOINT,
     METRICS,
@@ -195,9 +196,9 @@ def _monitors(config: ExperimentConfig, dataset: Dataset, out: Path | None) -> l
     if monitor is None:
         return []
     callbacks: list[Callback] = []
+    n = min(monitor.probe_size, len(dataset.y_train))
+    probe = (dataset.normalize(dataset.x_train[:n]), dataset.y_train[:n])
     if monitor.temperature:
-        n = min(monitor.probe_size, len(dataset.y_train))
-        probe = (dataset.normalize(dataset.x_train[:n]), dataset.y_train[:n])
         callbacks.append(
             LayerTemperature(
                 monitor.layers,
@@ -205,6 +206,17 @@ def _monitors(config: ExperimentConfig, dataset: Dataset, out: Path | None) -> l
                 trace_every=monitor.trace_every,
                 probe=probe,
                 loss_fn="cross_entropy",  # the base loss of every config (PLA smooths it)
+            )
+        )
+    if monitor.current_every:
+        callbacks.append(
+            SteadyStateMonitor(
+                probe,
+                "cross_entropy",
+                every=monitor.current_every,
+                probes=monitor.current_probes,
+                sections=monitor.curl_sections,
+                seed=config.seed,
             )
         )
     if monitor.tensorboard:
