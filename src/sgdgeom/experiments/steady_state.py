@@ -214,6 +214,73 @@ def _weighted_moments(points: np.ndarray, weights: np.ndarray) -> dict[str, list
 # --------------------------------------------------------------------------- experiment
 
 
+def _walkers(
+    config: SteadyStateConfig, model: PlaneProblem, data: tuple[Tensor, Tensor], x_min: Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """SGD's and the SDE's walkers after the burn-in, ``(walkers, snapshots + 1, 2)`` each,
+    from the minimum of f; the SDE takes ``sde_substeps`` steps per SGD step."""
+    every = max(1, round(config.t_sample / config.lr / config.snapshots))
+    steps = round(config.t_burn / config.lr) + every * config.snapshots
+    common = {"lr": config.lr, "batch_size": config.batch_size}
+    sgd = sgd_ensemble(
+        model, identity_loss, data, x_min, steps=steps, runs=config.walkers, every=every,
+        generator=torch.Generator().manual_seed(config.seed), **common,
+    )  # fmt: skip
+    sde = chaudhari_soatto_sde(
+        model, identity_loss, data, x_min, t_end=steps * config.lr,
+        dt=config.lr / config.sde_substeps, paths=config.walkers,
+        every=every * config.sde_substeps,
+        generator=torch.Generator().manual_seed(config.seed + 1), **common,
+    )  # fmt: skip
+    after = config.t_burn - 1e-12
+    return sgd["iterates"][:, sgd["t"] >= after], sde["iterates"][:, sde["t"] >= after]
+
+
+def _largest_relative_curl(
+    model: PlaneProblem, data: tuple[Tensor, Tensor], eps: float, points: Tensor
+) -> float:
+    """The exact curl of ∇_D f relative to its Jacobian (:func:`~sgdgeom.geometry.curl`),
+    the largest over ``points``."""
+    values = []
+    for p in points:
+        set_parameters(model, p)
+        values.append(float(curl(model, identity_loss, data, eps).relative[0]))
+    return max(values)
+
+
+def _lyapunov(
+    fields: _PlaneFields, x_min: Tensor, beta: float, config: SteadyStateConfig
+) -> dict[str, np.ndarray]:
+    """For f quadratic and D constant (the SDE is Ornstein–Uhlenbeck), the SDE's stationary
+    covariance (``AΣ + ΣA = 2β⁻¹D``) and SGD's (``Σ = (I − ηA)Σ(I − ηA) + η²D/b``)."""
+    from scipy.linalg import solve_continuous_lyapunov, solve_discrete_lyapunov
+
+    hessian = torch.autograd.functional.hessian(lambda p: fields.loss(p[None])[0], x_min).numpy()
+    D = fields.moments(x_min[None])[1][0].numpy()
+    step = np.eye(2) - config.lr * hessian
+    return {
+        "sde_continuous": solve_continuous_lyapunov(hessian, 2 / beta * D),
+        "sgd_discrete": solve_discrete_lyapunov(step, config.lr**2 * D / config.batch_size),
+    }
+
+
+def _f12_instruments(
+    model: PlaneProblem, data: tuple[Tensor, Tensor], eps: float, beta: float, points: np.ndarray
+) -> dict[str, float]:
+    """(F12)'s divergence term ``‖(ε/β)∇·D‖`` beside ``‖∇f‖`` at ``points`` (exact ∇·D)."""
+    divergence, gradient = [], []
+    for p in points:
+        set_parameters(model, torch.as_tensor(p))
+        matrix = DiffusionMatrix(model, identity_loss, data, route="generic", chunk_size=None)
+        divergence.append(eps / beta * float(matrix.divergence().value.norm()))
+        gradient.append(float(matrix.mean_gradient().norm()))
+    return {
+        "divergence_term_mean": float(np.mean(divergence)),
+        "gradient_mean": float(np.mean(gradient)),
+        "ratio_median": float(np.median(np.array(divergence) / np.array(gradient))),
+    }
+
+
 def run_steady_state(
     config: SteadyStateConfig, out_dir: str | Path, progress: bool = True
 ) -> dict[str, Any]:
@@ -226,102 +293,47 @@ def run_steady_state(
     minimum = _argmin(model, data, model.x.detach().clone())
     x_min = torch.as_tensor(minimum)
     beta = 2 * config.batch_size / config.lr
-    steps_burn = round(config.t_burn / config.lr)
-    every = max(1, round(config.t_sample / config.lr / config.snapshots))
-    steps = steps_burn + every * config.snapshots
-    stages = tqdm(total=4, desc="steady state", disable=not progress)
-    sgd = sgd_ensemble(
-        model,
-        identity_loss,
-        data,
-        x_min,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        steps=steps,
-        runs=config.walkers,
-        every=every,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    keep = sgd["t"] >= config.t_burn - 1e-12
-    sgd_samples = sgd["iterates"][:, keep]
-    stages.update()
-    dt = config.lr / config.sde_substeps
-    sde = chaudhari_soatto_sde(
-        model,
-        identity_loss,
-        data,
-        x_min,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        t_end=steps * config.lr,
-        dt=dt,
-        paths=config.walkers,
-        every=every * config.sde_substeps,
-        generator=torch.Generator().manual_seed(config.seed + 1),
-    )
-    sde_samples = sde["iterates"][:, sde["t"] >= config.t_burn - 1e-12]
+    stages = tqdm(total=3, desc="steady state", disable=not progress)
+    sgd_samples, sde_samples = _walkers(config, model, data, x_min)
     stages.update()
 
     flat = sgd_samples.reshape(-1, 2)
-    spread = flat.std(0)
-    grid = _Grid(flat.mean(0), config.window * spread, config.bins)
+    grid = _Grid(flat.mean(0), config.window * flat.std(0), config.bins)
     points = torch.as_tensor(grid.sub_points())
     coarse = torch.as_tensor(
         np.stack(np.meshgrid(*[e[::4] for e in grid.edges]), -1).reshape(-1, 2)
     )
     fields = _PlaneFields(model, data, eps=0.0)
     lam_max = float(torch.linalg.eigvalsh(fields.moments(coarse)[1])[:, -1].max())
-    eps = config.eps_fraction / lam_max
-    fields.eps = eps
-    curls = []
-    for p in coarse[:: max(1, len(coarse) // 16)]:
-        set_parameters(model, p)
-        curls.append(float(curl(model, identity_loss, data, eps).relative[0]))
-    set_parameters(model, x_min)
-    potential_exists = max(curls) < CURL_FREE
-    stages.update()
-
+    eps = fields.eps = config.eps_fraction / lam_max
+    curl_max = _largest_relative_curl(model, data, eps, coarse[:: max(1, len(coarse) // 16)])
+    potential_exists = curl_max < CURL_FREE
     f_values = fields.loss(points.reshape(-1, 2)).reshape(points.shape[:2]).numpy()
     candidates = {GIBBS: grid.binned(-beta * f_values)}
     if potential_exists:
         phi = fields.potential(points.reshape(-1, 2), x_min).reshape(points.shape[:2]).numpy()
         candidates[POTENTIAL] = grid.binned(-beta * phi)
     lyapunov = None
-    if config.problem != "rosenbrock":  # f quadratic, D constant: the SDE is Ornstein–Uhlenbeck
-        from scipy.linalg import solve_continuous_lyapunov, solve_discrete_lyapunov
-
-        hessian = torch.autograd.functional.hessian(lambda p: fields.loss(p[None])[0], x_min)
-        hessian = hessian.numpy()
-        D = fields.moments(x_min[None])[1][0].numpy()
-        lyapunov = {
-            "sde_continuous": solve_continuous_lyapunov(hessian, 2 / beta * D),
-            "sgd_discrete": solve_discrete_lyapunov(
-                np.eye(2) - config.lr * hessian, config.lr**2 * D / config.batch_size
-            ),
-        }
+    if config.problem != "rosenbrock":
+        lyapunov = _lyapunov(fields, x_min, beta, config)
         candidates[LYAPUNOV] = grid.binned(
             _gaussian_log_density(points.numpy(), minimum, lyapunov["sde_continuous"])
         )
+    stages.update()
+
     counts = grid.counts(sgd_samples)
     sde_counts = grid.counts(sde_samples)
-    halves = rng.permutation(len(counts))
-    first, second = counts[halves[::2]], counts[halves[1::2]]
     distances = {
         name: _distance(counts, q, config.bootstrap, rng) for name, q in candidates.items()
     }
     distances[SDE_WALKERS] = _distance(counts, sde_counts, config.bootstrap, rng)
     # two halves of the walkers: TV ≈ 2c√(bins/n) against c√(bins/n) for all n samples
     # against their own density, and c√(2 bins/n) for two samples of n (multinomial noise)
+    halves = rng.permutation(len(counts))
+    first, second = counts[halves[::2]], counts[halves[1::2]]
     halves_tv = float(_tv(first.sum(0) / first.sum(), second.sum(0) / second.sum()))
-
-    # (F12)'s instruments at a few walkers: the divergence term beside the gradient
-    probe_points = flat[rng.choice(len(flat), size=min(32, len(flat)), replace=False)]
-    divergence_norms, gradient_norms = [], []
-    for p in probe_points:
-        set_parameters(model, torch.as_tensor(p))
-        matrix = DiffusionMatrix(model, identity_loss, data, route="generic", chunk_size=None)
-        divergence_norms.append(eps / beta * float(matrix.divergence().value.norm()))
-        gradient_norms.append(float(matrix.mean_gradient().norm()))
+    probe = flat[rng.choice(len(flat), size=min(32, len(flat)), replace=False)]
+    f12 = _f12_instruments(model, data, eps, beta, probe)
     set_parameters(model, x_min)
     stages.update()
     stages.close()
@@ -342,7 +354,7 @@ def run_steady_state(
             "histogram": (counts.sum(0) / counts.sum()).tolist(),
         },
         "sde_walkers": {
-            "dt": dt,
+            "dt": config.lr / config.sde_substeps,
             "mean": sde_samples.reshape(-1, 2).mean(0).tolist(),
             "cov": np.cov(sde_samples.reshape(-1, 2).T).tolist(),
             "histogram": (sde_counts.sum(0) / sde_counts.sum()).tolist(),
@@ -357,14 +369,10 @@ def run_steady_state(
             "sample_vs_density": halves_tv / 2,
             "sample_vs_sample": halves_tv / 2**0.5,
         },
-        "curl_relative_max": max(curls),
+        "curl_relative_max": curl_max,
         "potential_exists": potential_exists,
         "lyapunov": {k: v.tolist() for k, v in lyapunov.items()} if lyapunov else None,
-        "f12": {
-            "divergence_term_mean": float(np.mean(divergence_norms)),
-            "gradient_mean": float(np.mean(gradient_norms)),
-            "ratio_median": float(np.median(np.array(divergence_norms) / np.array(gradient_norms))),
-        },
+        "f12": f12,
     }
     path = out / "steady-state.json"
     atomic_write_bytes(path, json.dumps(result, indent=1).encode())
