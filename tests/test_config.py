@@ -31,6 +31,7 @@ def test_every_shipped_config_is_valid():
     assert configs
     from sgdgeom.experiments.geodesic import load_geodesic_config
     from sgdgeom.experiments.rbm import load_rbm_config
+    from sgdgeom.experiments.steady_state import load_steady_state_config
     from sgdgeom.experiments.sweep import load_sweep
 
     for path in configs:
@@ -38,6 +39,8 @@ def test_every_shipped_config_is_valid():
             load_rbm_config(path)
         elif path.parent.name == "geodesic":
             load_geodesic_config(path)
+        elif path.parent.name == "steady-state":
+            load_steady_state_config(path)
         elif path.parent.name == "sweeps":
             assert load_sweep(path, "runs/unused").runs
         elif "variants" in yaml.safe_load(path.read_text()):
