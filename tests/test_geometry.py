@@ -504,3 +504,51 @@ def test_geodesic_with_nonzero_christoffel_against_a_hand_derived_equation(exact
         atol=1e-14,
     )
     assert np.abs(flat.y[:3] - reference.y[:3]).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "name", ["tied-autoencoder", "reused-linear", "partly-frozen", "functional-loss"]
+)
+def test_sgd_ensemble_against_a_plain_loop_on_unusual_models(name):
+    """The vectorised ensemble (per-sample gradients, vmap over runs) against plain SGD:
+    one autograd backward of the minibatch's mean loss per run and step, same minibatches."""
+    import copy
+
+    from tests.cases import make_case
+
+    case = make_case(name)
+    space = ParamSpace(case.model)
+    x0 = space.vector(case.model).detach().clone()
+    runs, batch, steps, lr = 3, 4, 5, 0.05
+    ours = sgd_ensemble(
+        case.model, case.loss, (case.x, case.y), x0, lr=lr, batch_size=batch, steps=steps,
+        runs=runs, generator=torch.Generator().manual_seed(7),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(7)
+    loss = per_sample_loss(case.loss)
+    models = [copy.deepcopy(case.model) for _ in range(runs)]
+    for _ in range(steps):
+        idx = torch.randint(0, len(case.x), (runs, batch), generator=generator)
+        for model, rows in zip(models, idx, strict=True):
+            model.zero_grad(set_to_none=True)
+            loss(model(case.x[rows]), case.y[rows]).mean().backward()
+            with torch.no_grad():
+                for p in ParamSpace(model).params(model).values():
+                    p.sub_(lr * p.grad)
+    plain = np.stack([ParamSpace(m).vector(m).detach().numpy() for m in models])
+    np.testing.assert_allclose(ours["iterates"][:, -1], plain, rtol=1e-10, atol=1e-12)
+    assert np.abs(plain - x0.numpy()).max() > 1e-4  # the runs moved
+
+
+def test_per_sample_routes_of_geometry_refuse_batch_statistics():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    data = (torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,)))
+    x0 = ParamSpace(model).vector(model)
+    with pytest.raises(InputError, match="BatchNorm layer '1'"):
+        sgd_ensemble(model, "cross_entropy", data, x0, lr=0.1, batch_size=4, steps=2, runs=2)
+    with pytest.raises(InputError, match="BatchNorm layer '1'"):
+        curl(model, "cross_entropy", data, 0.1)
+    model.eval()
+    assert sgd_ensemble(model, "cross_entropy", data, x0, lr=0.1, batch_size=4, steps=2, runs=2)[
+        "iterates"
+    ].shape == (2, 3, len(x0))

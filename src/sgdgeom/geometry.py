@@ -37,7 +37,7 @@ from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import InputError
 from sgdgeom.metric import DiffusionMetric
 from sgdgeom.params import ParamSpace
-from sgdgeom.persample import LossSpec, per_sample_loss
+from sgdgeom.persample import LossSpec, check_independent_samples, per_sample_loss
 
 __all__ = [
     "Curl",
@@ -381,7 +381,10 @@ def per_sample_gradient_function(
 ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """``(point, inputs, targets) ↦ G``, the ``(N, d)`` per-sample gradients of ``loss_fn``
     at the flat parameters ``point`` (``torch.func``: differentiable, and ``vmap``-able over
-    points). Parameters outside the space and buffers are held at their current values."""
+    points). Parameters outside the space and buffers are held at their current values.
+    Refuses a model whose samples are not independent (BatchNorm or Dropout in train mode),
+    naming the module."""
+    check_independent_samples(model)
     space = ParamSpace(model)
     loss = per_sample_loss(loss_fn)
     constants = {n: p.detach() for n, p in model.named_parameters() if n not in space.names}
@@ -588,6 +591,9 @@ def sgd_ensemble(
     """``runs`` independent SGD runs from ``x0`` (``(d,)``), all advanced together
     (``vmap`` over runs), each with its own minibatches drawn with replacement:
     ``x ← x − lr · (1/b) Σ_{i∈batch} ∇f_i(x)``.
+
+    The minibatch gradient is the mean of per-sample gradients, so BatchNorm or Dropout in
+    train mode is refused (:func:`per_sample_gradient_function`): call ``model.eval()``.
 
     Returns the iterates every ``every`` steps, ``iterates`` ``(runs, K, d)``, their mean
     ``(K, d)`` and covariance ``(K, d, d)`` over runs, at times ``t_k = k·lr`` (the flows'

@@ -285,7 +285,8 @@ class PartialLocalEntropy:
                 delta = delta.uniform_(-half, half, generator=self.generator)
             else:
                 delta = delta.normal_(0.0, (2 * self.gamma) ** -0.5, generator=self.generator)
-            out[name] = delta.to(p.device) if m is None else delta.to(p.device) * m
+            delta = delta.to(p.device)
+            out[name] = delta if m is None else delta * m
         return out
 
     def _distances(self, deltas: dict[str, Tensor]) -> Tensor | None:
