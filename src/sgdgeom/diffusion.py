@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sgdgeom.eigen import Eigenpairs, top_eigenpairs
 from sgdgeom.errors import InputError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import (
@@ -155,8 +156,20 @@ class DiffusionMatrix:
         c = self.products.jvp(v)
         return self.products.vjp(c - c.mean()) / self.n
 
+    def matmat(self, V: Tensor) -> Tensor:
+        """``D V`` for ``m`` vectors at once, ``(d, m) -> (d, m)``: one batched JVP and one
+        batched VJP, a single pass over the data (see :meth:`matvec`)."""
+        if V.dim() != 2 or V.shape[0] != self.space.dim:
+            raise InputError(f"V must be a ({self.space.dim}, m) tensor, got {tuple(V.shape)}")
+        self.space.check_vector(V[:, 0])
+        C = self.products.jvp_batch(V)
+        return self.products.vjp_batch(C - C.mean(0)) / self.n
+
     def __matmul__(self, v: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
-        """``D @ v`` for a ``(d,)`` vector, a ``(d, k)`` matrix or a dict by parameter name."""
+        """``D @ v`` for a ``(d,)`` vector, a ``(d, k)`` matrix (one pass, :meth:`matmat`) or
+        a dict by parameter name."""
+        if isinstance(v, Tensor) and v.dim() == 2:
+            return self.matmat(v)
         return self.space.apply(self.matvec, v)
 
     @cached_property
@@ -222,30 +235,39 @@ class DiffusionMatrix:
             columns.append(self.products.vjp(w) / math.sqrt(self.n * float(lam)))
         return values.to(self.space.dtype), torch.stack(columns, 1)
 
-    def eigsh(self, k: int, tol: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor]:
-        """The top-k eigenpairs of D by Lanczos on the matvec (scipy's ARPACK ``eigsh``),
-        never forming D or K: values ``(k,)`` descending, eigenvectors ``(d, k)``."""
-        from scipy.sparse.linalg import LinearOperator, eigsh
+    def eigsh(
+        self,
+        k: int,
+        method: str = "block-lanczos",
+        *,
+        tol: float | None = None,
+        oversample: int = 10,
+        max_passes: int = 60,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> Eigenpairs:
+        """The top-k eigenpairs of D from products alone, never forming D or K.
 
-        d = self.space.dim
-        self._check_k(k, d - 1)
-
-        def matvec(v: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(
-                np.ascontiguousarray(v).reshape(-1),
-                dtype=self.space.dtype,
-                device=self.space.device,
-            )
-            return self.matvec(t).double().cpu().numpy()
-
-        operator = LinearOperator((d, d), matvec=matvec, dtype=np.float64)
-        v0 = np.random.default_rng(seed).standard_normal(d)
-        values, vectors = eigsh(operator, k=k, which="LA", tol=tol, v0=v0)
-        order = np.argsort(values)[::-1]
-        as_tensor = {"dtype": self.space.dtype, "device": self.space.device}
-        return (
-            torch.as_tensor(values[order].copy(), **as_tensor),
-            torch.as_tensor(vectors[:, order].copy(), **as_tensor),
+        ``method`` is ``"block-lanczos"`` (block Krylov, ``k + oversample`` vectors per
+        pass), ``"randomized"`` (subspace iteration with Rayleigh–Ritz) or ``"lanczos"``
+        (scipy's ARPACK, one vector per pass): see :mod:`sgdgeom.eigen`. A block pass is one
+        batched JVP and one batched VJP over the data (on the capture route, one matmul per
+        layer for all vectors). Returns :class:`~sgdgeom.eigen.Eigenpairs`: values ``(k,)``
+        descending, eigenvectors ``(d, k)``, each pair's residual ``‖D u − λ u‖`` and the
+        cost in passes and vector products; it unpacks as ``values, vectors``."""
+        self._check_k(k, min(self.n - 1, self.space.dim - 1))
+        return top_eigenpairs(
+            self.matmat,
+            self.space.dim,
+            k,
+            self.space.dtype,
+            self.space.device,
+            method=method,
+            oversample=oversample,
+            tol=tol,
+            max_passes=max_passes,
+            seed=seed,
+            progress=progress,
         )
 
     @staticmethod

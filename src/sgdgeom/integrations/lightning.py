@@ -130,7 +130,7 @@ class DiffusionSpectrum(pl.Callback):
         network.eval()
         try:
             D = DiffusionMatrix(network, self.loss_fn, (x.to(first.dtype), y))
-            values = D.eigvalsh() if self.k is None else D.eigsh(self.k)[0]
+            values = D.eigvalsh() if self.k is None else D.eigsh(self.k).values
             snapshot = {
                 "spectrum/lambda_max": float(values[0]),
                 "spectrum/trace": D.trace(),

@@ -7,6 +7,8 @@ everything is a product:
 
 - ``jvp(v)``: :math:`c = G v`, shape ``(N,)``;
 - ``vjp(w)``: :math:`G^\top w = \sum_i w_i g_i`, shape ``(d,)``;
+- ``jvp_batch(V)`` and ``vjp_batch(W)``: the same for ``m`` vectors at once, ``(d, m) ->
+  (N, m)`` and ``(N, m) -> (d, m)``, in one pass over the data (block eigensolvers);
 - ``gram()``: the raw Gram matrix :math:`G G^\top`, shape ``(N, N)``;
 - ``sq_norms()``: :math:`\|g_{i,p}\|^2` per sample and parameter tensor, ``(N, P)``;
 - ``per_sample_grads()``: chunks of rows of :math:`G` (dense references, small d);
@@ -56,6 +58,16 @@ class PerSampleProducts(Protocol):
         """``Gᵀ w = Σ_i w_i g_i`` for ``w`` of shape ``(N,)``: a flat ``(d,)`` vector, written
         into ``out`` if given (a buffer kept across calls saves allocating ``d`` floats)."""
         ...
+
+    def jvp_batch(self, V: Tensor) -> Tensor:
+        """``G V`` for ``m`` vectors, ``(d, m) -> (N, m)``. The default takes one
+        :meth:`jvp` per column; a route that can do it in one pass over the data overrides it."""
+        return torch.stack([self.jvp(column.contiguous()) for column in V.T], 1)
+
+    def vjp_batch(self, W: Tensor) -> Tensor:
+        """``Gᵀ W`` for ``m`` weight vectors, ``(N, m) -> (d, m)`` (default: a :meth:`vjp` per
+        column)."""
+        return torch.stack([self.vjp(column.contiguous()) for column in W.T], 1)
 
     def per_sample_grads(self) -> Iterator[tuple[int, Tensor]]:
         """Yield ``(start, G[start:start+b])`` chunks of rows of ``G``, shape ``(b, d)``."""

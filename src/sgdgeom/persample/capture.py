@@ -100,6 +100,10 @@ class Layer:
         """The layer's parameters' parts of a flat ``(d,)`` vector, shaped like them."""
         return {n: flat[self.slices[n]].view(self.shapes[n]) for n in self.names}
 
+    def block_views(self, block: Tensor) -> dict[str, Tensor]:
+        """The layer's parameters' parts of ``m`` flat vectors ``(d, m)``: ``(m, *shape)``."""
+        return {n: block[self.slices[n]].T.reshape(-1, *self.shapes[n]) for n in self.names}
+
 
 @dataclass
 class RowsCall:
@@ -409,6 +413,38 @@ class CaptureProducts(PerSampleProducts):
                 for call in calls:
                     part += self._call_jvp(layer, call, view)
         return out.mul_(self.scale) if self.scale != 1 else out
+
+    def jvp_batch(self, V: Tensor) -> Tensor:
+        """``G V`` for ``(d, m)``: each layer's rule takes the ``m`` vectors at once (one
+        forward-sized matmul per call), in one pass over the captures."""
+        out = torch.zeros(self.n, V.shape[1], dtype=V.dtype, device=V.device)
+        views = [layer.block_views(V) for layer in self.layers]
+        for chunk in self._chunks():
+            part = out[chunk.start : chunk.start + chunk.size]
+            for layer, calls, view in zip(self.layers, chunk.calls, views, strict=True):
+                for call in calls:
+                    if isinstance(call, RowsCall):
+                        part += sum(call.rows[n] @ view[n].flatten(1).T for n in layer.names)
+                    else:
+                        part += layer.rule.jvp_batch(layer.module, call, view)
+        return out.mul_(self.scale) if self.scale != 1 else out
+
+    def vjp_batch(self, W: Tensor) -> Tensor:
+        """``Gᵀ W`` for ``(N, m)``: one weight-gradient-sized matmul per call for all ``m``
+        columns, in one pass over the captures."""
+        total = torch.zeros(self.space.dim, W.shape[1], dtype=W.dtype, device=W.device)
+        for chunk in self._chunks():
+            wc = W[chunk.start : chunk.start + chunk.size]
+            wc = wc * self.scale if self.scale != 1 else wc
+            for layer, calls in zip(self.layers, chunk.calls, strict=True):
+                for call in calls:
+                    if isinstance(call, RowsCall):
+                        parts = {n: wc.T @ call.rows[n] for n in layer.names}
+                    else:
+                        parts = layer.rule.vjp_batch(layer.module, call, wc, layer.names)
+                    for name, part in parts.items():
+                        total[layer.slices[name]] += part.reshape(len(part), -1).T
+        return total
 
     def vjp(self, w: Tensor, out: Tensor | None = None) -> Tensor:
         """Each layer's part is written in place into its slice of the result, the first

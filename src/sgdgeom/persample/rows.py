@@ -66,6 +66,12 @@ class RowProducts(PerSampleProducts):
     def vjp(self, w: Tensor, out: Tensor | None = None) -> Tensor:
         return torch.mv(self.rows.T, w, out=out) if out is not None else self.rows.T @ w
 
+    def jvp_batch(self, V: Tensor) -> Tensor:
+        return self.rows @ V
+
+    def vjp_batch(self, W: Tensor) -> Tensor:
+        return self.rows.T @ W
+
     def per_sample_grads(self) -> Iterator[tuple[int, Tensor]]:
         yield 0, self.rows
 

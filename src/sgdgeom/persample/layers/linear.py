@@ -77,6 +77,31 @@ class LinearRule(LayerRule):
         if "bias" in out:
             write(out["bias"], weighted.sum((0, 1)), accumulate)
 
+    def jvp_batch(self, module: nn.Module, call: LinearCall, v: Params) -> Tensor:
+        """``m`` vectors in one matmul: ``(A V_kᵀ) ⊙ Δ`` summed over outputs and positions."""
+        a, g = call.inputs, call.grads
+        out = torch.zeros(
+            len(a), 0 if not v else len(next(iter(v.values()))), dtype=g.dtype, device=g.device
+        )
+        if "weight" in v:
+            m, fan_out, fan_in = v["weight"].shape
+            z = (a @ v["weight"].reshape(m * fan_out, fan_in).T).view(*a.shape[:2], m, fan_out)
+            out = torch.einsum("ntmo,nto->nm", z, g)
+        if "bias" in v:
+            out = out + g.sum(1) @ v["bias"].T
+        return out
+
+    def vjp_batch(self, module: nn.Module, call: LinearCall, w: Tensor, names: list[str]) -> Params:
+        """``m`` weight vectors in one matmul: ``[Δ ⊙ w_k]ᵀ A`` stacked over k."""
+        m, (n, t, fan_out) = w.shape[1], call.grads.shape
+        out = {}
+        if "weight" in names:
+            weighted = (call.grads[:, :, None, :] * w[:, None, :, None]).reshape(n * t, m * fan_out)
+            out["weight"] = (weighted.T @ call.inputs.flatten(0, 1)).view(m, fan_out, -1)
+        if "bias" in names:
+            out["bias"] = w.T @ call.grads.sum(1)
+        return out
+
     def per_sample(self, module: nn.Module, call: LinearCall, names: list[str]) -> Params:
         rows = {}
         if "weight" in names:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -92,6 +93,25 @@ class LayerRule:
         """``out[name] (+)= Σ_i w_i g_{i,name}`` for each name in ``out`` (shaped like the
         parameter)."""
         raise NotImplementedError
+
+    def jvp_batch(self, module: nn.Module, call: Any, v: Params) -> Tensor:
+        """``(g_i · v_k)`` for ``m`` vectors (``v[name]`` of shape ``(m, *param.shape)``):
+        ``(b, m)``. The default takes one :meth:`jvp` per vector."""
+        m = len(next(iter(v.values())))
+        return torch.stack(
+            [self.jvp(module, call, {n: t[k] for n, t in v.items()}) for k in range(m)], 1
+        )
+
+    def vjp_batch(self, module: nn.Module, call: Any, w: Tensor, names: list[str]) -> Params:
+        """``Σ_i w_ik g_{i,name}`` for ``m`` weight vectors ``w (b, m)``: ``{name: (m,
+        *param.shape)}``. The default takes one :meth:`vjp` per vector."""
+        shapes = {
+            n: p.shape for n, p in module.named_parameters(recurse=self.recursive) if n in names
+        }
+        out = {n: w.new_empty(w.shape[1], *shape) for n, shape in shapes.items()}
+        for k in range(w.shape[1]):
+            self.vjp(module, call, w[:, k].contiguous(), {n: t[k] for n, t in out.items()}, False)
+        return out
 
     def per_sample(self, module: nn.Module, call: Any, names: list[str]) -> Params:
         """The per-sample gradients ``(b, numel)`` of each parameter in ``names``."""
