@@ -533,10 +533,10 @@ def test_eigvalsh_checks_memory_before_allocating(monkeypatch):
     model = torch.nn.Linear(4, 3).double()
     x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
     D = DiffusionMatrix(model, "cross_entropy", (x, y))
-    monkeypatch.setattr(diffusion, "_available_bytes", lambda device: 20 * 20 * 8)
+    monkeypatch.setattr(diffusion, "available_bytes", lambda device: 20 * 20 * 8)
     with pytest.raises(InputError, match=r"20 x 20 Gram matrix .* use D.eigsh\(k\)"):
         D.eigvalsh()
-    monkeypatch.setattr(diffusion, "_available_bytes", lambda device: None)
+    monkeypatch.setattr(diffusion, "available_bytes", lambda device: None)
     assert D.eigvalsh().shape == (20,)
 
 

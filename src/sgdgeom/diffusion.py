@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,10 @@ from sgdgeom.persample import (
     FuncProducts,
     LossSpec,
     PerSampleProducts,
+    ShardedProducts,
     make_products,
 )
+from sgdgeom.persample.storage import available_bytes
 
 __all__ = ["DiffusionMatrix", "Divergence", "LayerBlock", "LayerTrace"]
 
@@ -91,8 +94,16 @@ class DiffusionMatrix:
             on the whole model, exact for any model) or ``"auto"`` (capture where it is
             exact, else generic, with a warning).
         chunk_size: samples per chunk (``None``: a batch is one chunk).
-        cache: the capture route caches layer inputs and output gradients (``O(N x widths)``,
-            never ``N x d``) when they fit in memory (``"auto"``), always, or never.
+        cache: the capture route keeps layer inputs and output gradients (``O(N x widths)``,
+            never ``N x d``): ``"auto"`` in memory when they fit, else in memory-mapped files
+            under ``cache_dir`` if given, else it captures again on every product; ``True``
+            in memory, ``"disk"`` under ``cache_dir``, ``False`` never
+            (:meth:`~sgdgeom.persample.CaptureProducts.from_model`).
+        cache_dir: a folder for memory-mapped captures (a private subfolder is made, and
+            removed with the products).
+        distributed: ``data`` is this process's shard of the samples
+            (``torch.distributed``): D is that of all the shards together, identical on
+            every rank (:class:`~sgdgeom.persample.ShardedProducts`).
         progress: show progress bars while streaming the data.
 
     Vectors are flat tensors of shape ``(d,)`` in ``model.named_parameters()`` order
@@ -109,6 +120,8 @@ class DiffusionMatrix:
         route: str = "auto",
         chunk_size: int | None = 1024,
         cache: bool | str = "auto",
+        cache_dir: str | Path | None = None,
+        distributed: bool = False,
         progress: bool = False,
     ) -> None:
         if data is None:
@@ -116,8 +129,16 @@ class DiffusionMatrix:
         self.space = ParamSpace(model)
         source = DataSource(data, chunk_size, self.space.device)
         self.products: PerSampleProducts = make_products(
-            model, loss_fn, source, route=route, cache=cache, progress=progress
+            model,
+            loss_fn,
+            source,
+            route=route,
+            cache=cache,
+            cache_dir=cache_dir,
+            progress=progress,
         )
+        if distributed:
+            self.products = ShardedProducts(self.products)
         self.n = self.products.n
 
     @classmethod
@@ -135,10 +156,13 @@ class DiffusionMatrix:
     @property
     def route(self) -> str:
         """``"generic"`` (torch.func), ``"capture"`` (layer rules) or ``"rows"`` (explicit
-        per-sample gradients)."""
-        if isinstance(self.products, FuncProducts):
+        per-sample gradients); that of each process's shard under ``distributed=True``."""
+        products = self.products
+        if isinstance(products, ShardedProducts):
+            products = products.local
+        if isinstance(products, FuncProducts):
             return "generic"
-        return "capture" if isinstance(self.products, CaptureProducts) else "rows"
+        return "capture" if isinstance(products, CaptureProducts) else "rows"
 
     def __repr__(self) -> str:
         return f"DiffusionMatrix(d={self.space.dim}, N={self.n}, route={self.route!r})"
@@ -186,21 +210,21 @@ class DiffusionMatrix:
     def gradient_products(self) -> Tensor:
         """``c = G ḡ``, the per-sample ``g_i · ḡ``, ``(N,)``: the row means of the raw Gram
         matrix when it has been built (``g_i·ḡ = (1/N) Σ_j g_i·g_j``), else one JVP."""
-        if "_raw_gram" in self.__dict__:
-            return self._raw_gram.mean(1)
+        if "_gram" in self.__dict__:
+            return self._raw_row_means
         return self.products.jvp(self._mean_gradient)
 
     @cached_property
-    def _raw_gram(self) -> Tensor:
-        _check_gram_memory(self.n, self.space.dtype, self.space.device)
-        return self.products.gram()
-
-    @cached_property
     def _gram(self) -> Tensor:
-        raw = self._raw_gram
-        row = raw.mean(0, keepdim=True)
-        centred = raw - row - row.T + raw.mean()
-        return (centred + centred.T) / (2 * self.n)
+        """``K``, centred and symmetrised in place over the raw Gram matrix, so that the
+        only ``N x N`` matrix held is K itself."""
+        _check_gram_memory(self.n, self.space.dtype, self.space.device)
+        K = self.products.gram()
+        row = K.mean(0)
+        self._raw_row_means = row
+        K.sub_(row).sub_(row[:, None]).add_(row.mean())
+        _symmetrise_(K)
+        return K.div_(self.n)
 
     def gram(self) -> Tensor:
         """The centred Gram matrix ``K = (1/N) G_c G_cᵀ``, ``(N, N)``, whose eigenvalues are
@@ -208,14 +232,21 @@ class DiffusionMatrix:
         layer inputs and output gradients, ``(a_i·a_j)(δ_i·δ_j)``, without forming G."""
         return self._gram
 
+    def _spectral_copy(self) -> Tensor:
+        """K in the precision of its eigendecomposition: float64, except a float32 K on a
+        GPU, decomposed in float32 (float64 is slow there, and K holds float32 rounding)."""
+        if self._gram.device.type == "cuda" and self._gram.dtype == torch.float32:
+            return self._gram
+        return self._gram.double()
+
     @cached_property
     def _eigvalsh(self) -> Tensor:
-        return torch.linalg.eigvalsh(self._gram.double()).flip(0)
+        return torch.linalg.eigvalsh(self._spectral_copy()).flip(0).double()
 
     @cached_property
     def _eigh(self) -> tuple[Tensor, Tensor]:
-        values, vectors = torch.linalg.eigh(self._gram.double())
-        return values.flip(0), vectors.flip(1)
+        values, vectors = torch.linalg.eigh(self._spectral_copy())
+        return values.flip(0).double(), vectors.flip(1).double()
 
     def eigvalsh(self) -> Tensor:
         """All ``N`` eigenvalues of K in descending order, float64: D's nonzero spectrum
@@ -514,28 +545,31 @@ def _covariance(products: PerSampleProducts, mean: Tensor, mask: Tensor | None =
     return out / products.n
 
 
-def _available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: ``MemAvailable`` of
-    ``/proc/meminfo``), or None where it cannot be known."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _symmetrise_(K: Tensor, block: int = 2048) -> None:
+    """``K ← (K + Kᵀ)/2`` in place, block pair by block pair (no ``N x N`` temporary)."""
+    n = len(K)
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            mean = (K[i : i + block, j : j + block] + K[j : j + block, i : i + block].T) / 2
+            K[i : i + block, j : j + block] = mean
+            K[j : j + block, i : i + block] = mean.T
+
+
+def gram_spectrum_bytes(n: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Peak memory of D's full spectrum through the ``N x N`` Gram matrix: K itself, and
+    the copy LAPACK decomposes (float64, plus its float64 conversion on the CPU; a float32
+    K on a GPU is decomposed in float32)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    on_gpu_float32 = device.type == "cuda" and dtype == torch.float32
+    copies = itemsize if on_gpu_float32 else 8 + (8 if itemsize != 8 else 0)
+    return n * n * (itemsize + copies)
 
 
 def _check_gram_memory(n: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before allocating, a Gram matrix whose spectrum would not fit: the ``N x N``
-    matrix, its centred copy (``dtype``) and the float64 copy and workspace of
-    ``eigvalsh``."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    needed = n * n * (2 * itemsize + 16)
-    free = _available_bytes(device)
+    """Refuse, before allocating, a Gram matrix whose spectrum would not fit
+    (:func:`gram_spectrum_bytes`)."""
+    needed = gram_spectrum_bytes(n, dtype, device)
+    free = available_bytes(device)
     if free is not None and needed > free:
         raise InputError(
             f"the {n:,} x {n:,} Gram matrix and its eigendecomposition need about "

@@ -10,9 +10,11 @@ How it works, module by module (imports point down this list):
 - :mod:`~sgdgeom.persample.func` and :mod:`~sgdgeom.persample.rows`: the generic routes
   (``torch.func`` for any model; an explicit ``G``);
 - :mod:`~sgdgeom.persample.layers`: one rule per layer type and the registry;
+- :mod:`~sgdgeom.persample.storage`: where captures live (memory, memory-mapped files);
 - :mod:`~sgdgeom.persample.capture`: one forward and backward, captured for the rules,
   with the coverage check;
-- :mod:`~sgdgeom.persample.routes`: which route a model takes.
+- :mod:`~sgdgeom.persample.routes`: which route a model takes;
+- :mod:`~sgdgeom.persample.distributed`: the products of shards held by several processes.
 """
 
 from sgdgeom.persample.base import PerSampleProducts
@@ -24,6 +26,7 @@ from sgdgeom.persample.capture import (
     check_coverage,
     plan_layers,
 )
+from sgdgeom.persample.distributed import ShardedProducts
 from sgdgeom.persample.func import FuncProducts, jvp_or_double_vjp
 from sgdgeom.persample.layers import LayerRule, register_rule, rule_for
 from sgdgeom.persample.losses import (
@@ -48,6 +51,7 @@ __all__ = [
     "CaptureProducts",
     "FuncProducts",
     "RowProducts",
+    "ShardedProducts",
     "ROUTES",
     "make_products",
     "jvp_or_double_vjp",

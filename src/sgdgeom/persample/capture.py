@@ -29,14 +29,16 @@ model that passed it is not checked again (its parameters may change, its struct
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from sgdgeom.errors import InputError, UnsupportedModelError
 from sgdgeom.params import ParamSpace
@@ -46,6 +48,7 @@ from sgdgeom.persample.layers import LayerRule, rule_for
 from sgdgeom.persample.layers.registry import write
 from sgdgeom.persample.losses import LossSpec, PerSampleLoss, per_sample_loss
 from sgdgeom.persample.source import DataSource
+from sgdgeom.persample.storage import DiskChunks, available_bytes, check_disk, nbytes
 
 __all__ = [
     "CaptureProducts",
@@ -125,7 +128,7 @@ def compact_calls(layer: Layer, calls: list[Any], size: int) -> list[Any]:
     if size * numel * itemsize > ROWS_LIMIT:
         return calls
     materialised = len(calls) > 1 or not layer.rule.has_ghost_gram(layer.module, calls[0])
-    smaller = size * numel * itemsize <= _nbytes([calls])
+    smaller = size * numel * itemsize <= nbytes(calls)
     if not (layer.rule.prefer_rows or materialised or smaller):
         return calls
     rows: dict[str, Tensor] = {}
@@ -289,11 +292,13 @@ class CaptureProducts(PerSampleProducts):
         chunks: Callable[[], Iterator[Chunk]],
         n: int,
         scale: float = 1.0,
+        storage: str = "memory",
     ) -> None:
         self.space = space
         self.layers = list(layers)
         self.n = n
         self.scale = scale
+        self.storage = storage
         self._chunks = chunks
 
     @classmethod
@@ -326,11 +331,22 @@ class CaptureProducts(PerSampleProducts):
         *,
         cache: bool | str = "auto",
         cache_limit: int = 2**31,
+        cache_dir: str | Path | None = None,
         progress: bool = False,
     ) -> CaptureProducts:
-        """Plan and check the layers, then capture them over ``data``; cache the captures
-        when they fit in ``cache_limit`` bytes (``cache="auto"``), else stream them on every
-        product. Raises :class:`CoverageError` if a parameter is used outside its module."""
+        """Plan and check the layers, then capture them over ``data``.
+
+        Where the captures live (:attr:`storage`): ``cache=True`` keeps them in memory;
+        ``"auto"`` keeps them in memory when they fit in ``cache_limit`` bytes and half the
+        free memory, else in memory-mapped files under ``cache_dir`` if one is given
+        (:class:`~sgdgeom.persample.storage.DiskChunks`; the free disk is checked first),
+        else captures again on every product, with a warning that says how much they would
+        take; ``"disk"`` always writes them under ``cache_dir``; ``False`` never keeps them.
+        Raises :class:`CoverageError` if a parameter is used outside its module."""
+        if cache not in (True, False, "auto", "disk"):
+            raise InputError(f"cache must be True, False, 'auto' or 'disk', got {cache!r}")
+        if cache == "disk" and cache_dir is None:
+            raise InputError("cache='disk' needs a cache_dir for the memory-mapped captures")
         space = ParamSpace(model)
         layers = plan_layers(model, space)
         loss = per_sample_loss(loss_fn)
@@ -359,14 +375,31 @@ class CaptureProducts(PerSampleProducts):
                 ) from err
             _CHECKED[model] = key
         if cache is False:
-            return cls(space, layers, stream, data.n)
+            return cls(space, layers, stream, data.n, storage="stream")
         chunks = stream()
         first = next(chunks)
-        if cache == "auto" and _nbytes(first.calls) * data.n / first.size > cache_limit:
-            chunks.close()  # the captures would not fit: stream them on every product
-            return cls(space, layers, stream, data.n)
-        cached = [first, *chunks]
-        return cls(space, layers, lambda: iter(cached), data.n)
+        estimate = int(nbytes(first) * data.n / first.size)
+        free = available_bytes(space.device)
+        fits = estimate <= cache_limit and (free is None or 2 * estimate <= free)
+        if cache is True or (cache == "auto" and fits):
+            cached = [first, *chunks]
+            return cls(space, layers, lambda: iter(cached), data.n, storage="memory")
+        if cache == "disk" or cache_dir is not None:
+            check_disk(Path(cache_dir), estimate)
+            disk = DiskChunks(cache_dir)
+            for chunk in (first, *chunks):
+                disk.add(chunk)
+            products = cls(space, layers, lambda: iter(disk), data.n, storage="disk")
+            products.disk = disk  # the files live as long as the products
+            return products
+        chunks.close()  # the captures would not fit: capture again on every pass
+        warnings.warn(
+            f"the captures of {data.n:,} samples would take about {estimate / 2**30:.1f} GiB, "
+            f"more than the memory allows: every product runs the model again; pass "
+            f"cache_dir to keep them in memory-mapped files instead",
+            stacklevel=3,
+        )
+        return cls(space, layers, stream, data.n, storage="stream")
 
     # ------------------------------------------------------------------ one call
 
@@ -506,24 +539,32 @@ class CaptureProducts(PerSampleProducts):
             for chunk_j in self._chunks():
                 if chunk_j.start < chunk_i.start:
                     continue
-                block = torch.zeros(chunk_i.size, chunk_j.size, dtype=out.dtype, device=out.device)
-                for k, layer in enumerate(self.layers):
-                    calls_i, calls_j = chunk_i.calls[k], chunk_j.calls[k]
-                    if not calls_i or not calls_j:
-                        continue
-                    part = None
-                    if len(calls_i) == len(calls_j) == 1:
-                        part = self._call_gram(layer, calls_i[0], calls_j[0])
-                    if part is None:  # no ghost formula: materialise this layer's rows
-                        part = (
-                            self._rows(layer, calls_i, chunk_i.size)
-                            @ self._rows(layer, calls_j, chunk_j.size).T
-                        )
-                    block += part
+                block = self.gram_block(chunk_i, chunk_j)
                 i, j = chunk_i.start, chunk_j.start
                 out[i : i + chunk_i.size, j : j + chunk_j.size] = block
                 out[j : j + chunk_j.size, i : i + chunk_i.size] = block.T
-        return out.mul_(self.scale**2) if self.scale != 1 else out
+        return out
+
+    def gram_block(self, chunk_i: Chunk, chunk_j: Chunk) -> Tensor:
+        """``g_a · g_b`` for the samples a of one chunk and b of another (of these products
+        or of another process's: :mod:`sgdgeom.persample.distributed`), ``(b_i, b_j)``."""
+        block = torch.zeros(
+            chunk_i.size, chunk_j.size, dtype=self.space.dtype, device=self.space.device
+        )
+        for k, layer in enumerate(self.layers):
+            calls_i, calls_j = chunk_i.calls[k], chunk_j.calls[k]
+            if not calls_i or not calls_j:
+                continue
+            part = None
+            if len(calls_i) == len(calls_j) == 1:
+                part = self._call_gram(layer, calls_i[0], calls_j[0])
+            if part is None:  # no ghost formula: materialise this layer's rows
+                part = (
+                    self._rows(layer, calls_i, chunk_i.size)
+                    @ self._rows(layer, calls_j, chunk_j.size).T
+                )
+            block += part
+        return block.mul_(self.scale**2) if self.scale != 1 else block
 
     def sq_norms(self) -> Tensor:
         out = torch.zeros(
@@ -605,11 +646,3 @@ def uncovered(summed: dict[str, Tensor], expected: Sequence[Tensor | None]) -> d
 def describe(failures: dict[str, float]) -> str:
     """``"fc1.weight (relative error 6.0e-01), ..."``."""
     return ", ".join(f"{name} (relative error {error:.1e})" for name, error in failures.items())
-
-
-def _nbytes(tree: Any) -> int:
-    """Bytes held by the tensors in the calls (fields of dataclasses included)."""
-    leaves, _ = tree_flatten(
-        [[vars(call) if hasattr(call, "__dict__") else call for call in calls] for calls in tree]
-    )
-    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))

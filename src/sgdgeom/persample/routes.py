@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from torch import nn
 
@@ -25,6 +26,7 @@ def make_products(
     *,
     route: str = "auto",
     cache: bool | str = "auto",
+    cache_dir: str | Path | None = None,
     progress: bool = False,
 ) -> PerSampleProducts:
     """The products of a model's per-sample gradients on ``data``.
@@ -43,7 +45,9 @@ def make_products(
     if route == "generic":
         return FuncProducts(model, loss_fn, data, progress=progress)
     try:
-        return CaptureProducts.from_model(model, loss_fn, data, cache=cache, progress=progress)
+        return CaptureProducts.from_model(
+            model, loss_fn, data, cache=cache, cache_dir=cache_dir, progress=progress
+        )
     except UnsupportedModelError as err:
         if route == "capture":
             raise

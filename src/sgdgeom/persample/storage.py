@@ -1,0 +1,130 @@
+"""Where the captures of a data set live: in memory, in memory-mapped files, or nowhere.
+
+The capture route keeps, per chunk of samples, what each layer saw (its inputs) and the
+gradients at its outputs: ``O(N x widths)`` numbers, never ``N x d``. When they fit in
+memory they are kept there; when they do not, :class:`DiskChunks` writes each chunk once
+to raw ``.npy`` files in a private folder under a cache directory, and every later pass
+reads them back through ``numpy.memmap`` instead of running the network again. Nothing is
+pickled: each file holds one tensor's bytes, and the structure of the calls (dataclasses,
+dicts, lists) stays in memory. The folder is removed when the products are garbage
+collected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sgdgeom.errors import InputError
+
+__all__ = ["DiskChunks", "available_bytes", "check_disk", "map_tensors", "nbytes"]
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: ``MemAvailable`` of
+    ``/proc/meminfo``), or None where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def map_tensors(obj: Any, function: Callable[[Any], Any], leaf: type = Tensor) -> Any:
+    """``obj`` with every tensor (every instance of ``leaf``) inside dataclasses, dicts,
+    lists and tuples replaced by ``function(tensor)``; other leaves are kept as they are."""
+    if isinstance(obj, leaf):
+        return function(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {
+            f.name: map_tensors(getattr(obj, f.name), function, leaf)
+            for f in dataclasses.fields(obj)
+        }
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, dict):
+        return {key: map_tensors(value, function, leaf) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [map_tensors(value, function, leaf) for value in obj]
+    if isinstance(obj, tuple):
+        items = [map_tensors(value, function, leaf) for value in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes held by the tensors inside ``obj`` (see :func:`map_tensors`)."""
+    sizes: list[int] = []
+    map_tensors(obj, lambda t: sizes.append(t.numel() * t.element_size()))
+    return sum(sizes)
+
+
+def check_disk(folder: Path, needed: int) -> None:
+    """Refuse, before writing, captures that the disk under ``folder`` cannot hold."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise InputError(
+            f"the captures need about {needed / 2**30:.1f} GiB and {folder} has "
+            f"{free / 2**30:.1f} GiB free: pass another cache_dir, fewer samples, or "
+            f"cache=False (recompute the captures on every pass)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """A tensor written to ``path`` as raw bytes."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: torch.device
+
+
+class DiskChunks:
+    """Chunks of captures in memory-mapped files under ``cache_dir`` (one private folder
+    per instance). :meth:`add` writes a chunk; iterating reads every chunk back, its
+    tensors mapped from disk (and moved to their device)."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        root = Path(cache_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="captures-", dir=root))
+        self._skeletons: list[Any] = []
+        self._count = 0
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def _write(self, tensor: Tensor) -> _Stored:
+        path = self.folder / f"{self._count:08d}.npy"
+        self._count += 1
+        raw = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        np.save(path, raw, allow_pickle=False)
+        return _Stored(path, tensor.dtype, tuple(tensor.shape), tensor.device)
+
+    @staticmethod
+    def _read(stored: _Stored) -> Tensor:
+        mapped = np.load(stored.path, mmap_mode="c", allow_pickle=False)  # copy-on-write
+        tensor = torch.from_numpy(mapped).view(stored.dtype).reshape(stored.shape)
+        return tensor.to(stored.device)
+
+    def add(self, chunk: Any) -> None:
+        self._skeletons.append(map_tensors(chunk, self._write))
+
+    def __iter__(self) -> Iterator[Any]:
+        for skeleton in self._skeletons:
+            yield map_tensors(skeleton, self._read, _Stored)
+
+    def bytes_on_disk(self) -> int:
+        return sum(path.stat().st_size for path in self.folder.iterdir())
