@@ -297,3 +297,56 @@ def test_divergence_on_unusual_models_against_autograd_of_dense_d(name):
     reference = dense_divergence(case.model, per_sample_loss(case.loss), case.x, case.y)
     D = DiffusionMatrix(case.model, case.loss, (case.x, case.y), route="generic")
     assert_close(D.divergence().value, reference, rtol=1e-9, atol=1e-12, what=f"∇·D {name}")
+
+
+SHARDED = [("mlp-relu", "capture"), ("small-cnn", "capture"), ("mlp-tanh", "generic")]
+
+
+def _measures(D):
+    V = torch.randn(D.space.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return {
+        "spectrum": D.eigvalsh(),
+        "top": D.eigsh(3).values,
+        "product": D @ V,
+        "traces": torch.tensor(list(D.param_traces().values()), dtype=torch.float64),
+        "dense": D.dense(),
+    }
+
+
+def _sharded_worker(rank, world, results):
+    """Each rank builds D on its own, uneven shard (4 samples on rank 0, the rest on 1)."""
+    out = {}
+    for name, route in SHARDED:
+        case = make_case(name)
+        cut = [0, 4, len(case.x)][rank : rank + 2]
+        D = DiffusionMatrix(
+            case.model,
+            case.loss,
+            (case.x[cut[0] : cut[1]], case.y[cut[0] : cut[1]]),
+            route=route,
+            chunk_size=3,
+            distributed=True,
+        )
+        out[name] = _measures(D)
+        assert D.n == len(case.x) and D.route == route
+    if rank == 0:
+        torch.save(out, results)
+
+
+def test_two_gloo_processes_give_the_one_process_d(tmp_path):
+    from tests.distributed import spawn
+
+    results = tmp_path / "sharded.pt"
+    spawn(_sharded_worker, tmp_path, str(results))
+    got = torch.load(results, weights_only=True)
+    for name, route in SHARDED:
+        case = make_case(name)
+        D = DiffusionMatrix(case.model, case.loss, (case.x, case.y), route=route, chunk_size=3)
+        for key, value in _measures(D).items():
+            assert_close(got[name][key], value, rtol=1e-12, atol=1e-14, what=f"{name} {key}")
+
+
+def test_distributed_needs_a_process_group():
+    case = make_case("mlp-relu")
+    with pytest.raises(InputError, match="process group"):
+        DiffusionMatrix(case.model, case.loss, (case.x, case.y), distributed=True)

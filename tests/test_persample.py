@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sgdgeom import DiffusionMatrix
-from sgdgeom.errors import UnsupportedModelError
+from sgdgeom.errors import InputError, UnsupportedModelError
 from sgdgeom.persample import (
     CaptureProducts,
     CoverageError,
@@ -51,11 +51,15 @@ def test_jvp_vjp_grads_gram_norms_against_explicit_gradients(name, rows_limit, m
     g = torch.Generator().manual_seed(2)
     v = torch.randn(G.shape[1], dtype=torch.float64, generator=g)
     w = torch.randn(G.shape[0], dtype=torch.float64, generator=g)
+    V = torch.randn(G.shape[1], 3, dtype=torch.float64, generator=g)
+    W = torch.randn(G.shape[0], 3, dtype=torch.float64, generator=g)
     for route in routes_for(name):
         products = _products(case, route)
         what = f"{name} {type(products).__name__}"
         assert_close(products.jvp(v), G @ v, what=f"{what} jvp")
         assert_close(products.vjp(w), G.T @ w, what=f"{what} vjp")
+        assert_close(products.jvp_batch(V), G @ V, what=f"{what} batched jvp")
+        assert_close(products.vjp_batch(W), G.T @ W, what=f"{what} batched vjp")
         buffer = torch.full((G.shape[1],), float("nan"), dtype=torch.float64)  # stale content
         assert products.vjp(w, out=buffer) is buffer
         assert_close(buffer, G.T @ w, what=f"{what} vjp into a buffer, chunk by chunk")
@@ -118,6 +122,56 @@ def test_capture_route_has_no_second_derivatives():
     products = _products(case, "capture")
     with pytest.raises(UnsupportedModelError, match="route='generic'"):
         products.second_directional(torch.zeros(products.space.dim, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", [n for n in CASE_NAMES if "capture" in routes_for(n)])
+def test_memory_mapped_captures_give_the_explicit_products(name, tmp_path):
+    """Captures written to raw .npy files and read back through memmap, chunk by chunk."""
+    case = make_case(name)
+    G = per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
+    source = DataSource((case.x, case.y), 3)
+    products = CaptureProducts.from_model(
+        case.model, case.loss, source, cache="disk", cache_dir=tmp_path
+    )
+    assert products.storage == "disk" and products.disk.bytes_on_disk() > 0
+    assert all(p.suffix == ".npy" for p in products.disk.folder.iterdir())
+    V = torch.randn(G.shape[1], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert_close(products.jvp_batch(V), G @ V, what=f"{name} memmapped jvp")
+    assert_close(products.vjp(V[: len(G), 0].contiguous()), G.T @ V[: len(G), 0], what="vjp")
+    assert_close(products.gram(), G @ G.T, what=f"{name} memmapped gram")
+    folder = products.disk.folder
+    del products
+    import gc
+
+    gc.collect()
+    assert not folder.exists() and tmp_path.exists()  # only its own folder is removed
+
+
+def test_captures_choose_memory_disk_or_recompute_and_say_so(tmp_path, monkeypatch):
+    from sgdgeom.persample import storage
+
+    case = make_case("mlp-relu")
+    source = DataSource((case.x, case.y), 4)
+    build = functools.partial(CaptureProducts.from_model, case.model, case.loss, source)
+    assert build().storage == "memory"
+    assert build(cache=False).storage == "stream"
+    assert build(cache_limit=1, cache_dir=tmp_path).storage == "disk"
+    with pytest.warns(UserWarning, match=r"captures of 12 samples would take .* cache_dir"):
+        assert build(cache_limit=1).storage == "stream"
+    with pytest.raises(InputError, match="needs a cache_dir"):
+        build(cache="disk")
+    with pytest.raises(InputError, match="cache must be"):
+        build(cache="sometimes")
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: shutil_usage(free=10))
+    with pytest.raises(InputError, match=r"GiB and .* has 0.0 GiB free"):
+        build(cache="disk", cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=free, used=0, free=free)
 
 
 def test_products_are_a_snapshot_of_the_parameters():

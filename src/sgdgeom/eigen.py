@@ -187,11 +187,6 @@ def _top_ritz(B: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return theta.flip(0)[:k].to(B.dtype), S.flip(1)[:, :k].to(B.dtype)
 
 
-def _check_rank(found: int, k: int) -> None:
-    if found < k:
-        raise InputError(f"the operator has rank {found} < k = {k}: ask for fewer eigenpairs")
-
-
 def _done(theta: Tensor, residuals: Tensor, tol: float) -> bool:
     return bool((residuals <= tol * float(theta[0])).all())
 
@@ -203,13 +198,13 @@ def _subspace_iteration(
     while True:
         AQ = A(Q)
         theta, S = _top_ritz(Q.T @ AQ, k)
-        _check_rank(len(theta), k)
         U = Q @ S
         residuals = (AQ @ S - U * theta).norm(dim=0)  # A U = (A Q) S: no extra product
         if _done(theta, residuals, tol) or A.passes >= max_passes:
             return theta, U, residuals
         Q = _orthonormal(AQ)
-        _check_rank(Q.shape[1], k)
+        if Q.shape[1] < start.shape[1]:  # A's range is exhausted: the rest is its null space
+            Q = torch.cat([Q, _orthonormal(start[:, Q.shape[1] :], Q)], 1)
 
 
 def _block_lanczos(
@@ -228,7 +223,6 @@ def _block_lanczos(
         following = _orthonormal(step, Q, scale)
         exhausted = following.shape[1] == 0  # an invariant subspace: the Ritz pairs are exact
         if exhausted or _done(theta, estimate, tol) or A.passes >= max_passes - 1:
-            _check_rank(len(theta), k)
             U = Q @ S
             return theta, U, (A(U) - U * theta).norm(dim=0)
         A_following = A(following)

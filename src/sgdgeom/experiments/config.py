@@ -203,7 +203,9 @@ class MonitorConfig(_Strict):
     (F12) current and the curl of ∇_D f on the probe samples
     (:class:`~sgdgeom.steady_state.SteadyStateMonitor`; 0 = never), with
     ``current_probes`` Hutchinson probes for ∇·D (null: exact) and ``curl_sections`` random
-    sections.
+    sections. ``alignment_every``: epochs between measurements of the alignment of D with
+    the Hessian on the probe samples (:class:`~sgdgeom.hessian.AlignmentMonitor`; 0 =
+    never), on the top ``alignment_k`` eigenpairs of each.
     """
 
     temperature: bool = True
@@ -215,6 +217,8 @@ class MonitorConfig(_Strict):
     current_every: int = Field(0, ge=0)
     current_probes: int | None = Field(8, ge=2)
     curl_sections: int = Field(4, ge=0)
+    alignment_every: int = Field(0, ge=0)
+    alignment_k: int = Field(5, ge=1)
 
 
 class LossConfig(_Strict):

@@ -30,6 +30,7 @@ from sgdgeom.experiments.config import (
 )
 from sgdgeom.extras import require
 from sgdgeom.files import atomic_write_bytes, read_jsonl
+from sgdgeom.hessian import AlignmentMonitor
 from sgdgeom.models import build_model
 from sgdgeom.monitor import LayerTemperature, analyse_regimes, plot_temperatures, temperature_curves
 from sgdgeom.steady_state import SteadyStateMonitor
@@ -216,6 +217,16 @@ def _monitors(config: ExperimentConfig, dataset: Dataset, out: Path | None) -> l
                 every=monitor.current_every,
                 probes=monitor.current_probes,
                 sections=monitor.curl_sections,
+                seed=config.seed,
+            )
+        )
+    if monitor.alignment_every:
+        callbacks.append(
+            AlignmentMonitor(
+                probe,
+                "cross_entropy",
+                every=monitor.alignment_every,
+                k=monitor.alignment_k,
                 seed=config.seed,
             )
         )
