@@ -64,6 +64,31 @@ def test_bad_arguments():
         spectrum_report("mlp", "digits", n=1, progress=False)
     with pytest.raises(SgdgeomError, match="does not exist"):
         spectrum_report(None, None, checkpoint="absent.pt", progress=False)
+    with pytest.raises(ConfigError, match="give --k too"):
+        spectrum_report("mlp", "digits", hessian=True, progress=False)
+    with pytest.raises(ConfigError, match="--method must be one of"):
+        spectrum_report("mlp", "digits", k=3, method="power", progress=False)
+    with pytest.raises(ConfigError, match="--k must be in"):
+        spectrum_report("mlp", "digits", n=10, k=10, progress=False)
+
+
+def test_top_k_report_with_the_hessian_equals_the_full_spectrum_and_dense_alignment(tmp_path):
+    lines = []
+    options = {"widths": [6]}
+    full = spectrum_report("mlp", "digits", n=80, model_options=options, progress=False)
+    top = spectrum_report(
+        "mlp", "digits", n=80, k=4, hessian=True, model_options=options, progress=False,
+        log=lines.append,
+    )  # fmt: skip
+    assert top["eigenvalues"] == pytest.approx(full["eigenvalues"][:4], rel=1e-8)
+    assert top["converged"] and max(top["residuals"]) < 1e-7 * top["lambda_max"]
+    assert top["passes"] >= 2 and top["products"] >= top["passes"]
+    assert "rank" not in top and top["alignment"]["probes"] == 32
+    assert 0 < top["alignment"]["overlap"] <= 1
+    assert any("top-4 by block-lanczos" in line for line in lines)
+    assert any("captured in" in line for line in lines)
+    write_report(top, tmp_path)
+    assert "top-k overlap" in format_report(top) and (tmp_path / "spectrum.png").is_file()
 
 
 def test_cli_spectrum(tmp_path):

@@ -388,11 +388,36 @@ def spectrum(
             "--float32", help="Compute in float32: faster, but it resolves far fewer eigenvalues."
         ),
     ] = False,
+    k: Annotated[
+        int | None,
+        typer.Option(
+            "--k",
+            help="Only the top k eigenpairs, from products (no N x N matrix): for large N.",
+        ),
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(help="With --k: block-lanczos, randomized, or lanczos (one vector a pass)."),
+    ] = "block-lanczos",
+    hessian: Annotated[
+        bool,
+        typer.Option(
+            "--hessian", help="With --k: the Hessian's top k too, and its alignment with D."
+        ),
+    ] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="Keep captures that do not fit in memory in memory-mapped files here.",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation without a checkpoint.")] = 0,
     data_root: DataRoot = None,
     device: Device = None,
 ) -> None:
-    """The diffusion matrix's size, rank, spectrum and per-layer traces (Fioresi et al., F3)."""
+    """The diffusion matrix's size, rank, spectrum and per-layer traces (Fioresi et al., F3);
+    with --k its top k by block methods, and with --hessian its alignment with the Hessian."""
     import torch
 
     from sgdgeom.experiments.spectrum import format_report, spectrum_report, write_report
@@ -407,6 +432,11 @@ def spectrum(
         device=device or "auto",
         dtype=torch.float32 if float32 else torch.float64,
         seed=seed,
+        k=k,
+        method=method,
+        hessian=hessian,
+        cache_dir=cache_dir,
+        log=lambda line: typer.echo(line, err=True),
     )
     typer.echo(format_report(report))
     json_path, plot_path = write_report(report, out)

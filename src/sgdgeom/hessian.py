@@ -162,11 +162,13 @@ def alignment(
     method: str = "block-lanczos",
     seed: int = 0,
     progress: bool = False,
+    d_pairs: Eigenpairs | None = None,
 ) -> Alignment:
     """The alignment instruments of D and H (module doc) on the same parameters and data.
 
     ``probes``: Rademacher probes for ``cosine`` (None: exact over the ``d`` basis
-    vectors), multiplied ``block`` at a time; ``k``: the top eigenpairs of each.
+    vectors), multiplied ``block`` at a time; ``k``: the top eigenpairs of each
+    (``d_pairs``: D's, if already at hand).
     """
     if D.space.names != H.space.names or D.n != H.n:
         raise InputError("D and H must be built on the same model's parameters and data")
@@ -194,7 +196,8 @@ def alignment(
         stderr = float(
             math.sqrt((total - 1) / total * ((leave_one_out - leave_one_out.mean()) ** 2).sum())
         )
-    d_pairs = D.eigsh(k, method, seed=seed, progress=progress)
+    if d_pairs is None or len(d_pairs.values) != k:
+        d_pairs = D.eigsh(k, method, seed=seed, progress=progress)
     h_pairs = H.eigsh(k, method, seed=seed, progress=progress)
     U, V = d_pairs.vectors.double(), h_pairs.vectors.double()
     lam, mu = d_pairs.values.double(), h_pairs.values.double()

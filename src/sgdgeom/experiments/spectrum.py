@@ -9,17 +9,22 @@ report alone.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sgdgeom.data import load_dataset
-from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.diffusion import DiffusionMatrix, gram_spectrum_bytes
+from sgdgeom.eigen import METHODS
 from sgdgeom.errors import ConfigError, SgdgeomError
 from sgdgeom.experiments.config import parse_config, read_yaml
 from sgdgeom.files import atomic_write_bytes, load_checkpoint, save_figure
+from sgdgeom.hessian import HessianOperator, alignment
 from sgdgeom.models import build_model
+from sgdgeom.persample.storage import available_bytes
 from sgdgeom.train import resolve_device
 
 __all__ = ["format_report", "plot_spectrum", "spectrum_report", "write_report"]
@@ -39,21 +44,34 @@ def spectrum_report(
     dataset_name: str | None,
     *,
     n: int | None = None,
+    k: int | None = None,
+    method: str = "block-lanczos",
+    hessian: bool = False,
     checkpoint: str | Path | None = None,
     model_options: dict[str, Any] | None = None,
     data_root: str | Path | None = None,
+    cache_dir: str | Path | None = None,
     device: str = "auto",
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
     progress: bool = True,
+    log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Build D for a model (initialised with ``seed``, or from a training checkpoint, whose
     run directory's config supplies the model and dataset) on the first ``n`` training
-    samples, and measure it: ``d``, ``N``, the rank bound, the numerical rank, ``λ_max``,
-    the trace, the effective rank, the per-layer traces and the whole nonzero spectrum."""
+    samples, and measure it: ``d``, ``N``, the rank bound, ``λ_max``, the trace, the
+    per-layer traces and
+
+    - with ``k=None``, the whole nonzero spectrum through the ``N x N`` Gram matrix (refused
+      up front when it would not fit), the numerical rank and the effective rank;
+    - with ``k``, the top-k eigenpairs by ``method`` (:mod:`sgdgeom.eigen`), their
+      residuals and cost, and with ``hessian`` the Hessian's top-k and the alignment of D
+      with it (:func:`~sgdgeom.hessian.alignment`).
+
+    ``log`` receives what the work will take before it starts (sizes, memory, a time
+    estimate from the capture's own pass over the data)."""
     weights, config = _load_checkpoint(Path(checkpoint)) if checkpoint else (None, None)
     options = dict(model_options or {})
-    init = "default"
     if config is not None:
         run = parse_config(config, f"{checkpoint} config")
         model_name = model_name or run.model.name
@@ -64,11 +82,17 @@ def spectrum_report(
             "name a model and a dataset (--model, --dataset), or a --checkpoint "
             "from `sgdgeom train`"
         )
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if hessian and k is None:
+        raise ConfigError("--hessian compares top-k eigenpairs: give --k too")
     dataset = load_dataset(dataset_name, data_root)
     if n is not None and not 2 <= n <= len(dataset.y_train):
         raise ConfigError(f"--n must be in 2..{len(dataset.y_train)} for {dataset_name}, got {n}")
+    if k is not None and not 1 <= k < (n or len(dataset.y_train)):
+        raise ConfigError(f"--k must be in 1..N-1, got {k}")
     torch.manual_seed(seed)
-    model = build_model(model_name, dataset.input_shape, dataset.num_classes, init=init, **options)
+    model = build_model(model_name, dataset.input_shape, dataset.num_classes, **options)
     if weights is not None:
         try:
             model.load_state_dict(weights)
@@ -81,10 +105,28 @@ def spectrum_report(
     model = model.to(target, dtype).eval()
     x = dataset.normalize(dataset.x_train[:n]).to(target, dtype)
     y = dataset.y_train[:n].to(target)
-    D = DiffusionMatrix(model, "cross_entropy", (x, y), chunk_size=256, progress=progress)
-    values = D.eigvalsh()
-    layers = D.layer_traces()
-    return {
+    size = len(y)
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"D of {model_name} on {size:,} samples of {dataset_name}: d = {d:,} parameters")
+    if k is None:
+        needed = gram_spectrum_bytes(size, dtype, target)
+        free = available_bytes(target)
+        log(
+            f"full spectrum: the {size:,} x {size:,} Gram matrix and its eigendecomposition "
+            f"need {needed / 2**30:.2f} GiB"
+            + (f" ({free / 2**30:.1f} GiB free)" if free is not None else "")
+        )
+    started = time.perf_counter()
+    D = DiffusionMatrix(
+        model, "cross_entropy", (x, y), chunk_size=256, cache_dir=cache_dir, progress=progress
+    )
+    captured = time.perf_counter() - started
+    storage = getattr(D.products, "storage", "recomputed on every product")
+    log(
+        f"captured in {captured:.1f} s (one forward and backward over the data); "
+        f"captures: {storage}"
+    )
+    report: dict[str, Any] = {
         "model": model_name,
         "model_options": options,
         "dataset": dataset_name,
@@ -94,18 +136,49 @@ def spectrum_report(
         "d": D.space.dim,
         "N": D.n,
         "rank_bound": D.n - 1,
-        "rank": D.rank(),
-        "lambda_max": float(values[0]),
         "trace": D.trace(),
-        "effective_rank": D.effective_rank(),
         "mean_loss": float(D.products.losses().mean()),
         "mean_gradient_norm": float(D.mean_gradient().norm()),
         "layers": {
             name: {"trace": t.trace, "numel": t.numel, "per_param": t.per_param}
-            for name, t in layers.items()
+            for name, t in D.layer_traces().items()
         },
-        "eigenvalues": values.tolist(),
+        "seconds": {"capture": captured},
     }
+    if k is None:
+        values = D.eigvalsh()
+        report |= {
+            "rank": D.rank(),
+            "lambda_max": float(values[0]),
+            "effective_rank": D.effective_rank(),
+            "eigenvalues": values.tolist(),
+        }
+        report["seconds"]["spectrum"] = time.perf_counter() - started - captured
+        return report
+    log(
+        f"top-{k} by {method}: each block pass multiplies {k + 10} vectors, about "
+        f"{2 * (k + 10) / 3:.0f}x the capture's pass in arithmetic on Linear layers "
+        f"(~{2 * (k + 10) / 3 * captured:.0f} s)"
+    )
+    pairs = D.eigsh(k, method, progress=progress)
+    report |= {
+        "lambda_max": float(pairs.values[0]),
+        "eigenvalues": pairs.values.tolist(),
+        "method": method,
+        "residuals": pairs.residuals.tolist(),
+        "passes": pairs.passes,
+        "products": pairs.products,
+        "converged": pairs.converged,
+    }
+    report["seconds"]["eigsh"] = time.perf_counter() - started - captured
+    if hessian:
+        before = time.perf_counter()
+        H = HessianOperator(model, "cross_entropy", (x, y), chunk_size=256, progress=False)
+        report["alignment"] = alignment(
+            D, H, k, method=method, seed=seed, progress=progress
+        ).as_dict()
+        report["seconds"]["hessian"] = time.perf_counter() - before
+    return report
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -116,11 +189,28 @@ def format_report(report: dict[str, Any]) -> str:
         ("d (parameters)", f"{report['d']:,}"),
         ("N (samples)", f"{report['N']:,}"),
         ("rank bound N-1", f"{report['rank_bound']:,}"),
-        ("numerical rank", f"{report['rank']:,}"),
         ("lambda_max", f"{report['lambda_max']:.6g}"),
         ("trace", f"{report['trace']:.6g}"),
-        ("effective rank", f"{report['effective_rank']:.2f}"),
     ]
+    if "rank" in report:
+        rows += [
+            ("numerical rank", f"{report['rank']:,}"),
+            ("effective rank", f"{report['effective_rank']:.2f}"),
+        ]
+    else:
+        rows += [
+            (f"top-{len(report['eigenvalues'])}", report["method"]),
+            ("passes", f"{report['passes']} ({report['products']} vector products)"),
+            ("max residual", f"{max(report['residuals']):.2e} (‖Du − λu‖)"),
+        ]
+    if "alignment" in report:
+        a = report["alignment"]
+        rows += [
+            ("lambda_max(H)", f"{a['h_values'][0]:.6g}"),
+            ("tr(DH)/|D||H|", f"{a['cosine']:.4f} ± {a['cosine_stderr']:.4f}"),
+            ("top-k cosine", f"{a['cosine_topk']:.4f}"),
+            ("top-k overlap", f"{a['overlap']:.4f}"),
+        ]
     lines = [f"{k:<16} {v}" for k, v in rows]
     lines.append("")
     lines.append(f"{'layer':<12} {'params':>12} {'tr D_I':>12} {'tr D_I / N_I':>14}")
@@ -132,7 +222,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def plot_spectrum(report: dict[str, Any], path: str | Path) -> Path:
-    """Eigenvalues on a log scale, and a bar chart of the per-layer traces ``tr D_I / N_I``."""
+    """Eigenvalues on a log scale (D's, and with the Hessian its top-k and D's Rayleigh
+    quotients along H's eigenvectors, the alignment in the title), and a bar chart of the
+    per-layer traces ``tr D_I / N_I``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,12 +232,30 @@ def plot_spectrum(report: dict[str, Any], path: str | Path) -> Path:
 
     values = [v for v in report["eigenvalues"] if v > 0]
     fig, (ax_spec, ax_layers) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_spec.semilogy(range(1, len(values) + 1), values, lw=1.2)
-    ax_spec.axvline(report["rank"], color="grey", ls=":", label=f"numerical rank {report['rank']}")
+    index = range(1, len(values) + 1)
+    ax_spec.semilogy(index, values, lw=1.2, marker="." if len(values) <= 100 else None, label="D")
+    if "rank" in report:
+        ax_spec.axvline(
+            report["rank"], color="grey", ls=":", label=f"numerical rank {report['rank']}"
+        )
+    title = f"spectrum of D: {report['model']} on {report['dataset']}, N={report['N']}"
+    if "alignment" in report:
+        a = report["alignment"]
+        positive = [(i + 1, v) for i, v in enumerate(a["h_values"]) if v > 0]
+        ax_spec.semilogy(*zip(*positive, strict=True), marker="s", ms=3, lw=1, label="H")
+        ax_spec.semilogy(
+            range(1, len(a["rayleigh"]) + 1),
+            a["rayleigh"],
+            marker="x",
+            ls="--",
+            lw=1,
+            label="v_jᵀ D v_j (H's eigenvectors)",
+        )
+        title += f"\ntr(DH)/‖D‖‖H‖ = {a['cosine']:.3f}, top-k overlap {a['overlap']:.3f}"
     ax_spec.set_xlabel("index k")
-    ax_spec.set_ylabel("eigenvalue λ_k of D")
-    ax_spec.set_title(f"spectrum of D: {report['model']} on {report['dataset']}, N={report['N']}")
-    ax_spec.legend()
+    ax_spec.set_ylabel("eigenvalue")
+    ax_spec.set_title(title, fontsize=9)
+    ax_spec.legend(fontsize=8)
     names = list(report["layers"])
     per_param = [report["layers"][n]["per_param"] for n in names]
     ax_layers.bar(names, per_param, color="tab:orange")
