@@ -273,6 +273,7 @@ class DiffusionMatrix:
         *,
         tol: float | None = None,
         oversample: int = 10,
+        block: int | None = None,
         max_passes: int = 60,
         seed: int = 0,
         progress: bool = False,
@@ -280,7 +281,7 @@ class DiffusionMatrix:
         """The top-k eigenpairs of D from products alone, never forming D or K.
 
         ``method`` is ``"block-lanczos"`` (block Krylov, ``k + oversample`` vectors per
-        pass), ``"randomized"`` (subspace iteration with Rayleigh–Ritz) or ``"lanczos"``
+        pass, or ``block``), ``"randomized"`` (subspace iteration with Rayleigh–Ritz) or ``"lanczos"``
         (scipy's ARPACK, one vector per pass): see :mod:`sgdgeom.eigen`. A block pass is one
         batched JVP and one batched VJP over the data (on the capture route, one matmul per
         layer for all vectors). Returns :class:`~sgdgeom.eigen.Eigenpairs`: values ``(k,)``
@@ -295,6 +296,7 @@ class DiffusionMatrix:
             self.space.device,
             method=method,
             oversample=oversample,
+            block=block,
             tol=tol,
             max_passes=max_passes,
             seed=seed,

@@ -108,6 +108,7 @@ def top_eigenpairs(
     *,
     method: str = "block-lanczos",
     oversample: int = 10,
+    block: int | None = None,
     tol: float | None = None,
     max_passes: int = 60,
     seed: int = 0,
@@ -119,6 +120,8 @@ def top_eigenpairs(
     Args:
         oversample: ``p``, extra vectors in each block (``k + p`` in all) of the block
             methods.
+        block: vectors per pass instead of ``k + p``. Block Lanczos takes any block
+            (smaller ones: fewer products, more passes); subspace iteration needs ``>= k``.
         tol: stop when every wanted residual is at most ``tol · λ_1`` (default: the square
             root of the dtype's machine epsilon, 1.5e-8 in float64; an eigenvalue's error is
             then of order ``residual² / gap``).
@@ -135,7 +138,9 @@ def top_eigenpairs(
             f"oversample must be >= 0 and max_passes >= 1, got {oversample}, {max_passes}"
         )
     tol = math.sqrt(torch.finfo(dtype).eps) if tol is None else tol
-    block = min(k + oversample, dim)
+    block = min(k + oversample if block is None else block, dim)
+    if block < 1 or (method == "randomized" and block < k):
+        raise InputError(f"block must be >= 1 (>= k = {k} for randomized), got {block}")
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn(dim, block, generator=generator, dtype=torch.float64).to(device, dtype)
     bar = tqdm(
@@ -222,7 +227,13 @@ def _block_lanczos(
         estimate = (step @ S[-width:]).norm(dim=0)
         following = _orthonormal(step, Q, scale)
         exhausted = following.shape[1] == 0  # an invariant subspace: the Ritz pairs are exact
-        if exhausted or _done(theta, estimate, tol) or A.passes >= max_passes - 1:
+        if exhausted and len(theta) < k:
+            raise InputError(
+                f"the Krylov space of a block of {start.shape[1]} was exhausted at dimension "
+                f"{len(theta)} < k = {k}: take a block of at least k vectors"
+            )
+        stop = exhausted or _done(theta, estimate, tol) or A.passes >= max_passes - 1
+        if stop and len(theta) >= k:
             U = Q @ S
             return theta, U, (A(U) - U * theta).norm(dim=0)
         A_following = A(following)

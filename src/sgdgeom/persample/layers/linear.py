@@ -85,8 +85,11 @@ class LinearRule(LayerRule):
         )
         if "weight" in v:
             m, fan_out, fan_in = v["weight"].shape
-            z = (a @ v["weight"].reshape(m * fan_out, fan_in).T).view(*a.shape[:2], m, fan_out)
-            out = torch.einsum("ntmo,nto->nm", z, g)
+            z = a @ v["weight"].reshape(m * fan_out, fan_in).T  # (b, T, m·out)
+            if a.shape[1] == 1:  # one batched matmul over samples, no copy
+                out = torch.bmm(z.view(len(a), m, fan_out), g[:, 0, :, None])[..., 0]
+            else:
+                out = torch.einsum("ntmo,nto->nm", z.view(*a.shape[:2], m, fan_out), g)
         if "bias" in v:
             out = out + g.sum(1) @ v["bias"].T
         return out
