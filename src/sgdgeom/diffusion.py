@@ -281,12 +281,13 @@ class DiffusionMatrix:
         """The top-k eigenpairs of D from products alone, never forming D or K.
 
         ``method`` is ``"block-lanczos"`` (block Krylov, ``k + oversample`` vectors per
-        pass, or ``block``), ``"randomized"`` (subspace iteration with Rayleigh–Ritz) or ``"lanczos"``
-        (scipy's ARPACK, one vector per pass): see :mod:`sgdgeom.eigen`. A block pass is one
-        batched JVP and one batched VJP over the data (on the capture route, one matmul per
-        layer for all vectors). Returns :class:`~sgdgeom.eigen.Eigenpairs`: values ``(k,)``
-        descending, eigenvectors ``(d, k)``, each pair's residual ``‖D u − λ u‖`` and the
-        cost in passes and vector products; it unpacks as ``values, vectors``."""
+        pass, or ``block``), ``"randomized"`` (subspace iteration with Rayleigh–Ritz) or
+        ``"lanczos"`` (scipy's ARPACK, one vector per pass): see :mod:`sgdgeom.eigen`. A
+        block pass is one batched JVP and one batched VJP over the data (on the capture
+        route, one matmul per layer for all vectors). Returns
+        :class:`~sgdgeom.eigen.Eigenpairs`: values ``(k,)`` descending, eigenvectors
+        ``(d, k)``, each pair's residual ``‖D u − λ u‖`` and the cost in passes and vector
+        products; it unpacks as ``values, vectors``."""
         self._check_k(k, min(self.n - 1, self.space.dim - 1))
         return top_eigenpairs(
             self.matmat,
