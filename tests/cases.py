@@ -206,3 +206,24 @@ def make_case(name: str, seed: int = 0) -> Case:
 def routes_for(name: str) -> list[str]:
     """The routes that must accept the case (and be exact on it)."""
     return ["generic"] if name in CAPTURE_REFUSED else ["capture", "generic"]
+
+
+def train_digits_with_monitor(out, monitor: dict) -> list[dict]:
+    """One-layer MLP, 2 epochs of SGD on 128 digits, with these monitor options: the
+    records of ``metrics.jsonl``."""
+    from sgdgeom.experiments.config import parse_config
+    from sgdgeom.experiments.runner import run_training
+    from sgdgeom.files import read_jsonl
+
+    config = parse_config(
+        {
+            "name": "monitored",
+            "data": {"name": "digits", "batch_size": 32, "n_train": 128, "n_test": 64},
+            "model": {"name": "mlp", "widths": [8]},
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "train": {"epochs": 2, "device": "cpu"},
+            "monitor": {"temperature": False, **monitor},
+        }
+    )
+    run_training(config, out, progress=False)
+    return read_jsonl(out / "metrics.jsonl")

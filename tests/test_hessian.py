@@ -10,7 +10,7 @@ from sgdgeom import DiffusionMatrix
 from sgdgeom.errors import InputError
 from sgdgeom.hessian import AlignmentMonitor, HessianOperator, alignment
 from sgdgeom.persample import per_sample_loss
-from tests.cases import make_case
+from tests.cases import make_case, train_digits_with_monitor
 from tests.reference import assert_close, dense_diffusion, per_sample_gradients
 
 
@@ -105,26 +105,8 @@ def test_alignment_monitor_measures_in_eval_mode_and_restores_the_mode():
 
 
 def test_config_monitor_records_the_alignment(tmp_path):
-    from sgdgeom.experiments.config import parse_config
-    from sgdgeom.experiments.runner import run_training
-    from sgdgeom.files import read_jsonl
-
-    config = parse_config(
-        {
-            "name": "alignment",
-            "data": {"name": "digits", "batch_size": 32, "n_train": 128, "n_test": 64},
-            "model": {"name": "mlp", "widths": [8]},
-            "optimizer": {"name": "sgd", "lr": 0.1},
-            "train": {"epochs": 2, "device": "cpu"},
-            "monitor": {
-                "temperature": False,
-                "alignment_every": 2,
-                "alignment_k": 3,
-                "probe_size": 32,
-            },
-        }
-    )
-    run_training(config, tmp_path / "run", progress=False)
-    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "alignment/cosine" in r]
+    monitor = {"alignment_every": 2, "alignment_k": 3, "probe_size": 32}
+    records = train_digits_with_monitor(tmp_path / "run", monitor)
+    records = [r for r in records if "alignment/cosine" in r]
     assert [r["epoch"] for r in records] == [2]
     assert 0 < records[0]["alignment/overlap"] <= 1 and records[0]["alignment/h_top"] > 0

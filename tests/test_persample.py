@@ -147,6 +147,21 @@ def test_memory_mapped_captures_give_the_explicit_products(name, tmp_path):
     assert not folder.exists() and tmp_path.exists()  # only its own folder is removed
 
 
+def test_memory_mapped_captures_of_the_torch_func_fallback(tmp_path):
+    """The fallback's calls hold parameters, pytree specs and leaves: all survive the disk."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), x, y)
+    products = CaptureProducts.from_model(
+        model, "cross_entropy", DataSource((x, y), 4), cache="disk", cache_dir=tmp_path / "new"
+    )
+    assert type(products.layers[1].rule).__name__ == "FallbackRule"
+    assert_close(products.gram(), G @ G.T, what="fallback gram from memmapped captures")
+    W = torch.randn(10, 2, dtype=torch.float64)
+    assert_close(products.vjp_batch(W), G.T @ W, what="fallback batched vjp")
+
+
 def test_captures_choose_memory_disk_or_recompute_and_say_so(tmp_path, monkeypatch):
     from sgdgeom.persample import storage
 

@@ -12,6 +12,7 @@ import torch
 from sgdgeom.experiments import steady_state as ss
 from sgdgeom.experiments.plane import identity_loss, make_problem
 from sgdgeom.geometry import metric_gradient_field
+from tests.cases import train_digits_with_monitor
 
 
 def test_aligned_problem_has_a_diagonal_diffusion_and_a_closed_form_potential():
@@ -122,28 +123,9 @@ def test_monitor_measures_the_dense_references():
 
 
 def test_config_monitor_records_the_current_every_epoch(tmp_path):
-    from sgdgeom.experiments.config import parse_config
-    from sgdgeom.experiments.runner import run_training
-    from sgdgeom.files import read_jsonl
-
-    config = parse_config(
-        {
-            "name": "current",
-            "data": {"name": "digits", "batch_size": 32, "n_train": 128, "n_test": 64},
-            "model": {"name": "mlp", "widths": [8]},
-            "optimizer": {"name": "sgd", "lr": 0.1},
-            "train": {"epochs": 2, "device": "cpu"},
-            "monitor": {
-                "temperature": False,
-                "current_every": 1,
-                "probe_size": 16,
-                "current_probes": 4,
-                "curl_sections": 1,
-            },
-        }
-    )
-    run_training(config, tmp_path / "run", progress=False)
-    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "current/ratio" in r]
+    monitor = {"current_every": 1, "probe_size": 16, "current_probes": 4, "curl_sections": 1}
+    records = train_digits_with_monitor(tmp_path / "run", monitor)
+    records = [r for r in records if "current/ratio" in r]
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert r["current/beta"] == pytest.approx(2 * 32 / 0.1)

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sgdgeom.eigen import Eigenpairs, top_eigenpairs
+from sgdgeom.eigen import Eigenpairs, operator_eigenpairs
 from sgdgeom.errors import InputError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import (
@@ -266,43 +266,20 @@ class DiffusionMatrix:
             columns.append(self.products.vjp(w) / math.sqrt(self.n * float(lam)))
         return values.to(self.space.dtype), torch.stack(columns, 1)
 
-    def eigsh(
-        self,
-        k: int,
-        method: str = "block-lanczos",
-        *,
-        tol: float | None = None,
-        oversample: int = 10,
-        block: int | None = None,
-        max_passes: int = 60,
-        seed: int = 0,
-        progress: bool = False,
-    ) -> Eigenpairs:
+    def eigsh(self, k: int, method: str = "block-lanczos", **options: Any) -> Eigenpairs:
         """The top-k eigenpairs of D from products alone, never forming D or K.
 
         ``method`` is ``"block-lanczos"`` (block Krylov, ``k + oversample`` vectors per
         pass, or ``block``), ``"randomized"`` (subspace iteration with Rayleigh–Ritz) or
-        ``"lanczos"`` (scipy's ARPACK, one vector per pass): see :mod:`sgdgeom.eigen`. A
-        block pass is one batched JVP and one batched VJP over the data (on the capture
-        route, one matmul per layer for all vectors). Returns
-        :class:`~sgdgeom.eigen.Eigenpairs`: values ``(k,)`` descending, eigenvectors
-        ``(d, k)``, each pair's residual ``‖D u − λ u‖`` and the cost in passes and vector
-        products; it unpacks as ``values, vectors``."""
+        ``"lanczos"`` (scipy's ARPACK, one vector per pass); ``options`` are those of
+        :func:`~sgdgeom.eigen.top_eigenpairs` (``tol``, ``oversample``, ``block``,
+        ``max_passes``, ``seed``, ``progress``). A block pass is one batched JVP and one
+        batched VJP over the data (on the capture route, one matmul per layer for all
+        vectors). Returns :class:`~sgdgeom.eigen.Eigenpairs`: values ``(k,)`` descending,
+        eigenvectors ``(d, k)``, each pair's residual ``‖D u − λ u‖`` and the cost in passes
+        and vector products; it unpacks as ``values, vectors``."""
         self._check_k(k, min(self.n - 1, self.space.dim - 1))
-        return top_eigenpairs(
-            self.matmat,
-            self.space.dim,
-            k,
-            self.space.dtype,
-            self.space.device,
-            method=method,
-            oversample=oversample,
-            block=block,
-            tol=tol,
-            max_passes=max_passes,
-            seed=seed,
-            progress=progress,
-        )
+        return operator_eigenpairs(self, k, method, **options)
 
     @staticmethod
     def _check_k(k: int, limit: int) -> None:

@@ -41,6 +41,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from tqdm.auto import tqdm
 
 from sgdgeom.errors import InputError
 
-__all__ = ["METHODS", "Eigenpairs", "top_eigenpairs"]
+__all__ = ["METHODS", "Eigenpairs", "operator_eigenpairs", "top_eigenpairs"]
 
 METHODS = ("randomized", "block-lanczos", "lanczos")
 
@@ -170,6 +171,15 @@ def top_eigenpairs(
         )
     return Eigenpairs(
         values, vectors, residuals, counted.passes, counted.products, converged, method
+    )
+
+
+def operator_eigenpairs(operator: Any, k: int, method: str, **options: Any) -> Eigenpairs:
+    """:func:`top_eigenpairs` of an operator over a parameter space: anything with
+    ``matmat`` and a :class:`~sgdgeom.params.ParamSpace` ``space`` (D, the Hessian)."""
+    space = operator.space
+    return top_eigenpairs(
+        operator.matmat, space.dim, k, space.dtype, space.device, method=method, **options
     )
 
 

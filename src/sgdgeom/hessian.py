@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sgdgeom.diffusion import DiffusionMatrix
-from sgdgeom.eigen import Eigenpairs, top_eigenpairs
+from sgdgeom.eigen import Eigenpairs, operator_eigenpairs
 from sgdgeom.errors import InputError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import DataSource, FuncProducts, LossSpec, check_independent_samples
@@ -98,15 +98,7 @@ class HessianOperator:
         :mod:`sgdgeom.eigen` (``options``: ``tol``, ``oversample``, ``max_passes``,
         ``seed``, ``progress``). ``"randomized"`` finds the largest in magnitude: use it
         where H's negative eigenvalues are small (near a minimum)."""
-        return top_eigenpairs(
-            self.matmat,
-            self.space.dim,
-            k,
-            self.space.dtype,
-            self.space.device,
-            method=method,
-            **options,
-        )
+        return operator_eigenpairs(self, k, method, **options)
 
     def dense(self, limit: int = 4096) -> Tensor:
         """H as an explicit ``(d, d)`` matrix, from ``d`` products (small models only)."""

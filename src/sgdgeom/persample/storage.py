@@ -49,7 +49,7 @@ def map_tensors(obj: Any, function: Callable[[Any], Any], leaf: type = Tensor) -
     lists and tuples replaced by ``function(tensor)``; other leaves are kept as they are."""
     if isinstance(obj, leaf):
         return function(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if _rebuildable(obj):
         changes = {
             f.name: map_tensors(getattr(obj, f.name), function, leaf)
             for f in dataclasses.fields(obj)
@@ -65,6 +65,16 @@ def map_tensors(obj: Any, function: Callable[[Any], Any], leaf: type = Tensor) -
     return obj
 
 
+def _rebuildable(obj: Any) -> bool:
+    """A dataclass instance that :func:`dataclasses.replace` can rebuild (every field an
+    ``__init__`` argument); others (a pytree ``TreeSpec``) are leaves."""
+    return (
+        dataclasses.is_dataclass(obj)
+        and not isinstance(obj, type)
+        and all(f.init for f in dataclasses.fields(obj))
+    )
+
+
 def nbytes(obj: Any) -> int:
     """Bytes held by the tensors inside ``obj`` (see :func:`map_tensors`)."""
     sizes: list[int] = []
@@ -73,8 +83,10 @@ def nbytes(obj: Any) -> int:
 
 
 def check_disk(folder: Path, needed: int) -> None:
-    """Refuse, before writing, captures that the disk under ``folder`` cannot hold."""
-    free = shutil.disk_usage(folder).free
+    """Refuse, before writing, captures that the disk under ``folder`` (or its nearest
+    existing parent, if it is still to be made) cannot hold."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
     if needed > free:
         raise InputError(
             f"the captures need about {needed / 2**30:.1f} GiB and {folder} has "
