@@ -18,7 +18,8 @@ residual ``‖A u − λ u‖`` of every pair and the cost in passes and vector 
   (Chebyshev-like in the gap), at the price of keeping the basis (``d x`` the passes
   ``x (k + p)``). When the Lanczos estimate of the residuals says it has converged, one
   block product of the ``k`` Ritz vectors checks the true residuals; if rounding left them
-  above tolerance, it goes on.
+  above tolerance, it goes on, until a check no longer halves them (the rounding floor of
+  the products: then ``converged=False``).
 - ``"lanczos"``: single-vector implicitly restarted Lanczos (scipy's ARPACK ``eigsh``),
   one pass per product: the reference the block methods are measured against.
 
@@ -231,6 +232,7 @@ def _block_lanczos(
     Q = _orthonormal(start)
     AQ = A(Q)
     B, width, scale = Q.T @ AQ, Q.shape[1], float(AQ.norm())
+    checked = float("inf")  # the largest true residual at the last check
     while True:
         theta, S = _top_ritz(B, k)
         # a Ritz pair's residual lies in the next block: (I − QQᵀ) A Q s
@@ -247,8 +249,10 @@ def _block_lanczos(
         if len(theta) >= k and (exhausted or out_of_passes or _done(theta, estimate, tol)):
             U = Q @ S
             residuals = (A(U) - U * theta).norm(dim=0)  # the true ones: rounding can differ
-            if exhausted or out_of_passes or _done(theta, residuals, tol):
+            stalled = float(residuals.max()) > 0.5 * checked  # at the rounding floor
+            if exhausted or out_of_passes or stalled or _done(theta, residuals, tol):
                 return theta, U, residuals
+            checked = float(residuals.max())
         A_following = A(following)
         across = Q.T @ A_following
         B = torch.cat(
