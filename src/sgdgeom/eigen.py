@@ -167,7 +167,8 @@ def top_eigenpairs(
         warnings.warn(
             f"{method}: the top-{k} residuals reached {float(residuals.max()):.2e} "
             f"(asked {tol:.1e} · λ_1) after {counted.passes} passes; raise max_passes or "
-            f"oversample",
+            f"oversample, or, where the residuals stall at the rounding level of the "
+            f"products, loosen tol or compute in float64",
             stacklevel=2,
         )
     return Eigenpairs(
