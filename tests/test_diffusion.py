@@ -299,7 +299,13 @@ def test_divergence_on_unusual_models_against_autograd_of_dense_d(name):
     assert_close(D.divergence().value, reference, rtol=1e-9, atol=1e-12, what=f"∇·D {name}")
 
 
-SHARDED = [("mlp-relu", "capture"), ("small-cnn", "capture"), ("mlp-tanh", "generic")]
+SHARDED = [
+    ("mlp-relu", "capture"),
+    ("small-cnn", "capture"),
+    ("partly-frozen", "capture"),
+    ("mlp-tanh", "generic"),
+    ("tied-autoencoder", "generic"),
+]
 
 
 def _measures(D):

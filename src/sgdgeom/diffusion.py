@@ -532,7 +532,8 @@ def _symmetrise_(K: Tensor, block: int = 2048) -> None:
         for j in range(i, n, block):
             mean = (K[i : i + block, j : j + block] + K[j : j + block, i : i + block].T) / 2
             K[i : i + block, j : j + block] = mean
-            K[j : j + block, i : i + block] = mean.T
+            if j != i:  # a diagonal block is symmetric already
+                K[j : j + block, i : i + block] = mean.T
 
 
 def gram_spectrum_bytes(n: int, dtype: torch.dtype, device: torch.device) -> int:

@@ -174,7 +174,8 @@ def alignment(
     for start in tqdm(range(0, total, block), desc="tr(DH)", disable=not progress, leave=False):
         width = min(block, total - start)
         if probes is None:
-            Z = torch.eye(space.dim, **as_space)[:, start : start + width]
+            Z = torch.zeros(space.dim, width, **as_space)  # basis vectors start.. start+width
+            Z[torch.arange(start, start + width), torch.arange(width)] = 1.0
         else:
             Z = (torch.randint(0, 2, (space.dim, width), generator=generator) * 2 - 1).to(
                 **as_space

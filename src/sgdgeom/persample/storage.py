@@ -85,7 +85,8 @@ def nbytes(obj: Any) -> int:
 def check_disk(folder: Path, needed: int) -> None:
     """Refuse, before writing, captures that the disk under ``folder`` (or its nearest
     existing parent, if it is still to be made) cannot hold."""
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    folder = folder.expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise InputError(
@@ -111,7 +112,7 @@ class DiskChunks:
     tensors mapped from disk (and moved to their device)."""
 
     def __init__(self, cache_dir: str | Path) -> None:
-        root = Path(cache_dir)
+        root = Path(cache_dir).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix="captures-", dir=root))
         self._skeletons: list[Any] = []
