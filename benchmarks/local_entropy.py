@@ -8,7 +8,14 @@ Each route is a whole step (zero_grad, the loss, backward, SGD step) with PLA, y
 - ``prefix``: the layers before the first smoothed one run once, the branches as one
   batch of (y+1) B rows;
 - ``split``: each of the y+1 chunks of the batch sees its own perturbation (about one step);
-- ``draw ... only``: drawing the y uniform perturbations alone, the floor under every route.
+- ``draw ... only``: drawing the y uniform perturbations alone (the counter-based source of
+  :mod:`sgdgeom.optim.perturbations`), which every route pays on top of its products.
+
+Beside each route, its **arithmetic floor**: the multiply-adds of its matrix products
+(Linear and Conv2d layers, forward, input gradient where one is needed, weight gradient)
+over those of the plain step. Prefix: the layers before the first smoothed one as in a
+plain step; the branch point y+1 forward and input-gradient products and one weight
+gradient; every later layer on (y+1) B rows. Naive: y+1 plain steps. Split: one plain step.
 
 Models: Musso's 784-784-784-10 MLP on MNIST-5k digits at B = 256, smoothing fc1, fc2 and
 both; Musso's CIFAR-10 CNN (eq. 24) at B = 64 on random images, smoothing its first FC
@@ -44,6 +51,40 @@ def step_of(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[
     return step
 
 
+def product_costs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, float, bool]]:
+    """``(module name, multiply-adds of one product, whether its input needs a gradient)``
+    of every Linear and Conv2d, in the order the forward calls them."""
+    calls: list[tuple[str, float, bool]] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        fan_in = module.weight[0].numel()  # in, or in/groups x kernel
+        calls.append((names[module], out.numel() * fan_in, calls != []))
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return calls
+
+
+def floors(model: nn.Module, x: torch.Tensor, layers: list[str], y: int) -> dict[str, float]:
+    """Each route's arithmetic floor, relative to a plain step (module docstring)."""
+    calls = product_costs(model, x)
+    plain = sum(cost * (2 + grad_in) for _, cost, grad_in in calls)
+    branch = next(i for i, (name, _, _) in enumerate(calls) if name in layers)
+    prefix = sum(cost * (2 + grad_in) for _, cost, grad_in in calls[:branch])
+    _, cost, grad_in = calls[branch]
+    prefix += cost * ((y + 1) * (1 + grad_in) + 1)
+    prefix += sum(cost * (y + 1) * (2 + grad_in) for _, cost, grad_in in calls[branch + 1 :])
+    return {"naive": float(y + 1), "prefix": prefix / plain, "split": 1.0}
+
+
 def run(
     title: str,
     model: nn.Module,
@@ -56,17 +97,23 @@ def run(
     steps = {
         "plain step (baseline)": step_of(model, lambda: nn.functional.cross_entropy(model(x), y))
     }
+    floor = {"plain step (baseline)": 1.0}
     for layers in selections:
+        route_floors = floors(model, x, [f"{name}" for name in layers], 4)
         for route in ("naive", "prefix", "split"):
             ple = PartialLocalEntropy(model, layers=layers, R=0.01, y=4, route=route)
-            steps[f"PLA y=4 {'+'.join(layers)} {route}"] = step_of(model, lambda ple=ple: ple(x, y))
-        # what every route pays before any multiply: drawing the y perturbations
+            name = f"PLA y=4 {'+'.join(layers)} {route}"
+            steps[name] = step_of(model, lambda ple=ple: ple(x, y))
+            floor[name] = route_floors[route]
+        # what every route pays besides its products: drawing the y perturbations
         steps[f"draw y=4 {'+'.join(layers)} only"] = ple.sample
     times = interleaved_times(steps, device, repeats)
     base = times["plain step (baseline)"]
     print(f"\n{title}, {device}")
+    print(f"{'step':<36} {'time':>11} {'x base':>7} {'floor':>7}")
     for name, seconds in times.items():
-        print(f"{name:<36} {seconds * 1e3:>9.2f}ms {seconds / base:>7.2f} x base")
+        bound = f"{floor[name]:>7.2f}" if name in floor else f"{'':>7}"
+        print(f"{name:<36} {seconds * 1e3:>9.2f}ms {seconds / base:>7.2f} {bound}")
 
 
 def main() -> None:

@@ -115,3 +115,10 @@ def test_yaml_errors(tmp_path):
 def test_hash_depends_on_content_only():
     assert config_hash(parse_config(BASE)) == config_hash(parse_config(dict(BASE)))
     assert config_hash(parse_config(BASE)) != config_hash(parse_config(with_("optimizer", lr=1)))
+
+
+def test_antithetic_pairs_only_with_a_local_entropy_loss():
+    pairs = {"loss": {"name": "pla", "layers": ["fc2"], "R": 0.1, "y": 2, "antithetic": True}}
+    assert parse_config({**with_("optimizer", name="sgd"), **pairs}).loss.antithetic
+    with pytest.raises(ConfigError, match="antithetic apply only to name: pla or plea"):
+        parse_config({**with_("optimizer", name="sgd"), "loss": {"antithetic": True}})

@@ -13,7 +13,16 @@ import pytest
 import sgdgeom
 
 ROOT = Path(__file__).parents[1]
-OPTIONAL = ("sklearn", "mlxtend", "mnist1d", "kornia", "pytorch_optimizer", "ray", "lightning")
+OPTIONAL = (
+    "sklearn",
+    "mlxtend",
+    "mnist1d",
+    "kornia",
+    "pytorch_optimizer",
+    "ray",
+    "lightning",
+    "numba",
+)
 
 WITHOUT_EXTRAS = f"""
 import sys
@@ -25,6 +34,8 @@ from sgdgeom import DiffusionMatrix, DiffusionMetricSGD
 model = torch.nn.Linear(3, 2).double()
 x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
 print("rank", DiffusionMatrix(model, "cross_entropy", (x, y)).rank())
+from sgdgeom import PartialLocalEntropy
+print("pla", float(PartialLocalEntropy(model, R=0.1, y=2)(x, y)) > 0)
 from sgdgeom.data import load_dataset
 try:
     load_dataset("digits")
@@ -45,6 +56,7 @@ def test_core_works_without_any_extra_and_names_the_missing_one():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "rank 4",  # two classes: the per-sample gradients span 4 of the 8 dimensions
+        "pla True",  # without numba, the same draws from torch integer operations
         "error the digits dataset needs scikit-learn, which is not installed: "
         "pip install 'sgdgeom[data]'",
         "error the image augmentations needs kornia, which is not installed: "

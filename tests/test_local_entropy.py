@@ -71,7 +71,10 @@ def hand_gradient(model, x, y, deltas, kind, R, k):
     ("kind", "k"), [("pla", None), ("plea", None), ("pla", 30.0), ("plea", 30.0)]
 )
 @pytest.mark.parametrize("layers", [["2"], ["0", "4"], "all"])
-def test_gradient_equals_hand_computation(route, kind, k, layers):
+@pytest.mark.parametrize("batched", [False, True])
+def test_gradient_equals_hand_computation(route, kind, k, layers, batched, monkeypatch):
+    """Also through the branch blocks' batched product (accelerators) after the branch point."""
+    monkeypatch.setattr(local_entropy, "_batched_split", lambda h: batched)
     model, x, y = setup()
     R = 0.3
     ple = PartialLocalEntropy(
@@ -126,7 +129,7 @@ def test_y_zero_is_the_base_loss():
     base = nn.functional.cross_entropy(model(x), y)
     for kind in ("pla", "plea"):
         for k in (None, 10.0):
-            for route in ("naive", "prefix"):
+            for route in ("auto", "naive", "prefix", "split")[: 4 if kind == "pla" else 3]:
                 ple = PartialLocalEntropy(model, R=0.5, y=0, kind=kind, k=k, route=route)
                 torch.testing.assert_close(ple(x, y), base, rtol=1e-14, atol=0)
 

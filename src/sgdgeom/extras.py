@@ -27,6 +27,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "pytorch_optimizer": ("baselines", "pytorch-optimizer"),
     "ray": ("ray", "ray"),
     "lightning": ("lightning", "lightning"),
+    "numba": ("fast", "numba"),
     "torch.utils.tensorboard": ("", "tensorboard"),
 }
 """Top-level module -> (the sgdgeom extra that installs it, its package name)."""

@@ -225,7 +225,8 @@ class LossConfig(_Strict):
     """The training loss: plain cross-entropy, or Musso's partial local entropy smoothing
     ``layers`` (``pla``: eq. 23, ``plea``: eq. 22; a finite ``k`` gives eq. 19 / 14) with
     box half-side ``R``, or the Gaussian distance ``gamma ‖ΔW‖²`` of eq. 11 instead, and
-    ``y`` perturbed points (see :class:`~sgdgeom.optim.local_entropy.PartialLocalEntropy`)."""
+    ``y`` perturbed points, optionally as ``antithetic`` pairs ``±ΔW`` (see
+    :class:`~sgdgeom.optim.local_entropy.PartialLocalEntropy`)."""
 
     name: Literal["cross_entropy", "pla", "plea"] = "cross_entropy"
     layers: list[str] | Literal["all"] | None = None
@@ -234,10 +235,11 @@ class LossConfig(_Strict):
     y: int | None = Field(None, ge=0)
     k: float | None = Field(None, gt=0)
     route: Literal["auto", "naive", "prefix", "split"] | None = None
+    antithetic: bool | None = None
 
     @model_validator(mode="after")
     def _entropy_keys(self) -> LossConfig:
-        keys = ("layers", "R", "gamma", "y", "k", "route")
+        keys = ("layers", "R", "gamma", "y", "k", "route", "antithetic")
         extra = [k for k in keys if getattr(self, k) is not None]
         if self.name == "cross_entropy" and extra:
             raise ValueError(f"{', '.join(extra)} apply only to name: pla or plea")

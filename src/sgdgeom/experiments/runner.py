@@ -165,6 +165,7 @@ def run_training(
             kind=config.loss.name,
             k=config.loss.k,
             route=config.loss.route or "auto",
+            antithetic=bool(config.loss.antithetic),
         ).objective
     if out is not None:  # everything is built: the config is good, the run may begin
         _write_run_config(config, out)

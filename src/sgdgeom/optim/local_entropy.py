@@ -62,6 +62,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from sgdgeom.errors import InputError, UnsupportedModelError
+from sgdgeom.optim.perturbations import draw_key, point_key, uniform_
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import CoverageError, LossSpec, per_sample_loss, plan_layers, rule_for
 from sgdgeom.persample.capture import coverage_failures, describe
@@ -109,10 +110,20 @@ class PartialLocalEntropy:
         k: kernel sharpness (M5); None is the box limit ``k → ∞``.
         route: ``"auto"`` (``"prefix"`` when every smoothed module is a Linear, else
             ``"naive"``), ``"naive"``, ``"prefix"`` or ``"split"`` (PLA only).
-        generator: the random source of the displacements (on the weights' device); None
-            uses torch's global generator, which :class:`~sgdgeom.train.Trainer` seeds every
-            epoch. Under DDP give every rank the same seed: all ranks then draw the same
-            perturbations and the averaged gradient is the PLA gradient of the global batch.
+        generator: the random source of the displacements; None uses torch's global
+            generator, which :class:`~sgdgeom.train.Trainer` seeds every epoch. Each step
+            takes one 64-bit key from it, and the box displacements are a pure function of
+            that key (:mod:`~sgdgeom.optim.perturbations`, filled on every core, the same
+            bits on every device). Under DDP give every rank the same seed: all ranks then
+            draw the same perturbations and the averaged gradient is the PLA gradient of the
+            global batch.
+        antithetic: draw y/2 displacements and use each with both signs, ``±ΔW`` (y must be
+            even). Each displacement is still uniform in the box, so the loss and its
+            gradient stay unbiased for (M23)'s expectation, but the odd part of the loss
+            around W cancels within a pair: the linear term, and with it most of the
+            gradient noise that the smoothing adds (on a quadratic loss the PLA gradient
+            becomes exactly ∇L(W)). A variance-reduction option that changes the noise of
+            training, not the objective.
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -136,6 +147,7 @@ class PartialLocalEntropy:
         mask: dict[str, Tensor] | None = None,
         route: str = "auto",
         generator: torch.Generator | None = None,
+        antithetic: bool = False,
     ) -> None:
         if (R is None) == (gamma is None):
             raise InputError(
@@ -146,6 +158,10 @@ class PartialLocalEntropy:
                 raise InputError(f"{name} must be a finite number > 0, got {value}")
         if y < 0:
             raise InputError(f"y must be >= 0, got {y}")
+        if antithetic and y % 2:
+            raise InputError(
+                f"antithetic=True pairs the y displacements as ±ΔW: y must be even, got {y}"
+            )
         if kind not in ("pla", "plea"):
             raise InputError(
                 f"kind must be 'pla' or 'plea' (finite k gives the kernel forms "
@@ -157,7 +173,7 @@ class PartialLocalEntropy:
             raise InputError("k sharpens the box kernel (M5); the Gaussian distance has none")
         self.model, self.R, self.gamma, self.y, self.kind, self.k = model, R, gamma, y, kind, k
         self.loss = per_sample_loss(base_loss)
-        self.generator = generator
+        self.generator, self.antithetic = generator, antithetic
         self.masks = self._select(layers, mask or {})
         modules = dict(model.named_modules())
         self.smoothed = {name: modules[name.rpartition(".")[0]] for name in self.masks}
@@ -271,23 +287,54 @@ class PartialLocalEntropy:
 
     def sample(self, points: int | None = None) -> dict[str, Tensor]:
         """Displacements ``{weight name: (points, *shape)}`` on the smoothed coordinates,
-        zero elsewhere: uniform in the box (of half-side ``R + 5/k`` for a finite k), or
-        ``N(0, 1/(2γ))`` for the Gaussian distance (M11)."""
+        zero elsewhere: uniform in the box (of half-side ``R + 5/k`` for a finite k) from the
+        counter-based source of :mod:`~sgdgeom.optim.perturbations`, keyed by one draw of
+        the generator, or ``N(0, 1/(2γ))`` for the Gaussian distance (M11). With
+        ``antithetic``, the second half of the points is the negation of the first."""
+        return self._draw(self._new_key(), points)
+
+    def _new_key(self) -> int | None:
+        """The step's key for the box's counter-based source (None for the Gaussian)."""
+        return draw_key(self.generator) if self.gamma is None else None
+
+    def _draw(
+        self, key: int | None, points: int | None = None, shifted: bool = False
+    ) -> dict[str, Tensor]:
+        """The displacements ``ΔW`` of :meth:`sample` under ``key`` or, with ``shifted``,
+        the perturbed weights ``W + ΔW`` (constants), as adding them gives."""
         points = self.y if points is None else points
+        if self.antithetic and points % 2:
+            raise InputError(f"antithetic pairs need an even number of points, got {points}")
+        fresh = points // 2 if self.antithetic else points
+        signs = [1] * fresh + [-1] * (points - fresh)
         params = dict(self.model.named_parameters())
         out = {}
-        for name, m in self.masks.items():
-            p = params[name]
-            device = self.generator.device if self.generator is not None else p.device
-            delta = torch.empty((points, *p.shape), dtype=p.dtype, device=device)
-            if self.gamma is None:
-                half = _half_side(self.R, self.k)
-                delta = delta.uniform_(-half, half, generator=self.generator)
-            else:
-                delta = delta.normal_(0.0, (2 * self.gamma) ** -0.5, generator=self.generator)
-            delta = delta.to(p.device)
-            out[name] = delta if m is None else delta * m
+        for stream, (name, m) in enumerate(self.masks.items()):
+            weight = params[name].detach()
+            delta = torch.empty((points, *weight.shape), dtype=weight.dtype, device=weight.device)
+            if key is not None:
+                keys = [point_key(key, stream, a) for a in range(fresh)] * (1 + self.antithetic)
+                fused = shifted and m is None  # W + ΔW in the same pass
+                base = weight if fused else None
+                uniform_(delta, keys, _half_side(self.R, self.k), signs=signs, base=base)
+                if fused:
+                    out[name] = delta
+                    continue
+            else:  # the generator's own normal draw, on its device
+                device = self.generator.device if self.generator is not None else weight.device
+                normal = torch.empty((fresh, *weight.shape), dtype=weight.dtype, device=device)
+                delta[:fresh] = normal.normal_(
+                    0.0, (2 * self.gamma) ** -0.5, generator=self.generator
+                )
+                torch.neg(delta[:fresh], out=delta[fresh:])
+            delta = delta if m is None else delta * m
+            out[name] = weight + delta if shifted else delta
         return out
+
+    def _shift(self, deltas: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The perturbed weights ``W + ΔW`` (constants) of the displacements."""
+        params = dict(self.model.named_parameters())
+        return {name: params[name].detach() + delta for name, delta in deltas.items()}
 
     def _distances(self, deltas: dict[str, Tensor]) -> Tensor | None:
         """``d_{R,k}`` of each of the y displacements over the smoothed coordinates."""
@@ -323,29 +370,53 @@ class PartialLocalEntropy:
         the unperturbed weights (for ``"split"``, each chunk's at its own point)."""
         if model is not self.model:
             raise InputError("this PartialLocalEntropy was built for another model")
+        if self.y == 0:  # no perturbed point: the base loss (M4), on every route
+            logits = model(x)
+            return self.loss(logits, target).mean(), logits
         route = self.route
         first = route != "naive" and not self._coverage_checked
         if first:
             self._check_branching(x, target)
             route = self.route
-        deltas = self.sample()
-        distances = self._distances(deltas)
         if route == "naive":
+            deltas = self.sample()
+            distances = self._distances(deltas)
             losses, logits = self._naive(x, target, deltas)
-        elif first:
-            losses, logits = self._first_batched(x, target, deltas)
+            return self.combine(losses, distances), logits
+        key = self._new_key()
+        if key is None:  # Gaussian: one normal draw, then W + ΔW
+            gaussian = self._draw(None)
+            weights = self._shift(gaussian)
+
+            def displacements() -> dict[str, Tensor]:
+                return gaussian
+
+        else:  # the box: W + ΔW in one pass; ΔW only for a finite k's kernel (or a fallback)
+            weights = self._draw(key, shifted=True)
+
+            def displacements() -> dict[str, Tensor]:
+                return self._draw(key)
+
+        distances = self._distances(displacements()) if self.k is not None else None
+        if first:
+            losses, logits = self._first_batched(x, target, weights, displacements)
         else:
-            losses, logits = self._batched(x, target, deltas)
+            losses, logits = self._batched(x, target, weights)
         return self.combine(losses, distances), logits
 
     def _first_batched(
-        self, x: Tensor, target: Tensor, deltas: dict[str, Tensor]
+        self,
+        x: Tensor,
+        target: Tensor,
+        weights: dict[str, Tensor],
+        displacements: Callable[[], dict[str, Tensor]],
     ) -> tuple[Tensor, Tensor]:
         """The first batched pass: a model whose layers after the branch point cannot take
         the branched rows (a skip connection around a smoothed Linear adds B unbranched rows
-        to (y+1)·B branched ones) fails here, and ``"auto"`` takes the naive route."""
+        to (y+1)·B branched ones) fails here, and ``"auto"`` takes the naive route with the
+        same displacements."""
         try:
-            return self._batched(x, target, deltas)
+            return self._batched(x, target, weights)
         except RuntimeError as err:
             if self._route != "auto":
                 raise UnsupportedModelError(
@@ -354,7 +425,7 @@ class PartialLocalEntropy:
                     f"connection around a smoothed layer does not; use route='naive'"
                 ) from err
             self._batched_ok = False
-            return self._naive(x, target, deltas)
+            return self._naive(x, target, displacements())
 
     def _naive(self, x: Tensor, target: Tensor, deltas: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self.model(x)
@@ -371,11 +442,12 @@ class PartialLocalEntropy:
         return torch.stack(losses), logits
 
     def _batched(
-        self, x: Tensor, target: Tensor, deltas: dict[str, Tensor]
+        self, x: Tensor, target: Tensor, weights: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
+        """The prefix or split route, with the perturbed weights ``W + ΔW^a`` (constants)."""
         branches = self.y + 1
         sizes = split_sizes(len(x), self.y) if self.route == "split" else None
-        with self._branched_layers(deltas, sizes):
+        with self._branched_layers(weights, sizes):
             out = self.model(x)
         if sizes is None:  # prefix: (y+1) B rows, branch-major
             per_branch = out.reshape(branches, len(x), *out.shape[1:])
@@ -387,34 +459,32 @@ class PartialLocalEntropy:
 
     @contextlib.contextmanager
     def _branched_layers(
-        self, deltas: dict[str, Tensor], sizes: list[int] | None
+        self, weights: dict[str, Tensor], sizes: list[int] | None
     ) -> Iterator[None]:
         """Within the block, each smoothed Linear computes every branch with its own weight;
-        the first one called opens the branches (prefix: repeats its input y+1 times by
-        broadcasting; split: cuts the batch into chunks)."""
-        state = {"open": False}
+        the first one called opens the branches (prefix: its input shared by y+1 weights;
+        split: cuts the batch into chunks)."""
+        state: dict[str, Any] = {"open": False}
         originals = {}
 
         def make_forward(module: nn.Linear, name: str) -> Callable[[Tensor], Tensor]:
-            delta = deltas[name]  # (y, out, in), constants
+            shifted = weights[name]  # (y, out, in): W + ΔW^a, constants
 
             def forward(h: Tensor) -> Tensor:
+                branches = len(shifted) + 1
                 if sizes is not None:  # split: chunk a sees W + ΔW^a (chunk 0: W)
                     state["open"] = True
-                    return _split_linear(h, module, delta, sizes)
-                # W h once for all branches, then each branch adds its own ΔW^a h; at the
-                # branch point h is shared, so the weight gradient is one product.
-                base = F.linear(h, module.weight, module.bias)
-                if not state["open"]:  # the branch point: one input, y+1 weights
-                    state["open"] = True
-                    shifts = torch.einsum("b...i,aoi->ab...o", h, delta)
-                    out = torch.cat([base[None], base[None] + shifts])
-                else:  # already branched: rows are (y+1) blocks of B, branch-major
-                    h = h.reshape(len(delta) + 1, -1, *h.shape[1:])
-                    base = base.reshape(len(delta) + 1, -1, *base.shape[1:])
-                    shifts = torch.einsum("ab...i,aoi->ab...o", h[1:], delta)
-                    out = torch.cat([base[:1], base[1:] + shifts])
-                return out.reshape(-1, *out.shape[2:])
+                    return _ChunkedLinear.apply(h, module.weight, module.bias, shifted, sizes)
+                if state["open"]:  # y+1 blocks of B rows, branch-major: block a sees W + ΔW^a
+                    if len(h) != state["rows"]:
+                        raise RuntimeError(
+                            f"a smoothed layer after the branch point got {len(h)} rows, not "
+                            f"the {state['rows']} of the y+1 branches"
+                        )
+                    blocks = [len(h) // branches] * branches
+                    return _ChunkedLinear.apply(h, module.weight, module.bias, shifted, blocks)
+                state["open"], state["rows"] = True, branches * len(h)  # the branch point
+                return _BranchLinear.apply(h, module.weight, module.bias, shifted)
 
             return forward
 
@@ -440,25 +510,109 @@ def _batched_split(h: Tensor) -> bool:
     return h.device.type != "cpu"
 
 
-def _split_linear(h: Tensor, module: nn.Linear, delta: Tensor, sizes: list[int]) -> Tensor:
-    """The split route through one smoothed Linear: rows of chunk a times ``W + ΔW^a``
-    (chunk 0 times W). ``h``: ``(B, ..., in)``, ``delta``: ``(y, out, in)``."""
-    head, rest = h[: sizes[0]], h[sizes[0] :]
-    out = [F.linear(head, module.weight, module.bias)]
-    if _batched_split(h):
-        weights = (module.weight + delta).transpose(1, 2)  # (y, in, out)
-        chunks = rest.reshape(len(delta), -1, h.shape[-1])
-        if module.bias is None:
-            batched = torch.bmm(chunks, weights)
-        else:
-            batched = torch.baddbmm(module.bias, chunks, weights)
-        out.append(batched.reshape(-1, *out[0].shape[1:]))
+def _times(rows: Tensor, matrix: Tensor, transpose: bool, out: Tensor | None = None) -> Tensor:
+    """``rows @ matrixᵀ`` (transpose: a Linear's forward) or ``rows @ matrix`` (its input
+    gradient), over the last dimension; batched over a leading dimension of both."""
+    return torch.matmul(rows, matrix.transpose(-1, -2) if transpose else matrix, out=out)
+
+
+def _chunk_products(
+    rows: Tensor, weight: Tensor, shifted: Tensor, sizes: list[int], transpose: bool
+) -> Tensor:
+    """Chunk 0 of ``rows`` (``(B, ..., k)``, cut along dim 0 into ``sizes``) times W, chunk
+    ``a`` times ``W + ΔW^a = shifted[a-1]`` (see :func:`_times`)."""
+    width = weight.shape[0] if transpose else weight.shape[1]
+    out = rows.new_empty(*rows.shape[:-1], width)
+    head, rest = rows[: sizes[0]], rows[sizes[0] :]
+    _times(head, weight, transpose, out=out[: sizes[0]])
+    if _batched_split(rows):
+        chunks = rest.reshape(len(shifted), -1, rows.shape[-1])
+        view = out[sizes[0] :].view(len(shifted), -1, width)
+        _times(chunks, shifted, transpose, out=view)
     else:
-        out += [
-            F.linear(chunk, module.weight + d, module.bias)
-            for chunk, d in zip(torch.split(rest, sizes[1:]), delta, strict=True)
-        ]
-    return torch.cat(out)
+        start = sizes[0]
+        for chunk, matrix in zip(torch.split(rest, sizes[1:]), shifted, strict=True):
+            _times(chunk, matrix, transpose, out=out[start : start + len(chunk)])
+            start += len(chunk)
+    return out
+
+
+class _ChunkedLinear(torch.autograd.Function):
+    """A Linear whose row chunks see different weights: chunk 0 W, chunk a the constant
+    ``W + ΔW^a`` (the split route's chunks, or the prefix route's branch blocks after the
+    branch point). ``h``: ``(B, ..., in)``, ``shifted``: ``(y, out, in)``. The weight
+    gradient is ``Σ_a E_aᵀ H_a = Eᵀ H``, one product over all the rows instead of one per
+    chunk; the input gradient is chunk-wise, ``E_a (W + ΔW^a)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        h: Tensor, weight: Tensor, bias: Tensor | None, shifted: Tensor, sizes: list[int]
+    ) -> Tensor:
+        out = _chunk_products(h, weight, shifted, sizes, transpose=True)
+        return out if bias is None else out.add_(bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        h, weight, bias, shifted, sizes = inputs
+        ctx.save_for_backward(h, weight, shifted)
+        ctx.sizes, ctx.has_bias = sizes, bias is not None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        h, weight, shifted = ctx.saved_tensors
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = _chunk_products(grad, weight, shifted, ctx.sizes, transpose=False)
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = flat.T @ h.reshape(-1, h.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0)
+        return grad_h, grad_w, grad_b, None, None
+
+
+class _BranchLinear(torch.autograd.Function):
+    """The prefix route's branch point: one input ``h`` (``(B, ..., in)``) times y+1
+    weights, W and the constants ``shifted[a-1] = W + ΔW^a``, giving ``(y+1) B`` rows,
+    branch-major. With ``E_a`` branch a's output gradient, the input gradient is
+    ``Σ_a E_a (W + ΔW^a)`` and the weight gradient ``(Σ_a E_a)ᵀ h``, one product."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        h: Tensor, weight: Tensor, bias: Tensor | None, shifted: Tensor
+    ) -> Tensor:
+        rows = h.reshape(-1, h.shape[-1])
+        out = h.new_empty((len(shifted) + 1) * len(h), *h.shape[1:-1], weight.shape[0])
+        blocks = out.view(len(shifted) + 1, len(rows), weight.shape[0])
+        for block, matrix in zip(blocks, [weight, *shifted], strict=True):
+            _times(rows, matrix, True, out=block)
+        return out if bias is None else out.add_(bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        h, weight, bias, shifted = inputs
+        ctx.save_for_backward(h, weight, shifted)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        h, weight, shifted = ctx.saved_tensors
+        rows = h.reshape(-1, h.shape[-1])
+        blocks = grad.reshape(len(shifted) + 1, len(rows), grad.shape[-1])
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = blocks[0] @ weight
+            for block, matrix in zip(blocks[1:], shifted, strict=True):
+                grad_h.addmm_(block, matrix)
+            grad_h = grad_h.view_as(h)
+        summed = blocks.sum(0)
+        if ctx.needs_input_grad[1]:
+            grad_w = summed.T @ rows
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = summed.sum(0)
+        return grad_h, grad_w, grad_b, None
 
 
 def split_sizes(batch: int, y: int) -> list[int]:
@@ -509,7 +663,10 @@ def _point_losses(
         for start in range(0, points, chunk):
             part = {n: d[start : start + chunk] for n, d in deltas.items()}
             view = _variant(ple, y=len(next(iter(part.values()))), _route=route)
-            losses, _ = (view._naive if route == "naive" else view._batched)(x, target, part)
+            if route == "naive":
+                losses, _ = view._naive(x, target, part)
+            else:
+                losses, _ = view._batched(x, target, view._shift(part))
             values.append(losses[1:])
     return torch.cat(values)
 
