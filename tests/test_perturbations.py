@@ -84,9 +84,7 @@ def test_independence_of_neighbours_points_and_steps():
 def test_a_seeded_generator_reproduces_the_draws():
     def draws(seed):
         model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-        ple = PartialLocalEntropy(
-            model, R=0.2, y=2, generator=torch.Generator().manual_seed(seed)
-        )
+        ple = PartialLocalEntropy(model, R=0.2, y=2, generator=torch.Generator().manual_seed(seed))
         return [ple.sample() for _ in range(2)]
 
     first, again, other = draws(1), draws(1), draws(2)
@@ -163,7 +161,7 @@ def test_antithetic_closed_form_on_a_quadratic(route):
             model.zero_grad()
             loss = ple(x, t)
             loss.backward()
-            values.append(float(loss))
+            values.append(float(loss.detach()))
             gaps.append(float((model[0].weight.grad - plain).abs().max()))
         values = torch.tensor(values)
         se = float(values.std()) / math.sqrt(len(values))

@@ -17,9 +17,10 @@ exactly 0, and symmetric, so ``-Δ`` lies on the same grid (the antithetic pairs
 in float32, and the product with ``h`` is one rounding in the output's dtype.
 
 Because nothing is sequential, the buffer fills on every core at once. On the CPU a
-``numba`` kernel does it (``pip install 'sgdgeom[fast]'``); without numba, and on an
-accelerator, the same arithmetic runs as torch integer operations on the tensor's device.
-Both give the same bits, on every device and every DDP rank that uses the same key.
+``numba`` kernel does it, on torch's number of threads (``torch.set_num_threads``; install
+it with ``pip install 'sgdgeom[fast]'``). Without numba, and on an accelerator, the same
+arithmetic runs as torch integer operations on the tensor's device. Both give the same
+bits, on every device and every DDP rank that uses the same key.
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ def uniform_(
         )
         keys_array = np.array([k & MASK64 for k in keys], dtype=np.uint64)
         scales = np.array([s * scale for s in signs], dtype=rows.dtype)
+        import numba
+
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         kernel(rows, keys_array, scales, flat_base)
         return out
     if use_numba and out.device.type == "cpu" and out.numel() >= _SLOW_CPU_DRAW:
