@@ -198,6 +198,13 @@ def test_without_numba_the_torch_route_warns_once(monkeypatch):
     perturbations._warn_slow.cache_clear()
 
 
+def test_no_points_give_empty_draws():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    for antithetic in (False, True):
+        ple = PartialLocalEntropy(model, R=0.2, y=0, antithetic=antithetic)
+        assert [tuple(d.shape) for d in ple.sample().values()] == [(0, 5, 6), (0, 3, 5)]
+
+
 def test_bad_buffers_are_refused():
     with pytest.raises(ValueError, match="float32/float64"):
         uniform_(torch.empty(1, 4, dtype=torch.float16), [1], 1.0)

@@ -156,6 +156,8 @@ def uniform_(
         raise ValueError(f"{len(out)} rows need as many keys and signs")
     if base is not None and base.shape != out.shape[1:]:
         raise ValueError(f"base has shape {tuple(base.shape)}, not {tuple(out.shape[1:])}")
+    if out.numel() == 0:
+        return out
     scale = half / (1 << BITS)  # a power of two times half: the product rounds once
     kernel = _numba_kernel() if use_numba and out.device.type == "cpu" else None
     if kernel is not None:
