@@ -53,7 +53,8 @@ def step_of(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[
 
 def product_costs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, float, bool]]:
     """``(module name, multiply-adds of one product, whether its input needs a gradient)``
-    of every Linear and Conv2d, in the order the forward calls them."""
+    of every Linear and Conv2d, in the order the forward calls them: every layer's input
+    but the first one's (the data) needs one."""
     calls: list[tuple[str, float, bool]] = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -99,7 +100,7 @@ def run(
     }
     floor = {"plain step (baseline)": 1.0}
     for layers in selections:
-        route_floors = floors(model, x, [f"{name}" for name in layers], 4)
+        route_floors = floors(model, x, layers, 4)
         for route in ("naive", "prefix", "split"):
             ple = PartialLocalEntropy(model, layers=layers, R=0.01, y=4, route=route)
             name = f"PLA y=4 {'+'.join(layers)} {route}"
