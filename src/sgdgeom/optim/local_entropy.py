@@ -504,9 +504,9 @@ class PartialLocalEntropy:
 
 
 def _batched_split(h: Tensor) -> bool:
-    """Whether the split route runs its y equal chunks as one batched product: on an
-    accelerator, where a small step is launch-bound; on the CPU a loop of y products is
-    faster than ``bmm``."""
+    """Whether the y equal chunks (the split route's, or the prefix route's branch blocks
+    after the branch point) run as one batched product: on an accelerator, where a small
+    step is launch-bound; on the CPU a loop of y products is about as fast as ``bmm``."""
     return h.device.type != "cpu"
 
 
