@@ -4,8 +4,10 @@ Run: ``python benchmarks/monitor.py [--device cuda]``.
 
 Musso's Fig. 1 network, the 4-hidden-layer 784-wide FC net, on MNIST-5k digits at B = 64
 (as in the quick Fig. 1 configs). Each route is a whole step (zero_grad, forward, backward,
-the callback's after-backward hook, SGD step); the baseline has no callback. The diffusion
-trace (every K epochs on a probe set) is not part of a step and is not counted here.
+the callback's after-backward hook, SGD step); the baseline has no callback. The reference
+route reads every weight gradient once with torch's cheapest reduction (a sum): any monitor
+of the gradients reads them at least once, the floor of its overhead. The diffusion trace
+(every K epochs on a probe set) is not part of a step and is not counted here.
 """
 
 from __future__ import annotations
@@ -39,7 +41,17 @@ def main() -> None:
     x, y = ds.normalize(ds.x_train[:64]).to(device), ds.y_train[:64].to(device)
     template = build_model("fc", ds.input_shape, 10, depth=4).to(device)
 
-    def route(callback: LayerTemperature | None) -> Callable[[], None]:
+    class ReadOnce:
+        """One read of the weight gradients (torch's sum), nothing kept: what any
+        per-step monitor of the gradients costs at least."""
+
+        def on_train_begin(self, trainer: SimpleNamespace) -> None:
+            self.weights = [p for p in trainer.model.parameters() if p.dim() > 1]
+
+        def on_after_backward(self, *_: object) -> None:
+            torch.stack([w.grad.sum() for w in self.weights])
+
+    def route(callback: LayerTemperature | ReadOnce | None) -> Callable[[], None]:
         model = copy.deepcopy(template)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         trainer = SimpleNamespace(model=model)
@@ -58,6 +70,7 @@ def main() -> None:
 
     steps = {
         "plain step (baseline)": route(None),
+        "one read: torch sum of the weight grads": route(ReadOnce()),
         "LayerTemperature, signal and noise": route(LayerTemperature(snr=False)),
         "LayerTemperature, with SNR sums": route(LayerTemperature(snr=True)),
     }

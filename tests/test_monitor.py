@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from sgdgeom import monitor
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.experiments.config import parse_config
 from sgdgeom.experiments.runner import run_training
 from sgdgeom.files import read_jsonl
-from sgdgeom.monitor import LayerTemperature, analyse_regimes
+from sgdgeom.monitor import LayerTemperature, analyse_regimes, l1_norms
 
 
 def tiny():
@@ -67,6 +68,26 @@ def test_signal_is_mean_absolute_weight_gradient_and_noise_is_numpy_std():
         assert metrics[f"snr/{layer}/std_norm"] == pytest.approx(
             np.linalg.norm(stacked.std(0)), rel=1e-8
         )
+
+
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l1_norms_equal_a_float64_sum_on_both_routes(kernel, dtype, monkeypatch):
+    if kernel == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(monitor, "_l1_kernel", lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(300, 301, generator=gen, dtype=dtype),  # odd sizes: the kernel's tail
+        torch.randn(7, generator=gen, dtype=dtype),
+        torch.randn(40, 30, generator=gen, dtype=dtype).T,  # not contiguous
+    ]
+    expected = [sum(abs(v) for v in t.double().flatten().tolist()) for t in tensors]
+    norms = l1_norms(tensors)
+    assert norms.dtype == dtype
+    rel = 1e-12 if dtype == torch.float64 else 1e-6
+    assert norms.tolist() == pytest.approx(expected, rel=rel)
 
 
 def test_trace_equals_the_diffusion_block_trace():

@@ -12,12 +12,15 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
+import torch
+
 from sgdgeom.errors import MissingExtraError
 
-__all__ = ["EXTRAS", "require"]
+__all__ = ["EXTRAS", "numba_threads", "require"]
 
 EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("data", "scikit-learn"),
@@ -48,3 +51,21 @@ def require(module: str, purpose: str) -> ModuleType:
         raise MissingExtraError(
             f"{purpose} needs {package or module}, which is not installed: {how}"
         ) from None
+
+
+@functools.cache
+def _numba() -> ModuleType | None:
+    try:
+        return importlib.import_module("numba")
+    except ImportError:
+        return None
+
+
+def numba_threads() -> ModuleType | None:
+    """numba, running on torch's number of threads (``torch.set_num_threads``), or None
+    where it is not installed: the CPU kernels it compiles are optional speed-ups
+    (``pip install 'sgdgeom[fast]'``), each with a torch route that gives the same result."""
+    numba = _numba()
+    if numba is not None:
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    return numba

@@ -20,6 +20,7 @@ late-time decay; :func:`plot_temperatures` draws Fig. 1 from the JSON-lines metr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdgeom.errors import InputError
+from sgdgeom.extras import numba_threads
 from sgdgeom.files import save_figure
 from sgdgeom.persample import LossSpec, plan_layers
 from sgdgeom.train import Callback, Trainer
@@ -47,6 +49,44 @@ def _weighted_layers(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
         if weights:
             out[layer.name] = weights
     return out
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
+@functools.cache
+def _l1_kernel() -> Any:
+    """The CPU kernel of :func:`l1_norms`, compiled on first use, or None without numba."""
+    numba = numba_threads()
+    if numba is None:
+        return None
+
+    @numba.njit(parallel=True, nogil=True, fastmath=True, cache=False)
+    def l1(flat: Any) -> float:  # pragma: no cover - compiled
+        total = 0.0  # float64
+        for i in numba.prange(flat.size):
+            total += abs(flat[i])
+        return total
+
+    return l1
+
+
+def l1_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """``‖t‖₁`` of each tensor, ``(len(tensors),)`` in their dtype.
+
+    One pass that only reads: on the CPU a numba kernel on every thread, summing in float64
+    (torch's L1 reduction is not vectorised there, and ``|t|`` then a sum writes a copy:
+    both cost a monitored step more than the read, ``benchmarks/monitor.py``); elsewhere,
+    or without numba, torch's fused ``_foreach_norm``, one kernel for all tensors.
+    """
+    first = tensors[0]
+    on_cpu = all(t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS for t in tensors)
+    kernel = _l1_kernel() if on_cpu else None
+    if kernel is None:
+        return torch.stack(torch._foreach_norm(list(tensors), 1))
+    numba_threads()
+    values = [kernel(t.detach().reshape(-1).numpy()) for t in tensors]
+    return torch.tensor(values, dtype=first.dtype)
 
 
 class LayerTemperature(Callback):
@@ -155,8 +195,7 @@ class LayerTemperature(Callback):
                 f"after loss.backward(); an optimizer that fuses the weight gradients away "
                 f"(DiffusionMetricSGD's default) needs fused=False beside this monitor"
             )
-        # one fused kernel for every tensor's L1 norm: a small step is launch-bound
-        norms = torch.stack(torch._foreach_norm(grads, 1))
+        norms = l1_norms(grads)
         if len(norms) != len(self._numels):  # a layer with several weight tensors
             norms = torch.zeros_like(self._numels).index_add_(0, self._owner, norms)
         self._signals.append(norms / self._numels)

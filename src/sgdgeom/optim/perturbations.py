@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sgdgeom.extras import numba_threads
+
 __all__ = ["draw_key", "point_key", "uniform_"]
 
 GOLDEN = 0x9E3779B97F4A7C15  # γ, the SplitMix64 increment (2⁶⁴ / golden ratio, odd)
@@ -95,9 +97,8 @@ def _units_torch(count: int, key: int, device: torch.device) -> Tensor:
 @functools.cache
 def _numba_kernel() -> Any:
     """The CPU kernel, compiled on first use (about a second), or None without numba."""
-    try:
-        import numba
-    except ImportError:
+    numba = numba_threads()
+    if numba is None:
         return None
     golden, mix1, mix2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
     s30, s27, s31, s8, s40 = (np.uint64(s) for s in (30, 27, 31, 32 - BITS, 64 - BITS))
@@ -169,9 +170,7 @@ def uniform_(
         )
         keys_array = np.array([k & MASK64 for k in keys], dtype=np.uint64)
         scales = np.array([s * scale for s in signs], dtype=rows.dtype)
-        import numba
-
-        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        numba_threads()
         kernel(rows, keys_array, scales, flat_base)
         return out
     if use_numba and out.device.type == "cpu" and out.numel() >= _SLOW_CPU_DRAW:
