@@ -123,42 +123,71 @@ def report_peak_rss(before: float) -> None:
 
 
 def print_table(
-    title: str, rows: list[tuple[str, float, tuple[float, float]]], baseline: str
+    title: str,
+    rows: list[tuple[str, float, tuple[float, float]]],
+    baseline: str,
+    floors: dict[str, float] | None = None,
 ) -> None:
     """Rows of (route, seconds, (peak MiB, step MiB)), with ratios against the baseline row.
     ``peak`` counts everything resident; ``step`` only what the route added to the model
-    and data already there."""
+    and data already there. ``floors``: each route's arithmetic floor (x base), a column."""
     base_t, (base_m, base_s) = next((t, m) for name, t, m in rows if name == baseline)
+    floors = floors or {}
     print(f"\n{title}")
     print(
-        f"{'route':<30} {'time':>10} {'x base':>7} {'peak MiB':>9} {'x base':>7} "
+        f"{'route':<30} {'time':>10} {'x base':>7} {'floor':>6} {'peak MiB':>9} {'x base':>7} "
         f"{'step MiB':>9} {'x base':>7}"
     )
     for name, seconds, (mib, step) in rows:
+        floor = f"{floors[name]:>6.2f}" if name in floors else f"{'':>6}"
         print(
-            f"{name:<30} {seconds * 1e3:>8.2f}ms {seconds / base_t:>7.2f} {mib:>9.1f} "
+            f"{name:<30} {seconds * 1e3:>8.2f}ms {seconds / base_t:>7.2f} {floor} {mib:>9.1f} "
             f"{mib / base_m:>7.2f} {step:>9.1f} {step / max(base_s, 1e-9):>7.2f}"
         )
 
 
-def make_case(name: str, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def product_costs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, float, bool]]:
+    """``(module name, multiply-adds of one product, whether its input needs a gradient)``
+    of every Linear and Conv2d, in the order the forward calls them: every layer's input
+    but the first one's (the data) needs one."""
+    calls: list[tuple[str, float, bool]] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        fan_in = module.weight[0].numel()  # in, or in/groups x kernel
+        calls.append((names[module], out.numel() * fan_in, calls != []))
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return calls
+
+
+def make_case(case: str, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The benchmark models and one batch: ``mlp`` (Musso's 784-784-784-10, B = 256 of
     MNIST-5k), ``cnn`` (Musso eq. 24, B = 64 random 32x32 images), ``transformer`` (2 blocks,
     dim 64, MNIST-5k digits as 28 tokens, B = 64) and ``resnet-gn`` (16 channels, 2 blocks,
-    B = 64 random 32x32 images)."""
+    B = 64 random 32x32 images); ``name:B`` takes a batch of B instead (``mlp:1024``)."""
     torch.manual_seed(0)
+    name, _, size = case.partition(":")
+    batch = int(size) if size else (256 if name == "mlp" else 64)
     if name in ("mlp", "transformer"):
         ds = load_dataset("mnist5k")
-        batch = 256 if name == "mlp" else 64
         x, y = ds.normalize(ds.x_train[:batch]), ds.y_train[:batch]
         if name == "mlp":
             model = build_model("fc", ds.input_shape, 10, depth=2)
         else:
             model = build_model("transformer", ds.input_shape, 10, dim=64, depth=2, heads=4)
     elif name == "resnet-gn":
-        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
         model = build_model("resnet-gn", (3, 32, 32), 10, channels=16, blocks=2)
     else:
-        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
         model = build_model("cnn-cifar10", (3, 32, 32), 10, init="kaiming")
     return model.to(device), x.to(device), y.to(device)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_times
+from common import interleaved_times, product_costs
 
 from sgdgeom.data import load_dataset
 from sgdgeom.models import build_model
@@ -49,29 +49,6 @@ def step_of(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[
         opt.step()
 
     return step
-
-
-def product_costs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, float, bool]]:
-    """``(module name, multiply-adds of one product, whether its input needs a gradient)``
-    of every Linear and Conv2d, in the order the forward calls them: every layer's input
-    but the first one's (the data) needs one."""
-    calls: list[tuple[str, float, bool]] = []
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        fan_in = module.weight[0].numel()  # in, or in/groups x kernel
-        calls.append((names[module], out.numel() * fan_in, calls != []))
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Linear | nn.Conv2d)
-    ]
-    with torch.no_grad():
-        model(x)
-    for handle in handles:
-        handle.remove()
-    return calls
 
 
 def floors(model: nn.Module, x: torch.Tensor, layers: list[str], y: int) -> dict[str, float]:

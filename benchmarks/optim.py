@@ -3,17 +3,22 @@
 Run: ``python benchmarks/optim.py [--device cuda]``.
 
 Cases (``--cases``, see ``common.make_case``): Musso's 784-784-784-10 MLP on MNIST-5k
-digits at B = 256, the 2-block transformer and the ResNet-GN at B = 64. Every route is a
-whole training step (zero_grad, forward, backward, optimizer step); the baseline is
+digits at B = 64, 256 and 1024 (``mlp:64``, ``mlp``, ``mlp:1024``: the cost's growth
+with B), the 2-block transformer and the ResNet-GN at B = 64. Every route is a whole
+training step (zero_grad, forward, backward, optimizer step); the baseline is
 ``torch.optim.SGD`` with momentum. Routes:
 
 - default, weak / exact, ε auto: ``DiffusionMetricSGD(model, lr, eps="auto", mode=…)``
   as constructed by default: fused (the metric gradient in place of the weight
-  gradients, which the backward skips), the B x B Gram matrix every step;
-- the same with a fixed ε (weak): no Gram matrix when ε tr D < 1;
+  gradients, which the backward skips), the Gram matrix or the matrix-free route,
+  whichever costs fewer multiply-adds at the batch's size;
+- the same with a fixed ε (weak): matrix-free from B ≈ 784 on the MLP (``c = G ḡ`` by a
+  JVP, no Gram matrix) when ε tr D < 1;
 - unfused (``fused=False``), weak / exact: the weight gradients in the backward too;
 - closure route, weak: the route for parameters without the model, which materialises
-  the per-sample gradients (B x d) with one batched backward.
+  the per-sample gradients (B x d) with one batched backward (skipped above 2 GiB).
+
+The ``floor`` column is each route's arithmetic floor (:func:`floors`).
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ from common import (
     make_case,
     median_time,
     print_table,
+    product_costs,
     report_peak_rss,
     resident_mib,
     route_memory,
 )
 
+from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.optim import DiffusionMetricSGD
 
 BASELINE = "SGD step (baseline)"
 CLOSURE = "closure route, weak, eps auto"
+CLOSURE_BYTES = 2**31  # the closure route's B x d rows are skipped above this
 
 
 def routes(template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable]:
@@ -85,12 +93,46 @@ def routes(template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, C
     }
 
 
+def floors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Each route's arithmetic floor over the plain step's: the multiply-adds of their
+    matrix products (``product_costs``; a plain step is forward, input and weight
+    gradients). A metric step adds the direction ``Gᵀ v`` (one weight-gradient product;
+    fused, it replaces the weight gradients) and the cheaper of its two routes as
+    DiffusionMetricSGD's cost model counts them on a first step: the Gram matrix (and
+    ``B³/3`` for the Cholesky factorisation, exact), or ``P`` for ``c = G ḡ`` (``2P`` fused),
+    ``2P`` per Lanczos step (20, ε auto) and per conjugate-gradient step (8, exact). The
+    Lanczos iteration on the ``B x B`` Gram matrix is not counted."""
+    calls = product_costs(model, x)
+    forward = sum(cost for _, cost, _ in calls)
+    inputs = sum(cost for _, cost, grad_in in calls if grad_in)
+    plain = 2 * forward + inputs
+    D = DiffusionMatrix(model, "cross_entropy", (x, y), route="capture")
+    product, gram = D.products.costs()
+
+    def floor(fused: bool, exact: bool, auto: bool) -> float:
+        base = (forward + inputs if fused else plain) + product
+        free = product * (2 if fused else 1) + 2 * product * (20 * auto + 8 * exact)
+        return (base + min(gram + exact * len(x) ** 3 / 3, free)) / plain
+
+    return {
+        BASELINE: 1.0,
+        "default, weak, eps auto": floor(True, False, True),
+        "default, exact, eps auto": floor(True, True, True),
+        "default, weak, fixed eps": floor(True, False, False),
+        "unfused, weak, eps auto": floor(False, False, True),
+        "unfused, exact, eps auto": floor(False, True, True),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument(
-        "--cases", nargs="+", default=["mlp", "transformer", "resnet-gn"], metavar="CASE"
+        "--cases",
+        nargs="+",
+        default=["mlp:64", "mlp", "mlp:1024", "transformer", "resnet-gn"],
+        metavar="CASE",
     )
     parser.add_argument("--memory", nargs=2, metavar=("CASE", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,17 +147,21 @@ def main() -> None:
     for name in args.cases:
         model, x, y = make_case(name, device)
         setups = routes(model, x, y)
+        d = sum(p.numel() for p in model.parameters())
+        if len(x) * d * x.element_size() > CLOSURE_BYTES:
+            del setups[CLOSURE]  # its B x d rows would not fit
         memory = route_memory(__file__, name, setups, device)
         # the closure route (seconds a step, GBs of rows) is timed on its own: taking turns
         # with it slowed the baseline of the fast routes (26 -> 39 ms on the transformer)
         fast = {route: setup() for route, setup in setups.items() if route != CLOSURE}
         seconds = interleaved_times(fast, device, args.repeats)
-        seconds[CLOSURE] = median_time(setups[CLOSURE](), device, repeats=3, warmup=1)
-        d = sum(p.numel() for p in model.parameters())
+        if CLOSURE in setups:
+            seconds[CLOSURE] = median_time(setups[CLOSURE](), device, repeats=3, warmup=1)
         print_table(
             f"{name}: d = {d:,}, B = {len(x)}, {device}",
             [(route, seconds[route], memory[route]) for route in setups],
             BASELINE,
+            floors(model, x, y),
         )
 
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from sgdgeom.diffusion import DiffusionMatrix, top_eigenvalue
+from sgdgeom.diffusion import DiffusionMatrix, conjugate_gradients, top_eigenvalue
 from sgdgeom.errors import InputError, SgdgeomError, UnsupportedModelError
-from sgdgeom.persample import per_sample_loss
+from sgdgeom.persample import capture, per_sample_loss
+from sgdgeom.persample.layers.conv import ConvCall
+from sgdgeom.persample.layers.linear import LinearCall
 from tests.cases import CASE_NAMES, make_case
 from tests.cases import routes_for as _routes
 from tests.reference import (
@@ -242,6 +244,85 @@ def test_lambda_max_by_lanczos_on_a_real_gram_matrix(case):
     estimate = D.lambda_max(tol=1e-10)
     assert "_eigvalsh" not in D.__dict__  # no full spectrum was computed
     assert estimate == pytest.approx(D.lambda_max(), rel=1e-10)
+
+
+def test_gram_matvec_and_matrix_free_lambda_max_equal_the_gram_matrix(case):
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    free = D.lambda_max(tol=1e-10, matrix_free=True)
+    assert "_gram" not in D.__dict__ and 1 <= D.lanczos_steps <= D.n
+    w = torch.randn(D.n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(D.gram_matvec(w), D.gram() @ w, rtol=1e-12, atol=1e-14)
+    assert free == pytest.approx(D.lambda_max(), rel=1e-9)
+
+
+def test_conjugate_gradients_solve_and_refuse_what_they_cannot():
+    gen = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64, generator=gen))
+    A = basis @ torch.diag(torch.linspace(1.0, 1.9, 30, dtype=torch.float64)) @ basis.T
+    b = torch.randn(30, dtype=torch.float64, generator=gen)
+    x, steps = conjugate_gradients(lambda p: A @ p, b, tol=1e-13)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-12, atol=1e-13)
+    assert 5 <= steps <= 25  # κ < 2: the error falls about 6-fold per step
+    assert conjugate_gradients(lambda p: A @ p, torch.zeros(30, dtype=torch.float64), 1e-13)[1] == 0
+    spread = basis @ torch.diag(torch.logspace(0, 8, 30, dtype=torch.float64)) @ basis.T
+    with pytest.raises(ValueError, match="conjugate gradients reached"):
+        conjugate_gradients(lambda p: spread @ p, b, tol=1e-13, max_steps=5)
+
+
+def _cost_cases():
+    conv = nn.Sequential(nn.Conv2d(16, 16, 3), nn.Tanh(), nn.Flatten(), nn.Linear(256, 3))
+    sequence = nn.Sequential(nn.Linear(4, 50), nn.Tanh(), nn.Flatten(), nn.Linear(500, 3))
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "mlp": (make_case("mlp-relu").model, make_case("mlp-relu").x),
+        "conv": (conv.double(), torch.randn(5, 16, 6, 6, generator=gen, dtype=torch.float64)),
+        "sequence": (sequence.double(), torch.randn(6, 10, 4, generator=gen, dtype=torch.float64)),
+        "rows": (make_case("small-cnn").model, make_case("small-cnn").x),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "kinds"),
+    [
+        ("mlp", {"LinearCall"}),
+        ("conv", {"ConvCall", "LinearCall"}),
+        ("sequence", {"LinearCall"}),
+        ("rows", {"RowsCall", "LinearCall"}),
+    ],
+)
+def test_costs_count_the_multiply_adds(name, kinds, monkeypatch):
+    """A Linear's product is b·T·in·out, its ghost Gram b²T²(in + out) (else the rows':
+    b·T·in·out + b²·numel); a Conv's product is b·H'W'·numel(weight), its Gram the rows';
+    stored rows cost b·numel and b²·numel."""
+    if name != "rows":  # calls without a ghost Gram are kept only where rows would not fit
+        monkeypatch.setattr(capture, "ROWS_LIMIT", 0)
+    model, x = _cost_cases()[name]
+    y = torch.randint(0, 3, (len(x),), generator=torch.Generator().manual_seed(1))
+    products = DiffusionMatrix(model, "cross_entropy", (x, y), route="capture").products
+    chunk, b = next(products._chunks()), len(x)
+    expected, seen = [0.0, 0.0], set()
+    for layer, calls in zip(products.layers, chunk.calls, strict=True):
+        numel = sum(p.numel() for _, p in layer.module.named_parameters() if p.requires_grad)
+        for call in calls:
+            seen.add(type(call).__name__)
+            if isinstance(call, LinearCall):
+                t, fan_in, fan_out = (
+                    call.inputs.shape[1],
+                    layer.module.in_features,
+                    (layer.module.out_features),
+                )
+                p = b * t * fan_in * fan_out
+                ghost = t == 1 or t * t * (fan_in + fan_out) <= fan_in * fan_out
+                g = b * b * t * t * (fan_in + fan_out) if ghost else p + b * b * numel
+            elif isinstance(call, ConvCall):
+                p = b * call.grads[0, 0].numel() * layer.module.weight.numel()
+                g = p + b * b * numel
+            else:
+                p, g = b * numel, b * b * numel
+            expected[0] += p
+            expected[1] += g
+    assert seen == kinds
+    assert products.costs() == (expected[0], expected[1])
 
 
 def test_lanczos_refuses_a_gram_matrix_that_is_not_finite():

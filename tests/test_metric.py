@@ -37,6 +37,31 @@ def test_apply_solve_and_gradient_equal_dense(setup):
     )
 
 
+@pytest.mark.parametrize("eps", ["auto", "fixed"])
+def test_matrix_free_route_equals_dense_without_a_gram_matrix(setup, eps, monkeypatch):
+    """λ_max by Lanczos on the operator K, the exact solve by conjugate gradients and
+    c = G ḡ by a JVP: the same metric as the dense one, and K is never formed."""
+    D, D_ref, g_bar = setup
+    monkeypatch.setattr(type(D), "gram", lambda self: pytest.fail("the Gram matrix was formed"))
+    lam = float(torch.linalg.eigvalsh(D_ref)[-1])
+    metric = DiffusionMetric(
+        D, eps="auto" if eps == "auto" else 0.3 / D.trace(), safety=0.7, matrix_free=True
+    )
+    if eps == "auto":
+        assert metric.lambda_max == pytest.approx(lam, rel=1e-9)
+        assert metric.eps == pytest.approx(0.7 / lam, rel=1e-9)
+    eye = torch.eye(len(D_ref), dtype=torch.float64)
+    g_dense = eye + metric.eps * D_ref
+    v = torch.randn(len(D_ref), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert_close(metric.solve(v), torch.linalg.solve(g_dense, v), what="CG g⁻¹ v")
+    assert_close(metric.gradient(), torch.linalg.solve(g_dense, g_bar), what="CG ∇_D f")
+    assert 1 <= metric.cg_steps <= 30
+    assert_close(
+        metric.gradient(exact=False), (eye - metric.eps * D_ref) @ g_bar, what="weak ∇_D f"
+    )
+    assert "_gram" not in D.__dict__
+
+
 def test_weak_field_bound_holds_and_is_attained(setup):
     D, D_ref, _ = setup
     metric = DiffusionMetric(D, eps="auto", safety=0.9)

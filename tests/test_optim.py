@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.optim import DiffusionMetricSGD
 from sgdgeom.persample import CoverageError, per_sample_loss
@@ -62,6 +63,62 @@ def test_update_equals_dense_update_on_every_zoo_model(name, mode, fused):
     opt.step()
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
     assert opt.stats["eps"] == pytest.approx(eps_used, rel=1e-9)
+
+
+@pytest.mark.parametrize("eps", ["auto", "fixed"])
+@pytest.mark.parametrize("mode", ["weak", "exact"])
+@pytest.mark.parametrize("name", ["mlp-relu", "small-cnn", "transformer", "partly-frozen"])
+def test_matrix_free_route_equals_dense_update(name, mode, eps, monkeypatch):
+    """The route the cost model picks for large batches (c by a JVP, λ_max by Lanczos on the
+    operator K, the exact solve by conjugate gradients), forced here, fused from the second
+    step: the same update as the dense reference, and no Gram matrix formed."""
+    case = make_case(name)
+    monkeypatch.setattr(DiffusionMetricSGD, "_matrix_free_pays", lambda *_: True)
+    eps_value = "auto" if eps == "auto" else 0.3 / float(dense_diffusion(_rows(case)).trace())
+    opt = DiffusionMetricSGD(case.model, lr=0.1, eps=eps_value, mode=mode)
+    loss_and_backward(case)
+    opt.step()
+    opt.zero_grad()
+    expected, eps_used = dense_update(case, eps_value, mode, lr=0.1)
+    loss_and_backward(case)
+    monkeypatch.setattr(
+        DiffusionMatrix, "gram", lambda self: pytest.fail("the Gram matrix was formed")
+    )
+    opt.step()
+    assert opt.route == "matrix-free" and opt.fused
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
+    assert opt.stats["eps"] == pytest.approx(eps_used, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("widths", "batch", "eps", "route"),
+    [
+        ((3, 4, 2), 64, 1e-3, "matrix-free"),  # B² (in + out) > 2 B in out: products pay
+        ((3, 4, 2), 16, "auto", "gram"),  # 20 Lanczos steps of 2 products each do not
+        ((3, 4, 2), 64, 1e3, "gram"),  # ε tr D >= 1: the Cholesky check forms K anyway
+        ((40, 40, 40), 8, 1e-3, "gram"),  # wide layers, small batch: the Gram matrix pays
+    ],
+)
+def test_the_route_follows_the_cost_of_each(widths, batch, eps, route):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(widths[0], widths[1]), nn.Tanh(), nn.Linear(widths[1], widths[2])
+    ).double()
+    x, y = torch.randn(batch, widths[0], dtype=torch.float64), torch.randint(0, 2, (batch,))
+    opt = DiffusionMetricSGD(model, lr=0.1, eps=eps)
+    for _ in range(2):  # the first step is the checked unfused one
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if eps == 1e3:
+            with pytest.raises(ValueError, match="at or above 1/λ_max"):
+                opt.step()
+            return
+        opt.step()
+    assert opt.route == route
+
+
+def _rows(case):
+    return per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
 
 
 @pytest.mark.parametrize("eps", ["auto", "fixed"])

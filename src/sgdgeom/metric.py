@@ -24,7 +24,7 @@ and the weak-field form is the same expression with :math:`w = c - \bar c`.
 Examples:
     >>> import torch
     >>> from torch import nn
-    >>> from sgdgeom.diffusion import DiffusionMatrix
+    >>> from sgdgeom.diffusion import DiffusionMatrix, conjugate_gradients
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
@@ -42,7 +42,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.diffusion import DiffusionMatrix, conjugate_gradients
 from sgdgeom.errors import InputError
 
 __all__ = ["DiffusionMetric", "resolve_eps"]
@@ -82,6 +82,13 @@ class DiffusionMetric:
             (:func:`~sgdgeom.diffusion.top_eigenvalue`) instead of from the full spectrum.
             A fixed ε is checked exactly either way: ``ε tr D < 1``, or a Cholesky
             factorisation of ``I − εK``, or else the full spectrum.
+        matrix_free: never form the ``N x N`` Gram matrix where products do: ``λ_max`` by
+            Lanczos on the operator K (``lambda_tol``, default ``1e-10``, see
+            :meth:`~sgdgeom.diffusion.DiffusionMatrix.lambda_max`), the exact solve by
+            conjugate gradients on ``I + εK``, ``c = G ḡ`` by a JVP. Each product costs a
+            VJP and a JVP, so this pays where ``N`` is large against the layers' widths
+            (:class:`~sgdgeom.optim.DiffusionMetricSGD` chooses by cost). A fixed ε with
+            ``ε tr D ≥ 1`` is still checked by the Cholesky factorisation, which forms K.
 
     Vectors are flat ``(d,)`` tensors in the parameter order of ``D.space``.
     """
@@ -92,9 +99,12 @@ class DiffusionMetric:
         eps: float | str = "auto",
         safety: float = 0.5,
         lambda_tol: float | None = None,
+        matrix_free: bool = False,
     ) -> None:
         self.D = D
-        self.lambda_tol = lambda_tol
+        self.matrix_free = matrix_free
+        self.lambda_tol = 1e-10 if matrix_free and lambda_tol is None else lambda_tol
+        self.cg_steps = 0  # products of the last conjugate-gradient solve
         if isinstance(eps, str):
             self.eps = resolve_eps(eps, safety, self.lambda_max)
         elif float(eps) * D.trace() < 1 or self._valid_by_cholesky(float(eps)):
@@ -118,7 +128,7 @@ class DiffusionMetric:
     @property
     def lambda_max(self) -> float:
         """D's largest eigenvalue: exact, or by Lanczos when ``lambda_tol`` is set."""
-        return self.D.lambda_max(self.lambda_tol)
+        return self.D.lambda_max(self.lambda_tol, self.matrix_free)
 
     def apply(self, v: Tensor) -> Tensor:
         """``g v = v + ε D v``."""
@@ -138,10 +148,22 @@ class DiffusionMetric:
         """The ``(N,)`` weights ``w`` of ``g⁻¹ v = v − (ε/N) Gᵀ w`` given ``c = G v``:
         ``c − c̄`` (weak field) or ``(I + εK)⁻¹ (c − c̄)``, centred (exact)."""
         w = c - c.mean()
-        if exact:
+        if exact and self.matrix_free and "_gram" not in self.D.__dict__:
+            w = self._conjugate_gradients(w)
+        elif exact:
             w = torch.cholesky_solve(w[:, None], self._cholesky)[:, 0]
-            w = w - w.mean()
-        return w
+        return w - w.mean() if exact else w
+
+    def _conjugate_gradients(self, b: Tensor) -> Tensor:
+        """``(I + εK)⁻¹ b`` by conjugate gradients in float64, K applied by products in D's
+        dtype, to a relative residual of ``max(1e-12, 64 ε_dtype)``."""
+
+        def matvec(w: Tensor) -> Tensor:
+            return w + self.eps * self.D.gram_matvec(w.to(b.dtype)).double()
+
+        tol = max(1e-12, 64 * torch.finfo(b.dtype).eps)
+        w, self.cg_steps = conjugate_gradients(matvec, b.double(), tol)
+        return w.to(b.dtype)
 
     def _solve(self, v: Tensor, c: Tensor, exact: bool) -> Tensor:
         """``g⁻¹ v`` (exact) or ``(I − εD) v`` given ``c = G v``."""

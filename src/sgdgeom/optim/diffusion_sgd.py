@@ -204,6 +204,8 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 self._recorder = LoopRecorder(self.model, layers, fused=fuse)
         self.fused = bool(self._recorder is not None and self._recorder.fused)
         self._checked = False
+        self._steps = {"lanczos": 20, "cg": 8}  # the matrix-free route's last counts
+        self.route = "gram"  # the last step's: "gram" or "matrix-free"
         defaults = {
             "lr": lr,
             "eps": eps,
@@ -432,14 +434,50 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         group: dict[str, Any],
     ) -> Tensor:
         D = DiffusionMatrix.from_products(products, mean_gradient=mean_gradient)
-        needs_gram = group["eps"] == "auto" or group["mode"] == "exact" or mean_gradient is None
-        if needs_gram:
+        matrix_free = self._matrix_free_pays(D, mean_gradient is None, group)
+        if not matrix_free:
             D.gram()  # built once: it gives λ_max, tr D, the exact solve and c = G ḡ
-        metric = DiffusionMetric(D, group["eps"], group["safety"], lambda_tol=LAMBDA_TOL)
+        metric = DiffusionMetric(
+            D, group["eps"], group["safety"], lambda_tol=LAMBDA_TOL, matrix_free=matrix_free
+        )
+        self.route = "matrix-free" if matrix_free else "gram"
         self.stats = {"eps": metric.eps, "trace": D.trace()}
         if group["eps"] == "auto":  # known already; a fixed ε never needs it
             self.stats["lambda_max"] = metric.lambda_max
-        return metric.gradient(exact=group["mode"] == "exact", out=self._scratch(products.space))
+        direction = metric.gradient(
+            exact=group["mode"] == "exact", out=self._scratch(products.space)
+        )
+        if matrix_free:  # what the next step's choice expects these to cost
+            self._steps["lanczos"] = getattr(D, "lanczos_steps", self._steps["lanczos"])
+            self._steps["cg"] = metric.cg_steps or self._steps["cg"]
+        return direction
+
+    def _matrix_free_pays(
+        self, D: DiffusionMatrix, needs_mean: bool, group: dict[str, Any]
+    ) -> bool:
+        """Whether the step's products cost fewer multiply-adds than the Gram matrix.
+
+        With ``P`` one JVP's cost (:meth:`~sgdgeom.persample.PerSampleProducts.costs`; a
+        VJP costs the same) the matrix-free route pays ``P`` for ``c = G ḡ`` (``2P`` when
+        fused: ``ḡ`` first), plus ``2P`` per Lanczos step for ``λ_max`` (ε auto) and per
+        conjugate-gradient step (exact), as many as the last matrix-free step took (at
+        first 20 and 8). The Gram route pays the Gram matrix, and ``B³/3`` for the
+        Cholesky factorisation when exact. A fixed ε with ``ε tr D ≥ 1`` takes the Gram
+        route, whose Cholesky factorisation checks it. On the 784-784-784-10 MLP (fused,
+        ``B²(in + out)`` against ``B in out`` a layer) the weak step with a fixed ε
+        crosses over at ``B ≈ 2 in out / (in + out) = 784``; with ε auto or exact, near
+        ``B ≈ 8000``.
+        """
+        product, gram = D.products.costs()
+        free = product * (2 if needs_mean else 1)
+        if group["eps"] == "auto":
+            free += 2 * product * self._steps["lanczos"]
+        if group["mode"] == "exact":
+            free += 2 * product * self._steps["cg"]
+            gram += D.n**3 / 3
+        if gram <= free:
+            return False
+        return group["eps"] == "auto" or float(group["eps"]) * D.trace() < 1
 
     def _scratch(self, space: ParamSpace) -> Tensor:
         """A ``(d,)`` buffer for the direction, kept across steps: allocating ``d`` fresh

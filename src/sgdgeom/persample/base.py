@@ -88,6 +88,13 @@ class PerSampleProducts(Protocol):
                     out[j : j + len(rows_j), i : i + len(rows_i)] = block.T
         return out
 
+    def costs(self) -> tuple[float, float]:
+        """Multiply-adds of one :meth:`jvp` (a :meth:`vjp` costs the same) and of the raw
+        :meth:`gram`: what a caller weighs to choose between products and the Gram matrix
+        (``N d`` and ``N² d`` for materialised rows, the default)."""
+        n, d = float(self.n), float(self.space.dim)
+        return n * d, n * n * d
+
     def sq_norms(self) -> Tensor:
         """``‖g_{i,p}‖²`` for every sample i and parameter tensor p: ``(N, P)``."""
         out = torch.zeros(

@@ -246,7 +246,7 @@ def capture_chunk(
         return capture_chunk(model, layers, loss, x, y, params, True, param_weights)
     outputs = [t for record in records for _, outs in record for t in outs if t.requires_grad]
     grads = (
-        list(torch.autograd.grad(total, outputs, retain_graph=True, allow_unused=True))
+        list(torch.autograd.grad(total, outputs, retain_graph=bool(params), allow_unused=True))
         if outputs
         else []
     )
@@ -565,6 +565,23 @@ class CaptureProducts(PerSampleProducts):
                 )
             block += part
         return block.mul_(self.scale**2) if self.scale != 1 else block
+
+    def costs(self) -> tuple[float, float]:
+        """Summed over the chunks, layers and calls: each rule's
+        :meth:`~sgdgeom.persample.layers.registry.LayerRule.costs` (a stored call's rows:
+        ``b · numel`` and ``b² · numel``), the Gram matrix's cross-chunk blocks pro rata."""
+        product = gram = 0.0
+        for chunk in self._chunks():
+            for layer, calls in zip(self.layers, chunk.calls, strict=True):
+                numel = sum(self.layers_numel(layer))
+                for call in calls:
+                    if isinstance(call, RowsCall):
+                        cost = (chunk.size * numel, chunk.size * chunk.size * numel)
+                    else:
+                        cost = layer.rule.costs(layer.module, call, chunk.size, numel)
+                    product += cost[0]
+                    gram += cost[1] * self.n / chunk.size  # its blocks with every chunk
+        return product, gram
 
     def sq_norms(self) -> Tensor:
         out = torch.zeros(

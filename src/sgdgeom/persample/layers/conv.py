@@ -94,6 +94,14 @@ class ConvRule(LayerRule):
         if "bias" in out:
             write(out["bias"], weighted.sum((0, 2, 3)), accumulate)
 
+    def costs(
+        self, module: nn.Module, call: ConvCall, size: int, numel: int
+    ) -> tuple[float, float]:
+        """A product is one convolution, ``b H' W' × numel(weight)``; the Gram matrix
+        materialises the rows (one grouped convolution of that cost) and multiplies them."""
+        product = float(size * call.grads[0, 0].numel() * module.weight.numel())
+        return product, product + float(size * size * numel)
+
     def per_sample(self, module: nn.Module, call: ConvCall, names: list[str]) -> Params:
         """Each sample's weight gradient as one grouped weight-gradient convolution, the
         samples as groups: the cost of one batch weight gradient."""

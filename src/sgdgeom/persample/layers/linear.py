@@ -137,6 +137,17 @@ class LinearRule(LayerRule):
             out = out + call_i.grads.sum(1) @ call_j.grads.sum(1).T
         return out
 
+    def costs(
+        self, module: nn.Module, call: LinearCall, size: int, numel: int
+    ) -> tuple[float, float]:
+        """A product is one ``(b T) x in x out`` matmul; the ghost Gram ``b² T² (in + out)``
+        (else the rows: ``b T in out`` to form them, ``b² numel`` to multiply them)."""
+        t, fan_in, fan_out = call.inputs.shape[1], call.inputs.shape[2], call.grads.shape[2]
+        product = float(size * t * fan_in * fan_out)
+        if self.has_ghost_gram(module, call):
+            return product, float(size * size * t * t * (fan_in + fan_out))
+        return product, product + float(size * size * numel)
+
     def sq_norms(self, module: nn.Module, call: LinearCall, names: list[str]) -> Params | None:
         if call.inputs.shape[1] != 1:
             return None

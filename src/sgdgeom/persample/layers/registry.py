@@ -130,6 +130,12 @@ class LayerRule:
         """``‖g_{i,name}‖²``, ``(b,)`` per name, by a cheaper formula; ``None`` if none."""
         return None
 
+    def costs(self, module: nn.Module, call: Any, size: int, numel: int) -> tuple[float, float]:
+        """Multiply-adds of one :meth:`jvp` (or :meth:`vjp`) of a call over ``size`` samples
+        and of its part of the Gram matrix with itself, for the ``numel`` trainable
+        scalars: by default those of materialised rows, ``b · numel`` and ``b² · numel``."""
+        return float(size * numel), float(size * size * numel)
+
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
 _FALLBACK: list[LayerRule] = []
