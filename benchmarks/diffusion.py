@@ -1,8 +1,9 @@
 """Benchmark the diffusion matrix: D·v by every route, and the full spectrum.
 
-Run: ``python benchmarks/diffusion.py [--device cuda] [--quick]``.
+Run: ``python benchmarks/diffusion.py [--device cuda] [--skip-spectrum] [--cases mlp:64 ...]``.
 
-Cases: Musso's 784-784-784-10 MLP at B=256 on MNIST-5k digits; the CIFAR-10 CNN (Musso
+Cases: Musso's 784-784-784-10 MLP at B=64 (a fresh small batch: fixed costs show) and
+B=256 on MNIST-5k digits; the CIFAR-10 CNN (Musso
 eq. 24) at B=64 on random 32x32 images; a 2-block pre-LayerNorm transformer (dim 64, 4 heads)
 reading MNIST-5k digits as 28 tokens of 28 pixels at B=64; a ResNet with GroupNorm
 (16 channels, 2 blocks) on random 32x32 images at B=64. Routes, each against a plain
@@ -15,6 +16,8 @@ forward+backward of the mean loss measured in the same run:
 - ``D·v generic (JVP+VJP)``: torch.func forward-mode then reverse-mode product;
 - ``D·v vmap per-sample``: materialise G (B x d) with ``vmap(grad)``, then ``G_cᵀ G_c v / B``;
 - ``D·v BackPACK BatchGrad``: if ``backpack`` is importable.
+
+The ``floor`` column: the capture routes' arithmetic floors (:func:`floors`).
 
 Then the whole nonzero spectrum of D on all 5,000 MNIST-5k digits (d = 1,238,730): the
 capture, the 5000 x 5000 Gram matrix and its eigenvalues, timed against one
@@ -39,6 +42,7 @@ from common import (
     make_case,
     median_time,
     print_table,
+    product_costs,
     report_peak_rss,
     resident_mib,
     route_memory,
@@ -136,7 +140,30 @@ def run_case(name: str, device: torch.device, repeats: int) -> None:
     )
     d = sum(p.numel() for p in model.parameters())
     rows = [(route, seconds[route], memory[route]) for route in setups]
-    print_table(f"{name}: d = {d:,}, B = {len(x)}, {device}", rows, "forward+backward (baseline)")
+    print_table(
+        f"{name}: d = {d:,}, B = {len(x)}, {device}",
+        rows,
+        "forward+backward (baseline)",
+        floors(model, x, y),
+    )
+
+
+def floors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """The capture routes' arithmetic floors over a forward+backward's multiply-adds
+    (``product_costs``: forward, input and weight gradients): ``G v`` and ``Gᵀ w`` at the
+    captures' cost ``P`` each (``CaptureProducts.costs``), plus, when D is built, the
+    capture's forward and input gradients (no weight gradients)."""
+    calls = product_costs(model, x)
+    forward = sum(cost for _, cost, _ in calls)
+    inputs = sum(cost for _, cost, grad_in in calls if grad_in)
+    plain = 2 * forward + inputs
+    D = DiffusionMatrix(model, "cross_entropy", (x, y), route="capture")
+    product = D.products.costs()[0]
+    return {
+        "forward+backward (baseline)": 1.0,
+        "D·v capture (cached)": 2 * product / plain,
+        "D·v incl. capture": (forward + inputs + 2 * product) / plain,
+    }
 
 
 def run_spectrum(device: torch.device) -> None:
@@ -181,7 +208,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip-spectrum", action="store_true")
     parser.add_argument(
-        "--cases", nargs="+", default=["mlp", "cnn", "transformer", "resnet-gn"], metavar="CASE"
+        "--cases",
+        nargs="+",
+        default=["mlp:64", "mlp", "cnn", "transformer", "resnet-gn"],
+        metavar="CASE",
     )
     parser.add_argument("--memory", nargs=2, metavar=("CASE", "ROUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args()

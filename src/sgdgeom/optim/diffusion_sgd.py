@@ -29,10 +29,11 @@ Two routes:
   **Fused** (the default where exact, ``fused="auto"``): from the second step on, the layers
   run on detached parameters, so the backward computes input gradients only, and
   :meth:`step` forms ``∇_D f = Gᵀ(1 − εw)/B`` from the captures in place of the weight
-  gradients, with ``c = G ḡ`` from the Gram matrix. ``.grad`` of the model's parameters
-  then stays ``None``: a loop that reads ``.grad`` between ``backward()`` and ``step()``
-  (gradient clipping, gradient monitors) needs ``fused=False``, and a gradient that reaches
-  a parameter outside its module (a penalty on the weights) is an error, not a silent drop.
+  gradients, with ``c = G ḡ`` from the Gram matrix or a JVP. ``.grad`` of the model's
+  parameters then stays ``None``: a loop that reads ``.grad`` between ``backward()`` and
+  ``step()`` (gradient clipping, gradient monitors) needs ``fused=False``, and a gradient
+  that reaches a parameter outside its module (a penalty on the weights) is an error, not a
+  silent drop.
 
   **The first step is checked**: it runs unfused, and the mean of the per-sample gradients
   that the rules give must equal autograd's ``.grad`` for every parameter. A weight also
@@ -52,9 +53,13 @@ all-gathered (``B x widths`` per layer, or the per-sample rows of small layers; 
 ``B x d``), so every process takes the step of the global batch's D; ``fused`` is off (DDP
 all-reduces the ``.grad`` that fusing never makes).
 
-``eps="auto"`` finds ``λ_max`` of the batch by Lanczos on its Gram matrix
-(:func:`~sgdgeom.diffusion.top_eigenvalue`, relative residual ``1e-10``), not from the
-full spectrum.
+Each step takes the cheaper of two exact routes by their multiply-adds at the batch's size
+(:meth:`DiffusionMetricSGD._matrix_free_pays`; ``route`` names the last one): the **Gram
+route** forms the ``B x B`` Gram matrix, which gives ``λ_max`` for ``eps="auto"`` (Lanczos
+on it, :func:`~sgdgeom.diffusion.top_eigenvalue`, relative residual ``1e-10``), ``c = G ḡ``
+and the exact solve (Cholesky); the **matrix-free route** takes ``c`` by a JVP, ``λ_max`` by
+Lanczos on the operator K and the exact solve by conjugate gradients
+(:class:`~sgdgeom.metric.DiffusionMetric` with ``matrix_free=True``), never ``B x B``.
 
 .. warning::
     ``weight_decay`` is decoupled: it is added after the metric, ``g⁻¹ ḡ + λ x``, so D
