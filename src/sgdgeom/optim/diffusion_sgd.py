@@ -53,13 +53,12 @@ all-gathered (``B x widths`` per layer, or the per-sample rows of small layers; 
 ``B x d``), so every process takes the step of the global batch's D; ``fused`` is off (DDP
 all-reduces the ``.grad`` that fusing never makes).
 
-Each step takes the cheaper of two exact routes by their multiply-adds at the batch's size
-(:meth:`DiffusionMetricSGD._matrix_free_pays`; ``route`` names the last one): the **Gram
-route** forms the ``B x B`` Gram matrix, which gives ``λ_max`` for ``eps="auto"`` (Lanczos
-on it, :func:`~sgdgeom.diffusion.top_eigenvalue`, relative residual ``1e-10``), ``c = G ḡ``
-and the exact solve (Cholesky); the **matrix-free route** takes ``c`` by a JVP, ``λ_max`` by
-Lanczos on the operator K and the exact solve by conjugate gradients
-(:class:`~sgdgeom.metric.DiffusionMetric` with ``matrix_free=True``), never ``B x B``.
+The **Gram route** forms the ``B x B`` Gram matrix, which gives ``λ_max`` for
+``eps="auto"`` (Lanczos on it, :func:`~sgdgeom.diffusion.top_eigenvalue`, relative residual
+``1e-10``), ``c = G ḡ`` and the exact solve (Cholesky). The weak step with a fixed ε takes
+the **matrix-free route** where it costs fewer multiply-adds at the batch's size
+(:meth:`DiffusionMetricSGD._matrix_free_pays`; ``route`` names the last step's): ``c`` by
+a JVP, never ``B x B``.
 
 .. warning::
     ``weight_decay`` is decoupled: it is added after the metric, ``g⁻¹ ḡ + λ x``, so D
@@ -209,7 +208,6 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 self._recorder = LoopRecorder(self.model, layers, fused=fuse)
         self.fused = bool(self._recorder is not None and self._recorder.fused)
         self._checked = False
-        self._steps = {"lanczos": 20, "cg": 8}  # the matrix-free route's last counts
         self.route = "gram"  # the last step's: "gram" or "matrix-free"
         defaults = {
             "lr": lr,
@@ -449,40 +447,32 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         self.stats = {"eps": metric.eps, "trace": D.trace()}
         if group["eps"] == "auto":  # known already; a fixed ε never needs it
             self.stats["lambda_max"] = metric.lambda_max
-        direction = metric.gradient(
-            exact=group["mode"] == "exact", out=self._scratch(products.space)
-        )
-        if matrix_free:  # what the next step's choice expects these to cost
-            self._steps["lanczos"] = getattr(D, "lanczos_steps", self._steps["lanczos"])
-            self._steps["cg"] = metric.cg_steps or self._steps["cg"]
-        return direction
+        return metric.gradient(exact=group["mode"] == "exact", out=self._scratch(products.space))
 
     def _matrix_free_pays(
         self, D: DiffusionMatrix, needs_mean: bool, group: dict[str, Any]
     ) -> bool:
-        """Whether the step's products cost fewer multiply-adds than the Gram matrix.
+        """Whether the weak step with a fixed ε costs fewer multiply-adds without the Gram
+        matrix: ``c = G ḡ`` by one JVP of cost ``P``
+        (:meth:`~sgdgeom.persample.PerSampleProducts.costs`; ``2P`` fused, where ``ḡ``
+        comes first) against the Gram matrix's. On the 784-784-784-10 MLP (``B in out``
+        against ``B²(in + out)`` a layer, fused) it crosses over at ``B ≈ 2 in out / (in +
+        out) = 784``. A fixed ε with ``ε tr D ≥ 1`` takes the Gram route, whose Cholesky
+        factorisation checks it.
 
-        With ``P`` one JVP's cost (:meth:`~sgdgeom.persample.PerSampleProducts.costs`; a
-        VJP costs the same) the matrix-free route pays ``P`` for ``c = G ḡ`` (``2P`` when
-        fused: ``ḡ`` first), plus ``2P`` per Lanczos step for ``λ_max`` (ε auto) and per
-        conjugate-gradient step (exact), as many as the last matrix-free step took (at
-        first 20 and 8). The Gram route pays the Gram matrix, and ``B³/3`` for the
-        Cholesky factorisation when exact. A fixed ε with ``ε tr D ≥ 1`` takes the Gram
-        route, whose Cholesky factorisation checks it. On the 784-784-784-10 MLP (fused,
-        ``B²(in + out)`` against ``B in out`` a layer) the weak step with a fixed ε
-        crosses over at ``B ≈ 2 in out / (in + out) = 784``; with ε auto or exact, near
-        ``B ≈ 8000``.
+        ε auto and the exact solve stay on the Gram route: their matrix-free forms take
+        two products per Lanczos or conjugate-gradient step (about 12 and 5–8 steps), and
+        products over stored per-sample rows are matrix-vector products, bound by memory:
+        counted in multiply-adds they looked cheaper on the transformer of
+        ``benchmarks/optim.py`` and ran 2.2x slower (4.9x a step against 2.2x). They
+        remain available as ``DiffusionMetric(..., matrix_free=True)``.
         """
-        product, gram = D.products.costs()
-        free = product * (2 if needs_mean else 1)
-        if group["eps"] == "auto":
-            free += 2 * product * self._steps["lanczos"]
-        if group["mode"] == "exact":
-            free += 2 * product * self._steps["cg"]
-            gram += D.n**3 / 3
-        if gram <= free:
+        if group["eps"] == "auto" or group["mode"] == "exact":
             return False
-        return group["eps"] == "auto" or float(group["eps"]) * D.trace() < 1
+        product, gram = D.products.costs()
+        if product * (2 if needs_mean else 1) >= gram:
+            return False
+        return float(group["eps"]) * D.trace() < 1
 
     def _scratch(self, space: ParamSpace) -> Tensor:
         """A ``(d,)`` buffer for the direction, kept across steps: allocating ``d`` fresh
