@@ -24,7 +24,7 @@ and the weak-field form is the same expression with :math:`w = c - \bar c`.
 Examples:
     >>> import torch
     >>> from torch import nn
-    >>> from sgdgeom.diffusion import DiffusionMatrix, conjugate_gradients
+    >>> from sgdgeom.diffusion import DiffusionMatrix
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
@@ -87,8 +87,9 @@ class DiffusionMetric:
             :meth:`~sgdgeom.diffusion.DiffusionMatrix.lambda_max`), the exact solve by
             conjugate gradients on ``I + εK``, ``c = G ḡ`` by a JVP. Each product costs a
             VJP and a JVP, so this pays where ``N`` is large against the layers' widths
-            (:class:`~sgdgeom.optim.DiffusionMetricSGD` chooses by cost). A fixed ε with
-            ``ε tr D ≥ 1`` is still checked by the Cholesky factorisation, which forms K.
+            (:class:`~sgdgeom.optim.DiffusionMetricSGD` takes it, by cost, for the weak
+            step with a fixed ε). A fixed ε with ``ε tr D ≥ 1`` is still checked by the
+            Cholesky factorisation, which forms K.
 
     Vectors are flat ``(d,)`` tensors in the parameter order of ``D.space``.
     """
