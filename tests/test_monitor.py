@@ -88,6 +88,8 @@ def test_l1_norms_equal_a_float64_sum_on_both_routes(kernel, dtype, monkeypatch)
     assert norms.dtype == dtype
     rel = 1e-12 if dtype == torch.float64 else 1e-6
     assert norms.tolist() == pytest.approx(expected, rel=rel)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        l1_norms([])
 
 
 def test_trace_equals_the_diffusion_block_trace():

@@ -189,6 +189,18 @@ def test_tied_weights_are_named_and_the_closure_route_is_exact():
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
 
 
+def test_tied_weights_on_the_closure_route_take_the_matrix_free_weak_step_exactly():
+    """Stored rows make c = G ḡ one matrix-vector product (B d) against the Gram matrix's
+    B² d, so the weak step with a small fixed ε leaves the Gram route by itself."""
+    case = make_case("tied-autoencoder")
+    eps = 0.3 / float(dense_diffusion(_rows(case)).trace())
+    expected, _ = dense_update(case, eps, "weak")
+    opt = DiffusionMetricSGD(list(case.model.parameters()), lr=1.0, eps=eps)
+    opt.step(lambda: per_sample_loss(case.loss)(case.model(case.x), case.y))
+    assert opt.route == "matrix-free"
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("length", [6, 5])
 def test_a_layer_whose_dim_0_is_not_the_samples_is_named(length):
     """Sequence-first inside the model: with T = B no shape gives it away, and the sums the

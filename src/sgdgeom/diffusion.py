@@ -303,7 +303,8 @@ class DiffusionMatrix:
         ``matrix_free=True`` (with a ``tol``, and no Gram matrix built yet) runs the same
         Lanczos on the operator K (:meth:`gram_matvec`: a VJP and a JVP per step, never
         ``N x N``); its residual cannot fall below the rounding of the products, so ``tol``
-        is raised to ``64 ε`` of the dtype (7.6e-6 in float32)."""
+        is raised to ``64 ε`` of the dtype (7.6e-6 in float32). The products it took are
+        kept in ``lanczos_steps``."""
         if tol is None or "_eigvalsh" in self.__dict__:
             return float(self.eigvalsh()[0])
         found = self.__dict__.setdefault("_top_eigenvalues", {})

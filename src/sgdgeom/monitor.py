@@ -79,6 +79,8 @@ def l1_norms(tensors: Sequence[Tensor]) -> Tensor:
     both cost a monitored step more than the read, ``benchmarks/monitor.py``); elsewhere,
     or without numba, torch's fused ``_foreach_norm``, one kernel for all tensors.
     """
+    if not tensors:
+        raise InputError("l1_norms needs at least one tensor")
     first = tensors[0]
     on_cpu = all(t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS for t in tensors)
     kernel = _l1_kernel() if on_cpu else None

@@ -569,7 +569,9 @@ class CaptureProducts(PerSampleProducts):
     def costs(self) -> tuple[float, float]:
         """Summed over the chunks, layers and calls: each rule's
         :meth:`~sgdgeom.persample.layers.registry.LayerRule.costs` (a stored call's rows:
-        ``b · numel`` and ``b² · numel``), the Gram matrix's cross-chunk blocks pro rata."""
+        ``b · numel`` and ``b² · numel``), the Gram matrix's cross-chunk blocks pro rata.
+        It reads the calls of every chunk: cheap for captures at hand (the optimizer's), a
+        pass over the data for streamed ones."""
         product = gram = 0.0
         for chunk in self._chunks():
             for layer, calls in zip(self.layers, chunk.calls, strict=True):
