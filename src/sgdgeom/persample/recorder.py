@@ -39,7 +39,7 @@ from sgdgeom.persample.layers.fallback import FallbackCall
 __all__ = ["LoopRecorder", "Pass", "all_gather", "gather_call"]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the fields hold tensors
 class _Call:
     """One call of one layer: what its rule recorded, and its outputs' gradients so far."""
 
@@ -50,7 +50,7 @@ class _Call:
     handles: list[Any] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)  # by identity too
 class Pass:
     """One forward of the model: its batch size and the calls of its layers."""
 
