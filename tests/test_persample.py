@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from sgdgeom import DiffusionMatrix
 from sgdgeom.errors import InputError, UnsupportedModelError
+from sgdgeom.optim import DiffusionMetricSGD
 from sgdgeom.persample import (
     CaptureProducts,
     CoverageError,
@@ -549,3 +550,33 @@ def test_readme_any_model_examples_run():
     assert len(examples) == 2
     for block in examples:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_attention_rule_checks_its_output_once_per_mode_and_catches_a_change():
+    """The recomputed output is checked on the first call in eval and in train mode only;
+    dropout switched on after the plan (train mode) fails that check, never a number."""
+    torch.manual_seed(0)
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Attend().double().eval()
+    opt = DiffusionMetricSGD(model, lr=0.1)
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    rule = next(layer.rule for layer in opt._recorder.layers if layer.name == "attn")
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert rule._checked[model.attn] == {False}
+    model.train()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(UnsupportedModelError, match="does not reproduce"):
+        opt.step()

@@ -67,6 +67,7 @@ __all__ = [
     "conjugate_gradients",
     "lanczos_top",
     "top_eigenvalue",
+    "top_eigenvalue_bounds",
 ]
 
 DENSE_LIMIT = 8192  # dense() refuses d above this (a d x d float64 matrix of 512 MiB)
@@ -357,9 +358,13 @@ class DiffusionMatrix:
     def trace(self) -> float:
         """``tr D = (1/N) Σ_i ‖g_i − ḡ‖²``: ``tr K`` when the Gram matrix is built, else from
         per-sample squared norms (no Gram matrix)."""
+        return float(self.trace_tensor())
+
+    def trace_tensor(self) -> Tensor:
+        """:meth:`trace` as a 0-d tensor on D's device, read by nobody on the host."""
         if "_gram" in self.__dict__:
-            return float(self._gram.diagonal().sum())
-        return float(self._param_traces().sum())
+            return self._gram.diagonal().sum()
+        return self._param_traces().sum()
 
     def layer_traces(self, weights_only: bool = False) -> dict[str, LayerTrace]:
         """``tr D_I`` and ``N_I`` of every layer (its weights only, if asked)."""
@@ -524,6 +529,46 @@ def top_eigenvalue(K: Tensor, tol: float = 1e-10) -> float:
             "finite (a diverged loss?)"
         )
     return lanczos_top(lambda q: K @ q, len(K), tol)[0]
+
+
+def top_eigenvalue_bounds(K: Tensor, slack: float = 0.01) -> tuple[Tensor, Tensor]:
+    r"""Bounds ``θ ≤ λ_max(K) ≤ λ̄`` of a symmetric PSD ``(n, n)`` matrix, as 0-d tensors on
+    K's device, with no host read: a fixed number ``s`` of squarings, so nothing waits for
+    the device (the ``eps="auto"`` of a GPU step, :class:`~sgdgeom.optim.DiffusionMetricSGD`).
+
+    With :math:`p = 2^s` and :math:`T_p = \operatorname{tr} K^p = \sum_i \lambda_i^p`,
+
+    .. math::
+
+        \lambda_{\max} \le \bar\lambda = T_p^{1/p} \le r^{1/p} \lambda_{\max}
+        \quad (r = \operatorname{rank} K \le n),
+
+    and ``s`` is the least with :math:`n^{1/p} \le 1 + \text{slack}` (10 squarings at
+    ``n = 256`` and the default 1%), whatever the spectrum. Each squaring is rescaled by its
+    trace, ``M ← M² / tr M²``, and :math:`\log T_p` is accumulated in float64, so nothing
+    overflows. ``θ`` is the Rayleigh quotient of K at the column of :math:`M \propto K^p`
+    with the largest diagonal entry: a lower bound, as any Rayleigh quotient, and close to
+    :math:`\lambda_{\max}` unless the top eigenvalues cluster. Cost: ``s`` products of
+    ``n x n`` matrices. A K with NaN or infinite entries gives NaN bounds. Both bounds hold
+    up to the rounding of K's dtype (and of TF32, if the caller enabled it for matrix
+    products)."""
+    n = len(K)
+    squarings = max(0, math.ceil(math.log2(math.log(max(n, 2)) / math.log1p(slack))))
+    trace = K.diagonal().sum()
+    scale = torch.where(trace > 0, trace, torch.ones_like(trace))
+    M = K / scale
+    log_trace = scale.double().log()
+    for _ in range(squarings):
+        M = M @ M
+        t = M.diagonal().sum()
+        t = torch.where(t > 0, t, torch.ones_like(t))
+        log_trace = 2 * log_trace + t.double().log()
+        M = M / t
+    upper = torch.where(trace > 0, (log_trace / 2**squarings).exp(), torch.zeros_like(log_trace))
+    u = M.gather(1, M.diagonal().argmax().expand(n, 1))[:, 0]
+    lower = (u @ (K @ u)) / (u @ u).clamp_min(torch.finfo(K.dtype).tiny)
+    upper = torch.where(K.isfinite().all(), upper, torch.full_like(upper, math.nan))
+    return lower.double().clamp_min(0), upper
 
 
 def lanczos_top(

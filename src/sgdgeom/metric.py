@@ -42,10 +42,10 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from sgdgeom.diffusion import DiffusionMatrix, conjugate_gradients
+from sgdgeom.diffusion import DiffusionMatrix, conjugate_gradients, top_eigenvalue_bounds
 from sgdgeom.errors import InputError
 
-__all__ = ["DiffusionMetric", "resolve_eps"]
+__all__ = ["DiffusionMetric", "raise_for_status", "resolve_eps"]
 
 
 def resolve_eps(eps: float | str, safety: float, lambda_max: float) -> float:
@@ -66,6 +66,21 @@ def resolve_eps(eps: float | str, safety: float, lambda_max: float) -> float:
             f"metric needs ε < 1/λ_max (Fioresi et al., eq. 6): use eps='auto' or a smaller eps"
         )
     return eps
+
+
+def raise_for_status(status: int, eps: float | Tensor) -> None:
+    """The error of a :attr:`DiffusionMetric.status` code, if any."""
+    if status == DiffusionMetric.NOT_FINITE:
+        raise InputError(
+            "the Gram matrix has NaN or infinite entries: the per-sample gradients are not "
+            "finite (a diverged loss?)"
+        )
+    if status == DiffusionMetric.EPS_TOO_LARGE:
+        raise InputError(
+            f"eps = {float(eps):.6g} is at or above 1/λ_max (or, without the Gram matrix, "
+            f"ε tr D ≥ 1 leaves it unproven); the diffusion metric needs ε < 1/λ_max "
+            f"(Fioresi et al., eq. 6): use eps='auto' or a smaller eps"
+        )
 
 
 class DiffusionMetric:
@@ -90,9 +105,21 @@ class DiffusionMetric:
             (:class:`~sgdgeom.optim.DiffusionMetricSGD` takes it, by cost, for the weak
             step with a fixed ε). A fixed ε with ``ε tr D ≥ 1`` is still checked by the
             Cholesky factorisation, which forms K.
+        host_sync: ``False`` keeps every decision on D's device, for a GPU step that never
+            waits for the device (:class:`~sgdgeom.optim.DiffusionMetricSGD` on CUDA):
+            ``eps="auto"`` becomes ``safety / λ̄``, with ``λ̄`` the upper bound of
+            :func:`~sgdgeom.diffusion.top_eigenvalue_bounds` (``λ_max ≤ λ̄ ≤ 1.01 λ_max``,
+            so ``ε λ_max`` lies in ``[safety/1.01, safety]``), a 0-d tensor; a fixed ε is
+            checked into :attr:`status` instead of raising: by a Cholesky factorisation of
+            ``I − εK`` (the Gram route) or by ``ε tr D < 1`` (matrix-free), and the
+            gradient comes out all the same. The caller reads :attr:`status` when it may
+            wait (:meth:`check` raises what the host route would have raised).
 
     Vectors are flat ``(d,)`` tensors in the parameter order of ``D.space``.
     """
+
+    #: the codes of :attr:`status`
+    VALID, NOT_FINITE, EPS_TOO_LARGE = 0, 1, 2
 
     def __init__(
         self,
@@ -101,17 +128,53 @@ class DiffusionMetric:
         safety: float = 0.5,
         lambda_tol: float | None = None,
         matrix_free: bool = False,
+        host_sync: bool = True,
     ) -> None:
         self.D = D
         self.matrix_free = matrix_free
         self.lambda_tol = 1e-10 if matrix_free and lambda_tol is None else lambda_tol
         self.cg_steps = 0  # products of the last conjugate-gradient solve
-        if isinstance(eps, str):
+        self.host_sync = host_sync
+        #: on the device route, a 0-d int tensor: VALID, NOT_FINITE or EPS_TOO_LARGE
+        self.status: Tensor | None = None
+        if not host_sync:
+            self.eps = self._device_eps(eps, safety)
+        elif isinstance(eps, str):
             self.eps = resolve_eps(eps, safety, self.lambda_max)
         elif float(eps) * D.trace() < 1 or self._valid_by_cholesky(float(eps)):
             self.eps = resolve_eps(eps, safety, 0.0)  # λ_max <= tr D, or I − εK is PD
         else:
             self.eps = resolve_eps(eps, safety, D.lambda_max())  # decides, and explains
+
+    def _device_eps(self, eps: float | str, safety: float) -> float | Tensor:
+        """ε and :attr:`status` without a host read (``host_sync=False``)."""
+        if eps == "auto":
+            resolve_eps(eps, safety, 1.0)  # checks safety
+            K = self.D.gram()
+            self.lambda_bounds = top_eigenvalue_bounds(K)
+            bound = self.lambda_bounds[1].to(K.dtype)
+            finite = bound.isfinite()
+            self.status = torch.where(finite, self.VALID, self.NOT_FINITE)
+            return torch.where(bound > 0, safety / bound, torch.zeros_like(bound))
+        eps = resolve_eps(eps, safety, 0.0)  # checks the number; its size is checked below
+        if self.matrix_free and "_gram" not in self.D.__dict__:
+            trace = self.D.trace_tensor()
+            finite, valid = trace.isfinite(), eps * trace < 1
+        else:
+            K = self.D.gram()
+            eye = torch.eye(len(K), dtype=K.dtype, device=K.device)
+            finite = K.diagonal().sum().isfinite()
+            valid = torch.linalg.cholesky_ex((1 - 1e-9) * eye - eps * K).info == 0
+        self.status = torch.where(
+            finite, torch.where(valid, self.VALID, self.EPS_TOO_LARGE), self.NOT_FINITE
+        )
+        return eps
+
+    def check(self) -> None:
+        """Raise what the host route would have raised for this metric (a read of
+        :attr:`status`, which waits for the device): nothing on the host route."""
+        if self.status is not None:
+            raise_for_status(int(self.status), self.eps)
 
     def _valid_by_cholesky(self, eps: float) -> bool:
         """``ε λ_max < 1`` exactly when ``I − εK`` is positive definite: one Cholesky of an
@@ -143,6 +206,8 @@ class DiffusionMetric:
     def _cholesky(self) -> Tensor:
         K = self.D.gram()
         eye = torch.eye(len(K), dtype=K.dtype, device=K.device)
+        if not self.host_sync:  # I + εK is PD for a PSD K; a NaN K is in status already
+            return torch.linalg.cholesky_ex(eye + self.eps * K).L
         return torch.linalg.cholesky(eye + self.eps * K)
 
     def _weights(self, c: Tensor, exact: bool) -> Tensor:
@@ -168,7 +233,7 @@ class DiffusionMetric:
 
     def _solve(self, v: Tensor, c: Tensor, exact: bool) -> Tensor:
         """``g⁻¹ v`` (exact) or ``(I − εD) v`` given ``c = G v``."""
-        if self.eps == 0:
+        if self.host_sync and self.eps == 0:
             return v.clone()
         return v - (self.eps / self.D.n) * self.D.products.vjp(self._weights(c, exact))
 
@@ -186,7 +251,8 @@ class DiffusionMetric:
         ``Gᵀ (1 − ε w) / N``: a single VJP, which never needs ``ḡ`` itself once the Gram
         matrix gives ``c = G ḡ`` (its row means). ``out``: a ``(d,)`` buffer to write it to.
         """
-        w = self._weights(self.D.gradient_products(), exact) if self.eps else 0.0
+        skip = self.host_sync and not self.eps  # a device ε is never read on the host
+        w = 0.0 if skip else self._weights(self.D.gradient_products(), exact)
         coefficients = torch.ones(self.D.n, dtype=self.D.space.dtype, device=self.D.space.device)
         return self.D.products.vjp((coefficients - self.eps * w) / self.D.n, out=out)
 

@@ -60,6 +60,15 @@ the **matrix-free route** where it costs fewer multiply-adds at the batch's size
 (:meth:`DiffusionMetricSGD._matrix_free_pays`; ``route`` names the last step's): ``c`` by
 a JVP, never ``B x B``.
 
+**On an accelerator** (``host_sync="auto"``) the step makes no host read: ``eps="auto"``
+is ``safety / λ̄`` with ``λ̄`` a device-side upper bound on ``λ_max`` within 1% of it
+(:func:`~sgdgeom.diffusion.top_eigenvalue_bounds`: a fixed number of squarings of the Gram
+matrix, so ``ε λ_max ∈ [safety/1.01, safety]``), and a fixed ε is checked on the device.
+A step that the host route would refuse (a non-finite Gram matrix, ``ε ≥ 1/λ_max``) moves
+no parameter (its momentum buffers decay once) and raises at the next :meth:`step` or read
+of ``stats``; ``stats`` is read from the device only when read. ``host_sync=True`` is the
+CPU's route, exact ``λ_max`` by Lanczos, and the reference in the tests.
+
 .. warning::
     ``weight_decay`` is decoupled: it is added after the metric, ``g⁻¹ ḡ + λ x``, so D
     stays the covariance of the data loss's per-sample gradients. ``eps="auto"``
@@ -76,7 +85,7 @@ from torch import Tensor, nn
 
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import InputError, UnsupportedModelError
-from sgdgeom.metric import DiffusionMetric
+from sgdgeom.metric import DiffusionMetric, raise_for_status
 from sgdgeom.optim.momentum import heavy_ball
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import CaptureProducts, CoverageError, RowProducts, plan_layers
@@ -129,6 +138,9 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             ones, and the first step checks it.
         fused: ``"auto"`` (fused unless under DDP), ``True`` or ``False``: compute the metric
             gradient in place of the weight gradients (see the module docstring).
+        host_sync: ``"auto"`` (``True`` on the CPU, ``False`` on an accelerator), ``True``
+            (exact ``λ_max`` by Lanczos on the host; errors at once) or ``False`` (no host
+            read in the step; errors one step late, see the module docstring).
 
     After each step, ``stats`` holds the batch's ``eps`` and ``trace`` (tr D) and, with
     ``eps="auto"``, the ``lambda_max`` it was derived from.
@@ -157,6 +169,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         loss_reduction: str = "mean",
         fused: bool | str = "auto",
+        host_sync: bool | str = "auto",
     ) -> None:
         if lr < 0:
             raise InputError(f"Invalid learning rate: {lr}")
@@ -176,9 +189,13 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             raise InputError(f"Invalid loss_reduction: {loss_reduction!r}; choose mean or sum")
         if fused not in ("auto", True, False):
             raise InputError(f"Invalid fused: {fused!r}; choose 'auto', True or False")
+        if host_sync not in ("auto", True, False):
+            raise InputError(f"Invalid host_sync: {host_sync!r}; choose 'auto', True or False")
+        self.host_sync = host_sync
         self.model = params if isinstance(params, nn.Module) else None
         self.loss_reduction = loss_reduction
-        self.stats: dict[str, float] = {}
+        self._stats: dict[str, float | Tensor] = {}
+        self._pending: _PendingCheck | None = None
         self._recorder: LoopRecorder | None = None
         self._unattached = (
             "DiffusionMetricSGD was given parameters, not the model: pass the model itself "
@@ -233,6 +250,23 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         """The parameter space as the parameters are now (the model may have moved to another
         device or dtype since the optimizer was made)."""
         return ParamSpace(zip(self._names, self._params, strict=True))
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The last step's ``eps``, ``trace`` (tr D) and, with ``eps="auto"``, the
+        ``lambda_max`` it came from (on the device route: the lower bound ``θ`` beside the
+        upper bound ``lambda_bound`` that ε used). Reading them waits for the device, and
+        raises the error of a refused step."""
+        self._raise_pending()
+        return {name: float(value) for name, value in self._stats.items()}
+
+    def _raise_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.raise_if_refused()
+
+    def _syncs_with_host(self, device: torch.device) -> bool:
+        return device.type == "cpu" if self.host_sync == "auto" else bool(self.host_sync)
 
     @property
     def attached(self) -> bool:
@@ -386,6 +420,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         re-evaluates the loss and calls backward, as in ``torch.optim``. Closure route: the
         closure returns the per-sample losses ``(B,)`` (no backward); ``.grad`` is set to
         their mean gradient."""
+        self._raise_pending()
         group = self.param_groups[0]
         if any(
             g["eps"] != group["eps"] or g["mode"] != group["mode"] or g["safety"] != group["safety"]
@@ -426,8 +461,8 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             mean_gradient = products.rows.mean(0)
             for p, g in zip(self._params, space.unflatten(mean_gradient).values(), strict=True):
                 p.grad = g.clone()
-        direction = self._direction(products, mean_gradient, group)
-        self._apply(space.unflatten(direction))
+        direction, keep = self._direction(products, mean_gradient, group)
+        self._apply(space.unflatten(direction), keep)
         return loss
 
     def _direction(
@@ -435,19 +470,37 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         products: CaptureProducts | RowProducts,
         mean_gradient: Tensor | None,
         group: dict[str, Any],
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None]:
+        """The step's direction and, on the device route, the 0-d mask (1 or 0) of the
+        update: 0 where the host route would have raised."""
         D = DiffusionMatrix.from_products(products, mean_gradient=mean_gradient)
+        host_sync = self._syncs_with_host(D.space.device)
         matrix_free = self._matrix_free_pays(D, mean_gradient is None, group)
         if not matrix_free:
             D.gram()  # built once: it gives λ_max, tr D, the exact solve and c = G ḡ
         metric = DiffusionMetric(
-            D, group["eps"], group["safety"], lambda_tol=LAMBDA_TOL, matrix_free=matrix_free
+            D,
+            group["eps"],
+            group["safety"],
+            lambda_tol=LAMBDA_TOL,
+            matrix_free=matrix_free,
+            host_sync=host_sync,
         )
         self.route = "matrix-free" if matrix_free else "gram"
-        self.stats = {"eps": metric.eps, "trace": D.trace()}
-        if group["eps"] == "auto":  # known already; a fixed ε never needs it
-            self.stats["lambda_max"] = metric.lambda_max
-        return metric.gradient(exact=group["mode"] == "exact", out=self._scratch(products.space))
+        self._stats = {"eps": metric.eps, "trace": D.trace_tensor()}
+        if group["eps"] == "auto" and host_sync:  # known already; a fixed ε never needs it
+            self._stats["lambda_max"] = metric.lambda_max
+        elif group["eps"] == "auto":
+            self._stats["lambda_max"], self._stats["lambda_bound"] = metric.lambda_bounds
+        direction = metric.gradient(
+            exact=group["mode"] == "exact", out=self._scratch(products.space)
+        )
+        if metric.status is None:
+            return direction, None
+        keep = metric.status == DiffusionMetric.VALID
+        direction.masked_fill_(~keep, 0.0)  # a NaN direction would poison the momentum
+        self._pending = _PendingCheck(metric.status, metric.eps)
+        return direction, keep.to(direction.dtype)
 
     def _matrix_free_pays(
         self, D: DiffusionMatrix, needs_mean: bool, group: dict[str, Any]
@@ -458,7 +511,9 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         comes first) against the Gram matrix's. On the 784-784-784-10 MLP (``B in out``
         against ``B²(in + out)`` a layer, fused) it crosses over at ``B ≈ 2 in out / (in +
         out) = 784``. A fixed ε with ``ε tr D ≥ 1`` takes the Gram route, whose Cholesky
-        factorisation checks it.
+        factorisation checks it: on the device route too, this choice reads ``tr D`` on
+        the host, the one host read of a device-route step (a refusal of an ε that only
+        ``ε tr D < 1`` cannot prove would be an error where there is none).
 
         ε auto and the exact solve stay on the Gram route: their matrix-free forms take
         two products per Lanczos or conjugate-gradient step (about 12 and 5–8 steps), and
@@ -488,12 +543,35 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             )
         return buffer
 
-    def _apply(self, parts: dict[str, Tensor]) -> None:
+    def _apply(self, parts: dict[str, Tensor], keep: Tensor | None = None) -> None:
+        """The heavy-ball update; ``keep`` (0-d, 1 or 0) masks it without a host read."""
         steps = iter(parts.values())
         for group in self.param_groups:
             params = group["params"]
             directions = [next(steps) for _ in params]
             states = [self.state[p] for p in params]
-            torch._foreach_add_(
-                params, heavy_ball(directions, params, group, states), alpha=-group["lr"]
-            )
+            update = heavy_ball(directions, params, group, states)
+            if keep is not None:
+                update = torch._foreach_mul(update, keep)
+            torch._foreach_add_(params, update, alpha=-group["lr"])
+
+
+class _PendingCheck:
+    """A device route's status code, copied to the host without waiting for it; read (and
+    raised) at the next step, when the device has long finished it."""
+
+    def __init__(self, status: Tensor, eps: float | Tensor) -> None:
+        self.host = status.to("cpu", non_blocking=True)
+        self.eps = eps
+        self.event = None
+        if status.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def raise_if_refused(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        try:
+            raise_for_status(int(self.host), self.eps)
+        except InputError as err:
+            raise InputError(f"the last step was refused and moved no parameter: {err}") from None

@@ -81,16 +81,28 @@ def _logical_shift(z: Tensor, bits: int) -> Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def _units_torch(count: int, key: int, device: torch.device) -> Tensor:
-    """The integers ``2u + 1 - 2²⁴`` of ``count`` coordinates (int64), on ``device``."""
+def _sent(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A few host numbers as a tensor on ``device``, copied from pinned memory so that the
+    copy waits for nothing queued on a GPU."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _units_torch(count: int, keys: Sequence[int], device: torch.device) -> Tensor:
+    """The integers ``2u + 1 - 2²⁴`` of ``count`` coordinates under each key, ``(len(keys),
+    count)`` int64 on ``device``: one set of elementwise kernels for all the rows (on a GPU
+    each kernel is a launch), the keys sent without waiting for the device."""
+    signed = _sent([_signed(k) for k in keys], torch.int64, device)
     z = torch.arange(1, (count + 1) // 2 + 1, dtype=torch.int64, device=device)
-    z = z * _signed(GOLDEN) + _signed(key)
+    z = (z * _signed(GOLDEN)) + signed[:, None]
     z = (z ^ _logical_shift(z, 30)) * _signed(MIX1)
     z = (z ^ _logical_shift(z, 27)) * _signed(MIX2)
     z = z ^ _logical_shift(z, 31)
     low = (z & 0xFFFFFFFF) >> (32 - BITS)
     high = _logical_shift(z, 64 - BITS)
-    u = torch.stack([low, high], 1).reshape(-1)[:count]
+    u = torch.stack([low, high], 2).reshape(len(keys), -1)[:, :count]
     return 2 * u + (1 - (1 << BITS))
 
 
@@ -175,10 +187,17 @@ def uniform_(
         return out
     if use_numba and out.device.type == "cpu" and out.numel() >= _SLOW_CPU_DRAW:
         _warn_slow()
-    for row, key, sign in zip(out, keys, signs, strict=True):
-        units = _units_torch(row.numel(), key, out.device).to(out.dtype)
-        delta = units.mul_(sign * scale).view_as(row)
-        row.copy_(delta if base is None else base + delta)
+    rows = out.view(len(out), -1)
+    units = _units_torch(rows.shape[1], keys, out.device).to(out.dtype)
+    if all(sign == signs[0] for sign in signs):
+        delta = units.mul_(signs[0] * scale)
+    else:
+        factors = _sent([sign * scale for sign in signs], out.dtype, out.device)
+        delta = units.mul_(factors[:, None])
+    if base is None:
+        rows.copy_(delta)
+    else:
+        torch.add(base.reshape(1, -1), delta, out=rows)
     return out
 
 
