@@ -135,13 +135,13 @@ def print_table(
     floors = floors or {}
     print(f"\n{title}")
     print(
-        f"{'route':<30} {'time':>10} {'x base':>7} {'floor':>6} {'peak MiB':>9} {'x base':>7} "
+        f"{'route':<32} {'time':>10} {'x base':>7} {'floor':>6} {'peak MiB':>9} {'x base':>7} "
         f"{'step MiB':>9} {'x base':>7}"
     )
     for name, seconds, (mib, step) in rows:
         floor = f"{floors[name]:>6.2f}" if name in floors else f"{'':>6}"
         print(
-            f"{name:<30} {seconds * 1e3:>8.2f}ms {seconds / base_t:>7.2f} {floor} {mib:>9.1f} "
+            f"{name:<32} {seconds * 1e3:>8.2f}ms {seconds / base_t:>7.2f} {floor} {mib:>9.1f} "
             f"{mib / base_m:>7.2f} {step:>9.1f} {step / max(base_s, 1e-9):>7.2f}"
         )
 

@@ -9,7 +9,9 @@ Each route is a whole step (zero_grad, the loss, backward, SGD step) with PLA, y
   batch of (y+1) B rows;
 - ``split``: each of the y+1 chunks of the batch sees its own perturbation (about one step);
 - ``draw ... only``: drawing the y uniform perturbations alone (the counter-based source of
-  :mod:`sgdgeom.optim.perturbations`), which every route pays on top of its products.
+  :mod:`sgdgeom.optim.perturbations`), which every route pays on top of its products;
+- on an accelerator, ``prefix compiled`` and ``split compiled``: the same with
+  ``compile=True`` (the draw through ``torch.compile``).
 
 Beside each route, its **arithmetic floor**: the multiply-adds of its matrix products
 (Linear and Conv2d layers, forward, input gradient where one is needed, weight gradient)
@@ -78,9 +80,14 @@ def run(
     floor = {"plain step (baseline)": 1.0}
     for layers in selections:
         route_floors = floors(model, x, layers, 4)
-        for route in ("naive", "prefix", "split"):
-            ple = PartialLocalEntropy(model, layers=layers, R=0.01, y=4, route=route)
-            name = f"PLA y=4 {'+'.join(layers)} {route}"
+        variants = [(route, False) for route in ("naive", "prefix", "split")]
+        if device.type != "cpu":  # the draw compiled: one kernel a layer
+            variants += [("prefix", True), ("split", True)]
+        for route, compiled in variants:
+            ple = PartialLocalEntropy(
+                model, layers=layers, R=0.01, y=4, route=route, compile=compiled
+            )
+            name = f"PLA y=4 {'+'.join(layers)} {route}{' compiled' * compiled}"
             steps[name] = step_of(model, lambda ple=ple: ple(x, y))
             floor[name] = route_floors[route]
         # what every route pays besides its products: drawing the y perturbations
@@ -88,10 +95,10 @@ def run(
     times = interleaved_times(steps, device, repeats)
     base = times["plain step (baseline)"]
     print(f"\n{title}, {device}")
-    print(f"{'step':<36} {'time':>11} {'x base':>7} {'floor':>7}")
+    print(f"{'step':<40} {'time':>11} {'x base':>7} {'floor':>7}")
     for name, seconds in times.items():
         bound = f"{floor[name]:>7.2f}" if name in floor else f"{'':>7}"
-        print(f"{name:<36} {seconds * 1e3:>9.2f}ms {seconds / base:>7.2f} {bound}")
+        print(f"{name:<40} {seconds * 1e3:>9.2f}ms {seconds / base:>7.2f} {bound}")
 
 
 def main() -> None:

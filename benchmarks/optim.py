@@ -10,7 +10,10 @@ training step (zero_grad, forward, backward, optimizer step); the baseline is
 
 - default, weak / exact, ε auto: ``DiffusionMetricSGD(model, lr, eps="auto", mode=…)``
   as constructed by default: fused (the metric gradient in place of the weight
-  gradients, which the backward skips), the B x B Gram matrix every step;
+  gradients, which the backward skips), the B x B Gram matrix every step; on an
+  accelerator no host read (``λ_max`` bounded on the device), and beside it the
+  ``host_sync=True`` route (Lanczos on the host) that the CPU takes, and
+  ``compile=True`` (the device-side bound as one CUDA graph);
 - the same with a fixed ε (weak): matrix-free from B ≈ 784 on the MLP (``c = G ḡ`` by a
   JVP, no Gram matrix) when ε tr D < 1;
 - unfused (``fused=False``), weak / exact: the weight gradients in the backward too;
@@ -43,7 +46,7 @@ from common import (
     route_memory,
 )
 
-from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.diffusion import DiffusionMatrix, bound_squarings
 from sgdgeom.optim import DiffusionMetricSGD
 
 BASELINE = "SGD step (baseline)"
@@ -81,10 +84,19 @@ def routes(template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, C
     def diffusion(**options: object) -> Callable:
         return attached(lambda m: DiffusionMetricSGD(m, lr=1e-4, momentum=0.9, **options))
 
+    on_host = {}
+    if x.device.type != "cpu":  # the accelerator's default makes no host read: compare
+        on_host = {
+            "host_sync=True, weak, eps auto": diffusion(eps="auto", host_sync=True),
+            "host_sync=True, exact, eps auto": diffusion(eps="auto", mode="exact", host_sync=True),
+            "compile=True, weak, eps auto": diffusion(eps="auto", compile=True),
+            "compile=True, exact, eps auto": diffusion(eps="auto", mode="exact", compile=True),
+        }
     return {
         BASELINE: attached(lambda m: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)),
         "default, weak, eps auto": diffusion(eps="auto", mode="weak"),
         "default, exact, eps auto": diffusion(eps="auto", mode="exact"),
+        **on_host,
         "default, weak, fixed eps": diffusion(eps=1e-3, mode="weak"),
         "unfused, weak, eps auto": diffusion(eps="auto", mode="weak", fused=False),
         "unfused, exact, eps auto": diffusion(eps="auto", mode="exact", fused=False),
@@ -99,9 +111,10 @@ def floors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, floa
     weight-gradient product, ``P``; fused, it replaces the weight gradients) and the Gram
     matrix (``CaptureProducts.costs``, and ``B³/3`` for the Cholesky factorisation, exact);
     the weak step with a fixed ε the cheaper of that and ``c = G ḡ`` by products (``2P``
-    fused), as DiffusionMetricSGD chooses. The Lanczos iteration on the ``B x B`` Gram
-    matrix is not counted, nor are modules other than Linear and Conv2d (attention, norms)
-    in the plain step: there the floor understates."""
+    fused), as DiffusionMetricSGD chooses; on an accelerator, ε auto's device-side bound
+    on ``λ_max`` (``s B³``, :func:`~sgdgeom.diffusion.bound_squarings`). The host's Lanczos
+    iteration on the ``B x B`` Gram matrix is not counted, nor are modules other than Linear
+    and Conv2d (attention, norms) in the plain step: there the floor understates."""
     calls = product_costs(model, x)
     forward = sum(cost for _, cost, _ in calls)
     inputs = sum(cost for _, cost, grad_in in calls if grad_in)
@@ -109,17 +122,23 @@ def floors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, floa
     D = DiffusionMatrix(model, "cross_entropy", (x, y), route="capture")
     product, gram = D.products.costs()
 
-    def floor(fused: bool, exact: bool, fixed: bool = False) -> float:
+    on_device = x.device.type != "cpu"
+
+    def floor(fused: bool, exact: bool, fixed: bool = False, squarings: bool = False) -> float:
         base = (forward + inputs if fused else plain) + product
-        route = gram + exact * len(x) ** 3 / 3
+        route = gram + exact * len(x) ** 3 / 3 + squarings * bound_squarings(len(x)) * len(x) ** 3
         if fixed:
             route = min(route, product * (2 if fused else 1))
         return (base + route) / plain
 
     return {
         BASELINE: 1.0,
-        "default, weak, eps auto": floor(True, False),
-        "default, exact, eps auto": floor(True, True),
+        "default, weak, eps auto": floor(True, False, squarings=on_device),
+        "default, exact, eps auto": floor(True, True, squarings=on_device),
+        "host_sync=True, weak, eps auto": floor(True, False),
+        "host_sync=True, exact, eps auto": floor(True, True),
+        "compile=True, weak, eps auto": floor(True, False, squarings=on_device),
+        "compile=True, exact, eps auto": floor(True, True, squarings=on_device),
         "default, weak, fixed eps": floor(True, False, fixed=True),
         "unfused, weak, eps auto": floor(False, False),
         "unfused, exact, eps auto": floor(False, True),

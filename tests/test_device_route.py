@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sgdgeom.diffusion import top_eigenvalue_bounds
+from sgdgeom.diffusion import compiled_bounds, top_eigenvalue_bounds
 from sgdgeom.errors import InputError
 from sgdgeom.optim import DiffusionMetricSGD
 from sgdgeom.persample import per_sample_loss
@@ -167,3 +167,20 @@ def test_host_sync_is_checked():
     case = make_case("mlp-relu")
     with pytest.raises(InputError, match="host_sync"):
         DiffusionMetricSGD(case.model, lr=0.1, host_sync="yes")
+
+
+def test_compiled_bounds_equal_the_eager_ones():
+    K = _psd([3.0, 1.0, 0.5], 24)
+    for got, expected in zip(compiled_bounds(K), top_eigenvalue_bounds(K), strict=True):
+        assert float(got) == pytest.approx(float(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["weak", "exact"])
+def test_compiled_device_route_equals_dense_update(mode):
+    case = make_case("mlp-relu")
+    opt = _two_steps(case, eps="auto", mode=mode, compile=True)
+    eps = _upper_bound_eps(case)
+    expected, _ = dense_update(case, eps, mode, lr=0.1)
+    loss_and_backward(case)
+    opt.step()
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)

@@ -42,6 +42,22 @@ def test_kernel_equals_the_torch_reference_bit_for_bit(dtype, shape):
     assert torch.equal(fast, base + delta)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_torch_arithmetic_equals_the_eager_one_bit_for_bit(dtype):
+    """``compiled=True`` (torch.compile; one kernel on a GPU) gives the eager bits, also
+    with a base, which stays outside the compiled part (no fused multiply-add)."""
+    shape = (4, 3, 7)  # an odd count per row
+    keys = [point_key(2**64 - 5, 1, a) for a in range(shape[0])]
+    signs = [1, -1, 1, -1]
+    base = torch.randn(shape[1:], dtype=dtype, generator=torch.Generator().manual_seed(0))
+    for kw in ({"signs": signs}, {"signs": signs, "base": base}):
+        eager = uniform_(torch.empty(shape, dtype=dtype), keys, HALF, use_numba=False, **kw)
+        compiled = uniform_(
+            torch.empty(shape, dtype=dtype), keys, HALF, use_numba=False, compiled=True, **kw
+        )
+        assert torch.equal(compiled, eager)
+
+
 def test_range_grid_and_moments():
     u = _draw(2**20)
     assert bool((u.abs() < HALF).all())

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ __all__ = [
     "lanczos_top",
     "top_eigenvalue",
     "top_eigenvalue_bounds",
+    "compiled_bounds",
+    "bound_squarings",
 ]
 
 DENSE_LIMIT = 8192  # dense() refuses d above this (a d x d float64 matrix of 512 MiB)
@@ -531,6 +533,12 @@ def top_eigenvalue(K: Tensor, tol: float = 1e-10) -> float:
     return lanczos_top(lambda q: K @ q, len(K), tol)[0]
 
 
+def bound_squarings(n: int, slack: float = 0.01) -> int:
+    """The squarings :func:`top_eigenvalue_bounds` takes for an ``(n, n)`` matrix: the
+    least ``s`` with ``n^(1/2^s) ≤ 1 + slack``."""
+    return max(0, math.ceil(math.log2(math.log(max(n, 2)) / math.log1p(slack))))
+
+
 def top_eigenvalue_bounds(K: Tensor, slack: float = 0.01) -> tuple[Tensor, Tensor]:
     r"""Bounds ``θ ≤ λ_max(K) ≤ λ̄`` of a symmetric PSD ``(n, n)`` matrix, as 0-d tensors on
     K's device, with no host read: a fixed number ``s`` of squarings, so nothing waits for
@@ -553,7 +561,7 @@ def top_eigenvalue_bounds(K: Tensor, slack: float = 0.01) -> tuple[Tensor, Tenso
     up to the rounding of K's dtype (and of TF32, if the caller enabled it for matrix
     products)."""
     n = len(K)
-    squarings = max(0, math.ceil(math.log2(math.log(max(n, 2)) / math.log1p(slack))))
+    squarings = bound_squarings(n, slack)
     trace = K.diagonal().sum()
     scale = torch.where(trace > 0, trace, torch.ones_like(trace))
     M = K / scale
@@ -569,6 +577,21 @@ def top_eigenvalue_bounds(K: Tensor, slack: float = 0.01) -> tuple[Tensor, Tenso
     lower = (u @ (K @ u)) / (u @ u).clamp_min(torch.finfo(K.dtype).tiny)
     upper = torch.where(K.isfinite().all(), upper, torch.full_like(upper, math.nan))
     return lower.double().clamp_min(0), upper
+
+
+def compiled_bounds(K: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`top_eigenvalue_bounds` through ``torch.compile`` (``mode="reduce-overhead"``:
+    a CUDA graph on a GPU), one compilation per size; the bounds are copied out of the
+    graph's memory, which the next call reuses."""
+    lower, upper = _compiled_bounds()(K)
+    return lower.clone(), upper.clone()
+
+
+@cache
+def _compiled_bounds() -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    return torch.compile(
+        top_eigenvalue_bounds, mode="reduce-overhead", dynamic=False, fullgraph=True
+    )
 
 
 def lanczos_top(

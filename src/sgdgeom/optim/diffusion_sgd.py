@@ -141,6 +141,9 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         host_sync: ``"auto"`` (``True`` on the CPU, ``False`` on an accelerator), ``True``
             (exact ``λ_max`` by Lanczos on the host; errors at once) or ``False`` (no host
             read in the step; errors one step late, see the module docstring).
+        compile: on the device route, bound ``λ_max`` through ``torch.compile`` (one CUDA
+            graph a step on a GPU; compiled once per batch size, seconds). The eager route
+            is the reference it is tested against.
 
     After each step, ``stats`` holds the batch's ``eps`` and ``trace`` (tr D) and, with
     ``eps="auto"``, the ``lambda_max`` it was derived from.
@@ -170,6 +173,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         loss_reduction: str = "mean",
         fused: bool | str = "auto",
         host_sync: bool | str = "auto",
+        compile: bool = False,
     ) -> None:
         if lr < 0:
             raise InputError(f"Invalid learning rate: {lr}")
@@ -191,7 +195,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             raise InputError(f"Invalid fused: {fused!r}; choose 'auto', True or False")
         if host_sync not in ("auto", True, False):
             raise InputError(f"Invalid host_sync: {host_sync!r}; choose 'auto', True or False")
-        self.host_sync = host_sync
+        self.host_sync, self.compile = host_sync, compile
         self.model = params if isinstance(params, nn.Module) else None
         self.loss_reduction = loss_reduction
         self._stats: dict[str, float | Tensor] = {}
@@ -485,6 +489,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             lambda_tol=LAMBDA_TOL,
             matrix_free=matrix_free,
             host_sync=host_sync,
+            compile=self.compile,
         )
         self.route = "matrix-free" if matrix_free else "gram"
         self._stats = {"eps": metric.eps, "trace": D.trace_tensor()}

@@ -90,20 +90,25 @@ def _sent(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
     return host.to(device, non_blocking=True)
 
 
-def _units_torch(count: int, keys: Sequence[int], device: torch.device) -> Tensor:
-    """The integers ``2u + 1 - 2²⁴`` of ``count`` coordinates under each key, ``(len(keys),
-    count)`` int64 on ``device``: one set of elementwise kernels for all the rows (on a GPU
-    each kernel is a launch), the keys sent without waiting for the device."""
-    signed = _sent([_signed(k) for k in keys], torch.int64, device)
-    z = torch.arange(1, (count + 1) // 2 + 1, dtype=torch.int64, device=device)
+def _deltas(signed: Tensor, factors: Tensor, count: int, dtype: torch.dtype) -> Tensor:
+    """Row ``a``: ``factors[a] (2u + 1 - 2²⁴)`` of ``count`` coordinates under the key
+    ``signed[a]`` (int64), ``(rows, count)`` in ``dtype``: one set of elementwise kernels for
+    all the rows (on a GPU each kernel is a launch; compiled, one kernel in all)."""
+    z = torch.arange(1, (count + 1) // 2 + 1, dtype=torch.int64, device=signed.device)
     z = (z * _signed(GOLDEN)) + signed[:, None]
     z = (z ^ _logical_shift(z, 30)) * _signed(MIX1)
     z = (z ^ _logical_shift(z, 27)) * _signed(MIX2)
     z = z ^ _logical_shift(z, 31)
     low = (z & 0xFFFFFFFF) >> (32 - BITS)
     high = _logical_shift(z, 64 - BITS)
-    u = torch.stack([low, high], 2).reshape(len(keys), -1)[:, :count]
-    return 2 * u + (1 - (1 << BITS))
+    u = torch.stack([low, high], 2).reshape(len(signed), -1)[:, :count]
+    return (2 * u + (1 - (1 << BITS))).to(dtype) * factors[:, None]
+
+
+@functools.cache
+def _compiled_deltas() -> Any:
+    """:func:`_deltas` through ``torch.compile`` (one compilation per shape and dtype)."""
+    return torch.compile(_deltas, dynamic=False, fullgraph=True)
 
 
 @functools.cache
@@ -155,13 +160,16 @@ def uniform_(
     signs: Sequence[int] | None = None,
     base: Tensor | None = None,
     use_numba: bool = True,
+    compiled: bool = False,
 ) -> Tensor:
     """Fill row ``a`` of ``out`` (``(points, *shape)``, float32 or float64, contiguous) with
     ``base + signs[a] Δ(keys[a])``: ``Δ`` uniform in ``(-half, half)`` at 24 bits, a pure
     function of the key and the position (module docstring); ``base`` (``shape``) defaults
     to 0 and ``signs`` to +1. ``base + Δ`` rounds as torch's ``base + Δ`` does, so the
     perturbed weights are those that adding the displacements gives. ``use_numba=False``
-    forces the torch arithmetic (the reference; the same bits)."""
+    forces the torch arithmetic (the reference; the same bits); ``compiled`` runs that
+    arithmetic through ``torch.compile`` (one kernel on a GPU; the same bits) where numba
+    does not serve."""
     if out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous():
         raise ValueError(f"uniform_ fills contiguous float32/float64 tensors, got {out.dtype}")
     signs = [1] * len(keys) if signs is None else list(signs)
@@ -188,15 +196,13 @@ def uniform_(
     if use_numba and out.device.type == "cpu" and out.numel() >= _SLOW_CPU_DRAW:
         _warn_slow()
     rows = out.view(len(out), -1)
-    units = _units_torch(rows.shape[1], keys, out.device).to(out.dtype)
-    if all(sign == signs[0] for sign in signs):
-        delta = units.mul_(signs[0] * scale)
-    else:
-        factors = _sent([sign * scale for sign in signs], out.dtype, out.device)
-        delta = units.mul_(factors[:, None])
+    signed = _sent([_signed(k) for k in keys], torch.int64, out.device)
+    factors = _sent([sign * scale for sign in signs], out.dtype, out.device)
+    deltas = _compiled_deltas() if compiled else _deltas
+    delta = deltas(signed, factors, rows.shape[1], out.dtype)
     if base is None:
         rows.copy_(delta)
-    else:
+    else:  # outside the compiled part, which might fuse it into one rounding (an FMA)
         torch.add(base.reshape(1, -1), delta, out=rows)
     return out
 
