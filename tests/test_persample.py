@@ -580,3 +580,18 @@ def test_attention_rule_checks_its_output_once_per_mode_and_catches_a_change():
     nn.functional.cross_entropy(model(x), y).backward()
     with pytest.raises(UnsupportedModelError, match="does not reproduce"):
         opt.step()
+
+
+def test_coverage_tolerance_follows_the_precision_of_the_products(monkeypatch):
+    """float32 on CUDA may run on TF32 tensor cores (cuDNN convolutions by default): the
+    check then allows sqrt(2^-10), else sqrt(eps) of the dtype (a conv net on an H100
+    failed the check with relative errors of 9e-4 before)."""
+    from sgdgeom.persample.capture import coverage_tolerance
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert coverage_tolerance(torch.float32, cuda) == pytest.approx(2**-5)
+    assert coverage_tolerance(torch.float32, cpu) == torch.finfo(torch.float32).eps ** 0.5
+    assert coverage_tolerance(torch.float64, cuda) == torch.finfo(torch.float64).eps ** 0.5
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert coverage_tolerance(torch.float32, cuda) == torch.finfo(torch.float32).eps ** 0.5

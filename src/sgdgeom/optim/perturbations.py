@@ -92,16 +92,18 @@ def _sent(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 def _deltas(signed: Tensor, factors: Tensor, count: int, dtype: torch.dtype) -> Tensor:
     """Row ``a``: ``factors[a] (2u + 1 - 2²⁴)`` of ``count`` coordinates under the key
-    ``signed[a]`` (int64), ``(rows, count)`` in ``dtype``: one set of elementwise kernels for
+    ``signed[a + 1]`` (int64; ``signed[0]`` is γ), ``(rows, count)`` in ``dtype``: one set of elementwise kernels for
     all the rows (on a GPU each kernel is a launch; compiled, one kernel in all)."""
     z = torch.arange(1, (count + 1) // 2 + 1, dtype=torch.int64, device=signed.device)
-    z = (z * _signed(GOLDEN)) + signed[:, None]
+    # γ is read from memory: compiled, a literal γ × index folded into the kernel's 32-bit
+    # index arithmetic (Triton: "out of range for type int32")
+    z = (z * signed[0]) + signed[1:, None]
     z = (z ^ _logical_shift(z, 30)) * _signed(MIX1)
     z = (z ^ _logical_shift(z, 27)) * _signed(MIX2)
     z = z ^ _logical_shift(z, 31)
     low = (z & 0xFFFFFFFF) >> (32 - BITS)
     high = _logical_shift(z, 64 - BITS)
-    u = torch.stack([low, high], 2).reshape(len(signed), -1)[:, :count]
+    u = torch.stack([low, high], 2).reshape(len(signed) - 1, -1)[:, :count]
     return (2 * u + (1 - (1 << BITS))).to(dtype) * factors[:, None]
 
 
@@ -196,7 +198,7 @@ def uniform_(
     if use_numba and out.device.type == "cpu" and out.numel() >= _SLOW_CPU_DRAW:
         _warn_slow()
     rows = out.view(len(out), -1)
-    signed = _sent([_signed(k) for k in keys], torch.int64, out.device)
+    signed = _sent([_signed(GOLDEN)] + [_signed(k) for k in keys], torch.int64, out.device)
     factors = _sent([sign * scale for sign in signs], out.dtype, out.device)
     deltas = _compiled_deltas() if compiled else _deltas
     delta = deltas(signed, factors, rows.shape[1], out.dtype)
