@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark on a CUDA machine, each log under $OUT (default: ./gpu-logs).
 # Run from the repository root: bash benchmarks/gpu.sh [BENCHMARK ...]
-# (default: syncs optim local_entropy diffusion monitor spectrum_scale).
+# (default: syncs optim graphs local_entropy diffusion monitor spectrum_scale).
 set -u
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
@@ -14,11 +14,12 @@ run() {  # NAME SECONDS ARGS...: one benchmark, its log in $out/NAME.txt
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"
-for bench in "${@:-syncs optim local_entropy diffusion monitor spectrum_scale}"; do
+for bench in "${@:-syncs optim graphs local_entropy diffusion monitor spectrum_scale}"; do
     for b in $bench; do
         case $b in
             syncs) run syncs 120 syncs.py ;;
             optim) run optim 240 optim.py --repeats 30 ;;
+            graphs) run graphs 180 graphs.py ;;
             local_entropy) run local_entropy 120 local_entropy.py --repeats 30 ;;
             diffusion) run diffusion 150 diffusion.py --repeats 30 ;;
             monitor) run monitor 60 monitor.py ;;

@@ -184,3 +184,54 @@ def test_compiled_device_route_equals_dense_update(mode):
     loss_and_backward(case)
     opt.step()
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
+
+
+def test_a_capturable_step_reads_nothing_and_equals_dense_update(monkeypatch):
+    """capturable=True (for torch.cuda.graph): the step of the device route with no host
+    read at all, not even the last step's flag; the same update as the dense reference."""
+    case = make_case("transformer")
+    opt = _two_steps(case, eps="auto", mode="exact", capturable=True)
+    eps = _upper_bound_eps(case)
+    expected, _ = dense_update(case, eps, "exact", lr=0.1)
+    loss_and_backward(case)
+
+    def refuse(self, *args, **kwargs):
+        pytest.fail("a host read inside a capturable step")
+
+    with monkeypatch.context() as patch:
+        for name in _HOST_READS:
+            patch.setattr(torch.Tensor, name, refuse)
+        opt.step()
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
+
+
+def test_capturable_refusals_accumulate_until_stats_are_read():
+    case = make_case("mlp-relu")
+    opt = _two_steps(case, eps="auto", mode="weak", capturable=True)
+    opt.param_groups[0]["eps"] = 1e6
+    before = flat(case.model)
+    for _ in range(2):  # neither step raises (a replayed graph could not)
+        loss_and_backward(case)
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(flat(case.model), before)
+    with pytest.raises(InputError, match="since the last read of stats was refused"):
+        opt.stats  # noqa: B018 - the read raises
+    opt.param_groups[0]["eps"] = "auto"
+    loss_and_backward(case)
+    opt.step()
+    assert opt.stats["eps"] > 0  # the flag was cleared by the read that raised
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"capturable": True, "host_sync": True}, "host_sync=True is not"),
+        ({"capturable": True, "params": "list"}, "needs the model"),
+    ],
+)
+def test_capturable_refuses_what_it_cannot_capture(options, message):
+    case = make_case("mlp-relu")
+    params = list(case.model.parameters()) if options.pop("params", None) else case.model
+    with pytest.raises(InputError, match=message):
+        DiffusionMetricSGD(params, lr=0.1, **options)

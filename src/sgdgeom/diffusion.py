@@ -699,6 +699,8 @@ def gram_spectrum_bytes(n: int, dtype: torch.dtype, device: torch.device) -> int
 def _check_gram_memory(n: int, dtype: torch.dtype, device: torch.device) -> None:
     """Refuse, before allocating, a Gram matrix whose spectrum would not fit
     (:func:`gram_spectrum_bytes`)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return  # a CUDA graph's capture: checked when its warm-up steps ran
     needed = gram_spectrum_bytes(n, dtype, device)
     free = available_bytes(device)
     if free is not None and needed > free:

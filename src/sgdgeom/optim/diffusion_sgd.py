@@ -69,6 +69,15 @@ no parameter (its momentum buffers decay once) and raises at the next :meth:`ste
 of ``stats``; ``stats`` is read from the device only when read. ``host_sync=True`` is the
 CPU's route, exact ``λ_max`` by Lanczos, and the reference in the tests.
 
+**CUDA graphs** (``capturable=True``, as in ``torch.optim``): the whole training step
+(forward, backward, :meth:`step`) can be captured with ``torch.cuda.graph`` and replayed,
+which removes the launches and the Python of the hooks from every step. Run two steps
+eagerly first (the checked step and a fused one, on a side stream as PyTorch's CUDA-graph
+recipe says), capture after ``zero_grad(set_to_none=True)``, then copy each batch into the
+captured input tensors and replay. A replay refuses nothing at once: a refused step is
+masked on the device and its error raised at the next read of ``stats``; the learning
+rate, ε (a number), the mode and the batch size are those of the capture.
+
 .. warning::
     ``weight_decay`` is decoupled: it is added after the metric, ``g⁻¹ ḡ + λ x``, so D
     stays the covariance of the data loss's per-sample gradients. ``eps="auto"``
@@ -144,6 +153,9 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         compile: on the device route, bound ``λ_max`` through ``torch.compile`` (one CUDA
             graph a step on a GPU; compiled once per batch size, seconds). The eager route
             is the reference it is tested against.
+        capturable: make :meth:`step` capturable in a CUDA graph with the forward and
+            backward (see the module docstring): no host read and no deferred check in
+            the step; refusals accumulate on the device and raise at the next ``stats``.
 
     After each step, ``stats`` holds the batch's ``eps`` and ``trace`` (tr D) and, with
     ``eps="auto"``, the ``lambda_max`` it was derived from.
@@ -174,6 +186,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         fused: bool | str = "auto",
         host_sync: bool | str = "auto",
         compile: bool = False,
+        capturable: bool = False,
     ) -> None:
         if lr < 0:
             raise InputError(f"Invalid learning rate: {lr}")
@@ -195,7 +208,12 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             raise InputError(f"Invalid fused: {fused!r}; choose 'auto', True or False")
         if host_sync not in ("auto", True, False):
             raise InputError(f"Invalid host_sync: {host_sync!r}; choose 'auto', True or False")
-        self.host_sync, self.compile = host_sync, compile
+        if capturable and host_sync is True:
+            raise InputError("capturable=True reads nothing on the host: host_sync=True is not")
+        if capturable and not isinstance(params, nn.Module):
+            raise InputError("capturable=True needs the model itself (the attached route)")
+        self.host_sync, self.compile, self.capturable = host_sync, compile, capturable
+        self._refused: Tensor | None = None  # capturable: the worst status since the last read
         self.model = params if isinstance(params, nn.Module) else None
         self.loss_reduction = loss_reduction
         self._stats: dict[str, float | Tensor] = {}
@@ -262,7 +280,19 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         upper bound ``lambda_bound`` that ε used). Reading them waits for the device, and
         raises the error of a refused step."""
         self._raise_pending()
+        self._raise_refused()
         return {name: float(value) for name, value in self._stats.items()}
+
+    def _raise_refused(self) -> None:
+        if self._refused is not None and int(self._refused):
+            status = int(self._refused)
+            self._refused.zero_()
+            try:
+                raise_for_status(status, self._stats["eps"])
+            except InputError as err:
+                raise InputError(
+                    f"a step since the last read of stats was refused and moved no parameter: {err}"
+                ) from None
 
     def _raise_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -270,6 +300,8 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             pending.raise_if_refused()
 
     def _syncs_with_host(self, device: torch.device) -> bool:
+        if self.capturable:
+            return False
         return device.type == "cpu" if self.host_sync == "auto" else bool(self.host_sync)
 
     @property
@@ -489,7 +521,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             lambda_tol=LAMBDA_TOL,
             matrix_free=matrix_free,
             host_sync=host_sync,
-            compile=self.compile,
+            compile=self.compile and not self.capturable,  # the graph takes it all
         )
         self.route = "matrix-free" if matrix_free else "gram"
         self._stats = {"eps": metric.eps, "trace": D.trace_tensor()}
@@ -504,7 +536,12 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             return direction, None
         keep = metric.status == DiffusionMetric.VALID
         direction.masked_fill_(~keep, 0.0)  # a NaN direction would poison the momentum
-        self._pending = _PendingCheck(metric.status, metric.eps)
+        if self.capturable:  # no host work in a captured step: kept on the device
+            if self._refused is None:
+                self._refused = torch.zeros_like(metric.status)
+            torch.maximum(self._refused, metric.status, out=self._refused)
+        else:
+            self._pending = _PendingCheck(metric.status, metric.eps)
         return direction, keep.to(direction.dtype)
 
     def _matrix_free_pays(
@@ -518,7 +555,9 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         out) = 784``. A fixed ε with ``ε tr D ≥ 1`` takes the Gram route, whose Cholesky
         factorisation checks it: on the device route too, this choice reads ``tr D`` on
         the host, the one host read of a device-route step (a refusal of an ε that only
-        ``ε tr D < 1`` cannot prove would be an error where there is none).
+        ``ε tr D < 1`` cannot prove would be an error where there is none). A capturable
+        step cannot read it: there such an ε is refused (``ε tr D < 1`` is checked on the
+        device), and a smaller ε or the uncaptured step takes it.
 
         ε auto and the exact solve stay on the Gram route: their matrix-free forms take
         two products per Lanczos or conjugate-gradient step (about 12 and 5–8 steps), and
@@ -532,7 +571,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         product, gram = D.products.costs()
         if product * (2 if needs_mean else 1) >= gram:
             return False
-        return float(group["eps"]) * D.trace() < 1
+        return self.capturable or float(group["eps"]) * D.trace() < 1
 
     def _scratch(self, space: ParamSpace) -> Tensor:
         """A ``(d,)`` buffer for the direction, kept across steps: allocating ``d`` fresh

@@ -92,8 +92,9 @@ def _sent(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 def _deltas(signed: Tensor, factors: Tensor, count: int, dtype: torch.dtype) -> Tensor:
     """Row ``a``: ``factors[a] (2u + 1 - 2²⁴)`` of ``count`` coordinates under the key
-    ``signed[a + 1]`` (int64; ``signed[0]`` is γ), ``(rows, count)`` in ``dtype``: one set of elementwise kernels for
-    all the rows (on a GPU each kernel is a launch; compiled, one kernel in all)."""
+    ``signed[a + 1]`` (int64; ``signed[0]`` is γ), ``(rows, count)`` in ``dtype``: one set
+    of elementwise kernels for all the rows (on a GPU each kernel is a launch; compiled,
+    one kernel in all)."""
     z = torch.arange(1, (count + 1) // 2 + 1, dtype=torch.int64, device=signed.device)
     # γ is read from memory: compiled, a literal γ × index folded into the kernel's 32-bit
     # index arithmetic (Triton: "out of range for type int32")
