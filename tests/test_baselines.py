@@ -178,3 +178,19 @@ def test_baselines_train_and_resume(tmp_path, optimizer):
     (tmp_path / "half" / "config.yaml").unlink()
     resumed = run_training(config, tmp_path / "half", resume=True, progress=False)
     assert resumed == whole
+
+
+def test_entropy_sgd_config_keys_reach_the_optimizer():
+    """alpha and noise are config keys (issue: a fair comparison needs them); each reaches
+    EntropySGD's param group, and alpha outside (0, 1] is refused by the config."""
+    from sgdgeom.experiments.config import OptimizerConfig
+    from sgdgeom.experiments.runner import build_optimizer
+
+    model, _, _ = tiny_problem()
+    config = OptimizerConfig(name="entropy-sgd", lr=1.0, alpha=0.5, noise=0.01, L=3)
+    group = build_optimizer(config, model).param_groups[0]
+    assert (group["alpha"], group["noise"], group["L"]) == (0.5, 0.01, 3)
+    with pytest.raises(ValueError, match="alpha"):
+        OptimizerConfig(name="entropy-sgd", lr=1.0, alpha=1.5)
+    with pytest.raises(ValueError, match="alpha apply only to name: entropy-sgd"):
+        OptimizerConfig(name="sgd", lr=1.0, alpha=0.5)

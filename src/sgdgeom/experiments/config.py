@@ -131,7 +131,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
     "diffusion-sgd": ("eps", "mode", "safety", "fused"),
     "sam": ("rho",),
     "asam": ("rho",),
-    "entropy-sgd": ("L", "gamma", "gamma_growth", "langevin_lr", "noise"),
+    "entropy-sgd": ("L", "gamma", "gamma_growth", "langevin_lr", "noise", "alpha"),
 }
 """The keys each optimizer accepts beyond ``lr``, ``momentum``, ``weight_decay``, ``nesterov``."""
 
@@ -145,7 +145,13 @@ class OptimizerConfig(_Strict):
     - ``sam`` / ``asam``: SAM and adaptive SAM from the pytorch-optimizer package over SGD
       (``rho``, default 0.05 / 0.5);
     - ``entropy-sgd``: :class:`~sgdgeom.optim.entropy_sgd.EntropySGD` (``L``, ``gamma``,
-      ``gamma_growth``, ``langevin_lr``, ``noise``).
+      ``gamma_growth``, ``langevin_lr``, ``noise``, ``alpha``). Defaults, against Chaudhari
+      et al.'s Algorithm 1 and the defaults of their public code: ``langevin_lr`` η' = 0.1,
+      ``noise`` ε = 1e-4 (the thermal noise of the inner SGLD) and ``alpha`` α = 0.75 (the
+      weight of the inner iterates' running mean μ) are theirs; ``gamma`` γ₀ = 0.03 and
+      ``gamma_growth`` γ₁ = 1e-3 where their code has 1e-2 and 0 (scoping, §4.3 of the
+      paper, is off there by default); ``L`` = 5 inner steps where their code's default is
+      0 and their experiments set 5 to 20.
     """
 
     name: Literal["sgd", "adam", "adamw", "diffusion-sgd", "sam", "asam", "entropy-sgd"]
@@ -163,6 +169,7 @@ class OptimizerConfig(_Strict):
     gamma_growth: float | None = Field(None, ge=0)
     langevin_lr: float | None = Field(None, gt=0)
     noise: float | None = Field(None, ge=0)
+    alpha: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _keys_of_the_named_optimizer(self) -> OptimizerConfig:
