@@ -327,3 +327,12 @@ def test_unknown_engine_and_bad_workers(tmp_path):
 def test_report_without_a_store_is_a_clear_error(tmp_path):
     with pytest.raises(SgdgeomError, match="no result store"):
         write_report(tmp_path)
+
+
+def test_mean_and_error_is_the_standard_error_of_the_mean():
+    from sgdgeom.experiments.plots import mean_and_error
+
+    mean, error = mean_and_error([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0]])
+    assert mean.tolist() == [3.0, 2.0]
+    assert error.tolist() == pytest.approx([2.0 / 3**0.5, 0.0])  # std (ddof 1) = 2
+    assert mean_and_error([0.7])[1] == 0.0  # one run: no error bar, not NaN

@@ -2,11 +2,12 @@
 partial or merged from several machines — can be plotted again without rerunning it.
 
 - :func:`plot_versus`: best and final test accuracy against one label (e.g. ``loss.R``),
-  one line per value of another (e.g. ``loss.layers``), mean ± std over the remaining
-  labels such as seeds; runs without the x label (the unregularised baseline) are drawn as
-  horizontal lines. Musso Figs 3–5 (x = R) and Fig. 7 (x = weight decay).
+  one line per value of another (e.g. ``loss.layers``), mean ± standard error over the
+  remaining labels such as seeds; runs without the x label (the unregularised baseline)
+  are drawn as horizontal lines with their band. Musso Figs 3–5 (x = R) and Fig. 7 (x =
+  weight decay).
 - :func:`plot_store_curves`: training loss and test accuracy per epoch, one line per group
-  of runs (mean over seeds). Musso Figs 6–8.
+  of runs, mean ± standard error over seeds as a band. Musso Figs 6–8.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sgdgeom.errors import InputError
 from sgdgeom.experiments.store import ResultStore
 from sgdgeom.files import safe_name, save_figure
 
-__all__ = ["plot_store_curves", "plot_versus", "plot_sweep", "group_label"]
+__all__ = ["group_label", "mean_and_error", "plot_store_curves", "plot_sweep", "plot_versus"]
 
 _IGNORED_LABELS = ("seed",)
 
@@ -53,6 +54,19 @@ def group_label(labels: dict[str, Any], drop: tuple[str, ...] = ()) -> str:
         if k not in _IGNORED_LABELS and k not in drop
     ]
     return " ".join(parts) or "all"
+
+
+def mean_and_error(values: Any, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error of the mean (``std / sqrt(n)``, ``ddof = 1``; 0 for one run)
+    along ``axis``."""
+    values = np.asarray(values, dtype=float)
+    n = values.shape[axis]
+    error = (
+        values.std(axis=axis, ddof=1) / np.sqrt(n)
+        if n > 1
+        else np.zeros_like(values.mean(axis=axis))
+    )
+    return values.mean(axis=axis), error
 
 
 def _finished(store: ResultStore, sweep: str) -> list[dict[str, Any]]:
@@ -92,12 +106,12 @@ def plot_versus(
         ax = axes[column]
         for line, points in sorted(series.items()):
             xs = sorted(points)
-            values = [np.array([v[column] for v in points[x_]]) for x_ in xs]
-            means = np.array([v.mean() for v in values])
+            stats = [mean_and_error([v[column] for v in points[x_]]) for x_ in xs]
+            means = np.array([float(m) for m, _ in stats])
             drawn = ax.errorbar(
                 xs,
                 means,
-                yerr=[v.std() for v in values],
+                yerr=[float(e) for _, e in stats],
                 marker="o",
                 ms=4,
                 capsize=3,
@@ -114,8 +128,9 @@ def plot_versus(
                     color=drawn[0].get_color(),
                 )
         for name, values in sorted(baselines.items()):
-            level = float(np.mean([v[column] for v in values]))
+            level, error = (float(t) for t in mean_and_error([v[column] for v in values]))
             ax.axhline(level, ls="--", color="black", lw=1, label=f"{name} (no {x})")
+            ax.axhspan(level - error, level + error, color="black", alpha=0.1, lw=0)
         if log_x:
             ax.set_xscale("log")
         if y_range is not None:
@@ -125,7 +140,7 @@ def plot_versus(
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"{sweep}: test accuracy against {x}")
+    fig.suptitle(f"{sweep}: test accuracy against {x} (mean ± s.e. over seeds)")
     fig.tight_layout()
     return _save(fig, Path(path))
 
@@ -146,8 +161,9 @@ def plot_store_curves(store: ResultStore, sweep: str, path: str | Path) -> list[
         epochs = min(len(r) for r in runs)
         xs = [runs[0][i]["epoch"] for i in range(epochs)]
         for ax, key in zip(axes, ("train_loss", "test_acc"), strict=True):
-            ys = np.mean([[r[i][key] for i in range(epochs)] for r in runs], axis=0)
-            ax.plot(xs, ys, label=name, lw=1.2)
+            ys, error = mean_and_error([[r[i][key] for i in range(epochs)] for r in runs])
+            (line,) = ax.plot(xs, ys, label=name, lw=1.2)
+            ax.fill_between(xs, ys - error, ys + error, color=line.get_color(), alpha=0.2, lw=0)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("training loss")
     axes[1].set_ylabel("test accuracy")
@@ -155,7 +171,7 @@ def plot_store_curves(store: ResultStore, sweep: str, path: str | Path) -> list[
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"{sweep}: curves per variant")
+    fig.suptitle(f"{sweep}: curves per variant (mean ± s.e. over seeds)")
     fig.tight_layout()
     return _save(fig, Path(path))
 
