@@ -1,0 +1,58 @@
+"""scripts/replication_tables.py: the report's tables from a result store."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from sgdgeom.experiments.store import ResultStore
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "replication_tables.py"
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("replication_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _store(path: Path) -> None:
+    """Two optimizers over two learning rates and two seeds, with known accuracies."""
+    store = ResultStore(path / "results.sqlite")
+    accuracy = {("a", 0.1): (0.90, 0.94), ("a", 0.3): (0.80, 0.82), ("b", 0.1): (0.70, 0.70),
+                ("b", 0.3): (0.75, 0.77)}  # fmt: skip
+    runs = []
+    for (variant, lr), values in accuracy.items():
+        for seed, value in enumerate(values):
+            labels = {"variant": variant, "optimizer.lr": lr, "seed": seed}
+            name = f"{variant}_lr={lr}_seed={seed}"
+            runs.append({"hash": name, "name": name, "labels": labels, "config": {},
+                         "run_dir": path / name, "value": value})  # fmt: skip
+    store.register("sweep", runs)
+    for run in runs:
+        store.start(run["hash"], 0)
+        store.record_epoch(run["hash"], {"epoch": 1, "seconds": 2.0})
+        final = {"best_test_acc": run["value"], "final_test_acc": run["value"] - 0.01,
+                 "final_test_loss": 1 - run["value"]}  # fmt: skip
+        store.finish(run["hash"], final)
+
+
+def test_rows_are_means_with_standard_errors(tables, tmp_path):
+    _store(tmp_path)
+    table = tables.summarise(tmp_path)
+    row = table["a lr=0.1"]
+    assert row["runs"] == 2 and row["seconds_per_epoch"] == 2.0
+    assert row["best_test_acc"] == pytest.approx([0.92, 0.02])  # s.e. of (0.90, 0.94)
+    assert row["final_test_loss"] == pytest.approx([0.08, 0.02])
+
+
+def test_each_variant_at_its_best_learning_rate_with_grid_edges_marked(tables, tmp_path):
+    _store(tmp_path)
+    lines = tables.best_learning_rates(tables.summarise(tmp_path)).splitlines()
+    assert lines[2].startswith("| a | 0.1, 0.3 | 0.1 ↓ | 2 | 0.9200 ± 0.0200")
+    assert lines[3].startswith("| b | 0.1, 0.3 | 0.3 ↑ | 2 | 0.7600 ± 0.0100")
+    assert tables.best_learning_rates({}) == ""
