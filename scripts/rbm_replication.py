@@ -1,0 +1,109 @@
+"""The poster's RBM outlook over seeds and learning rates, with a difference panel.
+
+Run: ``python scripts/rbm_replication.py [CONFIG] [--seeds 0 1 2] [--lrs 0.05 0.1]
+[--out runs/replication/rbm-digits]``
+
+For every learning rate and seed, :func:`~sgdgeom.experiments.rbm.run_rbm` trains one RBM
+per update rule of CONFIG (CD-k, and the weak and exact diffusion-metric updates of the
+same CD gradients) into ``OUT/lr=LR_seed=S`` (a finished one is skipped, so the script
+resumes). Then, per learning rate: the exact test log-likelihood per epoch, mean ± s.e.
+over seeds, and below it the difference of each metric update from CD, paired by seed (the
+panel where the curves themselves coincide). Writes ``OUT/summary.json`` and
+``OUT/rbm-replication.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sgdgeom.experiments.plots import mean_and_error
+from sgdgeom.experiments.rbm import load_rbm_config, run_rbm
+from sgdgeom.files import read_jsonl, save_figure
+
+
+def curves(run_dir: Path, updates: list[str]) -> dict[str, np.ndarray]:
+    """``{update: test log-likelihood per epoch}`` of one finished run."""
+    return {
+        u: np.array([r["test_loglik"] for r in read_jsonl(run_dir / u / "history.jsonl")])
+        for u in updates
+    }
+
+
+def summarise(runs: list[dict[str, np.ndarray]], updates: list[str]) -> dict[str, Any]:
+    """Best and final test log-likelihood per update and their differences from CD, paired
+    by seed: ``[mean, s.e.]`` over the runs."""
+    out: dict[str, Any] = {"runs": len(runs)}
+    for u in updates:
+        best = mean_and_error([r[u].max() for r in runs])
+        final = mean_and_error([r[u][-1] for r in runs])
+        out[u] = {"best_test_loglik": [float(v) for v in best]}
+        out[u]["final_test_loglik"] = [float(v) for v in final]
+        if u != updates[0]:
+            gain = mean_and_error([r[u][-1] - r[updates[0]][-1] for r in runs])
+            out[u][f"final_minus_{updates[0]}"] = [float(v) for v in gain]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default="configs/quick/rbm/digits.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.1])
+    parser.add_argument("--out", type=Path, default=Path("runs/replication/rbm-digits"))
+    args = parser.parse_args()
+    base = load_rbm_config(args.config)
+    updates = list(base.updates)
+    summary: dict[str, Any] = {"config": args.config, "lrs": {}}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(args.lrs), figsize=(6 * len(args.lrs), 7), squeeze=False)
+    for column, lr in enumerate(args.lrs):
+        runs = []
+        for seed in args.seeds:
+            run_dir = args.out / f"lr={lr:g}_seed={seed}"
+            if not (run_dir / "summary.json").exists():
+                config = base.model_copy(update={"seed": seed, "lr": lr})
+                run_rbm(config, run_dir, progress=False)
+            runs.append(curves(run_dir, updates))
+        summary["lrs"][f"{lr:g}"] = summarise(runs, updates)
+        epochs = np.arange(1, len(runs[0][updates[0]]) + 1)
+        top, bottom = axes[0, column], axes[1, column]
+        for u in updates:
+            mean, error = mean_and_error([r[u] for r in runs])
+            (line,) = top.plot(epochs, mean, label=u)
+            top.fill_between(epochs, mean - error, mean + error, alpha=0.2, color=line.get_color())
+            if u != updates[0]:
+                diff, diff_error = mean_and_error([r[u] - r[updates[0]] for r in runs])
+                bottom.plot(epochs, diff, label=f"{u} − {updates[0]}", color=line.get_color())
+                bottom.fill_between(
+                    epochs,
+                    diff - diff_error,
+                    diff + diff_error,
+                    alpha=0.2,
+                    color=line.get_color(),
+                )
+        bottom.axhline(0.0, color="black", lw=0.8)
+        top.set_title(f"{base.name}, lr = {lr:g}, {len(runs)} seeds (mean ± s.e.)")
+        top.set_ylabel("test log-likelihood (nats)")
+        bottom.set_ylabel(f"difference from {updates[0]} (nats)")
+        bottom.set_xlabel("epoch")
+        bottom.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, args.out / "rbm-replication.png")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
