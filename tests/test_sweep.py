@@ -336,3 +336,14 @@ def test_mean_and_error_is_the_standard_error_of_the_mean():
     assert mean.tolist() == [3.0, 2.0]
     assert error.tolist() == pytest.approx([2.0 / 3**0.5, 0.0])  # std (ddof 1) = 2
     assert mean_and_error([0.7])[1] == 0.0  # one run: no error bar, not NaN
+
+
+def test_report_cells_keep_small_values_visible():
+    """tr D_I / N_I of a trained net (1e-7) once printed as 0.0000 in the demo report."""
+    from sgdgeom.experiments.report import _cell
+
+    assert _cell(3.2e-7) == "3.200e-07"
+    assert _cell(0.91234) == "0.9123"
+    assert _cell(0.0) == "0.0000"
+    assert _cell(1.5e6) == "1.500e+06"
+    assert _cell(None) == "" and _cell(7) == "7"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from sgdgeom.errors import InputError, SgdgeomError
-from sgdgeom.experiments.plots import group_label, plot_sweep
+from sgdgeom.experiments.plots import group_label, mean_and_error, plot_sweep
 from sgdgeom.experiments.store import STORE, ResultStore
 from sgdgeom.files import atomic_write_bytes, inside
 
@@ -52,8 +52,12 @@ def _table(rows: list[list[Any]]) -> str:
 
 
 def _cell(value: Any) -> str:
+    """Floats to 4 decimals, or in scientific notation where 4 decimals would hide them
+    (``tr D_I / N_I`` of 3e-7 printed as 0.0000 once) or overflow the column."""
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3g}"
+        if value != 0 and not 1e-3 <= abs(value) < 1e4:
+            return f"{value:.3e}"
+        return f"{value:.4f}"
     return "" if value is None else str(value)
 
 
@@ -88,18 +92,18 @@ def _groups_table(runs: list[dict[str, Any]]) -> list[list[Any]]:
     for run in runs:
         if run["status"] == "finished":
             groups[group_label(run["labels"])].append(run["final"])
-    rows: list[list[Any]] = [["group", "runs", "best acc (mean ± std)", "final acc (mean ± std)"]]
+    rows: list[list[Any]] = [["group", "runs", "best acc (mean ± s.e.)", "final acc (mean ± s.e.)"]]
     for name, finals in sorted(
         groups.items(), key=lambda item: -np.mean([f["best_test_acc"] for f in item[1]])
     ):
-        best = np.array([f["best_test_acc"] for f in finals])
-        last = np.array([f["final_test_acc"] for f in finals])
+        best = mean_and_error([f["best_test_acc"] for f in finals])
+        last = mean_and_error([f["final_test_acc"] for f in finals])
         rows.append(
             [
                 name,
                 len(finals),
-                f"{best.mean():.4f} ± {best.std():.4f}",
-                f"{last.mean():.4f} ± {last.std():.4f}",
+                f"{best[0]:.4f} ± {best[1]:.4f}",
+                f"{last[0]:.4f} ± {last[1]:.4f}",
             ]
         )
     return rows
