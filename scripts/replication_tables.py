@@ -23,6 +23,7 @@ from typing import Any
 
 from sgdgeom.experiments.plots import group_label, mean_and_error
 from sgdgeom.experiments.store import ResultStore
+from sgdgeom.files import save_figure
 
 METRICS = ("best_test_acc", "final_test_acc", "final_test_loss")
 
@@ -107,10 +108,51 @@ def best_learning_rates(table: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_learning_rates(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Best test accuracy of every optimizer at each point of its lr grid (low, middle,
+    high), mean ± s.e. bars, the axis zoomed to the bars' range (differences of a few
+    tenths of a percent are the point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_variant: dict[str, dict[float, list[float]]] = defaultdict(dict)
+    for row in table.values():
+        if "optimizer.lr" in row["labels"]:
+            lr = float(row["labels"]["optimizer.lr"])
+            by_variant[row["labels"]["variant"]][lr] = row["best_test_acc"]
+    names = sorted(by_variant, key=lambda v: -max(m for m, _ in by_variant[v].values()))
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / max(len(grid) for grid in by_variant.values())
+    lows, highs = [], []
+    for i, name in enumerate(names):
+        for j, lr in enumerate(sorted(by_variant[name])):
+            mean, error = by_variant[name][lr]
+            ax.bar(i + (j - 1) * width, mean, width, yerr=error, capsize=2,
+                   color=plt.cm.viridis(0.15 + 0.35 * j), label=("low", "middle", "high")[j]
+                   if i == 0 else None)  # fmt: skip
+            ax.text(i + (j - 1) * width, mean + error, f"{lr:g}", ha="center", va="bottom",
+                    fontsize=6, rotation=90)  # fmt: skip
+            lows.append(mean - error)
+            highs.append(mean + error)
+    ax.set_ylim(min(lows) - 0.005, max(highs) + 0.012)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylabel("best test accuracy")
+    ax.set_title(f"{title}: each optimizer over its lr grid (mean ± s.e. over seeds)")
+    ax.legend(title="lr in the grid", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="folder holding one folder per sweep")
     parser.add_argument("--json", type=Path, help="write every table here too")
+    parser.add_argument(
+        "--figures", type=Path, help="draw each lr-grid sweep's bars into this folder"
+    )
     args = parser.parse_args()
     sweeps = sorted(p.parent for p in args.runs.glob("*/results.sqlite"))
     if not sweeps:
@@ -121,6 +163,8 @@ def main() -> None:
         best = best_learning_rates(table)
         if best:
             print(f"\n**{name}**, each optimizer at its best learning rate\n\n{best}")
+            if args.figures:
+                plot_learning_rates(table, args.figures / f"replication-{name}.png", name)
     if args.json:
         args.json.write_text(json.dumps(tables, indent=1) + "\n")
 
