@@ -41,7 +41,7 @@ def test_every_shipped_config_is_valid():
             load_geodesic_config(path)
         elif path.parent.name == "steady-state":
             load_steady_state_config(path)
-        elif path.parent.name == "sweeps":
+        elif path.parent.name in ("sweeps", "replication"):
             assert load_sweep(path, "runs/unused").runs
         elif "variants" in yaml.safe_load(path.read_text()):
             load_comparison(path)

@@ -235,3 +235,18 @@ def test_capturable_refuses_what_it_cannot_capture(options, message):
     params = list(case.model.parameters()) if options.pop("params", None) else case.model
     with pytest.raises(InputError, match=message):
         DiffusionMetricSGD(params, lr=0.1, **options)
+
+
+def test_a_fixed_eps_on_a_gram_matrix_with_a_nan_off_its_diagonal_is_not_finite():
+    """The device check names the cause: NaN entries, not an ε too large."""
+    from sgdgeom.diffusion import DiffusionMatrix
+    from sgdgeom.metric import DiffusionMetric
+
+    case = make_case("mlp-relu")
+    D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
+    K = D.gram()
+    K[0, 1] = K[1, 0] = math.nan  # the diagonal, and so tr D, stays finite
+    metric = DiffusionMetric(D, eps=1e-6, host_sync=False)
+    assert int(metric.status) == DiffusionMetric.NOT_FINITE
+    with pytest.raises(InputError, match="not finite"):
+        metric.check()
