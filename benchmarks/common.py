@@ -169,6 +169,19 @@ def product_costs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, float, b
     return calls
 
 
+def training_step(
+    opt: torch.optim.Optimizer, loss: Callable[[], torch.Tensor]
+) -> Callable[[], None]:
+    """One whole training step: ``zero_grad``, the loss's backward, ``opt.step()``."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+
+    return step
+
+
 def make_case(case: str, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The benchmark models and one batch: ``mlp`` (Musso's 784-784-784-10, B = 256 of
     MNIST-5k), ``cnn`` (Musso eq. 24, B = 64 random 32x32 images), ``transformer`` (2 blocks,

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_times, make_case, print_table
+from common import interleaved_times, make_case, print_table, training_step
 from optim import floors
 
 from sgdgeom.optim import DiffusionMetricSGD
@@ -40,12 +40,7 @@ from sgdgeom.optim import DiffusionMetricSGD
 def eager_step(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer
 ) -> Callable[[], None]:
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
+    return training_step(opt, lambda: nn.functional.cross_entropy(model(x), y))
 
 
 def captured_step(

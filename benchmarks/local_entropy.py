@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_times, product_costs
+from common import interleaved_times, product_costs, training_step
 
 from sgdgeom.data import load_dataset
 from sgdgeom.models import build_model
@@ -43,14 +43,7 @@ from sgdgeom.optim.local_entropy import PartialLocalEntropy
 
 
 def step_of(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn().backward()
-        opt.step()
-
-    return step
+    return training_step(torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9), loss_fn)
 
 
 def floors(model: nn.Module, x: torch.Tensor, layers: list[str], y: int) -> dict[str, float]:

@@ -29,20 +29,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import make_case
+from common import make_case, training_step
 
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.optim import DiffusionMetricSGD
 from sgdgeom.optim.local_entropy import PartialLocalEntropy
-
-
-def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Callable) -> Callable:
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss().backward()
-        opt.step()
-
-    return step
 
 
 def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], Callable]]:
@@ -54,7 +45,7 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
     def metric(**options: object) -> Callable[[], Callable]:
         def setup() -> Callable:
             opt = DiffusionMetricSGD(model, lr=1e-4, momentum=0.9, **options)
-            return training_step(model, opt, ce)
+            return training_step(opt, ce)
 
         return setup
 
@@ -62,7 +53,7 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
         def setup() -> Callable:
             ple = PartialLocalEntropy(model, layers=["fc2"], R=0.01, y=4, route=route)
             sgd = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
-            return training_step(model, sgd, lambda: ple(x, y))
+            return training_step(sgd, lambda: ple(x, y))
 
         return setup
 
@@ -71,7 +62,7 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
         D @ torch.ones(D.shape[0], device=x.device)
 
     def sgd() -> Callable:
-        return training_step(model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9), ce)
+        return training_step(torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9), ce)
 
     return {
         "SGD step (baseline)": sgd,

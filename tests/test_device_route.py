@@ -250,3 +250,15 @@ def test_a_fixed_eps_on_a_gram_matrix_with_a_nan_off_its_diagonal_is_not_finite(
     assert int(metric.status) == DiffusionMetric.NOT_FINITE
     with pytest.raises(InputError, match="not finite"):
         metric.check()
+
+
+def test_the_device_route_on_tied_weights_through_the_closure_route():
+    """A weight used outside its module: the closure's stored per-sample rows on the device
+    route, against the dense update at ε = 0.5/λ̄."""
+    case = make_case("tied-autoencoder")
+    eps = _upper_bound_eps(case)
+    expected, _ = dense_update(case, eps, "exact")
+    opt = DiffusionMetricSGD(list(case.model.parameters()), lr=1.0, mode="exact", host_sync=False)
+    opt.step(lambda: per_sample_loss(case.loss)(case.model(case.x), case.y))
+    torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
+    assert opt.stats["eps"] == pytest.approx(eps, rel=1e-9)

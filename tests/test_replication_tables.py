@@ -56,3 +56,32 @@ def test_each_variant_at_its_best_learning_rate_with_grid_edges_marked(tables, t
     assert lines[2].startswith("| a | 0.1, 0.3 | 0.1 ↓ | 2 | 0.9200 ± 0.0200")
     assert lines[3].startswith("| b | 0.1, 0.3 | 0.3 ↑ | 2 | 0.7600 ± 0.0100")
     assert tables.best_learning_rates({}) == ""
+
+
+def test_the_rbm_script_runs_resumes_and_summarises(tmp_path):
+    """scripts/rbm_replication.py on a tiny config: two seeds, one lr; a second call reuses
+    the finished runs; the summary pairs the metric's differences from CD by seed."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = yaml.safe_load((SCRIPT.parents[1] / "configs/quick/rbm/digits.yaml").read_text())
+    config.update(epochs=2, n_train=60, n_hidden=4, spectrum_every=2, probe_size=16)
+    (tmp_path / "rbm.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, str(SCRIPT.parent / "rbm_replication.py"), "rbm.yaml",
+               "--seeds", "0", "1", "--lrs", "0.05", "--out", "out"]  # fmt: skip
+    for _ in range(2):
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "out/summary.json").read_text())["lrs"]["0.05"]
+    assert summary["runs"] == 2 and (tmp_path / "out/rbm-replication.png").exists()
+    cd = [json.loads((tmp_path / f"out/lr=0.05_seed={s}/summary.json").read_text()) for s in (0, 1)]
+    finals = [run["updates"]["cd"]["test_loglik"] for run in cd]
+    assert summary["cd"]["final_test_loglik"][0] == pytest.approx(sum(finals) / 2)
+    assert set(summary["metric-weak"]) == {
+        "best_test_loglik",
+        "final_test_loglik",
+        "final_minus_cd",
+    }

@@ -73,17 +73,18 @@ def resolve_eps(eps: float | str, safety: float, lambda_max: float) -> float:
     return eps
 
 
-def raise_for_status(status: int, eps: float | Tensor) -> None:
-    """The error of a :attr:`DiffusionMetric.status` code, if any."""
+def raise_for_status(status: int, eps: float | Tensor, context: str = "") -> None:
+    """The error of a :attr:`DiffusionMetric.status` code, if any, after ``context`` (what
+    the caller did with the refused step)."""
     if status == DiffusionMetric.NOT_FINITE:
         raise InputError(
-            "the Gram matrix has NaN or infinite entries: the per-sample gradients are not "
-            "finite (a diverged loss?)"
+            f"{context}the Gram matrix has NaN or infinite entries: the per-sample gradients "
+            f"are not finite (a diverged loss?)"
         )
     if status == DiffusionMetric.EPS_TOO_LARGE:
         raise InputError(
-            f"eps = {float(eps):.6g} is at or above 1/λ_max (or, without the Gram matrix, "
-            f"ε tr D ≥ 1 leaves it unproven); the diffusion metric needs ε < 1/λ_max "
+            f"{context}eps = {float(eps):.6g} is at or above 1/λ_max (or, without the Gram "
+            f"matrix, ε tr D ≥ 1 leaves it unproven); the diffusion metric needs ε < 1/λ_max "
             f"(Fioresi et al., eq. 6): use eps='auto' or a smaller eps"
         )
 

@@ -287,12 +287,11 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         if self._refused is not None and int(self._refused):
             status = int(self._refused)
             self._refused.zero_()
-            try:
-                raise_for_status(status, self._stats["eps"])
-            except InputError as err:
-                raise InputError(
-                    f"a step since the last read of stats was refused and moved no parameter: {err}"
-                ) from None
+            raise_for_status(
+                status,
+                self._stats["eps"],
+                "a step since the last read of stats was refused and moved no parameter: ",
+            )
 
     def _raise_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -615,7 +614,6 @@ class _PendingCheck:
     def raise_if_refused(self) -> None:
         if self.event is not None:
             self.event.synchronize()
-        try:
-            raise_for_status(int(self.host), self.eps)
-        except InputError as err:
-            raise InputError(f"the last step was refused and moved no parameter: {err}") from None
+        raise_for_status(
+            int(self.host), self.eps, "the last step was refused and moved no parameter: "
+        )
