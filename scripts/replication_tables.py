@@ -29,23 +29,25 @@ METRICS = ("best_test_acc", "final_test_acc", "final_test_loss")
 
 
 def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
-    """``{group: {metric: [mean, s.e.], "runs": n, "seconds_per_epoch": s, ...}}``."""
+    """``{group: {metric: [mean, s.e.], "runs": n, "failed": m, "seconds_per_epoch": s,
+    ...}}``; the metrics are None where no run of the group finished."""
     store = ResultStore(sweep_dir / "results.sqlite")
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in store.runs():
-        if run["status"] == "finished":
-            groups[group_label(run["labels"])].append(run)
+        groups[group_label(run["labels"])].append(run)
     table = {}
-    for name, runs in sorted(groups.items()):
-        labels = {k: v for k, v in runs[0]["labels"].items() if k != "seed"}
-        row: dict[str, Any] = {"runs": len(runs), "labels": labels}
+    for name, group in sorted(groups.items()):
+        runs = [run for run in group if run["status"] == "finished"]
+        labels = {k: v for k, v in group[0]["labels"].items() if k != "seed"}
+        failed = sum(run["status"] == "failed" for run in group)
+        row: dict[str, Any] = {"runs": len(runs), "failed": failed, "labels": labels}
         for metric in METRICS:
-            mean, error = mean_and_error([run["final"][metric] for run in runs])
-            row[metric] = [float(mean), float(error)]
+            values = [run["final"][metric] for run in runs]
+            row[metric] = [float(v) for v in mean_and_error(values)] if values else None
         seconds = [e["seconds"] for run in runs for e in store.epochs(run["hash"])]
-        row["seconds_per_epoch"] = sum(seconds) / len(seconds)
+        row["seconds_per_epoch"] = sum(seconds) / len(seconds) if seconds else None
         regimes = [sweep_dir / "runs" / run["name"] / "regimes.json" for run in runs]
-        if all(path.exists() for path in regimes):
+        if runs and all(path.exists() for path in regimes):
             found = [json.loads(path.read_text()) for path in regimes]
             for key in ("t_cross", "t_peak", "t_late"):
                 values = [f[key] for f in found if f[key] is not None]
@@ -53,6 +55,10 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
                 row[f"{key}_runs"] = len(values)
         table[name] = row
     return table
+
+
+def _runs_cell(row: dict[str, Any]) -> str:
+    return f"{row['runs']} ({row['failed']} failed)" if row["failed"] else str(row["runs"])
 
 
 def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
@@ -65,10 +71,11 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in table.items():
+        seconds = row["seconds_per_epoch"]
         lines.append(
-            f"| {name} | {row['runs']} | {cell(row['best_test_acc'])} | "
+            f"| {name} | {_runs_cell(row)} | {cell(row['best_test_acc'])} | "
             f"{cell(row['final_test_acc'])} | {cell(row['final_test_loss'])} | "
-            f"{row['seconds_per_epoch']:.2f} |"
+            f"{'—' if seconds is None else f'{seconds:.2f}'} |"
         )
         if "t_cross" in row:
             lines.append(
@@ -79,11 +86,21 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
 
 
 def best_learning_rates(table: dict[str, dict[str, Any]]) -> str:
-    """Each variant at its best ``optimizer.lr``, as a markdown table ("" without a grid)."""
+    """Each variant at its best ``optimizer.lr``, as a markdown table ("" without a grid).
+
+    A grid point where no run finished (every seed failed, e.g. a non-finite loss) is
+    marked † in the grid and cannot be best; ↑ or ↓ marks a best point at the grid's edge,
+    where the optimum may lie beyond it.
+    """
     by_variant: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
     for row in table.values():
         if "optimizer.lr" in row["labels"]:
             by_variant[row["labels"]["variant"]][float(row["labels"]["optimizer.lr"])] = row
+    by_variant = {
+        variant: rows
+        for variant, rows in by_variant.items()
+        if any(row["runs"] for row in rows.values())
+    }
     if not by_variant:
         return ""
     lines = [
@@ -91,56 +108,70 @@ def best_learning_rates(table: dict[str, dict[str, Any]]) -> str:
         "| final test loss |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    ranked = sorted(
-        by_variant.items(),
-        key=lambda item: -max(r["best_test_acc"][0] for r in item[1].values()),
-    )
+
+    def best(rows: dict[float, dict[str, Any]]) -> float:
+        return max((lr for lr in rows if rows[lr]["runs"]), key=lambda v: _accuracy(rows[v]))
+
+    ranked = sorted(by_variant.items(), key=lambda item: -_accuracy(item[1][best(item[1])]))
     for variant, rows in ranked:
         grid = sorted(rows)
-        lr = max(grid, key=lambda v: rows[v]["best_test_acc"][0])
+        lr = best(rows)
         edge = " ↑" if lr == grid[-1] else " ↓" if lr == grid[0] else ""
         row = rows[lr]
         cells = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" for m in METRICS]
+        points = ", ".join(f"{v:g}" + ("" if rows[v]["runs"] else "†") for v in grid)
         lines.append(
-            f"| {variant} | {', '.join(f'{v:g}' for v in grid)} | {lr:g}{edge} | "
-            f"{row['runs']} | {' | '.join(cells)} |"
+            f"| {variant} | {points} | {lr:g}{edge} | {_runs_cell(row)} | {' | '.join(cells)} |"
         )
     return "\n".join(lines)
 
 
+def _accuracy(row: dict[str, Any]) -> float:
+    return row["best_test_acc"][0]
+
+
 def plot_learning_rates(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Best test accuracy of every optimizer at each point of its lr grid (low, middle,
-    high), mean ± s.e. bars, the axis zoomed to the bars' range (differences of a few
-    tenths of a percent are the point)."""
+    """Best test accuracy of every optimizer at each point of its lr grid, mean ± s.e. bars,
+    the axis zoomed to the optimizers' best points (differences of a few tenths of a
+    percent are the point): a bar below the axis is written as its value at the bottom, a
+    grid point where every run failed as †."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_variant: dict[str, dict[float, list[float]]] = defaultdict(dict)
+    by_variant: dict[str, dict[float, list[float] | None]] = defaultdict(dict)
     for row in table.values():
         if "optimizer.lr" in row["labels"]:
             lr = float(row["labels"]["optimizer.lr"])
             by_variant[row["labels"]["variant"]][lr] = row["best_test_acc"]
-    names = sorted(by_variant, key=lambda v: -max(m for m, _ in by_variant[v].values()))
+    tops = {v: max(m[0] for m in grid.values() if m) for v, grid in by_variant.items()
+            if any(grid.values())}  # fmt: skip
+    names = sorted(tops, key=lambda v: -tops[v])
+    floor = min(tops.values()) - 0.02
+    points = max(len(grid) for grid in by_variant.values())
+    width = 0.8 / points
     fig, ax = plt.subplots(figsize=(11, 4))
-    width = 0.8 / max(len(grid) for grid in by_variant.values())
-    lows, highs = [], []
     for i, name in enumerate(names):
         for j, lr in enumerate(sorted(by_variant[name])):
-            mean, error = by_variant[name][lr]
-            ax.bar(i + (j - 1) * width, mean, width, yerr=error, capsize=2,
-                   color=plt.cm.viridis(0.15 + 0.35 * j), label=("low", "middle", "high")[j]
-                   if i == 0 else None)  # fmt: skip
-            ax.text(i + (j - 1) * width, mean + error, f"{lr:g}", ha="center", va="bottom",
-                    fontsize=6, rotation=90)  # fmt: skip
-            lows.append(mean - error)
-            highs.append(mean + error)
-    ax.set_ylim(min(lows) - 0.005, max(highs) + 0.012)
+            x = i + (j - (points - 1) / 2) * width
+            found = by_variant[name][lr]
+            if found is None or found[0] < floor:
+                note = "†" if found is None else f"{found[0]:.2f}"
+                ax.text(x, floor, f"{lr:g}: {note}", ha="center", va="bottom", fontsize=6,
+                        rotation=90)  # fmt: skip
+                continue
+            mean, error = found
+            ax.bar(x, mean, width, yerr=error, capsize=2,
+                   color=plt.cm.viridis(0.1 + 0.7 * j / max(points - 1, 1)),
+                   label=f"{j + 1}" if i == 0 else None)  # fmt: skip
+            ax.text(x, mean + error, f"{lr:g}", ha="center", va="bottom", fontsize=6,
+                    rotation=90)  # fmt: skip
+    ax.set_ylim(floor, max(tops.values()) + 0.012)
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylabel("best test accuracy")
     ax.set_title(f"{title}: each optimizer over its lr grid (mean ± s.e. over seeds)")
-    ax.legend(title="lr in the grid", fontsize=8)
+    ax.legend(title="lr grid point (1 = lowest)", fontsize=8, ncols=points)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
@@ -158,6 +189,8 @@ def main() -> None:
     if not sweeps:
         sys.exit(f"no */results.sqlite under {args.runs}")
     tables = {sweep.name: summarise(sweep) for sweep in sweeps}
+    if args.figures:
+        args.figures.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         print(markdown(f"**{name}** (`{args.runs / name}`)", table))
         best = best_learning_rates(table)

@@ -196,7 +196,12 @@ def test_batches_cover_every_sample_once():
 
 
 @pytest.mark.parametrize(
-    ("name", "shape"), [("cifar10-crop", (4, 3, 32, 32)), ("stl10-heavy", (2, 3, 96, 96))]
+    ("name", "shape"),
+    [
+        ("cifar10-crop", (4, 3, 32, 32)),
+        ("mnist-crop", (4, 1, 28, 28)),
+        ("stl10-heavy", (2, 3, 96, 96)),
+    ],
 )
 def test_augmentations_keep_shape_and_range(name, shape):
     torch.manual_seed(0)

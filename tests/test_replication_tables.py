@@ -20,11 +20,15 @@ def tables():
     return module
 
 
-def _store(path: Path) -> None:
-    """Two optimizers over two learning rates and two seeds, with known accuracies."""
+def _store(
+    path: Path, more: dict[tuple[str, float], tuple[float | None, ...]] | None = None
+) -> None:
+    """Two optimizers over two learning rates and two seeds, with known accuracies; ``more``
+    adds groups by (variant, lr), None for a seed whose run failed."""
     store = ResultStore(path / "results.sqlite")
     accuracy = {("a", 0.1): (0.90, 0.94), ("a", 0.3): (0.80, 0.82), ("b", 0.1): (0.70, 0.70),
                 ("b", 0.3): (0.75, 0.77)}  # fmt: skip
+    accuracy.update(more or {})
     runs = []
     for (variant, lr), values in accuracy.items():
         for seed, value in enumerate(values):
@@ -35,6 +39,9 @@ def _store(path: Path) -> None:
     store.register("sweep", runs)
     for run in runs:
         store.start(run["hash"], 0)
+        if run["value"] is None:
+            store.fail(run["hash"], "non-finite loss")
+            continue
         store.record_epoch(run["hash"], {"epoch": 1, "seconds": 2.0})
         final = {"best_test_acc": run["value"], "final_test_acc": run["value"] - 0.01,
                  "final_test_loss": 1 - run["value"]}  # fmt: skip
@@ -85,3 +92,16 @@ def test_the_rbm_script_runs_resumes_and_summarises(tmp_path):
         "final_test_loglik",
         "final_minus_cd",
     }
+
+
+def test_failed_runs_are_counted_and_a_failed_grid_point_is_never_best(tables, tmp_path):
+    _store(tmp_path, {("c", 0.1): (0.60, None), ("c", 0.3): (None, None)})
+    table = tables.summarise(tmp_path)
+    assert table["c lr=0.1"]["runs"] == 1 and table["c lr=0.1"]["failed"] == 1
+    assert table["c lr=0.3"]["best_test_acc"] is None
+    assert table["c lr=0.3"]["seconds_per_epoch"] is None
+    assert "| c lr=0.3 | 0 (2 failed) | — |" in tables.markdown("t", table)
+    lines = tables.best_learning_rates(table).splitlines()
+    assert lines[-1].startswith("| c | 0.1, 0.3† | 0.1 ↓ | 1 (1 failed) | 0.6000 ± 0.0000")
+    tables.plot_learning_rates(table, tmp_path / "bars.png", "t")
+    assert (tmp_path / "bars.png").stat().st_size > 0

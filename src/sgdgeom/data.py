@@ -32,7 +32,7 @@ import pickle
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -445,11 +445,12 @@ def load_dataset(name: str, data_root: str | Path | None = None) -> Dataset:
 # --------------------------------------------------------------------------- augmentation
 
 
-def _cifar10_crop() -> nn.Module:
-    """Musso §5.2: rescaled random crops of 60-100% of the area, aspect ratio 3/4-4/3."""
+def _musso_crop(size: int) -> nn.Module:
+    """Musso §5.2: rescaled random crops of 60-100% of the area, aspect ratio 3/4-4/3, back
+    to ``size × size``."""
     K = require("kornia.augmentation", "the image augmentations")
 
-    return K.RandomResizedCrop((32, 32), scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3))
+    return K.RandomResizedCrop((size, size), scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3))
 
 
 def _stl10_heavy() -> nn.Module:
@@ -467,12 +468,14 @@ def _stl10_heavy() -> nn.Module:
 
 
 AUGMENTATIONS: dict[str, Callable[[], nn.Module]] = {
-    "cifar10-crop": _cifar10_crop,
+    "cifar10-crop": partial(_musso_crop, 32),
+    "mnist-crop": partial(_musso_crop, 28),
     "stl10-heavy": _stl10_heavy,
 }
 
 AUGMENTATION_DATASETS: dict[str, tuple[str, ...]] = {
     "cifar10-crop": ("cifar10",),
+    "mnist-crop": ("mnist", "mnist5k", "fashion-mnist"),
     "stl10-heavy": ("stl10",),
 }
 """The datasets each augmentation is made for (its output size is theirs)."""
