@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from sgdgeom.experiments.store import ResultStore
 from tests.test_data import write_idx
 
 ROOT = Path(__file__).parents[1]
@@ -96,6 +97,12 @@ def test_sweep_command_runs_reports_and_refuses_bad_sweeps(tmp_path):
     assert "report:" in proc.stdout
     again = sgdgeom("sweep", path, "--out", tmp_path / "out")
     assert "2 of 2 runs already finished" in again.stderr + again.stdout
+    longer = sgdgeom("sweep", path, "--set", "train.epochs=2", cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    store = ResultStore(tmp_path / "runs" / "cli-train.epochs=2" / "results.sqlite")
+    assert [run["config"]["train"]["epochs"] for run in store.runs()] == [2, 2]
+    assert_one_line_error(sgdgeom("sweep", path, "--set", "optimizer.lr=1"), "a grid sweeps")
+    assert_one_line_error(sgdgeom("sweep", path, "--set", "epochs"), "expected KEY=VALUE")
 
     assert_one_line_error(sgdgeom("sweep", path, "--engine", "dask"), "unknown engine")
     sweep["plots"] = [{"kind": "versus", "x": "loss.R"}]

@@ -18,7 +18,13 @@ from sgdgeom.errors import ConfigError, SgdgeomError
 from sgdgeom.experiments.plots import plot_versus
 from sgdgeom.experiments.report import write_report
 from sgdgeom.experiments.store import STORE, ResultStore
-from sgdgeom.experiments.sweep import SweepConfig, expand_sweep, load_sweep, run_sweep
+from sgdgeom.experiments.sweep import (
+    SweepConfig,
+    expand_sweep,
+    load_sweep,
+    override_base,
+    run_sweep,
+)
 
 BASE = {
     "data": {"name": "digits", "batch_size": 32, "n_train": 256, "n_test": 128},
@@ -87,6 +93,40 @@ def test_grid_expands_variants_times_grids_with_labels(tmp_path):
     assert run.config["seed"] == 0 and run.config["name"] == "small/pla_R=0.1_seed=0"
     assert run.run_dir == str(tmp_path / "runs" / "pla_R=0.1_seed=0")
     assert len({r.hash for r in sweep.runs}) == 6
+
+
+def test_a_base_override_reaches_every_run_and_names_the_sweep(tmp_path):
+    config = SweepConfig(**SMALL)
+    longer = override_base(config, ["train.epochs=5", "optimizer.lr=0.05"])
+    assert longer.name == "small@train.epochs=5@optimizer.lr=0.05"
+    assert config.base["train"]["epochs"] == 2  # the original is untouched
+    runs = expand_sweep(longer, tmp_path).runs
+    assert len(runs) == 6
+    assert {(r.config["train"]["epochs"], r.config["optimizer"]["lr"]) for r in runs} == {(5, 0.05)}
+    assert not {r.hash for r in runs} & {r.hash for r in expand_sweep(config, tmp_path).runs}
+    layers = override_base(config, ["model.widths=[8, 8]"]).base["model"]["widths"]
+    assert layers == [8, 8]  # values are YAML
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("loss.R=0.3", "a grid sweeps that key"),
+        ("seed=4", "a grid sweeps that key"),
+        ("loss.y=8", "variant 'pla' sets that key"),
+        ("train.epochs", "expected KEY=VALUE"),
+        ("train..epochs=3", "expected KEY=VALUE"),
+    ],
+)
+def test_a_base_override_that_cannot_reach_every_run_is_refused(assignment, message):
+    with pytest.raises(ConfigError, match=message):
+        override_base(SweepConfig(**SMALL), [assignment])
+
+
+def test_a_base_override_of_an_unknown_key_is_refused_when_the_runs_are_validated(tmp_path):
+    config = override_base(SweepConfig(**SMALL), ["train.epoch=5"])
+    with pytest.raises(ConfigError, match="epoch"):
+        expand_sweep(config, tmp_path)
 
 
 def test_identical_runs_are_run_once(tmp_path):

@@ -256,6 +256,14 @@ def sweep(
         float, typer.Option("--gpus-per-run", help="GPUs each Ray task reserves.")
     ] = 0.0,
     yes: Annotated[bool, typer.Option("--yes", help="Run a grid of more than 2,000 runs.")] = False,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="KEY=VALUE: change a base key for every run (e.g. train.epochs=1758); the "
+            "sweep's name and default folder record it. Repeatable.",
+        ),
+    ] = None,
     data_root: DataRoot = None,
     device: Device = None,
 ) -> None:
@@ -266,9 +274,15 @@ def sweep(
     """
     from sgdgeom.experiments.config import load_yaml_as
     from sgdgeom.experiments.report import write_report
-    from sgdgeom.experiments.sweep import MAX_RUNS, SweepConfig, expand_sweep, run_sweep
+    from sgdgeom.experiments.sweep import (
+        MAX_RUNS,
+        SweepConfig,
+        expand_sweep,
+        override_base,
+        run_sweep,
+    )
 
-    sweep_config = load_yaml_as(SweepConfig, config)
+    sweep_config = override_base(load_yaml_as(SweepConfig, config), assignments or [], str(config))
     out_dir = out if out is not None else Path("runs") / safe_name(sweep_config.name)
     spec = expand_sweep(sweep_config, out_dir, str(config), max_runs=None if yes else MAX_RUNS)
     typer.echo(f"sweep {spec.name}: {len(spec.runs)} runs into {out_dir}")

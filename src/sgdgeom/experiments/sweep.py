@@ -18,6 +18,9 @@ with the top-level one (e.g. an R × layers grid for PLA, seeds for every varian
       - {kind: versus, x: loss.R, lines: loss.layers}
       - {kind: curves}
 
+``override_base`` (``sgdgeom sweep --set train.epochs=1758``) changes a base key for every
+run, e.g. to train a published sweep longer, and appends the change to the sweep's name.
+
 Every run is validated before anything trains. A run is identified by the hash of its
 whole config; its directory is ``OUT/runs/NAME`` and its rows live in ``OUT/results.sqlite``.
 Running a sweep again skips finished runs and resumes unfinished ones from their last
@@ -34,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
@@ -66,6 +71,7 @@ __all__ = [
     "execute_run",
     "expand_sweep",
     "load_sweep",
+    "override_base",
     "run_sweep",
 ]
 
@@ -146,6 +152,49 @@ def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"grid key {key!r}: {part!r} is not a section")
         node = child
     node[last] = copy.deepcopy(value)
+
+
+def _is_set(config: dict[str, Any], key: str) -> bool:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def override_base(
+    config: SweepConfig, assignments: list[str], source: str = "sweep"
+) -> SweepConfig:
+    """``config`` with each ``KEY=VALUE`` (a dotted key, a YAML value) set in its base, and
+    the assignments appended to its name (so its default folder is its own).
+
+    A key that a grid sweeps or a variant sets is refused: the override would not reach
+    every run. An unknown key is refused when the runs are validated.
+
+    Examples:
+        >>> config = SweepConfig(name="s", base={"train": {"epochs": 120}})
+        >>> longer = override_base(config, ["train.epochs=1758"])
+        >>> longer.name, longer.base["train"]["epochs"]
+        ('s@train.epochs=1758', 1758)
+    """
+    base = copy.deepcopy(config.base)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not re.fullmatch(r"\w+(\.\w+)*", key):
+            raise ConfigError(
+                f"{source}: --set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=1758"
+            )
+        for variant, (override, grid) in _variant_grids(config, source).items():
+            if key in grid or _is_set(override, key):
+                whose = "a grid sweeps" if key in grid else f"variant {variant!r} sets"
+                raise ConfigError(
+                    f"{source}: --set {key}: {whose} that key, so the override would not reach "
+                    f"every run; edit the config instead"
+                )
+        _set_dotted(base, key, yaml.safe_load(text))
+    name = "@".join([config.name, *assignments])
+    return config.model_copy(update={"base": base, "name": name})
 
 
 def _label(value: Any) -> Any:
