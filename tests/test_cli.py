@@ -102,6 +102,8 @@ def test_sweep_command_runs_reports_and_refuses_bad_sweeps(tmp_path):
     store = ResultStore(tmp_path / "runs" / "cli-train.epochs=2" / "results.sqlite")
     assert [run["config"]["train"]["epochs"] for run in store.runs()] == [2, 2]
     assert_one_line_error(sgdgeom("sweep", path, "--set", "optimizer.lr=1"), "a grid sweeps")
+    into_the_first = sgdgeom("sweep", path, "--set", "train.epochs=2", "--out", tmp_path / "out")
+    assert_one_line_error(into_the_first, "already holds a run of another config")
     assert_one_line_error(sgdgeom("sweep", path, "--set", "epochs"), "expected KEY=VALUE")
 
     assert_one_line_error(sgdgeom("sweep", path, "--engine", "dask"), "unknown engine")

@@ -182,6 +182,9 @@ def test_store_rows_and_resume_bookkeeping(tmp_path):
     row = {"hash": "h", "name": "a", "labels": {"seed": 0}, "config": {"x": 1}, "run_dir": "d"}
     store.register("s", [row], [{"kind": "curves"}])
     store.register("s", [row])  # registering again keeps the row
+    edited = {**row, "hash": "h2", "config": {"x": 2}}  # another config, the same folder
+    with pytest.raises(ConfigError, match="d already holds a run of another config"):
+        store.register("s", [edited])
     assert [r["status"] for r in store.runs("s")] == ["pending"]
     store.start("h", resumed_from=0)
     for epoch in (1, 2, 3):

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sgdgeom.errors import SgdgeomError
+from sgdgeom.errors import ConfigError, SgdgeomError
 
 try:
     import fcntl
@@ -149,9 +149,23 @@ class ResultStore:
         self, sweep: str, runs: Sequence[dict[str, Any]], plots: Sequence[dict[str, Any]] = ()
     ) -> None:
         """Add runs (``hash``, ``name``, ``labels``, ``config``, ``run_dir``) as pending;
-        runs already in the store keep their rows. ``plots`` are the sweep's figures."""
+        runs already in the store keep their rows. ``plots`` are the sweep's figures.
+
+        A run whose folder already holds a run of another config (an edited sweep run
+        again into the same folder) is refused: its checkpoint and files would be taken
+        for the other run's.
+        """
         now = time.time()
         with self._transaction() as db:
+            held = dict(db.execute("SELECT run_dir, hash FROM runs").fetchall())
+            for run in runs:
+                other = held.get(str(run["run_dir"]))
+                if other is not None and other != run["hash"]:
+                    raise ConfigError(
+                        f"{run['run_dir']} already holds a run of another config in "
+                        f"{self.path} (was the sweep edited, or run with --set?); run it "
+                        f"into another --out"
+                    )
             db.execute(
                 "INSERT OR REPLACE INTO sweeps (name, plots) VALUES (?, ?)",
                 (sweep, json.dumps(list(plots))),
