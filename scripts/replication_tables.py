@@ -26,16 +26,25 @@ from sgdgeom.experiments.store import ResultStore
 from sgdgeom.files import save_figure
 
 METRICS = ("best_test_acc", "final_test_acc", "final_test_loss")
+BASELINE = "none"
+"""The group that every other group is also compared with, run by run, paired by seed."""
 
 
 def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     """``{group: {metric: [mean, s.e.], "runs": n, "failed": m, "seconds_per_epoch": s,
-    ...}}``; the metrics are None where no run of the group finished."""
+    ...}}``; the metrics are None where no run of the group finished. Where the sweep has a
+    group named :data:`BASELINE`, every other group also gets ``"paired"``: ``{metric:
+    [mean, s.e.]}`` of its runs' differences from the baseline run of the same seed, and
+    ``"pairs"``, their number."""
     store = ResultStore(sweep_dir / "results.sqlite")
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in store.runs():
         groups[group_label(run["labels"])].append(run)
     table = {}
+    finals = {
+        name: {run["labels"].get("seed"): run["final"] for run in group if run["final"]}
+        for name, group in groups.items()
+    }
     for name, group in sorted(groups.items()):
         runs = [run for run in group if run["status"] == "finished"]
         labels = {k: v for k, v in group[0]["labels"].items() if k != "seed"}
@@ -53,6 +62,18 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
                 values = [f[key] for f in found if f[key] is not None]
                 row[key] = [float(v) for v in mean_and_error(values)] if values else None
                 row[f"{key}_runs"] = len(values)
+        seeds = sorted(set(finals[name]) & set(finals.get(BASELINE, {})))
+        if name != BASELINE and seeds:
+            row["pairs"] = len(seeds)
+            row["paired"] = {
+                metric: [
+                    float(v)
+                    for v in mean_and_error(
+                        [finals[name][s][metric] - finals[BASELINE][s][metric] for s in seeds]
+                    )
+                ]
+                for metric in METRICS
+            }
         table[name] = row
     return table
 
@@ -67,20 +88,23 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
 
     lines = [
         f"\n{title}\n",
-        "| group | runs | best test acc | final test acc | final test loss | s / epoch |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| group | runs | best test acc | final test acc | final test loss | s / epoch "
+        f"| best test acc − {BASELINE}, paired by seed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in table.items():
         seconds = row["seconds_per_epoch"]
+        paired = row.get("paired", {}).get("best_test_acc")
         lines.append(
             f"| {name} | {_runs_cell(row)} | {cell(row['best_test_acc'])} | "
             f"{cell(row['final_test_acc'])} | {cell(row['final_test_loss'])} | "
-            f"{'—' if seconds is None else f'{seconds:.2f}'} |"
+            f"{'—' if seconds is None else f'{seconds:.2f}'} | "
+            f"{'—' if paired is None else f'{paired[0]:+.4f} ± {paired[1]:.4f}'} |"
         )
         if "t_cross" in row:
             lines.append(
                 f"| {name}: regimes (epochs) | | t_cross {cell(row['t_cross'], 0)} | "
-                f"t_peak {cell(row['t_peak'], 0)} | t_late {cell(row['t_late'], 0)} | |"
+                f"t_peak {cell(row['t_peak'], 0)} | t_late {cell(row['t_late'], 0)} | | |"
             )
     return "\n".join(lines)
 

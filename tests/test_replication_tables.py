@@ -105,3 +105,27 @@ def test_failed_runs_are_counted_and_a_failed_grid_point_is_never_best(tables, t
     assert lines[-1].startswith("| c | 0.1, 0.3† | 0.1 ↓ | 1 (1 failed) | 0.6000 ± 0.0000")
     tables.plot_learning_rates(table, tmp_path / "bars.png", "t")
     assert (tmp_path / "bars.png").stat().st_size > 0
+
+
+def test_every_group_is_paired_by_seed_with_the_baseline(tables, tmp_path):
+    store = ResultStore(tmp_path / "results.sqlite")
+    accuracy = {
+        ("none", 0): 0.90,
+        ("none", 1): 0.80,
+        ("pla", 0): 0.93,
+        ("pla", 1): 0.82,
+        ("pla", 2): 0.99,
+    }  # fmt: skip  (seed 2 has no baseline run to pair with)
+    runs = [{"hash": f"{v}{s}", "name": f"{v}_seed={s}", "labels": {"variant": v, "seed": s},
+             "config": {}, "run_dir": tmp_path / f"{v}{s}"} for v, s in accuracy]  # fmt: skip
+    store.register("sweep", runs)
+    for (variant, seed), value in accuracy.items():
+        store.start(f"{variant}{seed}", 0)
+        final = {"best_test_acc": value, "final_test_acc": value, "final_test_loss": 1 - value}
+        store.finish(f"{variant}{seed}", final)
+    table = tables.summarise(tmp_path)
+    assert "paired" not in table["none"]
+    assert table["pla"]["pairs"] == 2
+    assert table["pla"]["paired"]["best_test_acc"] == pytest.approx([0.025, 0.005])
+    assert table["pla"]["paired"]["final_test_loss"] == pytest.approx([-0.025, 0.005])
+    assert "| +0.0250 ± 0.0050 |" in tables.markdown("t", table)
