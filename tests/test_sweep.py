@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from sgdgeom.errors import ConfigError, SgdgeomError
-from sgdgeom.experiments.plots import plot_versus
+from sgdgeom.experiments.plots import plot_versus, versus_series
 from sgdgeom.experiments.report import write_report
 from sgdgeom.experiments.store import STORE, ResultStore
 from sgdgeom.experiments.sweep import (
@@ -390,3 +390,20 @@ def test_report_cells_keep_small_values_visible():
     assert _cell(0.0) == "0.0000"
     assert _cell(1.5e6) == "1.500e+06"
     assert _cell(None) == "" and _cell(7) == "7"
+
+
+def test_versus_lines_and_baselines_keep_variants_apart():
+    def run(variant, seed, value, **labels):
+        final = {"best_test_acc": value, "final_test_acc": value - 0.01}
+        return {"labels": {"variant": variant, **labels, "seed": seed}, "final": final}
+
+    runs = [
+        run("none", 0, 0.90), run("none", 1, 0.92), run("pla-fc1", 0, 0.95),
+        run("decay", 0, 0.91, **{"optimizer.weight_decay": 0.01, "loss.y": 4}),
+        run("decay", 0, 0.93, **{"optimizer.weight_decay": 0.01, "loss.y": 8}),
+    ]  # fmt: skip
+    series, baselines = versus_series(runs, "optimizer.weight_decay", lines="variant")
+    assert baselines == {"none": [(0.90, 0.89), (0.92, 0.91)], "pla-fc1": [(0.95, 0.94)]}
+    assert series == {"decay": {0.01: [(0.91, 0.90), (0.93, 0.92)]}}  # y pooled, not a line
+    series, _ = versus_series(runs, "optimizer.weight_decay")  # every other label a line
+    assert set(series) == {"decay y=4", "decay y=8"}

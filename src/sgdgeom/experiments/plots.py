@@ -22,7 +22,15 @@ from sgdgeom.errors import InputError
 from sgdgeom.experiments.store import ResultStore
 from sgdgeom.files import safe_name, save_figure
 
-__all__ = ["group_label", "mean_and_error", "plot_store_curves", "plot_sweep", "plot_versus"]
+__all__ = [
+    "curve_label",
+    "group_label",
+    "mean_and_error",
+    "plot_store_curves",
+    "plot_sweep",
+    "plot_versus",
+    "versus_series",
+]
 
 _IGNORED_LABELS = ("seed",)
 
@@ -73,6 +81,31 @@ def _finished(store: ResultStore, sweep: str) -> list[dict[str, Any]]:
     return [r for r in store.runs(sweep) if r["status"] == "finished"]
 
 
+def versus_series(
+    runs: list[dict[str, Any]], x: str, lines: str | None = None
+) -> tuple[dict[str, dict[float, list[tuple[float, float]]]], dict[str, list[tuple[float, float]]]]:
+    """The (best, final) test accuracies of finished ``runs``.
+
+    Runs with the label ``x`` go by line and value of ``x``: one line per variant and value
+    of ``lines``, pooling the other labels (all labels but ``x`` without ``lines``). The
+    runs without ``x`` are the baselines, one per group: e.g. no smoothing and PLA, each
+    its own line beside a weight-decay axis. The seed is always pooled.
+    """
+    series: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    baselines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for run in runs:
+        labels, final = run["labels"], run["final"]
+        value = (final["best_test_acc"], final["final_test_acc"])
+        if x in labels:
+            pooled = () if lines is None else tuple(set(labels) - {"variant", lines, x})
+            series[group_label(labels, drop=(x, *pooled))][float(labels[x])].append(value)
+        else:
+            baselines[group_label(labels)].append(value)
+    return series, baselines
+
+
 def plot_versus(
     store: ResultStore,
     sweep: str,
@@ -84,21 +117,10 @@ def plot_versus(
     y_range: tuple[float, float] | None = None,
 ) -> list[Path]:
     """Best (left) and final (right) test accuracy against the label ``x``, one line per
-    value of ``lines`` (and variant); returns the PNG and SVG paths. ``y_range`` zooms the
-    accuracy axis; means below it are marked ▼ on its lower edge."""
+    value of ``lines`` and variant (:func:`versus_series`); returns the PNG and SVG paths.
+    ``y_range`` zooms the accuracy axis; means below it are marked ▼ on its lower edge."""
     plt = _pyplot()
-    series: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    baselines: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for run in _finished(store, sweep):
-        labels, final = run["labels"], run["final"]
-        value = (final["best_test_acc"], final["final_test_acc"])
-        if x in labels:
-            line = group_label(labels, drop=(x,))
-            series[line][float(labels[x])].append(value)
-        else:
-            baselines[group_label(labels, drop=(lines,) if lines else ())].append(value)
+    series, baselines = versus_series(_finished(store, sweep), x, lines)
     if not series:
         raise InputError(f"no finished run of sweep {sweep!r} has the label {x!r}")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
@@ -127,10 +149,12 @@ def plot_versus(
                     clip_on=False,
                     color=drawn[0].get_color(),
                 )
-        for name, values in sorted(baselines.items()):
+        for i, (name, values) in enumerate(sorted(baselines.items())):
             level, error = (float(t) for t in mean_and_error([v[column] for v in values]))
-            ax.axhline(level, ls="--", color="black", lw=1, label=f"{name} (no {x})")
-            ax.axhspan(level - error, level + error, color="black", alpha=0.1, lw=0)
+            grey = str(0.45 * i / max(len(baselines) - 1, 1))
+            style = ("--", ":", "-.")[i % 3]
+            ax.axhline(level, ls=style, color=grey, lw=1, label=f"{name} (no {x})")
+            ax.axhspan(level - error, level + error, color=grey, alpha=0.08, lw=0)
         if log_x:
             ax.set_xscale("log")
         if y_range is not None:
@@ -145,24 +169,43 @@ def plot_versus(
     return _save(fig, Path(path))
 
 
+def curve_label(group: str, runs: int, unfinished: int) -> str:
+    """A curve's legend entry, which says how many of its runs are unfinished.
+
+    Examples:
+        >>> curve_label("pla", 3, 0), curve_label("pla", 3, 1), curve_label("pla", 1, 1)
+        ('pla', 'pla (1 of 3 runs unfinished)', 'pla (unfinished)')
+    """
+    if not unfinished:
+        return group
+    if unfinished == runs:
+        return f"{group} (unfinished)"
+    return f"{group} ({unfinished} of {runs} runs unfinished)"
+
+
 def plot_store_curves(store: ResultStore, sweep: str, path: str | Path) -> list[Path]:
     """Training loss (log scale) and test accuracy per epoch, one line per group of runs
-    (mean over seeds); returns the PNG and SVG paths."""
+    (mean over seeds, up to the group's shortest run); a group with unfinished runs says
+    so in the legend. Returns the PNG and SVG paths."""
     plt = _pyplot()
     groups: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
+    unfinished: dict[str, int] = defaultdict(int)
     for run in store.runs(sweep):
         records = store.epochs(run["hash"])
         if records:
-            groups[group_label(run["labels"])].append(records)
+            name = group_label(run["labels"])
+            groups[name].append(records)
+            unfinished[name] += run["status"] != "finished"
     if not groups:
         raise InputError(f"sweep {sweep!r} has no recorded epochs yet")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, runs in sorted(groups.items()):
         epochs = min(len(r) for r in runs)
         xs = [runs[0][i]["epoch"] for i in range(epochs)]
+        label = curve_label(name, len(runs), unfinished[name])
         for ax, key in zip(axes, ("train_loss", "test_acc"), strict=True):
             ys, error = mean_and_error([[r[i][key] for i in range(epochs)] for r in runs])
-            (line,) = ax.plot(xs, ys, label=name, lw=1.2)
+            (line,) = ax.plot(xs, ys, label=label, lw=1.2)
             ax.fill_between(xs, ys - error, ys + error, color=line.get_color(), alpha=0.2, lw=0)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("training loss")
