@@ -112,19 +112,10 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
 def best_learning_rates(table: dict[str, dict[str, Any]]) -> str:
     """Each variant at its best ``optimizer.lr``, as a markdown table ("" without a grid).
 
-    A grid point where no run finished (every seed failed, e.g. a non-finite loss) is
-    marked † in the grid and cannot be best; ↑ or ↓ marks a best point at the grid's edge,
-    where the optimum may lie beyond it.
+    A grid point where no run finished cannot be best and is marked (:func:`_unfinished`);
+    ↑ or ↓ marks a best point at the grid's edge, where the optimum may lie beyond it.
     """
-    by_variant: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
-    for row in table.values():
-        if "optimizer.lr" in row["labels"]:
-            by_variant[row["labels"]["variant"]][float(row["labels"]["optimizer.lr"])] = row
-    by_variant = {
-        variant: rows
-        for variant, rows in by_variant.items()
-        if any(row["runs"] for row in rows.values())
-    }
+    by_variant = _lr_grids(table)
     if not by_variant:
         return ""
     lines = [
@@ -143,11 +134,27 @@ def best_learning_rates(table: dict[str, dict[str, Any]]) -> str:
         edge = " ↑" if lr == grid[-1] else " ↓" if lr == grid[0] else ""
         row = rows[lr]
         cells = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" for m in METRICS]
-        points = ", ".join(f"{v:g}" + ("" if rows[v]["runs"] else "†") for v in grid)
+        points = ", ".join(f"{v:g}{_unfinished(rows[v])}" for v in grid)
         lines.append(
             f"| {variant} | {points} | {lr:g}{edge} | {_runs_cell(row)} | {' | '.join(cells)} |"
         )
     return "\n".join(lines)
+
+
+def _lr_grids(table: dict[str, dict[str, Any]]) -> dict[str, dict[float, dict[str, Any]]]:
+    """``{variant: {lr: row}}`` of the variants swept over ``optimizer.lr`` with at least
+    one finished run."""
+    by_variant: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
+    for row in table.values():
+        if "optimizer.lr" in row["labels"]:
+            by_variant[row["labels"]["variant"]][float(row["labels"]["optimizer.lr"])] = row
+    return {v: rows for v, rows in by_variant.items() if any(r["runs"] for r in rows.values())}
+
+
+def _unfinished(row: dict[str, Any]) -> str:
+    """ "" for a grid point with a finished run, † where every run failed (e.g. a
+    non-finite loss), * where none has finished yet."""
+    return "" if row["runs"] else "†" if row["failed"] else "*"
 
 
 def _accuracy(row: dict[str, Any]) -> float:
@@ -158,19 +165,16 @@ def plot_learning_rates(table: dict[str, dict[str, Any]], path: Path, title: str
     """Best test accuracy of every optimizer at each point of its lr grid, mean ± s.e. bars,
     the axis zoomed to the optimizers' best points (differences of a few tenths of a
     percent are the point): a bar below the axis is written as its value at the bottom, a
-    grid point where every run failed as †."""
+    grid point without a finished run as † or * (:func:`_unfinished`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_variant: dict[str, dict[float, list[float] | None]] = defaultdict(dict)
-    for row in table.values():
-        if "optimizer.lr" in row["labels"]:
-            lr = float(row["labels"]["optimizer.lr"])
-            by_variant[row["labels"]["variant"]][lr] = row["best_test_acc"]
-    tops = {v: max(m[0] for m in grid.values() if m) for v, grid in by_variant.items()
-            if any(grid.values())}  # fmt: skip
+    by_variant = _lr_grids(table)
+    tops = {
+        v: max(_accuracy(r) for r in rows.values() if r["runs"]) for v, rows in by_variant.items()
+    }
     names = sorted(tops, key=lambda v: -tops[v])
     floor = min(tops.values()) - 0.02
     points = max(len(grid) for grid in by_variant.values())
@@ -179,13 +183,13 @@ def plot_learning_rates(table: dict[str, dict[str, Any]], path: Path, title: str
     for i, name in enumerate(names):
         for j, lr in enumerate(sorted(by_variant[name])):
             x = i + (j - (points - 1) / 2) * width
-            found = by_variant[name][lr]
-            if found is None or found[0] < floor:
-                note = "†" if found is None else f"{found[0]:.2f}"
+            row = by_variant[name][lr]
+            if not row["runs"] or _accuracy(row) < floor:
+                note = _unfinished(row) or f"{_accuracy(row):.2f}"
                 ax.text(x, floor, f"{lr:g}: {note}", ha="center", va="bottom", fontsize=6,
                         rotation=90)  # fmt: skip
                 continue
-            mean, error = found
+            mean, error = row["best_test_acc"]
             ax.bar(x, mean, width, yerr=error, capsize=2,
                    color=plt.cm.viridis(0.1 + 0.7 * j / max(points - 1, 1)),
                    label=f"{j + 1}" if i == 0 else None)  # fmt: skip

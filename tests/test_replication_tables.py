@@ -24,7 +24,8 @@ def _store(
     path: Path, more: dict[tuple[str, float], tuple[float | None, ...]] | None = None
 ) -> None:
     """Two optimizers over two learning rates and two seeds, with known accuracies; ``more``
-    adds groups by (variant, lr), None for a seed whose run failed."""
+    adds groups by (variant, lr), None for a seed whose run failed, "pending" or "running"
+    for one not finished."""
     store = ResultStore(path / "results.sqlite")
     accuracy = {("a", 0.1): (0.90, 0.94), ("a", 0.3): (0.80, 0.82), ("b", 0.1): (0.70, 0.70),
                 ("b", 0.3): (0.75, 0.77)}  # fmt: skip
@@ -38,6 +39,10 @@ def _store(
                          "run_dir": path / name, "value": value})  # fmt: skip
     store.register("sweep", runs)
     for run in runs:
+        if run["value"] == "running":
+            store.start(run["hash"], 0)
+        if run["value"] in ("pending", "running"):
+            continue
         store.start(run["hash"], 0)
         if run["value"] is None:
             store.fail(run["hash"], "non-finite loss")
@@ -95,14 +100,15 @@ def test_the_rbm_script_runs_resumes_and_summarises(tmp_path):
 
 
 def test_failed_runs_are_counted_and_a_failed_grid_point_is_never_best(tables, tmp_path):
-    _store(tmp_path, {("c", 0.1): (0.60, None), ("c", 0.3): (None, None)})
+    more = {("c", 0.1): (0.60, None), ("c", 0.3): (None, None), ("c", 1.0): ("pending", "running")}
+    _store(tmp_path, more)
     table = tables.summarise(tmp_path)
     assert table["c lr=0.1"]["runs"] == 1 and table["c lr=0.1"]["failed"] == 1
     assert table["c lr=0.3"]["best_test_acc"] is None
     assert table["c lr=0.3"]["seconds_per_epoch"] is None
     assert "| c lr=0.3 | 0 (2 failed) | — |" in tables.markdown("t", table)
     lines = tables.best_learning_rates(table).splitlines()
-    assert lines[-1].startswith("| c | 0.1, 0.3† | 0.1 ↓ | 1 (1 failed) | 0.6000 ± 0.0000")
+    assert lines[-1].startswith("| c | 0.1, 0.3†, 1* | 0.1 ↓ | 1 (1 failed) | 0.6000 ± 0.0000")
     tables.plot_learning_rates(table, tmp_path / "bars.png", "t")
     assert (tmp_path / "bars.png").stat().st_size > 0
 
