@@ -21,7 +21,7 @@ def tables():
 
 
 def _store(
-    path: Path, more: dict[tuple[str, float], tuple[float | None, ...]] | None = None
+    path: Path, more: dict[tuple[str, float], tuple[float | str | None, ...]] | None = None
 ) -> None:
     """Two optimizers over two learning rates and two seeds, with known accuracies; ``more``
     adds groups by (variant, lr), None for a seed whose run failed, "pending" or "running"
