@@ -116,6 +116,8 @@ def test_a_base_override_reaches_every_run_and_names_the_sweep(tmp_path):
         ("loss.y=8", "variant 'pla' sets that key"),
         ("train.epochs", "expected KEY=VALUE"),
         ("train..epochs=3", "expected KEY=VALUE"),
+        ("model.widths=[8,", "'\\[8,' is not a YAML value"),
+        ("train.epochs.max=3", "'epochs' is not a section"),
     ],
 )
 def test_a_base_override_that_cannot_reach_every_run_is_refused(assignment, message):

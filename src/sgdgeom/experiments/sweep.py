@@ -149,7 +149,7 @@ def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
     for part in path:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"grid key {key!r}: {part!r} is not a section")
+            raise ConfigError(f"key {key!r}: {part!r} is not a section")
         node = child
     node[last] = copy.deepcopy(value)
 
@@ -192,7 +192,13 @@ def override_base(
                     f"{source}: --set {key}: {whose} that key, so the override would not reach "
                     f"every run; edit the config instead"
                 )
-        _set_dotted(base, key, yaml.safe_load(text))
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"{source}: --set {key}: {text!r} is not a YAML value: {err}"
+            ) from None
+        _set_dotted(base, key, value)
     name = "@".join([config.name, *assignments])
     return config.model_copy(update={"base": base, "name": name})
 
