@@ -180,6 +180,7 @@ def plot_learning_rates(table: dict[str, dict[str, Any]], path: Path, title: str
     points = max(len(grid) for grid in by_variant.values())
     width = 0.8 / points
     fig, ax = plt.subplots(figsize=(11, 4))
+    labelled: set[int] = set()
     for i, name in enumerate(names):
         for j, lr in enumerate(sorted(by_variant[name])):
             x = i + (j - (points - 1) / 2) * width
@@ -192,7 +193,8 @@ def plot_learning_rates(table: dict[str, dict[str, Any]], path: Path, title: str
             mean, error = row["best_test_acc"]
             ax.bar(x, mean, width, yerr=error, capsize=2,
                    color=plt.cm.viridis(0.1 + 0.7 * j / max(points - 1, 1)),
-                   label=f"{j + 1}" if i == 0 else None)  # fmt: skip
+                   label=None if j in labelled else f"{j + 1}")  # fmt: skip
+            labelled.add(j)
             ax.text(x, mean + error, f"{lr:g}", ha="center", va="bottom", fontsize=6,
                     rotation=90)  # fmt: skip
     ax.set_ylim(floor, max(tops.values()) + 0.012)
