@@ -72,7 +72,7 @@ def check(device: torch.device) -> None:
     for mode in ("weak", "exact"):
         eager, graphed = copy.deepcopy(template), copy.deepcopy(template)
         options = {"lr": 0.1, "momentum": 0.9, "mode": mode}
-        eager_opt = DiffusionMetricSGD(eager, host_sync=False, **options)
+        eager_opt = DiffusionMetricSGD(eager, sync="device", **options)
         graphed_opt = DiffusionMetricSGD(graphed, capturable=True, **options)
         x_static, y_static = x.clone(), y.clone()
         replay = captured_step(graphed, x_static, y_static, graphed_opt)
@@ -105,7 +105,7 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
         "SGD step, CUDA graph (baseline)": build(sgd, True),
         "SGD step, eager": build(sgd, False),
         "metric weak, eps auto, graph": build(metric(capturable=True), True),
-        "metric exact, eps auto, graph": build(metric(mode="exact", capturable=True), True),
+        "metric exact, eps auto, graph": build(metric(inverse="exact", capturable=True), True),
         "metric weak, fixed eps, graph": build(metric(eps=1e-3, capturable=True), True),
         "metric weak, eps auto, eager": build(metric(), False),
     }

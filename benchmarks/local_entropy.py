@@ -78,7 +78,7 @@ def run(
             variants += [("prefix", True), ("split", True)]
         for route, compiled in variants:
             ple = PartialLocalEntropy(
-                model, layers=layers, R=0.01, y=4, route=route, compile=compiled
+                model, layers=layers, R=0.01, y=4, batching=route, compile=compiled
             )
             name = f"PLA y=4 {'+'.join(layers)} {route}{' compiled' * compiled}"
             steps[name] = step_of(model, lambda ple=ple: ple(x, y))

@@ -27,7 +27,7 @@ from common import interleaved_times
 
 from sgdgeom.data import load_dataset
 from sgdgeom.models import build_model
-from sgdgeom.monitor import LayerTemperature
+from sgdgeom.monitors import LayerTemperature
 
 
 def main() -> None:

@@ -8,15 +8,15 @@ with B), the 2-block transformer and the ResNet-GN at B = 64. Every route is a w
 training step (zero_grad, forward, backward, optimizer step); the baseline is
 ``torch.optim.SGD`` with momentum. Routes:
 
-- default, weak / exact, ε auto: ``DiffusionMetricSGD(model, lr, eps="auto", mode=…)``
+- default, weak / exact, ε auto: ``DiffusionMetricSGD(model, lr, eps="auto", inverse=…)``
   as constructed by default: fused (the metric gradient in place of the weight
   gradients, which the backward skips), the B x B Gram matrix every step; on an
   accelerator no host read (``λ_max`` bounded on the device), and beside it the
-  ``host_sync=True`` route (Lanczos on the host) that the CPU takes, and
+  ``sync="host"`` route (Lanczos on the host) that the CPU takes, and
   ``compile=True`` (the device-side bound as one CUDA graph);
 - the same with a fixed ε (weak): matrix-free from B ≈ 784 on the MLP (``c = G ḡ`` by a
   JVP, no Gram matrix) when ε tr D < 1;
-- unfused (``fused=False``), weak / exact: the weight gradients in the backward too;
+- unfused (``fused="off"``), weak / exact: the weight gradients in the backward too;
 - closure route, weak: the route for parameters without the model, which materialises
   the per-sample gradients (B x d) with one batched backward (skipped above 2 GiB).
 
@@ -46,7 +46,8 @@ from common import (
     route_memory,
 )
 
-from sgdgeom.diffusion import DiffusionMatrix, bound_squarings
+from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.linalg import bound_squarings
 from sgdgeom.optim import DiffusionMetricSGD
 
 BASELINE = "SGD step (baseline)"
@@ -87,19 +88,19 @@ def routes(template: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, C
     on_host = {}
     if x.device.type != "cpu":  # the accelerator's default makes no host read: compare
         on_host = {
-            "host_sync=True, weak, eps auto": diffusion(eps="auto", host_sync=True),
-            "host_sync=True, exact, eps auto": diffusion(eps="auto", mode="exact", host_sync=True),
+            "sync=host, weak, eps auto": diffusion(eps="auto", sync="host"),
+            "sync=host, exact, eps auto": diffusion(eps="auto", inverse="exact", sync="host"),
             "compile=True, weak, eps auto": diffusion(eps="auto", compile=True),
-            "compile=True, exact, eps auto": diffusion(eps="auto", mode="exact", compile=True),
+            "compile=True, exact, eps auto": diffusion(eps="auto", inverse="exact", compile=True),
         }
     return {
         BASELINE: attached(lambda m: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)),
-        "default, weak, eps auto": diffusion(eps="auto", mode="weak"),
-        "default, exact, eps auto": diffusion(eps="auto", mode="exact"),
+        "default, weak, eps auto": diffusion(eps="auto", inverse="weak"),
+        "default, exact, eps auto": diffusion(eps="auto", inverse="exact"),
         **on_host,
-        "default, weak, fixed eps": diffusion(eps=1e-3, mode="weak"),
-        "unfused, weak, eps auto": diffusion(eps="auto", mode="weak", fused=False),
-        "unfused, exact, eps auto": diffusion(eps="auto", mode="exact", fused=False),
+        "default, weak, fixed eps": diffusion(eps=1e-3, inverse="weak"),
+        "unfused, weak, eps auto": diffusion(eps="auto", inverse="weak", fused="off"),
+        "unfused, exact, eps auto": diffusion(eps="auto", inverse="exact", fused="off"),
         CLOSURE: closure_route,
     }
 
@@ -135,8 +136,8 @@ def floors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, floa
         BASELINE: 1.0,
         "default, weak, eps auto": floor(True, False, squarings=on_device),
         "default, exact, eps auto": floor(True, True, squarings=on_device),
-        "host_sync=True, weak, eps auto": floor(True, False),
-        "host_sync=True, exact, eps auto": floor(True, True),
+        "sync=host, weak, eps auto": floor(True, False),
+        "sync=host, exact, eps auto": floor(True, True),
         "compile=True, weak, eps auto": floor(True, False, squarings=on_device),
         "compile=True, exact, eps auto": floor(True, True, squarings=on_device),
         "default, weak, fixed eps": floor(True, False, fixed=True),

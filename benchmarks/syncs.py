@@ -12,7 +12,7 @@ and prints the source line of each.
 
 Routes: a plain momentum-SGD step (the baseline: none expected),
 :class:`~sgdgeom.optim.DiffusionMetricSGD` weak and exact with ``eps="auto"`` and with a
-fixed ε (eager and with ``host_sync=False``), PLA y = 4 on fc2 (prefix and split) and ``D @ v`` on a
+fixed ε (eager and with ``sync="device"``), PLA y = 4 on fc2 (prefix and split) and ``D @ v`` on a
 fresh batch. On the CPU there is nothing to count and the script says so.
 """
 
@@ -51,7 +51,7 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
 
     def pla(route: str) -> Callable[[], Callable]:
         def setup() -> Callable:
-            ple = PartialLocalEntropy(model, layers=["fc2"], R=0.01, y=4, route=route)
+            ple = PartialLocalEntropy(model, layers=["fc2"], R=0.01, y=4, batching=route)
             sgd = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
             return training_step(sgd, lambda: ple(x, y))
 
@@ -66,12 +66,12 @@ def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Call
 
     return {
         "SGD step (baseline)": sgd,
-        "metric weak, eps auto": metric(eps="auto", mode="weak"),
-        "metric exact, eps auto": metric(eps="auto", mode="exact"),
-        "metric weak, fixed eps": metric(eps=1e-3, mode="weak"),
-        "metric weak, eps auto, host_sync=False": metric(mode="weak", host_sync=False),
-        "metric exact, eps auto, host_sync=False": metric(mode="exact", host_sync=False),
-        "metric exact, fixed eps, host_sync=False": metric(eps=1e-3, mode="exact", host_sync=False),
+        "metric weak, eps auto": metric(eps="auto", inverse="weak"),
+        "metric exact, eps auto": metric(eps="auto", inverse="exact"),
+        "metric weak, fixed eps": metric(eps=1e-3, inverse="weak"),
+        "metric weak, eps auto, sync=device": metric(inverse="weak", sync="device"),
+        "metric exact, eps auto, sync=device": metric(inverse="exact", sync="device"),
+        "metric exact, fixed eps, sync=device": metric(eps=1e-3, inverse="exact", sync="device"),
         "PLA fc2 y=4 prefix": pla("prefix"),
         "PLA fc2 y=4 split": pla("split"),
         "D @ v, fresh batch": lambda: diffusion_matvec,

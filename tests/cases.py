@@ -9,12 +9,14 @@ enough for dense references.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from sgdgeom.models import build_model
+from sgdgeom.persample import LossSpec
 from tests.reference import Case
 
 
@@ -107,92 +109,133 @@ def _randomise_batchnorm(model: nn.Module, g: torch.Generator) -> nn.Module:
     return model.eval()
 
 
+Builder = Callable[[torch.Generator], tuple[nn.Module, LossSpec, torch.Tensor, torch.Tensor]]
+CASES: dict[str, Builder] = {}
+"""The zoo: a case's name to its builder ``generator -> (model, loss, x, y)`` (the model is
+made under the case's seed; ``x`` and ``y`` come from the generator)."""
+
+
+def case(name: str) -> Callable[[Builder], Builder]:
+    """Register a case of the zoo under ``name``."""
+
+    def register(builder: Builder) -> Builder:
+        CASES[name] = builder
+        return builder
+
+    return register
+
+
+def _classes(g: torch.Generator, n: int, classes: int) -> torch.Tensor:
+    return torch.randint(0, classes, (n,), generator=g)
+
+
+@case("mlp-relu")
+def _mlp_relu(g):
+    model = build_model("mlp", (6,), 3, widths=(7, 5), activation="relu")
+    return model, "cross_entropy", torch.randn(12, 6, generator=g), _classes(g, 12, 3)
+
+
+@case("mlp-tanh")
+def _mlp_tanh(g):
+    model = build_model("mlp", (1, 3, 3), 4, widths=(6,), activation="tanh")
+    return model, "cross_entropy", torch.randn(9, 1, 3, 3, generator=g), _classes(g, 9, 4)
+
+
+@case("small-cnn")
+def _small_cnn(g):
+    model = build_model("small-cnn", (2, 6, 6), 3, channels=3)
+    model.conv2.bias = None
+    return model, "cross_entropy", torch.randn(7, 2, 6, 6, generator=g), _classes(g, 7, 3)
+
+
+@case("mse-regression")
+def _mse_regression(g):
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    return model, "mse", torch.randn(10, 4, generator=g), torch.randn(10, 2, generator=g)
+
+
+@case("sequence")
+def _sequence(g):
+    return SequenceNet(), "cross_entropy", torch.randn(8, 5, 3, generator=g), _classes(g, 8, 4)
+
+
+@case("layernorm")
+def _layernorm(g):
+    return NormNet(), "cross_entropy", torch.randn(9, 6, generator=g), _classes(g, 9, 3)
+
+
+@case("resnet-gn")
+def _resnet_gn(g):
+    model = build_model("resnet-gn", (2, 5, 5), 3, channels=4, blocks=1, groups=2)
+    return model, "cross_entropy", torch.randn(7, 2, 5, 5, generator=g), _classes(g, 7, 3)
+
+
+@case("resnet-bn-eval")
+def _resnet_bn_eval(g):
+    model = _randomise_batchnorm(build_model("resnet-bn", (2, 5, 5), 3, channels=4, blocks=1), g)
+    return model, "cross_entropy", torch.randn(7, 2, 5, 5, generator=g), _classes(g, 7, 3)
+
+
+@case("transformer")
+def _transformer(g):
+    model = build_model("transformer", (5,), 3, dim=8, depth=2, heads=2, vocab=7).eval()
+    return model, "cross_entropy", torch.randint(0, 7, (6, 5), generator=g), _classes(g, 6, 3)
+
+
+@case("conv1d")
+def _conv1d(g):
+    return Conv1dNet(), "cross_entropy", torch.randn(7, 2, 7, generator=g), _classes(g, 7, 3)
+
+
+@case("tied-autoencoder")
+def _tied_autoencoder(g):
+    return TiedAutoencoder(), "cross_entropy", torch.randn(8, 6, generator=g), _classes(g, 8, 3)
+
+
+@case("reused-linear")
+def _reused_linear(g):
+    return ReusedLinear(), "cross_entropy", torch.randn(8, 5, generator=g), _classes(g, 8, 3)
+
+
+@case("partly-frozen")
+def _partly_frozen(g):
+    model = build_model("mlp", (6,), 3, widths=(5, 4), activation="tanh")
+    model.fc1.weight.requires_grad_(False)  # its bias trains
+    model.out.bias.requires_grad_(False)  # its weight trains
+    return model, "cross_entropy", torch.randn(9, 6, generator=g), _classes(g, 9, 3)
+
+
+@case("inplace-relu")
+def _inplace_relu(g):  # a layer output changed in place after the layer
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+    )
+    return model, "cross_entropy", torch.randn(9, 4, generator=g), _classes(g, 9, 3)
+
+
+@case("sequence-first")
+def _sequence_first(g):
+    return SequenceFirst(), "cross_entropy", torch.randn(6, 6, 3, generator=g), _classes(g, 6, 3)
+
+
+@case("functional-loss")
+def _functional_loss(g):
+    model = build_model("mlp", (4,), 3, widths=(5,), activation="tanh")
+    loss = functools.partial(F.cross_entropy, label_smoothing=0.1)
+    return model, loss, torch.randn(8, 4, generator=g), _classes(g, 8, 3)
+
+
 def _case(name: str, seed: int) -> Case:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    loss = "cross_entropy"
-    if name == "mlp-relu":
-        model = build_model("mlp", (6,), 3, widths=(7, 5), activation="relu")
-        x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
-    elif name == "mlp-tanh":
-        model = build_model("mlp", (1, 3, 3), 4, widths=(6,), activation="tanh")
-        x, y = torch.randn(9, 1, 3, 3, generator=g), torch.randint(0, 4, (9,), generator=g)
-    elif name == "small-cnn":
-        model = build_model("small-cnn", (2, 6, 6), 3, channels=3)
-        model.conv2.bias = None
-        x, y = torch.randn(7, 2, 6, 6, generator=g), torch.randint(0, 3, (7,), generator=g)
-    elif name == "mse-regression":
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
-        x = torch.randn(10, 4, generator=g)
-        y = torch.randn(10, 2, generator=g)
-        loss = "mse"
-    elif name == "sequence":
-        model = SequenceNet()
-        x, y = torch.randn(8, 5, 3, generator=g), torch.randint(0, 4, (8,), generator=g)
-    elif name == "layernorm":
-        model = NormNet()
-        x, y = torch.randn(9, 6, generator=g), torch.randint(0, 3, (9,), generator=g)
-    elif name == "resnet-gn":
-        model = build_model("resnet-gn", (2, 5, 5), 3, channels=4, blocks=1, groups=2)
-        x, y = torch.randn(7, 2, 5, 5, generator=g), torch.randint(0, 3, (7,), generator=g)
-    elif name == "resnet-bn-eval":
-        model = _randomise_batchnorm(
-            build_model("resnet-bn", (2, 5, 5), 3, channels=4, blocks=1), g
-        )
-        x, y = torch.randn(7, 2, 5, 5, generator=g), torch.randint(0, 3, (7,), generator=g)
-    elif name == "transformer":
-        model = build_model("transformer", (5,), 3, dim=8, depth=2, heads=2, vocab=7).eval()
-        x, y = torch.randint(0, 7, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
-    elif name == "conv1d":
-        model = Conv1dNet()
-        x, y = torch.randn(7, 2, 7, generator=g), torch.randint(0, 3, (7,), generator=g)
-    elif name == "tied-autoencoder":
-        model = TiedAutoencoder()
-        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
-    elif name == "reused-linear":
-        model = ReusedLinear()
-        x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
-    elif name == "partly-frozen":
-        model = build_model("mlp", (6,), 3, widths=(5, 4), activation="tanh")
-        model.fc1.weight.requires_grad_(False)  # its bias trains
-        model.out.bias.requires_grad_(False)  # its weight trains
-        x, y = torch.randn(9, 6, generator=g), torch.randint(0, 3, (9,), generator=g)
-    elif name == "sequence-first":
-        model = SequenceFirst()
-        x, y = torch.randn(6, 6, 3, generator=g), torch.randint(0, 3, (6,), generator=g)
-    elif name == "inplace-relu":  # a layer output changed in place after the layer
-        model = nn.Sequential(
-            nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
-        )
-        x, y = torch.randn(9, 4, generator=g), torch.randint(0, 3, (9,), generator=g)
-    elif name == "functional-loss":
-        model = build_model("mlp", (4,), 3, widths=(5,), activation="tanh")
-        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
-        loss = functools.partial(F.cross_entropy, label_smoothing=0.1)
-    else:
+    if name not in CASES:
         raise KeyError(name)
+    model, loss, x, y = CASES[name](g)
     x = x if x.dtype == torch.int64 else x.double()
     return Case(name, model.double(), loss, x, y.double() if loss == "mse" else y)
 
 
-CASE_NAMES = [
-    "mlp-relu",
-    "mlp-tanh",
-    "small-cnn",
-    "mse-regression",
-    "sequence",
-    "layernorm",
-    "resnet-gn",
-    "resnet-bn-eval",
-    "transformer",
-    "conv1d",
-    "tied-autoencoder",
-    "reused-linear",
-    "partly-frozen",
-    "inplace-relu",
-    "sequence-first",
-    "functional-loss",
-]
+CASE_NAMES = list(CASES)
 # Cases the capture route must refuse (a weight used outside its module, a layer whose dim 0
 # is not the samples): they take the generic route, and route="capture" raises an error
 # naming the parameter.
@@ -222,7 +265,7 @@ def train_digits_with_monitor(out, monitor: dict) -> list[dict]:
             "model": {"name": "mlp", "widths": [8]},
             "optimizer": {"name": "sgd", "lr": 0.1},
             "train": {"epochs": 2, "device": "cpu"},
-            "monitor": {"temperature": False, **monitor},
+            "monitor": monitor,
         }
     )
     run_training(config, out, progress=False)

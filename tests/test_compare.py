@@ -21,8 +21,8 @@ COMPARISON = {
     },
     "variants": {
         "sgd": {},
-        "weak": {"optimizer": {"name": "diffusion-sgd", "mode": "weak"}},
-        "exact": {"optimizer": {"name": "diffusion-sgd", "mode": "exact", "eps": "auto"}},
+        "weak": {"optimizer": {"name": "diffusion-metric-sgd", "inverse": "weak"}},
+        "exact": {"optimizer": {"name": "diffusion-metric-sgd", "inverse": "exact", "eps": "auto"}},
     },
 }
 

@@ -1,4 +1,4 @@
-"""The host-sync-free route of DiffusionMetricSGD (``host_sync=False``, the default on an
+"""The device-synchronised step of DiffusionMetricSGD (``sync="device"``, the default on an
 accelerator), run on the CPU against the dense reference: the device-side bounds on
 ``λ_max``, the update, no host read inside a step, and the deferred refusals."""
 
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from sgdgeom.diffusion import compiled_bounds, top_eigenvalue_bounds
 from sgdgeom.errors import InputError
+from sgdgeom.linalg import compiled_bounds, top_eigenvalue_bounds
 from sgdgeom.optim import DiffusionMetricSGD
 from sgdgeom.persample import per_sample_loss
 from tests.cases import make_case
@@ -56,7 +56,7 @@ def test_device_bounds_of_zero_and_non_finite_matrices():
 
 
 def _two_steps(case, **options):
-    opt = DiffusionMetricSGD(case.model, lr=0.1, host_sync=False, **options)
+    opt = DiffusionMetricSGD(case.model, lr=0.1, sync="device", **options)
     loss_and_backward(case)
     opt.step()  # the checked, unfused step
     opt.zero_grad()
@@ -79,7 +79,7 @@ def test_device_route_equals_dense_update_at_its_eps(name, mode):
     """ε auto is 0.5/λ̄ (the device-side upper bound); at that ε the update is the dense
     one, and ε λ_max lies in [0.5/1.01, 0.5]."""
     case = make_case(name)
-    opt = _two_steps(case, eps="auto", mode=mode)
+    opt = _two_steps(case, eps="auto", inverse=mode)
     eps = _upper_bound_eps(case)
     expected, _ = dense_update(case, eps, mode, lr=0.1)
     loss_and_backward(case)
@@ -95,7 +95,7 @@ def test_device_route_equals_dense_update_at_its_eps(name, mode):
 @pytest.mark.parametrize("mode", ["weak", "exact"])
 def test_device_route_with_a_fixed_eps_equals_dense_update(mode):
     case = make_case("mlp-relu")
-    opt = _two_steps(case, eps="auto", mode=mode)
+    opt = _two_steps(case, eps="auto", inverse=mode)
     eps = 0.9 * 2 * _upper_bound_eps(case)  # 0.9 / λ̄ < 1 / λ_max
     opt.param_groups[0]["eps"] = eps
     expected, _ = dense_update(case, eps, mode, lr=0.1)
@@ -116,7 +116,7 @@ def test_a_device_route_step_reads_nothing_on_the_host(mode, eps, monkeypatch):
     weak step with a fixed ε reads tr D where the matrix-free route pays, as here on the
     transformer's stored rows: see ``_matrix_free_pays``.)"""
     case = make_case("transformer")
-    opt = _two_steps(case, eps="auto" if eps == "auto" else 1e-6, mode=mode)
+    opt = _two_steps(case, eps="auto" if eps == "auto" else 1e-6, inverse=mode)
 
     def refuse(self, *args, **kwargs):
         pytest.fail("a host read inside a device-route step")
@@ -133,7 +133,7 @@ def test_a_device_route_step_reads_nothing_on_the_host(mode, eps, monkeypatch):
 
 def test_a_refused_device_step_moves_nothing_and_raises_at_the_next_step():
     case = make_case("mlp-relu")
-    opt = _two_steps(case, eps="auto", mode="weak", momentum=0.9)
+    opt = _two_steps(case, eps="auto", inverse="weak", momentum=0.9)
     opt.param_groups[0]["eps"] = 1e6  # far above 1/λ_max
     loss_and_backward(case)
     before = flat(case.model)
@@ -149,7 +149,7 @@ def test_a_refused_device_step_moves_nothing_and_raises_at_the_next_step():
 
 def test_a_non_finite_device_step_moves_nothing_and_stats_raise():
     case = make_case("mlp-relu")
-    opt = _two_steps(case, eps="auto", mode="exact", momentum=0.9)
+    opt = _two_steps(case, eps="auto", inverse="exact", momentum=0.9)
     loss_and_backward(case)
     opt.step()  # a momentum buffer to keep finite
     opt.zero_grad()
@@ -163,10 +163,10 @@ def test_a_non_finite_device_step_moves_nothing_and_stats_raise():
     assert all(bool(state["momentum_buffer"].isfinite().all()) for state in opt.state.values())
 
 
-def test_host_sync_is_checked():
+def test_sync_is_checked():
     case = make_case("mlp-relu")
-    with pytest.raises(InputError, match="host_sync"):
-        DiffusionMetricSGD(case.model, lr=0.1, host_sync="yes")
+    with pytest.raises(InputError, match="Invalid sync"):
+        DiffusionMetricSGD(case.model, lr=0.1, sync="yes")
 
 
 def test_compiled_bounds_equal_the_eager_ones():
@@ -178,7 +178,7 @@ def test_compiled_bounds_equal_the_eager_ones():
 @pytest.mark.parametrize("mode", ["weak", "exact"])
 def test_compiled_device_route_equals_dense_update(mode):
     case = make_case("mlp-relu")
-    opt = _two_steps(case, eps="auto", mode=mode, compile=True)
+    opt = _two_steps(case, eps="auto", inverse=mode, compile=True)
     eps = _upper_bound_eps(case)
     expected, _ = dense_update(case, eps, mode, lr=0.1)
     loss_and_backward(case)
@@ -190,7 +190,7 @@ def test_a_capturable_step_reads_nothing_and_equals_dense_update(monkeypatch):
     """capturable=True (for torch.cuda.graph): the step of the device route with no host
     read at all, not even the last step's flag; the same update as the dense reference."""
     case = make_case("transformer")
-    opt = _two_steps(case, eps="auto", mode="exact", capturable=True)
+    opt = _two_steps(case, eps="auto", inverse="exact", capturable=True)
     eps = _upper_bound_eps(case)
     expected, _ = dense_update(case, eps, "exact", lr=0.1)
     loss_and_backward(case)
@@ -207,7 +207,7 @@ def test_a_capturable_step_reads_nothing_and_equals_dense_update(monkeypatch):
 
 def test_capturable_refusals_accumulate_until_stats_are_read():
     case = make_case("mlp-relu")
-    opt = _two_steps(case, eps="auto", mode="weak", capturable=True)
+    opt = _two_steps(case, eps="auto", inverse="weak", capturable=True)
     opt.param_groups[0]["eps"] = 1e6
     before = flat(case.model)
     for _ in range(2):  # neither step raises (a replayed graph could not)
@@ -226,7 +226,7 @@ def test_capturable_refusals_accumulate_until_stats_are_read():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"capturable": True, "host_sync": True}, "host_sync=True is not"),
+        ({"capturable": True, "sync": "host"}, "sync='host' is not"),
         ({"capturable": True, "params": "list"}, "needs the model"),
     ],
 )
@@ -246,7 +246,7 @@ def test_a_fixed_eps_on_a_gram_matrix_with_a_nan_off_its_diagonal_is_not_finite(
     D = DiffusionMatrix(case.model, case.loss, (case.x, case.y))
     K = D.gram()
     K[0, 1] = K[1, 0] = math.nan  # the diagonal, and so tr D, stays finite
-    metric = DiffusionMetric(D, eps=1e-6, host_sync=False)
+    metric = DiffusionMetric(D, eps=1e-6, sync="device")
     assert int(metric.status) == DiffusionMetric.NOT_FINITE
     with pytest.raises(InputError, match="not finite"):
         metric.check()
@@ -258,7 +258,7 @@ def test_the_device_route_on_tied_weights_through_the_closure_route():
     case = make_case("tied-autoencoder")
     eps = _upper_bound_eps(case)
     expected, _ = dense_update(case, eps, "exact")
-    opt = DiffusionMetricSGD(list(case.model.parameters()), lr=1.0, mode="exact", host_sync=False)
+    opt = DiffusionMetricSGD(list(case.model.parameters()), lr=1.0, inverse="exact", sync="device")
     opt.step(lambda: per_sample_loss(case.loss)(case.model(case.x), case.y))
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
     assert opt.stats["eps"] == pytest.approx(eps, rel=1e-9)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from sgdgeom.diffusion import DiffusionMatrix, conjugate_gradients, top_eigenvalue
+from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import InputError, SgdgeomError, UnsupportedModelError
+from sgdgeom.linalg import conjugate_gradients, top_eigenvalue
 from sgdgeom.persample import capture, per_sample_loss
 from sgdgeom.persample.layers.conv import ConvCall
 from sgdgeom.persample.layers.linear import LinearCall

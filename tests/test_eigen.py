@@ -8,8 +8,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from sgdgeom import DiffusionMatrix
-from sgdgeom.eigen import METHODS, top_eigenpairs
 from sgdgeom.errors import InputError
+from sgdgeom.linalg import METHODS, top_eigenpairs
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 
+from sgdgeom.callbacks import Callback
 from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import CheckpointError, ConfigError, InputError, NonFiniteLossError
@@ -33,7 +34,7 @@ from sgdgeom.experiments.store import STORE, ResultStore
 from sgdgeom.experiments.sweep import SweepConfig, expand_sweep, run_sweep
 from sgdgeom.files import atomic_write_bytes, read_jsonl, safe_name
 from sgdgeom.models import build_model
-from sgdgeom.train import Callback, Trainer
+from sgdgeom.train import Trainer
 from tests.test_cli import assert_one_line_error, sgdgeom
 from tests.test_data import make_mnist_root, write_idx
 
@@ -405,23 +406,26 @@ NO_FC9 = r"no weight layers named \['fc9'\]; the model's are fc1, out"
 @pytest.mark.parametrize(
     ("sections", "pattern"),
     [
-        ({"optimizer": {"name": "diffusion-sgd", "lr": 0.05, "eps": 5}}, r"eps = 5.* 1/λ_max"),
         (
-            {"optimizer": {"name": "diffusion-sgd", "lr": 0.05, "eps": math.inf}},
+            {"optimizer": {"name": "diffusion-metric-sgd", "lr": 0.05, "eps": 5}},
+            r"eps = 5.* 1/λ_max",
+        ),
+        (
+            {"optimizer": {"name": "diffusion-metric-sgd", "lr": 0.05, "eps": math.inf}},
             r"optimizer: eps must be 'auto' or a finite number >= 0, got inf",
         ),
         (
             {"loss": {"name": "pla", "R": 0.1, "layers": ["fc9"]}},
             NO_FC9,
         ),
-        ({"monitor": {"layers": ["fc9"]}}, NO_FC9),
+        ({"monitor": {"temperature": {"layers": ["fc9"]}}}, NO_FC9),
         (
             {"optimizer": {"name": "sgd", "lr": 0.05, "nesterov": True}},
             r"optimizer: nesterov needs momentum > 0",
         ),
         ({"data": {"augment": "cifar10-crop"}}, r"'cifar10-crop' is made for cifar10, not digits"),
         ({"train": {"epochs": True}}, r"train.epochs: Input should be a valid integer"),
-        ({"monitor": {"bogus": 1}}, r"monitor.bogus: unknown key; allowed: temperature, snr"),
+        ({"monitor": {"bogus": 1}}, r"monitor: unknown monitor 'bogus'; known: probe_size"),
         ({"seed": 2**70}, r"seed: Input should be less than 4294967296"),
         ({"model": {"name": "mlp", "widths": [0]}}, r"parameter fc1.weight is empty"),
         ({"model": {"name": "transformer", "depth": 0}}, r"needs depth >= 1 encoder layers"),
@@ -599,7 +603,10 @@ class StopAfterFirstEpoch(Callback):
         ({"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True}, {}),
         ({"name": "adam", "lr": 1e-3}, {}),
         ({"name": "adamw", "lr": 1e-3, "weight_decay": 0.01}, {}),
-        ({"name": "diffusion-sgd", "lr": 0.05, "mode": "exact"}, {"monitor": {"snr": True}}),
+        (
+            {"name": "diffusion-metric-sgd", "lr": 0.05, "inverse": "exact"},
+            {"monitor": {"temperature": {"snr": True}}},
+        ),
         ({"name": "sam", "lr": 0.05}, {}),
         ({"name": "entropy-sgd", "lr": 0.05, "L": 2}, {}),
         ({"name": "sgd", "lr": 0.05}, {"loss": {"name": "pla", "R": 0.01, "y": 2}}),

@@ -74,14 +74,14 @@ def test_christoffel_equals_the_definition_from_autograd_of_g():
     bracket = dg.permute(2, 0, 1) + dg.permute(0, 2, 1) - dg
     reference = 0.5 * torch.einsum("wz,uvz->wuv", torch.linalg.inv(metric), bracket)
     assert_close(
-        christoffel(model, "cross_entropy", data, eps, exact=True),
+        christoffel(model, "cross_entropy", data, eps, "exact"),
         reference,
         atol=1e-10,
         what="exact Γ",
     )
     weak = 0.5 * bracket.permute(2, 0, 1)  # ε-linear part: δ^{wz} instead of g^{wz}
     assert_close(
-        christoffel(model, "cross_entropy", data, eps, exact=False),
+        christoffel(model, "cross_entropy", data, eps, "weak"),
         weak,
         atol=1e-10,
         what="weak-field Γ (F7)",
@@ -96,14 +96,14 @@ def test_contraction_equals_the_dense_tensor():
         dtype=torch.float64,
         generator=torch.Generator().manual_seed(4),
     )
-    for exact in (True, False):
-        dense = christoffel(model, "cross_entropy", data, eps, exact=exact)
+    for inverse in ("exact", "weak"):
+        dense = christoffel(model, "cross_entropy", data, eps, inverse)
         expected = torch.einsum("wuv,u,v->w", dense, xdot, xdot)
         assert_close(
-            christoffel_contract(model, "cross_entropy", data, eps, xdot, exact=exact),
+            christoffel_contract(model, "cross_entropy", data, eps, xdot, inverse),
             expected,
             atol=1e-12,
-            what=f"Γ(ẋ, ẋ) exact={exact}",
+            what=f"Γ(ẋ, ẋ) inverse={inverse}",
         )
 
 
@@ -257,7 +257,7 @@ def test_current_of_f12_against_dense_matrices(exact):
     divergence = dense_divergence(model, loss, x, y)
     D = DiffusionMatrix(model, "cross_entropy", (x, y), route="generic")
     beta = 50.0
-    result = current(D, beta, eps="auto", exact=exact)
+    result = current(D, beta, eps="auto", inverse="exact" if exact else "weak")
     eye = torch.eye(len(g_bar), dtype=torch.float64)
     metric = eye + result.eps * D_dense
     metric_gradient = (
@@ -287,7 +287,7 @@ def test_curl_on_the_plane_is_exact_against_finite_differences(kind):
     D = DiffusionMatrix(model, identity_loss, data, route="generic")
     eps = 0.5 / D.lambda_max()
     field = metric_gradient_field(model, identity_loss, data, eps)
-    assert_close(field(point), DiffusionMetric(D, eps).gradient(exact=True), what="∇_D f")
+    assert_close(field(point), DiffusionMetric(D, eps).gradient("exact"), what="∇_D f")
     result = curl(model, identity_loss, data, eps)
     e1, e2 = torch.eye(2, dtype=torch.float64)
     expected = _field_fd(field, point, e1)[1] - _field_fd(field, point, e2)[0]  # ∂₁F₂ − ∂₂F₁
@@ -321,7 +321,7 @@ def test_metric_gradient_field_on_unusual_models(name):
     eps = 0.5 / D.lambda_max()
     field = metric_gradient_field(case.model, case.loss, (case.x, case.y), eps)
     point = ParamSpace(case.model).vector(case.model).detach()
-    assert_close(field(point), DiffusionMetric(D, eps).gradient(exact=True), what=name)
+    assert_close(field(point), DiffusionMetric(D, eps).gradient("exact"), what=name)
 
 
 def _quadratic_plane(seed=0, n=16):
@@ -489,7 +489,7 @@ def test_geodesic_with_nonzero_christoffel_against_a_hand_derived_equation(exact
         torch.tensor(start),
         t,
         eps,
-        exact=exact,
+        inverse="exact" if exact else "weak",
         rtol=1e-11,
         atol=1e-13,
     )

@@ -7,8 +7,10 @@ import torch
 from torch.func import functional_call
 
 from sgdgeom import DiffusionMatrix
+from sgdgeom.alignment import alignment
 from sgdgeom.errors import InputError
-from sgdgeom.hessian import AlignmentMonitor, HessianOperator, alignment
+from sgdgeom.hessian import HessianOperator
+from sgdgeom.monitors import AlignmentMonitor
 from sgdgeom.persample import per_sample_loss
 from tests.cases import make_case, train_digits_with_monitor
 from tests.reference import assert_close, dense_diffusion, per_sample_gradients
@@ -97,7 +99,7 @@ def test_alignment_monitor_measures_in_eval_mode_and_restores_the_mode():
     case = make_case("mlp-tanh")
     monitor = AlignmentMonitor((case.x, case.y), case.loss, k=2, probes=8)
     case.model.train()
-    metrics = monitor.measure(case.model)
+    metrics = monitor.measure_now(case.model)
     assert case.model.training
     assert set(metrics) >= {"alignment/cosine", "alignment/overlap", "alignment/rayleigh_top"}
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
@@ -105,7 +107,7 @@ def test_alignment_monitor_measures_in_eval_mode_and_restores_the_mode():
 
 
 def test_config_monitor_records_the_alignment(tmp_path):
-    monitor = {"alignment_every": 2, "alignment_k": 3, "probe_size": 32}
+    monitor = {"alignment": {"every": 2, "k": 3}, "probe_size": 32}
     records = train_digits_with_monitor(tmp_path / "run", monitor)
     records = [r for r in records if "alignment/cosine" in r]
     assert [r["epoch"] for r in records] == [2]

@@ -24,7 +24,7 @@ class Classifier(pl.LightningModule):
         return nn.functional.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
-        return DiffusionMetricSGD(self.net, lr=0.05, fused=False)
+        return DiffusionMetricSGD(self.net, lr=0.05, fused="off")
 
 
 class Recorder(pl.Callback):
@@ -61,7 +61,7 @@ def test_callbacks_log_what_the_plain_objects_measure(tmp_path):
     assert [h["epoch"] for h in temperatures.history] == [1, 2, 3, 4]
     for logged, plain in zip(temperatures.history, recorder.epochs, strict=True):
         assert {k: v for k, v in logged.items() if k != "epoch"} == plain
-    assert set(recorder.epochs[-1]) == {f"temp/{n}/{s}" for n in ("fc1", "out")
+    assert set(recorder.epochs[-1]) == {f"temperature/{n}/{s}" for n in ("fc1", "out")
                                         for s in ("signal", "noise")}  # fmt: skip
     assert [h["epoch"] for h in spectrum.history] == [2, 4]
     D = DiffusionMatrix(net.eval(), "cross_entropy", probe)
@@ -72,4 +72,4 @@ def test_callbacks_log_what_the_plain_objects_measure(tmp_path):
     assert trainer.callback_metrics["spectrum/lambda_max"] == pytest.approx(
         last["spectrum/lambda_max"]
     )
-    assert "temp/fc1/signal" in trainer.callback_metrics
+    assert "temperature/fc1/signal" in trainer.callback_metrics

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.epsilon import Epsilon
 from sgdgeom.errors import InputError
-from sgdgeom.metric import DiffusionMetric, resolve_eps
+from sgdgeom.metric import DiffusionMetric
 from sgdgeom.persample import per_sample_loss
 from tests.cases import CASE_NAMES, make_case
 from tests.reference import assert_close, dense_diffusion, per_sample_gradients
@@ -30,10 +31,10 @@ def test_apply_solve_and_gradient_equal_dense(setup):
     v = torch.randn(len(D_ref), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     assert_close(metric.apply(v), g_dense @ v, what="g v")
     assert_close(metric.solve(v), torch.linalg.solve(g_dense, v), what="Woodbury g⁻¹ v")
-    assert_close(metric.solve(v, exact=False), (eye - metric.eps * D_ref) @ v, what="weak")
+    assert_close(metric.solve(v, "weak"), (eye - metric.eps * D_ref) @ v, what="weak")
     assert_close(metric.gradient(), torch.linalg.solve(g_dense, g_bar), what="∇_D f")
     assert_close(
-        metric.gradient(exact=False), (eye - metric.eps * D_ref) @ g_bar, what="weak ∇_D f (F10)"
+        metric.gradient("weak"), (eye - metric.eps * D_ref) @ g_bar, what="weak ∇_D f (F10)"
     )
 
 
@@ -45,7 +46,7 @@ def test_matrix_free_route_equals_dense_without_a_gram_matrix(setup, eps, monkey
     monkeypatch.setattr(type(D), "gram", lambda self: pytest.fail("the Gram matrix was formed"))
     lam = float(torch.linalg.eigvalsh(D_ref)[-1])
     metric = DiffusionMetric(
-        D, eps="auto" if eps == "auto" else 0.3 / D.trace(), safety=0.7, matrix_free=True
+        D, eps="auto" if eps == "auto" else 0.3 / D.trace(), eps_fraction=0.7, matrix_free=True
     )
     if eps == "auto":
         assert metric.lambda_max == pytest.approx(lam, rel=1e-9)
@@ -57,14 +58,14 @@ def test_matrix_free_route_equals_dense_without_a_gram_matrix(setup, eps, monkey
     assert_close(metric.gradient(), torch.linalg.solve(g_dense, g_bar), what="CG ∇_D f")
     assert 1 <= metric.cg_steps <= 30
     assert_close(
-        metric.gradient(exact=False), (eye - metric.eps * D_ref) @ g_bar, what="weak ∇_D f"
+        metric.gradient("weak"), (eye - metric.eps * D_ref) @ g_bar, what="weak ∇_D f"
     )
     assert "_gram" not in D.__dict__
 
 
 def test_weak_field_bound_holds_and_is_attained(setup):
     D, D_ref, _ = setup
-    metric = DiffusionMetric(D, eps="auto", safety=0.9)
+    metric = DiffusionMetric(D, eps="auto", eps_fraction=0.9)
     bound = metric.weak_field_bound()
     eye = torch.eye(len(D_ref), dtype=torch.float64)
     difference = torch.linalg.inv(eye + metric.eps * D_ref) - (eye - metric.eps * D_ref)
@@ -81,13 +82,18 @@ def test_eps_rule(setup):
     D, D_ref, _ = setup
     lam = float(torch.linalg.eigvalsh(D_ref)[-1])
     assert DiffusionMetric(D, eps="auto").eps == pytest.approx(0.5 / lam, rel=1e-9)
-    assert DiffusionMetric(D, eps="auto", safety=0.25).eps == pytest.approx(0.25 / lam, rel=1e-9)
+    metric = DiffusionMetric(D, eps="auto", eps_fraction=0.25)
+    assert metric.eps == pytest.approx(0.25 / lam, rel=1e-9)
     with pytest.raises(ValueError, match="at or above 1/λ_max"):  # at 1/λ, up to rounding
         DiffusionMetric(D, eps=(1.0 + 1e-12) / lam)
     with pytest.raises(ValueError, match="at or above 1/λ_max"):
         DiffusionMetric(D, eps=3.0 / lam)
-    with pytest.raises(ValueError, match="safety"):
-        DiffusionMetric(D, safety=1.0)
+    with pytest.raises(ValueError, match="eps_fraction"):
+        DiffusionMetric(D, eps_fraction=1.0)
+
+
+def resolve_eps(eps, fraction, lambda_max):
+    return Epsilon.parse(eps, fraction).resolve(lambda_max)
 
 
 def test_resolve_eps_edge_cases():

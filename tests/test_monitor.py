@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from sgdgeom import monitor
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.experiments.config import parse_config
 from sgdgeom.experiments.runner import run_training
 from sgdgeom.files import read_jsonl
-from sgdgeom.monitor import LayerTemperature, analyse_regimes, l1_norms
+from sgdgeom.monitors import LayerTemperature
+from sgdgeom.monitors import temperature as monitor
+from sgdgeom.monitors.regimes import analyse_regimes
+from sgdgeom.monitors.temperature import l1_norms
 
 
 def tiny():
@@ -59,8 +61,9 @@ def test_signal_is_mean_absolute_weight_gradient_and_noise_is_numpy_std():
                 for j in range(weight.shape[1])
             )
             per_batch.append(total / weight.numel())
-        assert metrics[f"temp/{layer}/signal"] == pytest.approx(np.mean(per_batch), rel=1e-12)
-        assert metrics[f"temp/{layer}/noise"] == pytest.approx(np.std(per_batch), rel=1e-12)
+        signal = metrics[f"temperature/{layer}/signal"]
+        assert signal == pytest.approx(np.mean(per_batch), rel=1e-12)
+        assert metrics[f"temperature/{layer}/noise"] == pytest.approx(np.std(per_batch), rel=1e-12)
         stacked = np.stack([g[f"{layer}.weight"].numpy() for g in grads])
         assert metrics[f"snr/{layer}/mean_norm"] == pytest.approx(
             np.linalg.norm(stacked.mean(0)), rel=1e-10
@@ -166,12 +169,12 @@ def test_monitor_config_writes_metrics_report_and_figure(tmp_path):
             "model": {"name": "mlp", "widths": [16]},
             "optimizer": {"name": "sgd", "lr": 0.1},
             "train": {"epochs": 6, "device": "cpu"},
-            "monitor": {"trace_every": 3, "probe_size": 32, "snr": True},
+            "monitor": {"probe_size": 32, "temperature": {"trace_every": 3, "snr": True}},
         }
     )
     run_training(config, tmp_path, progress=False)
     records = read_jsonl(tmp_path / "metrics.jsonl")
-    assert all("temp/fc1/signal" in r and "snr/out/ratio" in r for r in records)
+    assert all("temperature/fc1/signal" in r and "snr/out/ratio" in r for r in records)
     assert ["trace/fc1" in r for r in records] == [False, False, True, False, False, True]
     assert (tmp_path / "regimes.json").is_file()
     assert (tmp_path / "temperatures.png").stat().st_size > 10_000
@@ -187,15 +190,17 @@ def test_cli_temperatures_remakes_the_report(tmp_path):
             "model": {"name": "mlp", "widths": [8]},
             "optimizer": {"name": "sgd", "lr": 0.1},
             "train": {"epochs": 2, "device": "cpu"},
-            "monitor": {},
+            "monitor": {"temperature": True},
         }
     )
     run_training(config, tmp_path / "run", progress=False)
     (tmp_path / "run/temperatures.png").unlink()
-    proc = sgdgeom("temperatures", tmp_path / "run")
+    proc = sgdgeom("temperature", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run/temperatures.png").is_file()
-    assert_one_line_error(sgdgeom("temperatures", tmp_path), "has no metrics.jsonl")
+    assert_one_line_error(sgdgeom("temperature", tmp_path), "has no metrics.jsonl")
+    old = sgdgeom("temperatures", tmp_path / "run")  # the old name, for one release
+    assert old.returncode == 0 and "use sgdgeom temperature" in old.stderr
 
 
 def test_plain_object_outside_the_trainer_with_its_own_loss():
@@ -212,7 +217,7 @@ def test_plain_object_outside_the_trainer_with_its_own_loss():
     D = DiffusionMatrix(model, "mse", (x, y))
     traces = D.param_traces()
     assert metrics["trace/0"] == pytest.approx(traces["0.weight"] / 12, rel=1e-10)
-    assert set(metrics) >= {"temp/0/signal", "temp/2/noise", "trace/2"}
+    assert set(metrics) >= {"temperature/0/signal", "temperature/2/noise", "trace/2"}
     assert monitor.epoch_metrics(2) == {}  # reset after an epoch
 
 
@@ -223,14 +228,14 @@ def test_layers_come_from_the_registry():
     monitor = LayerTemperature(model=case.model)
     # attention (the fallback rule) is one layer with its two projection matrices; LayerNorm
     # has no weight matrix; frozen weights are not monitored
-    assert "layers.layers.0.self_attn" in monitor._layers
-    assert [n for n, _ in monitor._layers["layers.layers.0.self_attn"]] == [
+    assert "layers.layers.0.self_attn" in monitor.layers
+    assert [n for n, _ in monitor.layers["layers.layers.0.self_attn"]] == [
         "layers.layers.0.self_attn.in_proj_weight",
         "layers.layers.0.self_attn.out_proj.weight",
     ]
-    assert not any("norm" in name for name in monitor._layers)
+    assert not any("norm" in name for name in monitor.layers)
     frozen = make_case("partly-frozen")
-    assert list(LayerTemperature(model=frozen.model)._layers) == ["fc2", "out"]
+    assert list(LayerTemperature(model=frozen.model).layers) == ["fc2", "out"]
 
 
 def test_a_missing_gradient_is_an_error_not_a_silent_skip():
@@ -245,6 +250,6 @@ def test_a_missing_gradient_is_an_error_not_a_silent_skip():
         if step == 0:
             monitor.record()  # the first, checked step is unfused
         else:
-            with pytest.raises(RuntimeError, match="fused=False"):
+            with pytest.raises(RuntimeError, match="fused='off'"):
                 monitor.record()
         opt.step()

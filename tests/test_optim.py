@@ -51,7 +51,7 @@ def test_update_equals_dense_update_on_every_zoo_model(name, mode, fused):
     """Two steps of the ordinary loop; the second (fused, if asked: the first is the checked
     unfused one) equals the update from dense per-sample gradients at that point."""
     case = make_case(name)
-    opt = DiffusionMetricSGD(case.model, lr=0.1, eps="auto", mode=mode, fused=fused)
+    opt = DiffusionMetricSGD(case.model, lr=0.1, eps="auto", inverse=mode, fused=fused)
     assert opt.attached and opt.fused == fused
     loss_and_backward(case)
     opt.step()
@@ -75,7 +75,7 @@ def test_matrix_free_route_equals_dense_update(name, mode, eps, monkeypatch):
     case = make_case(name)
     monkeypatch.setattr(DiffusionMetricSGD, "_matrix_free_pays", lambda *_: True)
     eps_value = "auto" if eps == "auto" else 0.3 / float(dense_diffusion(_rows(case)).trace())
-    opt = DiffusionMetricSGD(case.model, lr=0.1, eps=eps_value, mode=mode)
+    opt = DiffusionMetricSGD(case.model, lr=0.1, eps=eps_value, inverse=mode)
     loss_and_backward(case)
     opt.step()
     opt.zero_grad()
@@ -85,7 +85,7 @@ def test_matrix_free_route_equals_dense_update(name, mode, eps, monkeypatch):
         DiffusionMatrix, "gram", lambda self: pytest.fail("the Gram matrix was formed")
     )
     opt.step()
-    assert opt.route == "matrix-free" and opt.fused
+    assert opt.solver == "matrix-free" and opt.fused
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
     assert opt.stats["eps"] == pytest.approx(eps_used, rel=1e-9)
 
@@ -114,7 +114,7 @@ def test_the_route_follows_the_cost_of_each(widths, batch, eps, route):
                 opt.step()
             return
         opt.step()
-    assert opt.route == route
+    assert opt.solver == route
 
 
 def _rows(case):
@@ -127,7 +127,7 @@ def test_fixed_and_auto_eps_on_the_first_step(name, eps):
     case = make_case(name)
     eps_value = "auto" if eps == "auto" else 0.8 / _lambda_max(case)
     expected, _ = dense_update(case, eps_value, "exact")
-    opt = DiffusionMetricSGD(case.model, lr=1.0, eps=eps_value, mode="exact")
+    opt = DiffusionMetricSGD(case.model, lr=1.0, eps=eps_value, inverse="exact")
     loss_and_backward(case)
     opt.step()
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
@@ -136,7 +136,7 @@ def test_fixed_and_auto_eps_on_the_first_step(name, eps):
 @pytest.mark.parametrize("fused", [False, True])
 def test_an_extra_forward_or_a_no_grad_forward_is_ignored(fused):
     case, other = make_case("transformer"), make_case("transformer", seed=1)
-    opt = DiffusionMetricSGD(case.model, lr=0.1, mode="exact", fused=fused)
+    opt = DiffusionMetricSGD(case.model, lr=0.1, inverse="exact", fused=fused)
     for step in range(2):
         if step == 1:
             expected, _ = dense_update(case, "auto", "exact", lr=0.1)
@@ -157,7 +157,7 @@ def test_gradient_accumulation_steps_with_the_union_of_the_micro_batches(fused, 
     follows each one: dropped beside the reached passes (a crash once: passes were compared
     by value)."""
     case = make_case("resnet-gn")
-    opt = DiffusionMetricSGD(case.model, lr=0.1, mode="exact", fused=fused)
+    opt = DiffusionMetricSGD(case.model, lr=0.1, inverse="exact", fused=fused)
     halves = [slice(0, 4), slice(4, 7)]  # unequal micro-batches of the 7 samples
     for step in range(2):
         if step == 1:
@@ -203,7 +203,7 @@ def test_tied_weights_on_the_closure_route_take_the_matrix_free_weak_step_exactl
     expected, _ = dense_update(case, eps, "weak")
     opt = DiffusionMetricSGD(list(case.model.parameters()), lr=1.0, eps=eps)
     opt.step(lambda: per_sample_loss(case.loss)(case.model(case.x), case.y))
-    assert opt.route == "matrix-free"
+    assert opt.solver == "matrix-free"
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
 
 
@@ -227,10 +227,10 @@ def test_fused_refuses_a_gradient_from_outside_its_layers():
     for _ in range(2):
         opt.zero_grad()
         loss = per_sample_loss(case.loss)(case.model(case.x), case.y).mean()
-        if opt._recorder.fusing:  # a penalty on the weights reaches .grad directly
+        if opt._capture.fusing:  # a penalty on the weights reaches .grad directly
             loss = loss + 0.1 * case.model.fc1.weight.square().sum()
         loss.backward()
-        if opt._recorder.fusing:
+        if opt._capture.fusing:
             with pytest.raises(RuntimeError, match=r"fc1\.weight received a gradient.*fused"):
                 opt.step()
         else:
@@ -242,7 +242,7 @@ def test_fused_step_without_a_backward_is_an_error():
     opt = DiffusionMetricSGD(case.model, lr=0.1)
     loss_and_backward(case)
     opt.step()
-    assert opt._recorder.fusing
+    assert opt._capture.fusing
     case.model(case.x)  # forward, no backward
     with pytest.raises(RuntimeError, match="no backward through the model"):
         opt.step()
@@ -269,7 +269,7 @@ def test_parameters_instead_of_the_model_get_the_true_reason():
 
 def test_fused_detach_gives_the_layers_their_weight_gradients_back():
     case = make_case("mlp-relu")
-    opt = DiffusionMetricSGD(case.model, lr=0.1, fused=True)
+    opt = DiffusionMetricSGD(case.model, lr=0.1, fused="on")
     loss_and_backward(case)
     opt.step()
     case.model.zero_grad(set_to_none=True)
@@ -283,7 +283,7 @@ def test_fused_detach_gives_the_layers_their_weight_gradients_back():
 
 def test_fused_arguments_are_checked():
     with pytest.raises(ValueError, match="needs the model itself"):
-        DiffusionMetricSGD(list(make_case("mlp-relu").model.parameters()), lr=0.1, fused=True)
+        DiffusionMetricSGD(list(make_case("mlp-relu").model.parameters()), lr=0.1, fused="on")
     with pytest.raises(ValueError, match="Invalid fused"):
         DiffusionMetricSGD(make_case("mlp-relu").model, lr=0.1, fused="yes")
 
@@ -292,11 +292,11 @@ def test_fixed_eps_just_below_one_over_lambda_max_is_accepted():
     """A fixed ε with ε tr D >= 1 is checked by a Cholesky factorisation of I − εK."""
     case = make_case("mlp-relu")
     lam = _lambda_max(case)
-    opt = DiffusionMetricSGD(case.model, lr=0.0, eps=0.999 / lam, fused=True)
+    opt = DiffusionMetricSGD(case.model, lr=0.0, eps=0.999 / lam, fused="on")
     loss_and_backward(case)
     opt.step()
     assert opt.stats["eps"] * opt.stats["trace"] >= 1  # the Cholesky path decided
-    opt = DiffusionMetricSGD(case.model, lr=0.0, eps=1.001 / lam, fused=True)
+    opt = DiffusionMetricSGD(case.model, lr=0.0, eps=1.001 / lam, fused="on")
     loss_and_backward(case)
     with pytest.raises(ValueError, match=r"at or above 1/λ_max"):
         opt.step()
@@ -311,7 +311,7 @@ def test_model_converted_after_the_optimizer_was_made():
     """The Trainer builds the optimizer, then moves the model (to CUDA, or another dtype)."""
     case = make_case("mlp-relu")
     case.model.float()
-    opt = DiffusionMetricSGD(case.model, lr=1.0, eps="auto", mode="exact")
+    opt = DiffusionMetricSGD(case.model, lr=1.0, eps="auto", inverse="exact")
     case.model.double()
     expected, _ = dense_update(case, "auto", "exact")
     loss_and_backward(case)
@@ -331,10 +331,10 @@ def test_eps_at_or_above_one_over_lambda_max_raises():
 def test_state_dict_round_trip():
     case = make_case("mlp-tanh")
     twin = make_case("mlp-tanh")
-    opt = DiffusionMetricSGD(case.model, lr=0.05, momentum=0.9, mode="exact")
+    opt = DiffusionMetricSGD(case.model, lr=0.05, momentum=0.9, inverse="exact")
     loss_and_backward(case)
     opt.step()
-    other = DiffusionMetricSGD(twin.model, lr=0.05, momentum=0.9, mode="exact")
+    other = DiffusionMetricSGD(twin.model, lr=0.05, momentum=0.9, inverse="exact")
     twin.model.load_state_dict(case.model.state_dict())
     buffer = io.BytesIO()  # a real round trip: through serialisation, as a checkpoint does
     torch.save(opt.state_dict(), buffer)
@@ -347,7 +347,7 @@ def test_state_dict_round_trip():
     other.step()
     for p, q in zip(case.model.parameters(), twin.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
-    assert other.state_dict()["param_groups"][0]["mode"] == "exact"
+    assert other.state_dict()["param_groups"][0]["inverse"] == "exact"
 
 
 def test_no_grads_means_no_step():
@@ -364,12 +364,12 @@ def test_documented_errors():
         DiffusionMetricSGD(model, lr=-1)
     with pytest.raises(ValueError, match="Invalid momentum value"):
         DiffusionMetricSGD(model, lr=0.1, momentum=-0.5)
-    with pytest.raises(ValueError, match="Invalid mode"):
-        DiffusionMetricSGD(model, lr=0.1, mode="strong")
+    with pytest.raises(ValueError, match="Invalid inverse"):
+        DiffusionMetricSGD(model, lr=0.1, inverse="strong")
     with pytest.raises(ValueError, match="Invalid eps"):
         DiffusionMetricSGD(model, lr=0.1, eps="small")
-    with pytest.raises(ValueError, match="Invalid safety"):
-        DiffusionMetricSGD(model, lr=0.1, safety=2)
+    with pytest.raises(ValueError, match="Invalid eps_fraction"):
+        DiffusionMetricSGD(model, lr=0.1, eps_fraction=2)
     with pytest.raises(ValueError, match="Nesterov"):
         DiffusionMetricSGD(model, lr=0.1, nesterov=True)
     opt = DiffusionMetricSGD(model, lr=0.1)
@@ -409,7 +409,7 @@ def noisy_rosenbrock(seed):
 )
 def test_loss_falls_on_noisy_problems(problem, start, lr, steps, mode):
     x = nn.Parameter(torch.tensor(start, dtype=torch.float64))
-    opt = DiffusionMetricSGD([x], lr=lr, mode=mode, momentum=0.5)
+    opt = DiffusionMetricSGD([x], lr=lr, inverse=mode, momentum=0.5)
     first = None
     for step in range(steps):
         losses_of = problem(step)  # a new minibatch of noise every step
@@ -433,7 +433,7 @@ def _ddp_worker(rank, world, results, mode):
         half = len(case.x) // world
         x, y = case.x[rank * half : (rank + 1) * half], case.y[rank * half : (rank + 1) * half]
         model = nn.parallel.DistributedDataParallel(case.model)
-        opt = DiffusionMetricSGD(model, lr=1.0, eps="auto", mode=mode)
+        opt = DiffusionMetricSGD(model, lr=1.0, eps="auto", inverse=mode)
         assert opt.attached and not opt.fused  # fused="auto" is off under DDP
         per_sample_loss(case.loss)(model(x), y).mean().backward()
         opt.step()
@@ -441,7 +441,7 @@ def _ddp_worker(rank, world, results, mode):
     # the closure route on parameters: the rows of G are all-gathered
     plain = make_case("tied-autoencoder")
     xs, ys = plain.x[rank * 4 : (rank + 1) * 4], plain.y[rank * 4 : (rank + 1) * 4]
-    closure_opt = DiffusionMetricSGD(plain.model.parameters(), lr=1.0, mode=mode)
+    closure_opt = DiffusionMetricSGD(plain.model.parameters(), lr=1.0, inverse=mode)
     closure_opt.step(lambda: nn.functional.cross_entropy(plain.model(xs), ys, reduction="none"))
     flats.append(flat(plain.model))
     if rank == 0:
@@ -458,12 +458,12 @@ def test_ddp_uses_the_global_batch(tmp_path, mode):
         case = make_case(name)
         n = len(case.x) // 2 * 2
         case.x, case.y = case.x[:n], case.y[:n]
-        opt = DiffusionMetricSGD(case.model, lr=1.0, eps="auto", mode=mode)
+        opt = DiffusionMetricSGD(case.model, lr=1.0, eps="auto", inverse=mode)
         loss_and_backward(case)
         opt.step()
         torch.testing.assert_close(ddp_flat, flat(case.model), rtol=0, atol=1e-6)
     plain = make_case("tied-autoencoder")
-    opt = DiffusionMetricSGD(plain.model.parameters(), lr=1.0, mode=mode)
+    opt = DiffusionMetricSGD(plain.model.parameters(), lr=1.0, inverse=mode)
     opt.step(lambda: nn.functional.cross_entropy(plain.model(plain.x), plain.y, reduction="none"))
     torch.testing.assert_close(closure_flat, flat(plain.model), rtol=0, atol=1e-6)
 

@@ -75,6 +75,7 @@ def test_jvp_vjp_grads_gram_norms_against_explicit_gradients(name, rows_limit, m
             [G[:, products.space.slice(n)].square().sum(1) for n in products.space.names], 1
         )
         assert_close(norms, expected, what=f"{what} squared norms per parameter")
+        assert_close(products.square_sum(), G.square().sum(0), what=f"{what} Σ g_i ⊙ g_i")
         losses = per_sample_loss(case.loss)(case.model(case.x), case.y).detach()
         assert_close(products.losses(), losses, what=f"{what} losses")
 
@@ -328,6 +329,45 @@ def test_module_called_twice_stays_exact_on_the_capture_route():
     assert_close(D.dense(), dense_diffusion(G), what="reused layer")
 
 
+class Repeated(nn.Module):
+    """One Linear(8, 8) applied ``calls`` times along a sequence of ``length``, then pooled."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = calls
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.calls):
+            x = torch.tanh(self.fc(x))
+        return self.out(x.mean(1))
+
+
+@pytest.mark.parametrize("calls", [1, 2, 3])
+@pytest.mark.parametrize("length", [1, 2, 8])
+def test_gram_where_batch_features_and_length_coincide(calls, length, monkeypatch):
+    """B = in = out = 8 (and T = 8): an index that takes one of these axes for another passes
+    every test where they differ. The layer's calls are kept as captures (no rows), so its
+    own Gram formula serves where it has one (T·calls ≤ 2 here), the rows elsewhere."""
+    monkeypatch.setattr(capture, "ROWS_LIMIT", 0)
+    torch.manual_seed(calls * 10 + length)
+    model = Repeated(calls).double()
+    x = torch.randn(8, length, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), x, y)
+    products = make_products(model, "cross_entropy", DataSource((x, y), None), route="capture")
+    what = f"{calls} calls, length {length}"
+    assert_close(products.gram(), G @ G.T, what=f"{what}: gram")
+    expected = torch.stack(
+        [G[:, products.space.slice(n)].square().sum(1) for n in products.space.names], 1
+    )
+    assert_close(products.sq_norms(), expected, what=f"{what}: squared norms")
+    D = DiffusionMatrix(model, "cross_entropy", (x, y), route="capture")
+    values = torch.linalg.eigvalsh(dense_diffusion(G)).flip(0)[: len(x)]
+    assert_close(D.eigvalsh(), values, atol=1e-12, what=f"{what}: spectrum")
+
+
 def test_frozen_weight_with_trainable_bias_in_every_route():
     case = make_case("partly-frozen")
     names = [n for n, p in case.model.named_parameters() if p.requires_grad]
@@ -543,9 +583,10 @@ def test_the_coverage_check_runs_once_per_model_loss_and_input_shape(monkeypatch
 
 
 def test_readme_any_model_examples_run():
-    """The README's transformer examples (D on any model, the optimizer), as written."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    blocks = [b.split("```")[0] for b in readme.split("```python\n")[1:]]
+    """The guide's transformer examples (D on any model, the optimizer), as written."""
+    guide = Path(__file__).parents[1] / "docs/guide"
+    pages = "".join((guide / page).read_text() for page in ("diffusion.md", "metric.md"))
+    blocks = [b.split("```")[0] for b in pages.split("```python\n")[1:]]
     examples = [b for b in blocks if 'build_model("transformer"' in b]
     assert len(examples) == 2
     for block in examples:
@@ -569,7 +610,7 @@ def test_attention_rule_checks_its_output_once_per_mode_and_catches_a_change():
     model = Attend().double().eval()
     opt = DiffusionMetricSGD(model, lr=0.1)
     x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    rule = next(layer.rule for layer in opt._recorder.layers if layer.name == "attn")
+    rule = next(layer.rule for layer in opt._capture.recorder.layers if layer.name == "attn")
     for _ in range(2):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()

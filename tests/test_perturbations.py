@@ -168,7 +168,7 @@ def test_antithetic_closed_form_on_a_quadratic(route):
             layers=["0"],
             R=R,
             y=y,
-            route=route,
+            batching=route,
             antithetic=antithetic,
             generator=torch.Generator().manual_seed(1),
         )

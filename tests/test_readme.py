@@ -1,10 +1,13 @@
-"""The README runs: every Python block as it stands, every command line at small size.
+"""The README and the guide run: every Python block as it stands, every command line at
+small size, and every page is well-formed Markdown.
 
-Each Python block is self-contained and runs in a fresh namespace in a temporary folder.
-Each ``sgdgeom`` line of the README's shell blocks is in :data:`COMMANDS`, which says how a
-test runs it: the same command on a copy of its config trained for one epoch on a few
-samples (the full sizes are the README's own), or where else it is tested. A README line
-missing from :data:`COMMANDS`, or an entry whose line left the README, fails the test.
+The pages are ``README.md`` and ``docs/guide/*.md``; a block moved from one to another is
+still run. Each Python block is self-contained and runs in a fresh namespace in a temporary
+folder (a block shown on two pages runs once). Each ``.venv/bin/sgdgeom`` line of their
+shell blocks is in :data:`COMMANDS`, which says how a test runs it: the same command on a
+copy of its config trained for one epoch on a few samples (the full sizes are the pages'
+own), or where else it is tested. A line missing from :data:`COMMANDS`, or an entry whose
+line left every page, fails the test.
 """
 
 from __future__ import annotations
@@ -19,21 +22,33 @@ from tests.test_cli import sgdgeom
 from tests.test_data import make_mnist_root
 
 ROOT = Path(__file__).parents[1]
-README = (ROOT / "README.md").read_text()
+LIGHTNING = ROOT / "docs/guide/lightning.md"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs/guide").glob("*.md"))]
+MARKDOWN = [*PAGES, *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def blocks(language: str, text: str = README) -> list[str]:
+def blocks(language: str, text: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
 
 
-PYTHON = blocks("python")
-LIGHTNING_PAGE = (ROOT / "docs/guide/lightning.md").read_text()
-LINES = [
-    line.split("#")[0].strip()
-    for block in blocks("bash")
-    for line in block.splitlines()
-    if line.startswith(".venv/bin/sgdgeom")
-]
+PYTHON = list(
+    dict.fromkeys(
+        block
+        for page in PAGES
+        if page != LIGHTNING
+        for block in blocks("python", page.read_text())
+    )
+)
+LIGHTNING_PAGE = LIGHTNING.read_text()
+LINES = sorted(
+    {
+        line.split("#")[0].strip()
+        for page in PAGES
+        for block in blocks("bash", page.read_text())
+        for line in block.splitlines()
+        if line.startswith(".venv/bin/sgdgeom")
+    }
+)
 
 SMALL = {"train": {"epochs": 1}, "data": {"n_train": 128, "n_test": 64}}
 
@@ -128,7 +143,7 @@ COMMANDS = {
         quick("mnist5k-optimizers.yaml"), None),
     ".venv/bin/sgdgeom train configs/quick/mnist5k-fig1-relu.yaml --out runs/fig1-relu": (
         quick("mnist5k-fig1-relu.yaml"), None),
-    ".venv/bin/sgdgeom temperatures runs/fig1-relu": (
+    ".venv/bin/sgdgeom temperature runs/fig1-relu": (
         lambda t: sgdgeom("train", quick("mnist5k-fig1-relu.yaml")(t), "--out", "runs/fig1-relu",
                           "--no-progress", cwd=t), None),
     ".venv/bin/sgdgeom rbm configs/quick/rbm/digits.yaml --out runs/digits-rbm": (
@@ -155,7 +170,28 @@ def test_every_readme_command_is_covered():
 @pytest.mark.parametrize("index", range(len(PYTHON)))
 def test_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(PYTHON[index], f"README.md python block {index + 1}", "exec"), {})
+    exec(compile(PYTHON[index], f"python block {index + 1} of the pages", "exec"), {})
+
+
+@pytest.mark.parametrize("page", MARKDOWN, ids=lambda p: str(p.relative_to(ROOT)))
+def test_pages_are_well_formed_markdown(page):
+    """Code fences pair up, and a closing fence is bare: a closing fence that carries text
+    (```` ``` On one H100, ... ````) opens a new block instead, and turns the rest of the
+    page into code. Relative links point at files that exist."""
+    inside, opened = False, 0
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        if not line.lstrip().startswith("```"):
+            continue
+        fence = line.strip()
+        if inside:
+            assert fence == "```", f"{page.name}:{number}: a closing fence carries text: {line!r}"
+            inside = False
+        else:
+            assert re.fullmatch(r"```[\w+-]*", fence), f"{page.name}:{number}: {line!r}"
+            inside, opened = True, number
+    assert not inside, f"{page.name}:{opened}: a code block is never closed"
+    for target in re.findall(r"\]\(([^)#:]+?)(?:#[^)]*)?\)", page.read_text()):
+        assert (page.parent / target).exists(), f"{page.name}: a link to {target} leads nowhere"
 
 
 def test_lightning_page_runs(tmp_path, monkeypatch):

@@ -98,8 +98,8 @@ def test_small_run_writes_json_and_plot(tmp_path, problem, potential):
 def test_monitor_measures_the_dense_references():
     from torch import nn
 
+    from sgdgeom.monitors import CurrentMonitor
     from sgdgeom.persample import per_sample_loss
-    from sgdgeom.steady_state import SteadyStateMonitor
     from tests.reference import dense_divergence, per_sample_gradients
 
     torch.manual_seed(0)
@@ -108,8 +108,8 @@ def test_monitor_measures_the_dense_references():
     x = torch.randn(9, 3, dtype=torch.float64, generator=g)
     y = torch.randint(0, 2, (9,), generator=g)
     beta, eps = 50.0, 0.1
-    monitor = SteadyStateMonitor((x, y), probes=None, sections=2, eps=eps, beta=beta)
-    metrics = monitor.measure(model, beta)
+    monitor = CurrentMonitor((x, y), probes=None, sections=2, eps=eps, beta=beta)
+    metrics = monitor.measure_now(model)
     loss = per_sample_loss("cross_entropy")
     divergence = dense_divergence(model, loss, x, y)
     gradient = per_sample_gradients(model, loss, x, y).mean(0)
@@ -123,7 +123,7 @@ def test_monitor_measures_the_dense_references():
 
 
 def test_config_monitor_records_the_current_every_epoch(tmp_path):
-    monitor = {"current_every": 1, "probe_size": 16, "current_probes": 4, "curl_sections": 1}
+    monitor = {"current": {"every": 1, "probes": 4, "sections": 1}, "probe_size": 16}
     records = train_digits_with_monitor(tmp_path / "run", monitor)
     records = [r for r in records if "current/ratio" in r]
     assert [r["epoch"] for r in records] == [1, 2]

@@ -10,13 +10,14 @@ import textwrap
 import pytest
 import torch
 
+from sgdgeom.callbacks import Callback
 from sgdgeom.data import load_dataset
 from sgdgeom.errors import ConfigError, NonFiniteLossError
 from sgdgeom.experiments.config import parse_config
 from sgdgeom.experiments.runner import run_training
 from sgdgeom.files import read_jsonl
 from sgdgeom.models import build_model
-from sgdgeom.train import Callback, Trainer
+from sgdgeom.train import Trainer
 
 CONFIG = {
     "name": "resume",
@@ -31,7 +32,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from sgdgeom.experiments.config import parse_config
     from sgdgeom.experiments.runner import run_training
-    from sgdgeom.train import Callback
+    from sgdgeom.callbacks import Callback
 
     class KillMidEpoch(Callback):
         def on_step_end(self, trainer, x, y, loss):

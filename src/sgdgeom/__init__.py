@@ -17,7 +17,7 @@ from sgdgeom.errors import (
     UnsupportedModelError,
 )
 from sgdgeom.metric import DiffusionMetric
-from sgdgeom.monitor import LayerTemperature
+from sgdgeom.monitors import LayerTemperature
 from sgdgeom.optim import DiffusionMetricSGD
 from sgdgeom.optim.local_entropy import PartialLocalEntropy
 from sgdgeom.params import ParamSpace

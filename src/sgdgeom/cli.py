@@ -6,14 +6,22 @@ Bad input (a config key, a dataset file, a data root, ...) ends with a one-line
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
+import types
+import typing
+import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic.fields import FieldInfo
 
+from sgdgeom._deprecated import SgdgeomDeprecationWarning, warn
 from sgdgeom.errors import SgdgeomError
+from sgdgeom.experiments.kinds import KINDS, ExperimentKind, RunContext
 from sgdgeom.files import safe_name
 
 app = typer.Typer(
@@ -141,100 +149,6 @@ def compare(
 
 
 @app.command()
-def temperatures(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory trained with a monitor.")],
-) -> None:
-    """Musso's Fig. 1 and the regime analysis of a run, from its metrics.jsonl."""
-    from sgdgeom.experiments.runner import write_temperature_report
-
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise SgdgeomError(f"{run_dir} has no metrics.jsonl: train it with `monitor:` first")
-    try:
-        analysis = write_temperature_report(run_dir, title=run_dir.name)
-    except ValueError as err:
-        raise SgdgeomError(
-            f"{run_dir}: {err}; train it with `monitor: {{temperature: true}}`"
-        ) from None
-    typer.echo(json.dumps(analysis, indent=2))
-    typer.echo(f"wrote {run_dir / 'regimes.json'} and {run_dir / 'temperatures.png'}")
-
-
-@app.command()
-def rbm(
-    config: Annotated[Path, typer.Argument(help="An RBM config (YAML).")],
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Results directory; default runs/NAME.")
-    ] = None,
-) -> None:
-    """Train RBMs by plain CD and by the diffusion-metric update; plot log-likelihoods."""
-    from sgdgeom.experiments.rbm import load_rbm_config, run_rbm
-
-    cfg = load_rbm_config(config)
-    out_dir = out if out is not None else Path("runs") / safe_name(cfg.name)
-    summary = run_rbm(cfg, out_dir)
-    typer.echo(f"{'update':<14} {'test LL':>10} {'best test':>10} {'train LL':>10}")
-    for update, row in summary["updates"].items():
-        typer.echo(
-            f"{update:<14} {row['test_loglik']:>10.3f} {row['best_test_loglik']:>10.3f} "
-            f"{row['train_loglik']:>10.3f}"
-        )
-    typer.echo(f"results in {out_dir} (summary.json, loglik.png, spectrum.png)")
-
-
-@app.command()
-def geodesic(
-    config: Annotated[Path, typer.Argument(help="A geodesic experiment config (YAML).")],
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Results directory; default runs/NAME.")
-    ] = None,
-) -> None:
-    """Geodesics, metric flows and GD against SGD ensembles, with the dropped terms."""
-    from sgdgeom.experiments.geodesic import load_geodesic_config, run_geodesic
-
-    cfg = load_geodesic_config(config)
-    out_dir = out if out is not None else Path("runs") / safe_name(cfg.name)
-    result = run_geodesic(cfg, out_dir)
-    table = result.get("tracking_table") or [
-        {"model": k, "mean_distance_to_sgd_mean": v}
-        for k, v in result["distance_to_sgd_mean"].items()
-    ]
-    typer.echo(f"{'model':<28} {'mean distance to the SGD mean':>30}")
-    for row in table:
-        typer.echo(f"{row['model']:<28} {row['mean_distance_to_sgd_mean']:>30.5f}")
-    typer.echo(f"results in {out_dir}")
-
-
-@app.command("steady-state")
-def steady_state(
-    config: Annotated[Path, typer.Argument(help="A steady-state experiment config (YAML).")],
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Results directory; default runs/NAME.")
-    ] = None,
-) -> None:
-    """Where SGD settles on a two-parameter problem, against exp(−βf), exp(−βΦ) (F11) and
-    the Chaudhari–Soatto SDE: total variation distances with error bars."""
-    from sgdgeom.experiments.steady_state import load_steady_state_config, run_steady_state
-
-    cfg = load_steady_state_config(config)
-    out_dir = out if out is not None else Path("runs") / safe_name(cfg.name)
-    result = run_steady_state(cfg, out_dir)
-    typer.echo(f"{'density':<40} {'TV to the SGD histogram':>26}")
-    for name, d in result["distances"].items():
-        typer.echo(f"{name:<40} {d['tv']:>16.4f} ± {d['stderr']:.4f}")
-    floor = result["sampling_floor"]
-    typer.echo(
-        f"sampling floor: {floor['sample_vs_density']:.4f} against a density, "
-        f"{floor['sample_vs_sample']:.4f} between two samples"
-    )
-    if not result["potential_exists"]:
-        typer.echo(
-            f"no Φ with ∇Φ = ∇_D f: the curl of ∇_D f reaches "
-            f"{result['curl_relative_max']:.3g} of its derivatives"
-        )
-    typer.echo(f"results in {out_dir}")
-
-
-@app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="A sweep config: base, variants, grid, plots.")],
     out: Annotated[
@@ -289,7 +203,7 @@ def sweep(
     result = run_sweep(
         spec,
         out_dir,
-        engine=engine,  # type: ignore[arg-type]
+        engine=engine,
         workers=workers,
         address=address,
         threads=threads,
@@ -319,148 +233,139 @@ def report(
     typer.echo(f"report: {write_report(source, out)}")
 
 
-@app.command()
-def table1(
-    model: Annotated[str | None, typer.Option("--model", help="A model name.")] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="A dataset name.")] = None,
-    model_option: Annotated[
-        list[str] | None,
-        typer.Option("--model-option", help="KEY=VALUE model option, repeatable (depth=3)."),
-    ] = None,
-) -> None:
-    """Fioresi et al.'s Table 1: d, N and the rank bound of D for the papers' models, or
-    for any model by name (no data is read)."""
-    from sgdgeom.experiments.table1 import format_table, size_table
-
-    rows = size_table(model, dataset, _parse_options(model_option or []))
-    typer.echo(format_table(rows, quoted=model is None))
+# --------------------------------------------------------------------------- experiment kinds
 
 
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", help="Where everything goes.")] = Path("runs/demo"),
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each training.")] = 5,
-    n_train: Annotated[
-        int | None, typer.Option("--n-train", help="Train on the first N samples only.")
-    ] = None,
-    spectrum_n: Annotated[
-        int, typer.Option("--spectrum-n", help="Samples in the diffusion matrix.")
-    ] = 1000,
-    sgd_runs: Annotated[
-        int, typer.Option("--sgd-runs", help="SGD runs averaged in the geodesic panel.")
-    ] = 32,
-) -> None:
-    """The main job on embedded data: SGD, PLA and DiffusionMetricSGD on MNIST-5k, the
-    diffusion spectrum, layer temperatures, a geodesic, and an HTML report."""
-    from sgdgeom.experiments.demo import run_demo
-
-    path = run_demo(out, epochs=epochs, n_train=n_train, spectrum_n=spectrum_n, sgd_runs=sgd_runs)
-    typer.echo(f"report: {path}")
+_ANNOTATED: Any = Annotated  # the parameters' types are made at run time, from the fields
 
 
-def _parse_options(pairs: list[str]) -> dict[str, object]:
+def _unwrap(annotation: Any) -> Any:
+    """``X`` of ``X | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        kept = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return kept[0] if len(kept) == 1 else annotation
+    return annotation
+
+
+def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
+    """The command-line parameter of one field of a kind's config: ``--field-name`` (or the
+    field's own ``flag``), a switch for a bool, repeatable ``KEY=VALUE`` for a mapping, a
+    positional argument where the field says so. Absent, it leaves the field's default;
+    the value is checked by the config model, which names what is allowed."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    annotation = _unwrap(field.annotation)
+    if extra.get("positional"):
+        argument = _ANNOTATED[Path, typer.Argument(help=field.description)]
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=argument)
+    flag = str(extra.get("flag", "--" + name.replace("_", "-")))
+    if annotation is bool:
+        flags = [f"{flag}/--no-{flag[2:]}"]
+    else:
+        flags = [flag]
+        annotation = {int: int, float: float, Path: Path}.get(annotation, str)
+        if typing.get_origin(_unwrap(field.annotation)) is dict:
+            annotation = list[str]
+    option = _ANNOTATED[annotation | None, typer.Option(*flags, help=field.description)]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option)
+
+
+def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as a mapping of YAML values."""
     import yaml
 
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SgdgeomError(f"model option {pair!r} is not KEY=VALUE (e.g. depth=3)")
+            raise SgdgeomError(f"option {pair!r} is not KEY=VALUE (e.g. depth=3)")
         options[key] = yaml.safe_load(value)
     return options
 
 
-@app.command()
-def spectrum(
-    model: Annotated[
-        str | None, typer.Option("--model", help="A model name, e.g. fc, cnn-cifar10.")
-    ] = None,
-    dataset: Annotated[
-        str | None, typer.Option("--dataset", help="A dataset name, e.g. mnist5k.")
-    ] = None,
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint",
-            help="A checkpoint.pt from `sgdgeom train`; its run's config names the "
-            "model and dataset.",
-        ),
-    ] = None,
-    n: Annotated[
-        int | None, typer.Option("--n", help="Use the first N training samples (default: all).")
-    ] = None,
-    out: Annotated[
-        Path, typer.Option("--out", help="Where spectrum.json and spectrum.png go.")
-    ] = Path("runs/spectrum"),
-    model_option: Annotated[
-        list[str] | None,
-        typer.Option("--model-option", help="KEY=VALUE model option, repeatable (depth=3)."),
-    ] = None,
-    float32: Annotated[
-        bool,
-        typer.Option(
-            "--float32", help="Compute in float32: faster, but it resolves far fewer eigenvalues."
-        ),
-    ] = False,
-    k: Annotated[
-        int | None,
-        typer.Option(
-            "--k",
-            help="Only the top k eigenpairs, from products (no N x N matrix): for large N.",
-        ),
-    ] = None,
-    method: Annotated[
-        str,
-        typer.Option(help="With --k: block-lanczos, randomized, or lanczos (one vector a pass)."),
-    ] = "block-lanczos",
-    hessian: Annotated[
-        bool,
-        typer.Option(
-            "--hessian", help="With --k: the Hessian's top k too, and its alignment with D."
-        ),
-    ] = False,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--cache-dir",
-            help="Keep captures that do not fit in memory in memory-mapped files here.",
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the initialisation without a checkpoint.")] = 0,
-    data_root: DataRoot = None,
-    device: Device = None,
-) -> None:
-    """The diffusion matrix's size, rank, spectrum and per-layer traces (Fioresi et al., F3);
-    with --k its top k by block methods, and with --hessian its alignment with the Hessian."""
-    import torch
-
-    from sgdgeom.experiments.spectrum import format_report, spectrum_report, write_report
-
-    report = spectrum_report(
-        model,
-        dataset,
-        n=n,
-        checkpoint=checkpoint,
-        model_options=_parse_options(model_option or []),
-        data_root=data_root,
-        device=device or "auto",
-        dtype=torch.float32 if float32 else torch.float64,
-        seed=seed,
-        k=k,
-        method=method,
-        hessian=hessian,
-        cache_dir=cache_dir,
-        log=lambda line: typer.echo(line, err=True),
+def _kind_command(kind: ExperimentKind[Any], old_name: str | None = None) -> None:
+    """Register the subcommand of an experiment kind on :data:`app`: ``CONFIG`` (a YAML file)
+    or one parameter per field of its config, and ``--out`` where it writes to a folder of
+    its own; it runs the kind and prints its summary. ``old_name``: a name kept for one
+    release (a hidden command that warns)."""
+    fields = kind.config.model_fields
+    params = (
+        [
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[Path, typer.Argument(help="The config (YAML).")],
+            )
+        ]
+        if kind.source == "file"
+        else [_parameter(name, field) for name, field in fields.items()]
     )
-    typer.echo(format_report(report))
-    json_path, plot_path = write_report(report, out)
-    typer.echo(f"\nwrote {json_path} and {plot_path}")
+    if kind.out is not None:
+        where = f"Where it writes; default {kind.out.format(name='NAME')}."
+        params.append(
+            inspect.Parameter(
+                "out",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[Path | None, typer.Option("--out", help=where)],
+            )
+        )
+
+    def run(**given: Any) -> None:
+        if old_name is not None:
+            warn(f"sgdgeom {old_name}", f"sgdgeom {kind.name}")
+        out = given.pop("out", None)
+        if kind.source == "file":
+            config = kind.load(given["config"])
+        else:
+            values = {n: v for n, v in given.items() if v is not None}
+            for name, value in values.items():
+                if typing.get_origin(_unwrap(fields[name].annotation)) is dict:
+                    values[name] = _parse_pairs(value)
+            config = kind.parse(values, f"sgdgeom {kind.name}")
+        target = kind.out_dir(config, out)
+        log = functools.partial(typer.echo, err=True)
+        typer.echo(kind.summary(kind.run(config, RunContext(target, True, log))))
+        if target is not None and kind.source == "file":
+            typer.echo(f"results in {target}")
+
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    name = old_name or kind.name
+    app.command(name, help=kind.help, hidden=old_name is not None)(run)
+
+
+def _kind_commands() -> None:
+    """One subcommand per registered experiment kind, and one per old name of a kind."""
+    import sgdgeom.experiments  # noqa: F401 (registers the kinds)
+
+    for _, kind in KINDS.items():
+        _kind_command(kind)
+    for old, new in KINDS.aliases().items():
+        _kind_command(KINDS[new], old_name=old)
+
+
+_kind_commands()
+
+
+def _show_deprecations() -> None:
+    """sgdgeom's deprecation warnings as one line each on stderr (``sgdgeom: warning: ...``);
+    other warnings as Python shows them."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, SgdgeomDeprecationWarning):
+            typer.echo(f"sgdgeom: warning: {message}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    warnings.simplefilter("default", SgdgeomDeprecationWarning)
 
 
 def main() -> None:
     """Entry point: run the app, turning sgdgeom's errors, and the operating system's (a
     full disk, a folder without write permission), into one-line messages with exit
-    status 2."""
+    status 2; an old spelling is named in a one-line warning."""
+    _show_deprecations()
     try:
         app()
     except (SgdgeomError, OSError) as err:

@@ -16,6 +16,12 @@ rank at most ``N - 1`` (F3), and zero iff all :math:`g_i` are equal. It is never
 - the centred Gram matrix ``K = (1/N) G_c G_cᵀ`` (``N x N``) has exactly the nonzero
   eigenvalues of D, and its eigenvectors ``w`` map to D's as ``u = G_cᵀ w / sqrt(N λ)``.
 
+:class:`DiffusionMatrix` is an :class:`~sgdgeom.linalg.Operator`: it implements its
+products, and everything it computes on the way is public: the per-sample gradients and
+their squared norms, ``diag(D)`` (the per-coordinate gradient variance) and, with
+``centered=False``, the uncentred second moment :math:`\frac1N\sum_i g_i g_i^\top` (the
+empirical Fisher). The notation is that of ``docs/design.md``.
+
 Examples:
     >>> import torch
     >>> from torch import nn
@@ -34,9 +40,8 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +50,25 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sgdgeom.eigen import Eigenpairs, operator_eigenpairs
+from sgdgeom._deprecated import moved
 from sgdgeom.errors import InputError
+from sgdgeom.linalg import (
+    Eigenpairs,
+    Method,
+    Operator,
+    lanczos_top,
+    top_eigenvalue,
+)
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import (
-    CaptureProducts,
+    CacheMode,
     DataSource,
-    FuncProducts,
     LossSpec,
     PerSampleProducts,
+    Route,
     ShardedProducts,
     make_products,
+    route_of,
 )
 from sgdgeom.persample.storage import available_bytes
 
@@ -64,22 +77,32 @@ __all__ = [
     "Divergence",
     "LayerBlock",
     "LayerTrace",
-    "conjugate_gradients",
-    "lanczos_top",
-    "top_eigenvalue",
-    "top_eigenvalue_bounds",
-    "compiled_bounds",
-    "bound_squarings",
+    "gram_spectrum_bytes",
 ]
 
-DENSE_LIMIT = 8192  # dense() refuses d above this (a d x d float64 matrix of 512 MiB)
+__getattr__ = moved(
+    "sgdgeom.diffusion",
+    {
+        name: "sgdgeom.linalg"
+        for name in (
+            "bound_squarings",
+            "compiled_bounds",
+            "conjugate_gradients",
+            "lanczos_top",
+            "top_eigenvalue",
+            "top_eigenvalue_bounds",
+        )
+    },
+)
+
+ROWS_LIMIT = 2**31  # bytes of per-sample gradients that per_sample_gradients() returns whole
 
 
 @dataclass(frozen=True)
 class LayerTrace:
     """The trace of a layer's diagonal block ``D_I``: ``trace = tr D_I``, ``numel = N_I``
     (the scalars it sums over) and ``per_param = tr D_I / N_I``, the layer's diffusion
-    temperature (DESIGN §1, Musso eq. 2)."""
+    temperature (``docs/design.md``, Musso eq. 2)."""
 
     trace: float
     numel: int
@@ -89,7 +112,7 @@ class LayerTrace:
         return self.trace / self.numel
 
 
-class DiffusionMatrix:
+class DiffusionMatrix(Operator):
     """The diffusion matrix ``D`` of a model's per-sample losses on a dataset (F2, F3).
 
     Args:
@@ -100,22 +123,25 @@ class DiffusionMatrix:
             function ``(output, target) -> (B,)`` per-sample losses.
         data: a batch ``(x, y)`` or a DataLoader over the dataset (``shuffle=False``),
             streamed in chunks.
-        route: ``"capture"`` (layer rules on one captured forward and backward, with a
-            module-local torch.func fallback for modules without a rule; refused, naming the
-            parameter, where a weight is used outside its module), ``"generic"`` (torch.func
-            on the whole model, exact for any model) or ``"auto"`` (capture where it is
-            exact, else generic, with a warning).
+        route: how the per-sample products are computed: ``"capture"`` (layer rules on one
+            captured forward and backward, with a module-local torch.func fallback for
+            modules without a rule; refused, naming the parameter, where a weight is used
+            outside its module), ``"generic"`` (torch.func on the whole model, exact for any
+            model) or ``"auto"`` (capture where it is exact, else generic, with a warning).
         chunk_size: samples per chunk (``None``: a batch is one chunk).
-        cache: the capture route keeps layer inputs and output gradients (``O(N x widths)``,
-            never ``N x d``): ``"auto"`` in memory when they fit, else in memory-mapped files
-            under ``cache_dir`` if given, else it captures again on every product; ``True``
-            in memory, ``"disk"`` under ``cache_dir``, ``False`` never
+        cache: where the capture route keeps layer inputs and output gradients
+            (``O(N x widths)``, never ``N x d``): ``"auto"`` in memory when they fit, else
+            in memory-mapped files under ``cache_dir`` if given, else captured again on
+            every product; ``"memory"``, ``"disk"`` (under ``cache_dir``) or ``"off"``
             (:meth:`~sgdgeom.persample.CaptureProducts.from_model`).
         cache_dir: a folder for memory-mapped captures (a private subfolder is made, and
             removed with the products).
         distributed: ``data`` is this process's shard of the samples
             (``torch.distributed``): D is that of all the shards together, identical on
             every rank (:class:`~sgdgeom.persample.ShardedProducts`).
+        centered: ``False`` gives the uncentred second moment ``(1/N) Σ_i g_i g_iᵀ`` (the
+            empirical Fisher) in place of the covariance: the same products without the
+            mean removed, of rank at most ``N``.
         progress: show progress bars while streaming the data.
 
     Vectors are flat tensors of shape ``(d,)`` in ``model.named_parameters()`` order
@@ -123,24 +149,27 @@ class DiffusionMatrix:
     ``(d, k)`` matrix of k vectors.
     """
 
+    symbol = "D"
+
     def __init__(
         self,
         model: nn.Module,
         loss_fn: LossSpec = "cross_entropy",
         data: Any = None,
         *,
-        route: str = "auto",
+        route: Route = "auto",
         chunk_size: int | None = 1024,
-        cache: bool | str = "auto",
+        cache: CacheMode = "auto",
         cache_dir: str | Path | None = None,
         distributed: bool = False,
+        centered: bool = True,
         progress: bool = False,
     ) -> None:
         if data is None:
             raise InputError("data is required: a batch (x, y) or a DataLoader")
         self.space = ParamSpace(model)
         source = DataSource(data, chunk_size, self.space.device)
-        self.products: PerSampleProducts = make_products(
+        products = make_products(
             model,
             loss_fn,
             source,
@@ -149,18 +178,23 @@ class DiffusionMatrix:
             cache_dir=cache_dir,
             progress=progress,
         )
-        if distributed:
-            self.products = ShardedProducts(self.products)
+        self.products: PerSampleProducts = ShardedProducts(products) if distributed else products
         self.n = self.products.n
+        self.centered = centered
 
     @classmethod
     def from_products(
-        cls, products: PerSampleProducts, mean_gradient: Tensor | None = None
+        cls,
+        products: PerSampleProducts,
+        mean_gradient: Tensor | None = None,
+        *,
+        centered: bool = True,
     ) -> DiffusionMatrix:
         """A diffusion matrix over products already at hand (e.g. a training minibatch);
         ``mean_gradient``, if known (the ``.grad`` of a backward pass), saves one VJP."""
         self = cls.__new__(cls)
         self.space, self.products, self.n = products.space, products, products.n
+        self.centered = centered
         if mean_gradient is not None:
             self._mean_gradient = mean_gradient
         return self
@@ -169,44 +203,28 @@ class DiffusionMatrix:
     def route(self) -> str:
         """``"generic"`` (torch.func), ``"capture"`` (layer rules) or ``"rows"`` (explicit
         per-sample gradients); that of each process's shard under ``distributed=True``."""
-        products = self.products
-        if isinstance(products, ShardedProducts):
-            products = products.local
-        if isinstance(products, FuncProducts):
-            return "generic"
-        return "capture" if isinstance(products, CaptureProducts) else "rows"
+        return route_of(self.products)
 
     def __repr__(self) -> str:
-        return f"DiffusionMatrix(d={self.space.dim}, N={self.n}, route={self.route!r})"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.space.dim, self.space.dim)
+        kind = "" if self.centered else ", centered=False"
+        return f"DiffusionMatrix(d={self.space.dim}, N={self.n}, route={self.route!r}{kind})"
 
     # ------------------------------------------------------------------ products
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """``D v = (1/N) Gᵀ (c - c̄)`` with ``c = G v``: one JVP and one VJP, ``(d,) -> (d,)``.
-        ``v`` must have D's dtype and device (see :meth:`ParamSpace.check_vector`)."""
-        self.space.check_vector(v)
+    def _center(self, c: Tensor, dim: int = 0) -> Tensor:
+        """``c − c̄`` along ``dim`` (covariance), or ``c`` itself (second moment)."""
+        return c - c.mean(dim) if self.centered else c
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        """``D v = (1/N) Gᵀ (c - c̄)`` with ``c = G v``: one JVP and one VJP, ``(d,) -> (d,)``."""
         c = self.products.jvp(v)
-        return self.products.vjp((c - c.mean()) / self.n)  # scaled in (N,), not in (d,)
+        return self.products.vjp(self._center(c) / self.n)  # scaled in (N,), not in (d,)
 
-    def matmat(self, V: Tensor) -> Tensor:
-        """``D V`` for ``m`` vectors at once, ``(d, m) -> (d, m)``: one batched JVP and one
-        batched VJP, a single pass over the data (see :meth:`matvec`)."""
-        if V.dim() != 2 or V.shape[0] != self.space.dim:
-            raise InputError(f"V must be a ({self.space.dim}, m) tensor, got {tuple(V.shape)}")
-        self.space.check_vector(V[:, 0])
+    def _matmat(self, V: Tensor) -> Tensor:
+        """``D V`` for ``m`` vectors: one batched JVP and one batched VJP, a single pass over
+        the data."""
         C = self.products.jvp_batch(V)
-        return self.products.vjp_batch((C - C.mean(0)) / self.n)
-
-    def __matmul__(self, v: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
-        """``D @ v`` for a ``(d,)`` vector, a ``(d, k)`` matrix (one pass, :meth:`matmat`) or
-        a dict by parameter name."""
-        if isinstance(v, Tensor) and v.dim() == 2:
-            return self.matmat(v)
-        return self.space.apply(self.matvec, v)
+        return self.products.vjp_batch(self._center(C) / self.n)
 
     @cached_property
     def _mean_gradient(self) -> Tensor:
@@ -217,14 +235,53 @@ class DiffusionMatrix:
         """``ḡ = ∇f = (1/N) Σ_i g_i``, shape ``(d,)``."""
         return self._mean_gradient
 
+    # ------------------------------------------------------------------ per-sample quantities
+
+    def per_sample_gradients(self) -> Tensor:
+        """The per-sample gradients ``G``, ``(N, d)`` (rows in sample order). It materialises
+        ``N x d`` numbers, so it is refused above 2 GiB: stream them with
+        ``D.products.per_sample_grads()`` instead."""
+        needed = self.n * self.space.dim * torch.empty((), dtype=self.space.dtype).element_size()
+        if needed > ROWS_LIMIT:
+            raise InputError(
+                f"the {self.n:,} x {self.space.dim:,} per-sample gradients take "
+                f"{needed / 2**30:.1f} GiB (limit {ROWS_LIMIT / 2**30:.0f} GiB): stream them "
+                f"in chunks with D.products.per_sample_grads()"
+            )
+        out = torch.empty(self.n, self.space.dim, dtype=self.space.dtype, device=self.space.device)
+        for start, rows in self.products.per_sample_grads():
+            out[start : start + len(rows)] = rows
+        return out
+
+    @cached_property
+    def _sq_norms(self) -> Tensor:
+        return self.products.sq_norms()
+
+    def sq_norms(self) -> dict[str, Tensor]:
+        """``‖g_{i,p}‖²`` of every sample i, by parameter name p: ``{name: (N,)}``, by the
+        layer rules' ghost norms where they have one (never ``N x d`` for a Linear layer)."""
+        return dict(zip(self.space.names, self._sq_norms.T, strict=True))
+
+    def diagonal(self) -> Tensor:
+        """``diag(D)``, ``(d,)``: every coordinate's variance over the samples,
+        ``(1/N) Σ_i g_i² − ḡ²`` (the second moment ``(1/N) Σ_i g_i²`` with
+        ``centered=False``)."""
+        second = self.products.square_sum() / self.n
+        return (second - self._mean_gradient.square()).clamp_min(0) if self.centered else second
+
     # ------------------------------------------------------------------ Gram and spectrum
 
     def gradient_products(self) -> Tensor:
         """``c = G ḡ``, the per-sample ``g_i · ḡ``, ``(N,)``: the row means of the raw Gram
         matrix when it has been built (``g_i·ḡ = (1/N) Σ_j g_i·g_j``), else one JVP."""
-        if "_gram" in self.__dict__:
+        if self.has_gram:
             return self._raw_row_means
         return self.products.jvp(self._mean_gradient)
+
+    @property
+    def has_gram(self) -> bool:
+        """Whether the ``N x N`` Gram matrix has been built (and is held)."""
+        return "_gram" in self.__dict__
 
     @cached_property
     def _gram(self) -> Tensor:
@@ -234,14 +291,16 @@ class DiffusionMatrix:
         K = self.products.gram()
         row = K.mean(0)
         self._raw_row_means = row
-        K.sub_(row).sub_(row[:, None]).add_(row.mean())
+        if self.centered:
+            K.sub_(row).sub_(row[:, None]).add_(row.mean())
         _symmetrise_(K)
         return K.div_(self.n)
 
     def gram(self) -> Tensor:
         """The centred Gram matrix ``K = (1/N) G_c G_cᵀ``, ``(N, N)``, whose eigenvalues are
-        the nonzero eigenvalues of D. For Linear layers it is built from inner products of
-        layer inputs and output gradients, ``(a_i·a_j)(δ_i·δ_j)``, without forming G."""
+        the nonzero eigenvalues of D (``(1/N) G Gᵀ`` with ``centered=False``). For Linear
+        layers it is built from inner products of layer inputs and output gradients,
+        ``(a_i·a_j)(δ_i·δ_j)``, without forming G."""
         return self._gram
 
     def _spectral_copy(self) -> Tensor:
@@ -253,7 +312,8 @@ class DiffusionMatrix:
 
     @cached_property
     def _eigvalsh(self) -> Tensor:
-        return torch.linalg.eigvalsh(self._spectral_copy()).flip(0).double()
+        values: Tensor = torch.linalg.eigvalsh(self._spectral_copy())
+        return values.flip(0).double()
 
     @cached_property
     def _eigh(self) -> tuple[Tensor, Tensor]:
@@ -274,24 +334,25 @@ class DiffusionMatrix:
             raise InputError(f"D has only {self.rank()} nonzero eigenvalues; ask for k <= that")
         columns = []
         for lam, w in zip(values, vectors.T, strict=True):
-            w = (w - w.mean()).to(self.space.dtype)
+            w = self._center(w).to(self.space.dtype)
             columns.append(self.products.vjp(w) / math.sqrt(self.n * float(lam)))
         return values.to(self.space.dtype), torch.stack(columns, 1)
 
-    def eigsh(self, k: int, method: str = "block-lanczos", **options: Any) -> Eigenpairs:
+    def eigsh(self, k: int, method: Method = "block-lanczos", **options: Any) -> Eigenpairs:
         """The top-k eigenpairs of D from products alone, never forming D or K.
 
         ``method`` is ``"block-lanczos"`` (block Krylov, ``k + oversample`` vectors per
         pass, or ``block``), ``"randomized"`` (subspace iteration with Rayleigh–Ritz) or
         ``"lanczos"`` (scipy's ARPACK, one vector per pass); ``options`` are those of
-        :func:`~sgdgeom.eigen.top_eigenpairs` (``tol``, ``oversample``, ``block``,
+        :func:`~sgdgeom.linalg.top_eigenpairs` (``tol``, ``oversample``, ``block``,
         ``max_passes``, ``seed``, ``progress``). A block pass is one batched JVP and one
         batched VJP over the data (on the capture route, one matmul per layer for all
-        vectors). Returns :class:`~sgdgeom.eigen.Eigenpairs`: values ``(k,)`` descending,
+        vectors). Returns :class:`~sgdgeom.linalg.Eigenpairs`: values ``(k,)`` descending,
         eigenvectors ``(d, k)``, each pair's residual ``‖D u − λ u‖`` and the cost in passes
         and vector products; it unpacks as ``values, vectors``."""
-        self._check_k(k, min(self.n - 1, self.space.dim - 1))
-        return operator_eigenpairs(self, k, method, **options)
+        rank_bound = self.n - 1 if self.centered else self.n
+        self._check_k(k, min(rank_bound, self.space.dim - 1))
+        return super().eigsh(k, method, **options)
 
     @staticmethod
     def _check_k(k: int, limit: int) -> None:
@@ -301,7 +362,8 @@ class DiffusionMatrix:
     def lambda_max(self, tol: float | None = None, matrix_free: bool = False) -> float:
         """The largest eigenvalue of D, through the Gram matrix: from its full spectrum
         (``tol=None``, or when that is already computed), else by Lanczos on K to a
-        residual of ``tol · λ`` (:func:`top_eigenvalue`), much cheaper for a one-off.
+        residual of ``tol · λ`` (:func:`~sgdgeom.linalg.top_eigenvalue`), much cheaper for
+        a one-off.
 
         ``matrix_free=True`` (with a ``tol``, and no Gram matrix built yet) runs the same
         Lanczos on the operator K (:meth:`gram_matvec`: a VJP and a JVP per step, never
@@ -312,24 +374,26 @@ class DiffusionMatrix:
             return float(self.eigvalsh()[0])
         found = self.__dict__.setdefault("_top_eigenvalues", {})
         if tol not in found:
-            if matrix_free and "_gram" not in self.__dict__:
+            if matrix_free and not self.has_gram:
                 floor = 64 * torch.finfo(self.space.dtype).eps
                 found[tol], self.lanczos_steps = lanczos_top(
                     self._gram_matvec_numpy, self.n, max(tol, floor)
                 )
             else:
                 found[tol] = top_eigenvalue(self._gram, tol)
-        return found[tol]
+        value: float = found[tol]
+        return value
 
     def gram_matvec(self, w: Tensor) -> Tensor:
         """``K w = (1/N) C G Gᵀ C w`` (``C`` the centring) without K: one VJP and one JVP,
         ``(N,) -> (N,)`` in D's dtype."""
-        c = self.products.jvp(self.products.vjp((w - w.mean()) / self.n, out=self._scratch()))
-        return c - c.mean()
+        c = self.products.jvp(self.products.vjp(self._center(w) / self.n, out=self._scratch()))
+        return self._center(c)
 
     def _gram_matvec_numpy(self, q: np.ndarray) -> np.ndarray:
         w = torch.from_numpy(q).to(self.space.device, self.space.dtype)
-        return self.gram_matvec(w).double().cpu().numpy()
+        result: np.ndarray = self.gram_matvec(w).double().cpu().numpy()
+        return result
 
     def _scratch(self) -> Tensor:
         """A ``(d,)`` buffer kept for the VJPs of repeated :meth:`gram_matvec` calls."""
@@ -340,15 +404,13 @@ class DiffusionMatrix:
             )
         return buffer
 
-    # ------------------------------------------------------------------ scalars
-
-    @cached_property
-    def _sq_norms(self) -> Tensor:
-        return self.products.sq_norms()
+    # ------------------------------------------------------------------ traces and ranks
 
     def _param_traces(self) -> Tensor:
         """``tr`` of each parameter tensor's diagonal block: ``(1/N) Σ_i ‖g_ip‖² − ‖ḡ_p‖²``."""
         mean_sq = self._sq_norms.mean(0)
+        if not self.centered:
+            return mean_sq
         g = self._mean_gradient
         bar_sq = torch.stack([g[self.space.slice(n)].square().sum() for n in self.space.names])
         return (mean_sq - bar_sq).clamp_min(0)
@@ -357,14 +419,17 @@ class DiffusionMatrix:
         """``tr`` of each parameter tensor's diagonal block, by name."""
         return dict(zip(self.space.names, self._param_traces().tolist(), strict=True))
 
-    def trace(self) -> float:
-        """``tr D = (1/N) Σ_i ‖g_i − ḡ‖²``: ``tr K`` when the Gram matrix is built, else from
-        per-sample squared norms (no Gram matrix)."""
+    def trace(self, probes: int | None = None, seed: int = 0) -> float:
+        """``tr D = (1/N) Σ_i ‖g_i − ḡ‖²``, exactly: ``tr K`` when the Gram matrix is built,
+        else from per-sample squared norms (no Gram matrix). With ``probes``, Hutchinson's
+        estimate instead (:meth:`~sgdgeom.linalg.Operator.trace`)."""
+        if probes is not None:
+            return super().trace(probes, seed)
         return float(self.trace_tensor())
 
     def trace_tensor(self) -> Tensor:
         """:meth:`trace` as a 0-d tensor on D's device, read by nobody on the host."""
-        if "_gram" in self.__dict__:
+        if self.has_gram:
             return self._gram.diagonal().sum()
         return self._param_traces().sum()
 
@@ -408,7 +473,7 @@ class DiffusionMatrix:
         p = values / values.sum()
         return float(torch.exp(-(p * p.log()).sum()))
 
-    # ------------------------------------------------------------------ dense and blocks
+    # ------------------------------------------------------------------ divergence and blocks
 
     def divergence(
         self, probes: int | None = None, seed: int = 0, progress: bool = False
@@ -416,7 +481,7 @@ class DiffusionMatrix:
         """``∇·D``, the divergence of D as a field over parameter space, ``(d,)``:
         ``(∇·D)_k = Σ_j ∂_j D_jk``, which the current of Fioresi et al.'s (F12) needs.
 
-        From ``D = (1/N) Σ_i g_i g_iᵀ − ḡ ḡᵀ`` (DESIGN §1)::
+        From ``D = (1/N) Σ_i g_i g_iᵀ − ḡ ḡᵀ`` (``docs/design.md``)::
 
             ∇·D = Cov_i(tr H_i, g_i) + ½ ∇ tr D
                 = (1/N) Σ_i (t_i − t̄) g_i + (1/N) Σ_i H_i g_i − H̄ ḡ
@@ -430,6 +495,8 @@ class DiffusionMatrix:
 
         Needs second derivatives: the generic route (``route="generic"``).
         """
+        if not self.centered:
+            raise InputError("divergence() is that of the covariance D: build it centered")
         products, n, space = self.products, self.n, self.space
         weights = torch.full((n,), 1.0 / n, dtype=space.dtype, device=space.device)
         half_grad_trace = products.gradient_norm_gradient(weights) - products.hessian_vector(
@@ -455,17 +522,6 @@ class DiffusionMatrix:
         stderr = estimates.std(0) / math.sqrt(probes)
         return Divergence(estimates.mean(0) + half_grad_trace, stderr, probes)
 
-    def dense(self, limit: int = DENSE_LIMIT) -> Tensor:
-        """D as an explicit ``(d, d)`` matrix, from materialised per-sample gradients. For
-        small models only: it refuses ``d > limit``."""
-        d = self.space.dim
-        if d > limit:
-            raise InputError(
-                f"dense() would form a {d} x {d} matrix (limit {limit}); use D @ v, eigsh(k) "
-                f"or gram() instead, or pass a larger limit"
-            )
-        return _covariance(self.products, self._mean_gradient)
-
     def block(self, layer: str) -> LayerBlock:
         """The diagonal block ``D_I`` of one layer, as an operator on that layer's vectors."""
         return LayerBlock(self, layer)
@@ -481,200 +537,38 @@ class Divergence:
     probes: int | None
 
 
-class LayerBlock:
+class LayerBlock(Operator):
     """The diagonal block ``D_I = P_I D P_Iᵀ`` of one layer: the covariance of the per-sample
-    gradients restricted to the layer's parameters. Vectors are flat ``(d_I,)``."""
+    gradients restricted to the layer's parameters, an operator on the flat ``(d_I,)``
+    vectors of :attr:`space` (the layer's parameters in order)."""
+
+    symbol = "D_I"
 
     def __init__(self, parent: DiffusionMatrix, layer: str) -> None:
         self.parent = parent
         self.layer = layer
+        self.space = parent.space.subspace(parent.space.layer_params(layer))
         self.mask = parent.space.layer_mask(layer)
-        self.dim = int(self.mask.sum())
+        self.dim = self.space.dim
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.dim, self.dim)
+    def __repr__(self) -> str:
+        return f"LayerBlock({self.layer!r}, d_I={self.dim})"
 
-    def __matmul__(self, v: Tensor) -> Tensor:
-        if v.shape[0] != self.dim:
-            raise InputError(
-                f"layer {self.layer!r} has {self.dim} parameters, got a vector of "
-                f"shape {tuple(v.shape)}"
-            )
-        full = torch.zeros(self.parent.space.dim, *v.shape[1:], dtype=v.dtype, device=v.device)
-        full[self.mask] = v
-        return (self.parent @ full)[self.mask]
+    def _matmat(self, V: Tensor) -> Tensor:
+        full = torch.zeros(self.parent.space.dim, V.shape[1], dtype=V.dtype, device=V.device)
+        full[self.mask] = V
+        return self.parent._matmat(full)[self.mask]
 
     def param_traces(self) -> dict[str, float]:
-        """``tr`` of each parameter tensor's diagonal block, by name."""
-        return dict(zip(self.space.names, self._param_traces().tolist(), strict=True))
+        """``tr`` of each of the layer's parameter tensors' diagonal blocks, by name."""
+        traces = self.parent.param_traces()
+        return {name: traces[name] for name in self.space.names}
 
-    def trace(self) -> float:
-        return self.parent.layer_traces()[self.layer].trace
-
-    def dense(self, limit: int = DENSE_LIMIT) -> Tensor:
-        """The block as an explicit ``(d_I, d_I)`` matrix (small layers only)."""
-        if self.dim > limit:
-            raise InputError(f"block {self.layer!r} is {self.dim} x {self.dim} (limit {limit})")
-        return _covariance(self.parent.products, self.parent.mean_gradient(), self.mask)
-
-
-def top_eigenvalue(K: Tensor, tol: float = 1e-10) -> float:
-    """The largest eigenvalue of a symmetric PSD ``(n, n)`` matrix by Lanczos with full
-    reorthogonalisation, in float64 numpy on the CPU (an ``n x n`` problem is too small for
-    an accelerator, and torch's per-call overhead would dominate), from a fixed start
-    vector, so it is deterministic (:func:`lanczos_top`)."""
-    K = K.detach().to("cpu", torch.float64).numpy()
-    if not np.isfinite(K).all():
-        raise InputError(
-            "the Gram matrix has NaN or infinite entries: the per-sample gradients are not "
-            "finite (a diverged loss?)"
-        )
-    return lanczos_top(lambda q: K @ q, len(K), tol)[0]
-
-
-def bound_squarings(n: int, slack: float = 0.01) -> int:
-    """The squarings :func:`top_eigenvalue_bounds` takes for an ``(n, n)`` matrix: the
-    least ``s`` with ``n^(1/2^s) ≤ 1 + slack``."""
-    return max(0, math.ceil(math.log2(math.log(max(n, 2)) / math.log1p(slack))))
-
-
-def top_eigenvalue_bounds(K: Tensor, slack: float = 0.01) -> tuple[Tensor, Tensor]:
-    r"""Bounds ``θ ≤ λ_max(K) ≤ λ̄`` of a symmetric PSD ``(n, n)`` matrix, as 0-d tensors on
-    K's device, with no host read: a fixed number ``s`` of squarings, so nothing waits for
-    the device (the ``eps="auto"`` of a GPU step, :class:`~sgdgeom.optim.DiffusionMetricSGD`).
-
-    With :math:`p = 2^s` and :math:`T_p = \operatorname{tr} K^p = \sum_i \lambda_i^p`,
-
-    .. math::
-
-        \lambda_{\max} \le \bar\lambda = T_p^{1/p} \le r^{1/p} \lambda_{\max}
-        \quad (r = \operatorname{rank} K \le n),
-
-    and ``s`` is the least with :math:`n^{1/p} \le 1 + \text{slack}` (10 squarings at
-    ``n = 256`` and the default 1%), whatever the spectrum. Each squaring is rescaled by its
-    trace, ``M ← M² / tr M²``, and :math:`\log T_p` is summed in float64 at the end, so nothing
-    overflows. ``θ`` is the Rayleigh quotient of K at the column of :math:`M \propto K^p`
-    with the largest diagonal entry: a lower bound, as any Rayleigh quotient, and close to
-    :math:`\lambda_{\max}` unless the top eigenvalues cluster. Cost: ``s`` products of
-    ``n x n`` matrices. A K with NaN or infinite entries gives NaN bounds. Both bounds hold
-    up to the rounding of K's dtype (and of TF32, if the caller enabled it for matrix
-    products)."""
-    n = len(K)
-    squarings = bound_squarings(n, slack)
-    trace = K.diagonal().sum()
-    positive = trace > 0
-    M = K / torch.where(positive, trace, 1.0)
-    # t_k = tr M², M ← M²/t_k: then log λ̄ = log tr K + Σ_k 2⁻ᵏ log t_k (three kernels a
-    # squaring: on a GPU, launches are most of this function's time)
-    traces = K.new_empty(squarings)
-    for k in range(squarings):
-        M = M @ M
-        torch.sum(M.diagonal(), dim=0, out=traces[k])
-        M /= traces[k]
-    weights = torch.exp2(-torch.arange(1, squarings + 1, dtype=torch.float64, device=K.device))
-    log_upper = trace.double().log() + (traces.double().log() * weights).sum()
-    upper = torch.where(positive, log_upper.exp(), 0.0)
-    upper = torch.where(K.isfinite().all(), upper, math.nan)
-    u = M.gather(1, M.diagonal().argmax().expand(n, 1))[:, 0]
-    lower = (u @ (K @ u)) / (u @ u)
-    return torch.where(positive, lower.double(), 0.0), upper
-
-
-def compiled_bounds(K: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`top_eigenvalue_bounds` through ``torch.compile`` (``mode="reduce-overhead"``:
-    a CUDA graph on a GPU), one compilation per size; the bounds are copied out of the
-    graph's memory, which the next call reuses."""
-    lower, upper = _compiled_bounds()(K)
-    return lower.clone(), upper.clone()
-
-
-@cache
-def _compiled_bounds() -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    return torch.compile(
-        top_eigenvalue_bounds, mode="reduce-overhead", dynamic=False, fullgraph=True
-    )
-
-
-def lanczos_top(
-    matvec: Callable[[np.ndarray], np.ndarray], n: int, tol: float
-) -> tuple[float, int]:
-    """The largest eigenvalue of a symmetric PSD operator on ``R^n`` (float64 vectors) and
-    the number of products it took: Lanczos with full reorthogonalisation from a fixed start
-    vector.
-
-    It stops when the top Ritz pair's residual ``‖K u − θ u‖ = β_m |s_m|`` is at most
-    ``tol · θ``: some eigenvalue lies within that residual of θ, and ``λ_max − θ ≤
-    residual² / gap`` (Parlett, *The Symmetric Eigenvalue Problem*, §11.7). After ``n``
-    steps the Krylov space is the whole space and θ is exact.
-    """
-    q = np.random.default_rng(0).standard_normal(n)
-    q /= np.linalg.norm(q)
-    basis = np.empty((n, n))
-    alphas: list[float] = []
-    betas: list[float] = []
-    for m in range(n):
-        basis[m] = q
-        z = matvec(q)
-        if not np.isfinite(z).all():
-            raise InputError(
-                "the diffusion matrix has NaN or infinite products: the per-sample gradients "
-                "are not finite (a diverged loss?)"
-            )
-        alphas.append(float(q @ z))
-        for _ in range(2):  # full reorthogonalisation; "twice is enough" (Kahan, Parlett)
-            z -= basis[: m + 1].T @ (basis[: m + 1] @ z)
-        beta = float(np.linalg.norm(z))
-        exhausted = m == n - 1 or beta <= 1e-14 * max(map(abs, alphas))  # θ is exact
-        if exhausted or m % 4 == 3:
-            T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-            values, vectors = np.linalg.eigh(T)
-            theta = float(values[-1])
-            if exhausted or beta * abs(vectors[-1, -1]) <= tol * theta:
-                return theta, m + 1
-        betas.append(beta)
-        q = z / beta
-    raise AssertionError("unreachable: the loop returns by step n")
-
-
-def conjugate_gradients(
-    matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_steps: int = 100
-) -> tuple[Tensor, int]:
-    """``x`` with ``A x = b`` for a symmetric positive definite operator, and the number of
-    products: conjugate gradients (Hestenes–Stiefel) from ``x = 0`` until ``‖b − A x‖ ≤ tol
-    ‖b‖``. For ``A = I + εK`` with ``ελ_max < 1`` the condition number is below 2, and the
-    error falls at least 5.8-fold per step (``(√κ − 1)/(√κ + 1) < 0.172``)."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = float(r @ r)
-    target = tol * tol * rs
-    for step in range(max_steps):
-        if rs <= target:
-            return x, step
-        ap = matvec(p)
-        alpha = rs / float(p @ ap)
-        x.add_(p, alpha=alpha)
-        r.sub_(ap, alpha=alpha)
-        rs, previous = float(r @ r), rs
-        p.mul_(rs / previous).add_(r)
-    reached = math.sqrt(rs * tol * tol / target) if target > 0 else math.inf
-    raise InputError(
-        f"conjugate gradients reached a relative residual of {reached:.2e} "
-        f"(asked {tol:.1e}) in {max_steps} steps: the system is not well conditioned "
-        f"(ε λ_max close to 1?) or the products are not finite"
-    )
-
-
-def _covariance(products: PerSampleProducts, mean: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``(1/N) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ`` from materialised chunks of G (columns in mask)."""
-    if mask is not None:
-        mean = mean[mask]
-    out = torch.zeros(len(mean), len(mean), dtype=mean.dtype, device=mean.device)
-    for _, rows in products.per_sample_grads():
-        centred = (rows[:, mask] if mask is not None else rows) - mean
-        out += centred.T @ centred
-    return out / products.n
+    def trace(self, probes: int | None = None, seed: int = 0) -> float:
+        """``tr D_I``, exactly (Hutchinson's estimate with ``probes``)."""
+        if probes is not None:
+            return super().trace(probes, seed)
+        return sum(self.param_traces().values())
 
 
 def _symmetrise_(K: Tensor, block: int = 2048) -> None:

@@ -1,4 +1,5 @@
-"""Files are input: safe names, exclusive atomic writes, and checkpoints that run no code.
+"""Files: safe names, exclusive atomic writes, JSON lines and checkpoints, read and written
+here and nowhere else. Files are input: a checkpoint is loaded so that it runs no code.
 
 Everything sgdgeom writes goes through :func:`atomic_write_bytes` (or :func:`save_figure`,
 which renders into memory first): the bytes go to a temporary file created exclusively,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -36,7 +38,9 @@ __all__ = [
     "read_jsonl",
     "safe_name",
     "safe_names",
+    "save_checkpoint",
     "save_figure",
+    "write_jsonl",
 ]
 
 _UMASK = os.umask(0)
@@ -132,6 +136,19 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
+def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    """A record for JSON: NaN and infinities (not JSON) become null."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write ``records`` as JSON lines, atomically (a NaN or infinity is written as null)."""
+    text = "".join(json.dumps(_finite_or_null(r)) + "\n" for r in records)
+    atomic_write_bytes(path, text.encode())
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Every complete record of a JSON-lines file (a torn last line is skipped)."""
     records = []
@@ -141,6 +158,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint (tensors and plain data, as :func:`load_checkpoint` reads it),
+    atomically: a crash leaves the previous checkpoint whole."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:

@@ -30,6 +30,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +39,9 @@ from sgdgeom.errors import ConfigError
 
 __all__ = [
     "ACTIVATIONS",
+    "INITS",
     "MODELS",
+    "NORMS",
     "ConvNet",
     "FullyConnected",
     "ResNet",
@@ -159,12 +162,17 @@ class SmallCNN(nn.Module):
         return self.out(self.flatten(self.act_conv2(self.conv2(x))))
 
 
+NORMS: dict[str, Callable[[int, int], nn.Module]] = {
+    "group": lambda channels, groups: nn.GroupNorm(math.gcd(groups, channels), channels),
+    "batch": lambda channels, groups: nn.BatchNorm2d(channels),
+}
+"""The normalisation layers of the residual blocks, by name: ``(channels, groups) -> layer``."""
+
+
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:
-    if kind == "group":
-        return nn.GroupNorm(math.gcd(groups, channels), channels)
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    raise ConfigError(f"unknown norm {kind!r}; choose group or batch")
+    if kind not in NORMS:
+        raise ConfigError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
+    return NORMS[kind](channels, groups)
 
 
 class ResidualBlock(nn.Module):
@@ -303,6 +311,12 @@ def _small_cnn(
     return SmallCNN(input_shape, num_classes, channels, activation)
 
 
+INITS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "default": lambda model: model,  # PyTorch's own initialisation
+    "kaiming": kaiming_init,
+}
+"""The initialisations a config names (``model.init``)."""
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "fc": _fc,
     "mlp": _mlp,
@@ -320,7 +334,7 @@ def build_model(
     input_shape: Sequence[int],
     num_classes: int,
     *,
-    init: str = "default",
+    init: Literal["default", "kaiming"] = "default",
     **options: object,
 ) -> nn.Module:
     """Build a model by name (see :data:`MODELS`).
@@ -334,8 +348,8 @@ def build_model(
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    if init not in ("default", "kaiming"):
-        raise ConfigError(f"unknown init {init!r}; choose default or kaiming")
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     try:
         with warnings.catch_warnings():  # an empty layer is refused below, with its name
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
@@ -349,4 +363,4 @@ def build_model(
             f"bad options {options} for model {name!r}: parameter {empty[0]} is empty; every "
             f"width, depth and channel count must be >= 1"
         )
-    return kaiming_init(model) if init == "kaiming" else model
+    return INITS[init](model)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from sgdgeom.errors import InputError
 
-__all__ = ["ParamSpace"]
+__all__ = ["ParamSpace", "set_parameters"]
 
 
 class ParamSpace:
@@ -45,21 +45,49 @@ class ParamSpace:
         named = [(n, p) for n, p in pairs if p.requires_grad]
         if not named:
             raise InputError("the model has no trainable parameters")
-        self.names: list[str] = [n for n, _ in named]
-        self.shapes: list[torch.Size] = [p.shape for _, p in named]
-        self.numels: list[int] = [p.numel() for _, p in named]
+        self._build(
+            [n for n, _ in named],
+            [p.shape for _, p in named],
+            named[0][1].dtype,
+            named[0][1].device,
+        )
+
+    def _build(
+        self, names: list[str], shapes: list[torch.Size], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.names: list[str] = names
+        self.shapes: list[torch.Size] = shapes
+        self.numels: list[int] = [shape.numel() for shape in shapes]
         self.offsets: list[int] = [0]
         for numel in self.numels:
             self.offsets.append(self.offsets[-1] + numel)
         self.dim: int = self.offsets[-1]
-        self.dtype = named[0][1].dtype
-        self.device = named[0][1].device
+        self.dtype = dtype
+        self.device = device
         self._index = {n: i for i, n in enumerate(self.names)}
         self._layer_of = {n: n.rpartition(".")[0] for n in self.names}
         self.layers: list[str] = list(dict.fromkeys(self._layer_of.values()))
 
     def __repr__(self) -> str:
         return f"ParamSpace(dim={self.dim}, layers={self.layers})"
+
+    def subspace(self, names: Iterable[str]) -> ParamSpace:
+        """The space of some of these parameters (in this space's order): a layer's, for
+        its block of an operator."""
+        wanted = set(names)
+        unknown = wanted - set(self.names)
+        if unknown or not wanted:
+            raise InputError(
+                f"no parameters {sorted(unknown)} in this space"
+                if unknown
+                else "a subspace needs at least one parameter"
+            )
+        space = ParamSpace.__new__(ParamSpace)
+        kept = [i for i, n in enumerate(self.names) if n in wanted]
+        space._build(
+            [self.names[i] for i in kept], [self.shapes[i] for i in kept], self.dtype, self.device
+        )
+        return space
 
     # ------------------------------------------------------------ conversions
 
@@ -162,3 +190,11 @@ class ParamSpace:
     def _check_layer(self, layer: str) -> None:
         if layer not in self.layers:
             raise KeyError(f"unknown layer {layer!r}; the layers are {', '.join(self.layers)}")
+
+
+def set_parameters(model: nn.Module, x: Tensor) -> None:
+    """Load the flat vector ``x`` into the model's trainable parameters."""
+    space = ParamSpace(model)
+    with torch.no_grad():
+        for p, value in zip(space.params(model).values(), space.unflatten(x).values(), strict=True):
+            p.copy_(value)

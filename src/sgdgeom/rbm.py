@@ -34,9 +34,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from sgdgeom._deprecated import warn
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.epsilon import EpsilonLike
 from sgdgeom.errors import InputError
-from sgdgeom.metric import DiffusionMetric
+from sgdgeom.metric import DiffusionMetric, Inverse, inverse_of
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import RowProducts
 
@@ -170,21 +172,30 @@ class RBM(nn.Module):
         stats: CDStatistics,
         lr: float,
         *,
-        metric: str | None = None,
-        eps: float | str = "auto",
-        safety: float = 0.5,
+        inverse: Inverse | None = None,
+        eps: EpsilonLike = "auto",
+        eps_fraction: float | None = None,
+        metric: Inverse | None = None,
+        safety: float | None = None,
     ) -> DiffusionMatrix:
-        """Phase 3: move along ``−ḡ`` (plain CD), or along the diffusion-metric gradient of
-        the CD estimate, ``−(I+εD)⁻¹ḡ`` (``metric="exact"``) or ``−(I−εD)ḡ``
-        (``metric="weak"``). Returns the batch's diffusion matrix of the CD gradients."""
+        """Phase 3: move along ``−ḡ`` (plain CD, ``inverse=None``), or along the
+        diffusion-metric gradient of the CD estimate, ``−(I+εD)⁻¹ḡ`` (``inverse="exact"``)
+        or ``−(I−εD)ḡ`` (``inverse="weak"``), ε by the policy ``eps``
+        (:class:`~sgdgeom.epsilon.Epsilon`). Returns the batch's diffusion matrix of the CD
+        gradients. ``metric=`` and ``safety=`` are the old names of ``inverse=`` and
+        ``eps_fraction=``, kept for one release."""
+        if metric is not None:
+            warn(f"RBM.weight_update(metric={metric!r})", f"inverse={metric!r}")
+            inverse = metric
+        if safety is not None:
+            warn("RBM.weight_update(safety=...)", "eps_fraction=...")
+            eps_fraction = safety
         D = self.diffusion_matrix(stats)
-        if metric is None:
+        if inverse is None:
             step = D.mean_gradient()
-        elif metric in ("weak", "exact"):
-            D.gram()
-            step = DiffusionMetric(D, eps, safety).gradient(exact=metric == "exact")
         else:
-            raise InputError(f"metric must be None, 'weak' or 'exact', got {metric!r}")
+            D.gram()
+            step = DiffusionMetric(D, eps, eps_fraction).gradient(inverse_of(inverse))
         for p, s in zip(self.parameters(), D.space.unflatten(step).values(), strict=True):
             p.sub_(lr * s)
         return D

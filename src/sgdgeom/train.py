@@ -1,9 +1,10 @@
-"""The training loop: callbacks, evaluation, JSON-lines metrics, checkpoints and resume.
+"""The training loop: evaluation, JSON-lines metrics, checkpoints and resume.
 
 A :class:`Trainer` runs minibatch training on an in-memory :class:`~sgdgeom.data.Dataset`.
-Everything that later work hooks into is a :class:`Callback`: before and after the step,
-after backward (the gradients are there), and at the end of an epoch (a callback may add
-its own named metrics to the epoch's record).
+Everything that later work hooks into is a :class:`~sgdgeom.callbacks.Callback`: before and
+after the step, after backward (the gradients are there), and at the end of an epoch (a
+callback may add its own named metrics to the epoch's record). The monitors of
+:mod:`sgdgeom.monitors` are callbacks.
 
 Reproducibility and resume: the shuffling and torch's global random state are re-seeded at
 the start of every epoch from ``(seed, epoch)``, so a run resumed from the checkpoint of
@@ -25,68 +26,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sgdgeom._deprecated import moved
+from sgdgeom.callbacks import Callback
 from sgdgeom.data import Dataset, batches
 from sgdgeom.errors import CheckpointError, InputError, NonFiniteLossError, SgdgeomError
-from sgdgeom.extras import require
-from sgdgeom.files import atomic_write_bytes, load_checkpoint
+from sgdgeom.files import atomic_write_bytes, load_checkpoint, save_checkpoint, write_jsonl
+from sgdgeom.optim.objectives import Objective, cross_entropy_objective
 
-__all__ = [
-    "Callback",
-    "TensorBoardLogger",
-    "Trainer",
-    "resolve_device",
-]
+__all__ = ["CHECKPOINT", "FINAL", "METRICS", "Trainer", "resolve_device"]
 
-Objective = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+__getattr__ = moved("sgdgeom.train", {"TensorBoardLogger": "sgdgeom.monitors"})
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
-
-
-class Callback:
-    """Hooks into :class:`Trainer`. Override what you need; all default to doing nothing.
-
-    A callback that keeps state across epochs returns it from :meth:`state_dict`, so that it
-    is saved in the checkpoint and restored on resume.
-    """
-
-    def on_train_begin(self, trainer: Trainer) -> None:
-        """Before the first epoch (also after a resume)."""
-
-    def on_step_begin(self, trainer: Trainer, x: Tensor, y: Tensor) -> None:
-        """Before the forward pass of a step."""
-
-    def on_after_backward(self, trainer: Trainer, x: Tensor, y: Tensor, loss: Tensor) -> None:
-        """After ``loss.backward()``, before ``optimizer.step()``: gradients are populated."""
-
-    def on_step_end(self, trainer: Trainer, x: Tensor, y: Tensor, loss: Tensor) -> None:
-        """After ``optimizer.step()``."""
-
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
-        """After evaluation; add named entries to ``metrics`` to have them logged."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """State to checkpoint."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-
-
-class TensorBoardLogger(Callback):
-    """Writes every numeric metric of each epoch as a TensorBoard scalar (needs the
-    ``tensorboard`` package; the JSON-lines metrics are written regardless)."""
-
-    def __init__(self, log_dir: str | Path) -> None:
-        tensorboard = require("torch.utils.tensorboard", "TensorBoard output")
-        self.writer = tensorboard.SummaryWriter(str(log_dir))
-
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, int | float) and key != "epoch":
-                self.writer.add_scalar(key, value, epoch)
-        self.writer.flush()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -129,18 +82,6 @@ def _describe(signature: Any) -> str:
     return f"{signature.get('class', '?')}({shown})"
 
 
-def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
-    """A metrics record for JSON: NaN and infinities (not JSON) become null."""
-    return {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
-    }
-
-
-def _cross_entropy_objective(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    logits = model(x)
-    return nn.functional.cross_entropy(logits, y), logits
-
-
 class Trainer:
     """Minibatch training with evaluation, metrics, checkpoints and resume.
 
@@ -155,7 +96,7 @@ class Trainer:
         objective: ``(model, x, y) -> (loss, logits)`` for one minibatch; cross-entropy by
             default. Partial local entropy and other losses plug in here.
         augment: a batched augmentation applied to training images before normalisation.
-        callbacks: see :class:`Callback`.
+        callbacks: see :class:`~sgdgeom.callbacks.Callback`.
         out_dir: where ``metrics.jsonl``, ``checkpoint.pt`` and ``final.json`` go; None
             keeps everything in memory.
         seed: seeds the shuffling and the global random state of every epoch.
@@ -185,7 +126,7 @@ class Trainer:
         *,
         epochs: int,
         batch_size: int,
-        objective: Objective = _cross_entropy_objective,
+        objective: Objective = cross_entropy_objective,
         augment: nn.Module | None = None,
         callbacks: Sequence[Callback] = (),
         out_dir: str | Path | None = None,
@@ -232,10 +173,8 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         if self.checkpoint_path is None:
             return
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(
+        save_checkpoint(
+            self.checkpoint_path,
             {
                 "epoch": self.epoch,
                 "step": self.step,
@@ -246,9 +185,7 @@ class Trainer:
                 "run_id": self.run_id,
                 "optimizer_signature": self._signature,
             },
-            buffer,
         )
-        atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
 
     def _resume(self) -> None:
         path = self.checkpoint_path
@@ -294,10 +231,8 @@ class Trainer:
             )
 
     def _write_metrics_log(self) -> None:
-        if self.out_dir is None:
-            return
-        text = "".join(json.dumps(_finite_or_null(r)) + "\n" for r in self.history)
-        atomic_write_bytes(self.out_dir / METRICS, text.encode())
+        if self.out_dir is not None:
+            write_jsonl(self.out_dir / METRICS, self.history)
 
     # ------------------------------------------------------------------ loop
 
@@ -309,7 +244,7 @@ class Trainer:
             for x, y in batches(self._x_test, self._y_test, self.test_batch_size):
                 logits = self.model(x)
                 loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-                correct += (logits.argmax(1) == y).sum().item()
+                correct += int((logits.argmax(1) == y).sum())
         n = len(self._y_test)
         return loss_sum / n, correct / n
 
@@ -336,14 +271,14 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_after_backward(self, x, y, loss)
             if getattr(self.optimizer, "requires_closure", False):
-                self.optimizer.step(self._closure(x, y))
+                self.optimizer.step(self._closure(x, y))  # type: ignore[arg-type]
             else:
                 self.optimizer.step()
             self.step += 1
             for cb in self.callbacks:
                 cb.on_step_end(self, x, y, loss)
             loss_sum += value * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
@@ -390,7 +325,7 @@ class Trainer:
         """
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not resume and self.checkpoint_path.exists():
+            if not resume and (self.out_dir / CHECKPOINT).exists():
                 raise InputError(
                     f"{self.out_dir} already holds a run: fit(resume=True) continues it; "
                     f"choose another out_dir to start a new one"

@@ -1,8 +1,11 @@
 """Experiment configs: YAML validated by pydantic.
 
 A config is a mapping with the sections ``data``, ``model``, ``optimizer`` and ``train``
-(see :class:`ExperimentConfig`). Every key is checked: an unknown key or a bad value is a
-:class:`~sgdgeom.errors.ConfigError` that names the key and what is allowed.
+(see :class:`ExperimentConfig`), and optionally ``loss`` and ``monitor``. Every key is
+checked: an unknown key or a bad value is a :class:`~sgdgeom.errors.ConfigError` that names
+the key and what is allowed. The ``optimizer``, ``loss`` and ``monitor`` sections name
+registered things (:data:`~sgdgeom.optim.OPTIMIZERS`, :data:`~sgdgeom.optim.LOSSES`,
+:data:`~sgdgeom.monitors.MONITORS`): each is validated as the options model of its name.
 
 Examples:
     >>> cfg = parse_config({
@@ -23,27 +26,44 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from sgdgeom._deprecated import warn
 from sgdgeom.data import AUGMENTATION_DATASETS, AUGMENTATIONS, DATASETS
 from sgdgeom.errors import ConfigError
 from sgdgeom.models import MODELS
+from sgdgeom.monitors import MONITORS, MonitorOptions
+from sgdgeom.optim import (
+    LOSSES,
+    OPTIMIZERS,
+    LossOptions,
+    OptimizerOptions,
+    loss_options,
+    optimizer_options,
+)
+from sgdgeom.optim.objectives import CrossEntropyOptions
+from sgdgeom.registry import Options, Registry
 
 __all__ = [
-    "OPTIMIZER_KEYS",
     "DataConfig",
     "ExperimentConfig",
-    "LossConfig",
     "ModelConfig",
     "MonitorConfig",
-    "OptimizerConfig",
     "TrainConfig",
     "config_hash",
     "load_config",
@@ -54,13 +74,7 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
-    """Unknown keys are refused, and values are not coerced (``epochs: true`` is no 1)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class DataConfig(_Strict):
+class DataConfig(Options):
     """Which dataset, how it is batched and augmented."""
 
     name: str
@@ -97,7 +111,7 @@ def _model_options(name: str) -> list[str]:
     return [p for p in params if p not in ("input_shape", "num_classes")]
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Options):
     """A model of :data:`sgdgeom.models.MODELS` and its options (``depth``, ``width``,
     ``activation``, ...), written beside ``name`` in the YAML."""
 
@@ -124,203 +138,200 @@ class ModelConfig(_Strict):
         return {"name": name, "init": data.get("init", "default"), "options": options}
 
 
-OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
-    "sgd": (),
-    "adam": (),
-    "adamw": (),
-    "diffusion-sgd": ("eps", "mode", "safety", "fused"),
-    "sam": ("rho",),
-    "asam": ("rho",),
-    "entropy-sgd": ("L", "gamma", "gamma_growth", "langevin_lr", "noise", "alpha"),
-}
-"""The keys each optimizer accepts beyond ``lr``, ``momentum``, ``weight_decay``, ``nesterov``."""
-
-
-class OptimizerConfig(_Strict):
-    """The optimizer and the baselines every table compares against:
-
-    - ``sgd`` (plain, momentum, weight decay), ``adam``, ``adamw`` (decoupled weight decay);
-    - ``diffusion-sgd``: :class:`~sgdgeom.optim.DiffusionMetricSGD` (``eps``, ``mode``,
-      ``safety``, ``fused``);
-    - ``sam`` / ``asam``: SAM and adaptive SAM from the pytorch-optimizer package over SGD
-      (``rho``, default 0.05 / 0.5);
-    - ``entropy-sgd``: :class:`~sgdgeom.optim.entropy_sgd.EntropySGD` (``L``, ``gamma``,
-      ``gamma_growth``, ``langevin_lr``, ``noise``, ``alpha``). Defaults, against Chaudhari
-      et al.'s Algorithm 1 and the defaults of their public code: ``langevin_lr`` η' = 0.1,
-      ``noise`` ε = 1e-4 (the thermal noise of the inner SGLD) and ``alpha`` α = 0.75 (the
-      weight of the inner iterates' running mean μ) are theirs; ``gamma`` γ₀ = 0.03 and
-      ``gamma_growth`` γ₁ = 1e-3 where their code has 1e-2 and 0 (scoping, §4.3 of the
-      paper, is off there by default); ``L`` = 5 inner steps where their code's default is
-      0 and their experiments set 5 to 20.
-    """
-
-    name: Literal["sgd", "adam", "adamw", "diffusion-sgd", "sam", "asam", "entropy-sgd"]
-    lr: float = Field(gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    nesterov: bool = False
-    eps: float | Literal["auto"] | None = None
-    mode: Literal["weak", "exact"] | None = None
-    safety: float | None = Field(None, gt=0, lt=1)
-    fused: bool | None = None
-    rho: float | None = Field(None, gt=0)
-    L: int | None = Field(None, ge=1)
-    gamma: float | None = Field(None, gt=0)
-    gamma_growth: float | None = Field(None, ge=0)
-    langevin_lr: float | None = Field(None, gt=0)
-    noise: float | None = Field(None, ge=0)
-    alpha: float | None = Field(None, gt=0, le=1)
-
-    @model_validator(mode="after")
-    def _keys_of_the_named_optimizer(self) -> OptimizerConfig:
-        own = OPTIMIZER_KEYS[self.name]
-        foreign = [
-            key
-            for keys in OPTIMIZER_KEYS.values()
-            for key in keys
-            if key not in own and getattr(self, key) is not None
-        ]
-        if foreign:
-            owners = sorted({n for n, keys in OPTIMIZER_KEYS.items() if set(foreign) & set(keys)})
-            raise ValueError(
-                f"{', '.join(dict.fromkeys(foreign))} apply only to name: {' or '.join(owners)}"
-            )
-        if isinstance(self.eps, float) and not 0 <= self.eps < math.inf:
-            raise ValueError(f"eps must be 'auto' or a finite number >= 0, got {self.eps}")
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov needs momentum > 0")
-        return self
-
-
-class TrainConfig(_Strict):
+class TrainConfig(Options):
     """How long to train and where."""
 
     epochs: int = Field(ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class MonitorConfig(_Strict):
-    """Instruments switched on during training (:class:`~sgdgeom.monitor.LayerTemperature`).
+_OLD_MONITOR_KEYS = (
+    "snr",
+    "trace_every",
+    "layers",
+    "current_every",
+    "current_probes",
+    "curl_sections",
+    "alignment_every",
+    "alignment_k",
+)
 
-    ``temperature``: per-layer signal and noise (Musso eq. 2, Fig. 1); ``snr``: gradient
-    signal-to-noise norms; ``trace_every``: epochs between ``tr D_I / N_I`` measurements on
-    the first ``probe_size`` training samples (0 = never); ``layers``: which layers (default
-    all with a weight matrix); ``tensorboard``: also write TensorBoard scalars (needs the
-    tensorboard package). ``current_every``: epochs between measurements of Fioresi et al.'s
-    (F12) current and the curl of ∇_D f on the probe samples
-    (:class:`~sgdgeom.steady_state.SteadyStateMonitor`; 0 = never), with
-    ``current_probes`` Hutchinson probes for ∇·D (null: exact) and ``curl_sections`` random
-    sections. ``alignment_every``: epochs between measurements of the alignment of D with
-    the Hessian on the probe samples (:class:`~sgdgeom.hessian.AlignmentMonitor`; 0 =
-    never), on the top ``alignment_k`` eigenpairs of each.
+
+def _old_monitor_section(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``monitor:`` section in the flat form of the previous release (``temperature:
+    true, snr: true, current_every: 1, ...``, the temperature on unless switched off) in
+    today's form, one section per monitor, with a deprecation warning."""
+    warn(
+        "the flat monitor section (snr, trace_every, current_every, ...)",
+        "one section per monitor, e.g. monitor: {temperature: {snr: true}, current: {every: 1}}",
+        stacklevel=7,
+    )
+
+    def given(*pairs: tuple[str, str]) -> dict[str, Any]:
+        return {new: data[old] for old, new in pairs if old in data}
+
+    out: dict[str, Any] = given(("probe_size", "probe_size"))
+    if data.get("temperature", True):
+        out["temperature"] = given(
+            ("snr", "snr"), ("trace_every", "trace_every"), ("layers", "layers")
+        )
+    if data.get("current_every"):
+        out["current"] = given(
+            ("current_every", "every"), ("current_probes", "probes"), ("curl_sections", "sections")
+        )
+    if data.get("alignment_every"):
+        out["alignment"] = given(("alignment_every", "every"), ("alignment_k", "k"))
+    if data.get("tensorboard"):
+        out["tensorboard"] = {}
+    return out
+
+
+class MonitorConfig(Options):
+    """The monitors switched on during training (:mod:`sgdgeom.monitors`), by name, each with
+    its options (``true`` for its defaults, ``false`` or absent for off), and the shared
+    ``probe_size``: the first training samples that the probe measurements use::
+
+        monitor:
+          probe_size: 1024
+          temperature: {snr: true, trace_every: 50}
+          current: {every: 1}
+
+    The flat form of the previous release (``temperature: true, snr: true,
+    current_every: 1, ...``) is read for one release, with a warning.
     """
 
-    temperature: bool = True
-    snr: bool = False
-    trace_every: int = Field(0, ge=0)
     probe_size: int = Field(256, ge=2)
-    layers: list[str] | None = None
-    tensorboard: bool = False
-    current_every: int = Field(0, ge=0)
-    current_probes: int | None = Field(8, ge=2)
-    curl_sections: int = Field(4, ge=0)
-    alignment_every: int = Field(0, ge=0)
-    alignment_k: int = Field(5, ge=1)
+    monitors: dict[str, SerializeAsAny[MonitorOptions]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_section_per_monitor(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "monitors" in data:
+            return data
+        if set(_OLD_MONITOR_KEYS) & set(data):
+            data = _old_monitor_section(data)
+        monitors = {}
+        for name, value in data.items():
+            if name == "probe_size" or value is False:
+                continue
+            if name not in MONITORS:
+                raise ValueError(
+                    f"unknown monitor {name!r}; known: probe_size, {', '.join(MONITORS)}"
+                )
+            monitors[MONITORS.resolve(name)] = {} if value is True else value
+        return {k: v for k, v in data.items() if k == "probe_size"} | {"monitors": monitors}
+
+    @field_validator("monitors", mode="wrap")
+    @classmethod
+    def _registered(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if not isinstance(value, dict):
+            return handler(value)
+        out = {}
+        for name, options in value.items():
+            model = MONITORS[name]
+            if isinstance(options, model):
+                out[name] = options
+                continue
+            try:
+                out[name] = model.model_validate(options if options is not None else {})
+            except ValidationError as err:
+                lines = describe_errors(err, model, options)
+                raise ValueError("; ".join(f"{name}.{line}" for line in lines)) from None
+        return out
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: Any) -> dict[str, Any]:
+        dumped = handler(self)
+        return {"probe_size": dumped["probe_size"], **dumped["monitors"]}
+
+    @property
+    def reads_grad(self) -> bool:
+        """Whether a monitor switched on reads the weights' ``.grad`` after backward."""
+        return any(options.reads_grad for options in self.monitors.values())
 
 
-class LossConfig(_Strict):
-    """The training loss: plain cross-entropy, or Musso's partial local entropy smoothing
-    ``layers`` (``pla``: eq. 23, ``plea``: eq. 22; a finite ``k`` gives eq. 19 / 14) with
-    box half-side ``R``, or the Gaussian distance ``gamma ‖ΔW‖²`` of eq. 11 instead, and
-    ``y`` perturbed points, optionally as ``antithetic`` pairs ``±ΔW`` (see
-    :class:`~sgdgeom.optim.local_entropy.PartialLocalEntropy`)."""
-
-    name: Literal["cross_entropy", "pla", "plea"] = "cross_entropy"
-    layers: list[str] | Literal["all"] | None = None
-    R: float | None = Field(None, gt=0)
-    gamma: float | None = Field(None, gt=0)
-    y: int | None = Field(None, ge=0)
-    k: float | None = Field(None, gt=0)
-    route: Literal["auto", "naive", "prefix", "split"] | None = None
-    antithetic: bool | None = None
-
-    @model_validator(mode="after")
-    def _entropy_keys(self) -> LossConfig:
-        keys = ("layers", "R", "gamma", "y", "k", "route", "antithetic")
-        extra = [k for k in keys if getattr(self, k) is not None]
-        if self.name == "cross_entropy" and extra:
-            raise ValueError(f"{', '.join(extra)} apply only to name: pla or plea")
-        if self.name != "cross_entropy" and (self.R is None) == (self.gamma is None):
-            raise ValueError(
-                f"loss {self.name} needs exactly one of R (the half-side of the sampling box) "
-                f"and gamma (the Gaussian distance of Musso eq. 11)"
-            )
-        if self.k is not None and self.gamma is not None:
-            raise ValueError("k sharpens the box kernel; the Gaussian distance (gamma) has none")
-        return self
-
-
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Options):
     """One training run: dataset, model, optimizer and schedule, plus a seed and, optionally,
-    monitors."""
+    a training loss and monitors."""
 
     name: str
     seed: int = Field(0, ge=0, lt=2**32)
     data: DataConfig
     model: ModelConfig
-    optimizer: OptimizerConfig
+    optimizer: SerializeAsAny[OptimizerOptions]
     train: TrainConfig
     monitor: MonitorConfig | None = None
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: SerializeAsAny[LossOptions] = Field(default_factory=CrossEntropyOptions)
+
+    @field_validator("optimizer", mode="wrap")
+    @classmethod
+    def _registered_optimizer(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return optimizer_options(value)
+
+    @field_validator("loss", mode="wrap")
+    @classmethod
+    def _registered_loss(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return loss_options(value)
 
     @model_validator(mode="after")
-    def _diffusion_sgd_combinations(self) -> ExperimentConfig:
-        if self.optimizer.name == "diffusion-sgd" and self.loss.name != "cross_entropy":
-            raise ValueError(
-                f"optimizer diffusion-sgd reads the per-sample gradients of one forward and "
-                f"backward, and loss {self.loss.name} makes y + 1 of them: use one or the other"
-            )
-        reads_grad = self.monitor is not None and self.monitor.temperature
-        if self.optimizer.fused and reads_grad:
-            raise ValueError(
-                "optimizer.fused leaves the weights' .grad empty, and monitor.temperature reads "
-                "it: set optimizer.fused: false or monitor.temperature: false"
-            )
-        if self.optimizer.name == "diffusion-sgd" and self.optimizer.fused is None and reads_grad:
-            # the default, fused where exact, would hide the .grad that the monitor reads
-            unfused = self.optimizer.model_copy(update={"fused": False})
-            return self.model_copy(update={"optimizer": unfused})
-        return self
+    def _sections_together(self) -> ExperimentConfig:
+        reads_grad = self.monitor is not None and self.monitor.reads_grad
+        optimizer = self.optimizer.alongside(type(self.loss).plain, reads_grad)
+        return (
+            self
+            if optimizer is self.optimizer
+            else self.model_copy(update={"optimizer": optimizer})
+        )
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed at ``loc`` (the location of an unknown key) in ``model``."""
+_SECTIONS: dict[type[Options], Registry[Any]] = {OptimizerOptions: OPTIMIZERS, LossOptions: LOSSES}
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...], data: Any) -> list[str]:
+    """The keys allowed at ``loc`` (the location of an unknown key) in ``model``, whose input
+    was ``data``; a registered section's keys are those of the model of its name."""
     for part in loc[:-1]:
+        data = data.get(part) if isinstance(data, dict) else None
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field is not None else None
         if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
             models = [a for a in typing.get_args(annotation) if a is not type(None)]
             annotation = models[0] if len(models) == 1 else None
+        if typing.get_origin(annotation) is typing.Annotated:  # SerializeAsAny[...]
+            annotation = typing.get_args(annotation)[0]
+        if (
+            annotation in _SECTIONS
+            and isinstance(data, dict)
+            and data.get("name") in (registry := _SECTIONS[annotation])
+        ):
+            annotation = registry[data["name"]]
         if not (inspect.isclass(annotation) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
     return list(model.model_fields)
 
 
-def _format(err: ValidationError, source: str, schema: type[BaseModel] = ExperimentConfig) -> str:
+def describe_errors(err: ValidationError, schema: type[BaseModel], data: Any = None) -> list[str]:
+    """One line per error of ``err`` (raised validating ``data`` as ``schema``): the dotted
+    key and what is wrong, an unknown key with the keys allowed there."""
     lines = []
     for item in err.errors():
         loc = tuple(item["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
+        where = ".".join(str(p) for p in loc if p != "monitors") or "(top level)"
         if item["type"] == "extra_forbidden":
-            allowed = ", ".join(_allowed_keys(schema, loc))
+            allowed = ", ".join(_allowed_keys(schema, loc, data))
             lines.append(f"{where}: unknown key; allowed: {allowed}")
         elif item["type"] == "missing":
             lines.append(f"{where}: missing key")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {message} (got {item.get('input')!r})")
-    return f"{source}: " + "; ".join(lines)
+            shown = "" if isinstance(item.get("input"), dict) else f" (got {item.get('input')!r})"
+            lines.append(f"{where}: {message}{shown}")
+    return lines
+
+
+def _format(err: ValidationError, source: str, schema: type[BaseModel], data: Any) -> str:
+    return f"{source}: " + "; ".join(describe_errors(err, schema, data))
 
 
 def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
@@ -330,7 +341,7 @@ def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise ConfigError(_format(err, source, ExperimentConfig, data)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -366,10 +377,11 @@ Schema = TypeVar("Schema", bound=BaseModel)
 def load_yaml_as(schema: type[Schema], path: str | Path) -> Schema:
     """Read a YAML file and validate it as ``schema``, or raise a :class:`ConfigError` that
     names the file and every bad key (for the experiment kinds with their own schema)."""
+    data = read_yaml(path)
     try:
-        return schema.model_validate(read_yaml(path))
+        return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format(err, str(path), schema)) from None
+        raise ConfigError(_format(err, str(path), schema, data)) from None
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

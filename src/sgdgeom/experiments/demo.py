@@ -20,11 +20,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from sgdgeom.experiments.kinds import ExperimentKind, RunContext, register_kind
+from sgdgeom.experiments.plots.curves import CurvesOptions
 from sgdgeom.experiments.report import SECTIONS, write_report
 from sgdgeom.experiments.sweep import SweepConfig, expand_sweep, run_sweep
 from sgdgeom.files import atomic_write_bytes
 
-__all__ = ["demo_sweep", "run_demo"]
+__all__ = ["KIND", "DemoConfig", "demo_sweep", "run_demo"]
 
 
 def demo_sweep(epochs: int = 5, n_train: int | None = None) -> SweepConfig:
@@ -46,14 +50,14 @@ def demo_sweep(epochs: int = 5, n_train: int | None = None) -> SweepConfig:
             "pla-fc2": {"loss": {"name": "pla", "layers": ["fc2"], "R": 0.05, "y": 4}},
             "diffusion-sgd": {
                 "optimizer": {
-                    "name": "diffusion-sgd",
-                    "mode": "weak",
+                    "name": "diffusion-metric-sgd",
+                    "inverse": "weak",
                     "eps": "auto",
-                    "fused": True,
+                    "fused": "on",
                 }
             },
         },
-        plots=[{"kind": "curves"}],
+        plots=[CurvesOptions()],
     )
 
 
@@ -135,3 +139,48 @@ def run_demo(
     sections.append(_geodesic_section(out, sgd_runs))
     atomic_write_bytes(out / SECTIONS, json.dumps(sections, indent=1).encode())
     return write_report(out, title="sgdgeom demo")
+
+
+class DemoConfig(BaseModel):
+    """The options of ``sgdgeom demo``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(5, ge=1, description="Epochs of each training.")
+    n_train: int | None = Field(None, ge=1, description="Train on the first N samples only.")
+    spectrum_n: int = Field(1000, ge=2, description="Samples in the diffusion matrix.")
+    sgd_runs: int = Field(32, ge=2, description="SGD runs averaged in the geodesic panel.")
+
+
+def _run(config: DemoConfig, context: RunContext) -> dict[str, Any]:
+    assert context.out is not None
+    report = run_demo(
+        context.out,
+        epochs=config.epochs,
+        n_train=config.n_train,
+        spectrum_n=config.spectrum_n,
+        sgd_runs=config.sgd_runs,
+        progress=context.progress,
+    )
+    return {"report": str(report)}
+
+
+def _figures(out: Path) -> list[Path]:
+    """The demo's figures are those of the kinds and the sweep it runs, drawn where they
+    ran; its own output is the report that gathers them."""
+    return sorted(out.rglob("*.png"))
+
+
+KIND = register_kind(
+    ExperimentKind(
+        name="demo",
+        help="The main job on embedded data: SGD, PLA and DiffusionMetricSGD on MNIST-5k, the "
+        "diffusion spectrum, layer temperatures, a geodesic, and an HTML report.",
+        config=DemoConfig,
+        run=_run,
+        summary=lambda result: f"report: {result['report']}",
+        plots=_figures,
+        source="options",
+        out="runs/demo",
+    )
+)

@@ -1,11 +1,11 @@
-"""Does a deterministic model track SGD? The two-layer network experiment (issue 5 (b), (c)).
+"""Does a deterministic model track SGD? The geodesic experiment on a two-layer network.
 
 From one initial point, on a small real dataset, the experiment integrates the GD flow,
 the metric flow (F10; weak and exact) and the geodesic equation (F8; weak and exact
 Christoffel symbols) for several ε, runs an ensemble of SGD runs and the Chaudhari-Soatto
 SDE, and measures over time the distance between the SGD-ensemble mean and each model,
 the terms the (F8) → (F10) reduction drops, and, at the same points, (F12)'s current and
-the curl of ∇_D f (:class:`~sgdgeom.steady_state.SteadyStateMonitor`). It writes ``geodesic.json``,
+the curl of ∇_D f (:class:`~sgdgeom.monitors.CurrentMonitor`). It writes ``geodesic.json``,
 ``distances.png`` and ``residuals.png`` (plots from the JSON alone).
 """
 
@@ -21,8 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.epsilon import Epsilon
 from sgdgeom.errors import ConfigError
 from sgdgeom.experiments.config import load_yaml_as
+from sgdgeom.experiments.kinds import ExperimentKind, into_out, register_kind
 from sgdgeom.files import atomic_write_bytes, save_figure
 from sgdgeom.geometry import (
     RESIDUAL_LEVELS,
@@ -34,11 +36,12 @@ from sgdgeom.geometry import (
     set_parameters,
     sgd_ensemble,
 )
+from sgdgeom.metric import INVERSES
 from sgdgeom.models import build_model
+from sgdgeom.monitors import CurrentMonitor
 from sgdgeom.params import ParamSpace
-from sgdgeom.steady_state import SteadyStateMonitor
 
-__all__ = ["GeodesicConfig", "load_geodesic_config", "plot_geodesic", "run_geodesic"]
+__all__ = ["KIND", "GeodesicConfig", "load_geodesic_config", "plot_geodesic", "run_geodesic"]
 
 EXACT_DIVERGENCE_LIMIT = 1024  # parameters up to which ∇·D is exact (d Hessian passes)
 
@@ -79,6 +82,8 @@ def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
             raise ConfigError(
                 f"eps_fractions must lie in (0, 1) (ε = fraction/λ_max), got {fraction}"
             )
+    if not config.eps_fractions:
+        raise ConfigError("eps_fractions must name at least one fraction of 1/λ_max")
     out = Path(out_dir)
     if config.problem != "two-layer":
         from sgdgeom.experiments.plane import run_plane
@@ -134,15 +139,14 @@ def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
         paths=8,
         generator=torch.Generator().manual_seed(config.seed + 1),
     )
-    tolerances = {"rtol": config.rtol, "atol": config.atol}
-    trajectories = {"gd": gradient_flow(model, "cross_entropy", data, x0, t, **tolerances)}
+    rtol, atol = config.rtol, config.atol
+    trajectories = {"gd": gradient_flow(model, "cross_entropy", data, x0, t, rtol=rtol, atol=atol)}
     for fraction in config.eps_fractions:
-        eps = fraction / lam
-        for exact in (False, True):
-            kind = "exact" if exact else "weak"
+        eps = Epsilon.auto(fraction).resolve(lam)
+        for inverse in INVERSES:
             for label, integrate in (("metric", metric_flow), ("geodesic", geodesic)):
-                trajectories[f"{label}-{kind} ε={fraction}/λ"] = integrate(
-                    model, "cross_entropy", data, x0, t, eps, exact=exact, **tolerances
+                trajectories[f"{label}-{inverse} ε={fraction}/λ"] = integrate(
+                    model, "cross_entropy", data, x0, t, eps, inverse=inverse, rtol=rtol, atol=atol
                 )
     distances = {
         name: np.linalg.norm(traj.x - sgd_mean, axis=1).tolist()
@@ -160,20 +164,23 @@ def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
         for f in config.eps_fractions
     }
     pick = np.linspace(0, len(t) - 1, config.residual_points).round().astype(int)
+    assert geo.a is not None  # a geodesic carries its accelerations
     sub = type(geo)(geo.t[pick], geo.x[pick], geo.v[pick], geo.f[pick], geo.info, geo.a[pick])
-    sub_res = residuals(model, "cross_entropy", data, sub, middle / lam)
+    middle_eps = Epsilon.auto(middle).resolve(lam)
+    sub_res = residuals(model, "cross_entropy", data, sub, middle_eps)
     # (F11)-(F12) at the same points: the current's divergence term and the curl of ∇_D f
     beta = 2 * config.batch_size / config.lr
-    monitor = SteadyStateMonitor(
+    monitor = CurrentMonitor(
         data,
-        eps=middle / lam,
+        eps=middle_eps,
         probes=None if len(x0) <= EXACT_DIVERGENCE_LIMIT else 32,
+        beta=beta,
         seed=config.seed,
     )
     steady = []
     for point in sub.x:
         set_parameters(model, torch.as_tensor(point))
-        steady.append(monitor.measure(model, beta))
+        steady.append(monitor.measure_now(model))
     table = sorted(((float(np.mean(d)), name) for name, d in distances.items()))
     result = {
         "config": config.model_dump(mode="json"),
@@ -192,7 +199,7 @@ def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
         "current": {
             "t": sub.t.tolist(),
             "beta": beta,
-            "eps": middle / lam,
+            "eps": middle_eps,
             **{
                 key.split("/")[1]: [m[key] for m in steady]
                 for key in steady[0]
@@ -209,7 +216,7 @@ def run_geodesic(config: GeodesicConfig, out_dir: str | Path) -> dict[str, Any]:
     return result
 
 
-def plot_geodesic(json_path: str | Path, out_dir: str | Path) -> None:
+def plot_geodesic(json_path: str | Path, out_dir: str | Path) -> list[Path]:
     """``distances.png`` and ``residuals.png`` from ``geodesic.json``."""
     import matplotlib
 
@@ -243,3 +250,34 @@ def plot_geodesic(json_path: str | Path, out_dir: str | Path) -> None:
     fig.tight_layout()
     save_figure(fig, Path(out_dir) / "residuals.png", dpi=120)
     plt.close(fig)
+    return [Path(out_dir) / "distances.png", Path(out_dir) / "residuals.png"]
+
+
+def _summary(result: dict[str, Any]) -> str:
+    table = result.get("tracking_table") or [
+        {"model": k, "mean_distance_to_sgd_mean": v}
+        for k, v in result["distance_to_sgd_mean"].items()
+    ]
+    lines = [f"{'model':<28} {'mean distance to the SGD mean':>30}"]
+    lines += [f"{row['model']:<28} {row['mean_distance_to_sgd_mean']:>30.5f}" for row in table]
+    return "\n".join(lines)
+
+
+def _plots(out: Path) -> list[Path]:
+    if (out / "geodesic.json").is_file():
+        return plot_geodesic(out / "geodesic.json", out)
+    from sgdgeom.experiments.plane import plot_plane
+
+    return [plot_plane(path, path.with_suffix(".png")) for path in sorted(out.glob("plane-*.json"))]
+
+
+KIND = register_kind(
+    ExperimentKind(
+        name="geodesic",
+        help="Geodesics, metric flows and GD against SGD ensembles, with the dropped terms.",
+        config=GeodesicConfig,
+        run=into_out(lambda config, out, progress: run_geodesic(config, out)),
+        summary=_summary,
+        plots=_plots,
+    )
+)

@@ -1,4 +1,5 @@
-"""Two-parameter problems with anisotropic per-sample noise (issue 5 (a)).
+"""Two-parameter problems with anisotropic per-sample noise: the geometry of Fioresi et al.
+where it can be drawn.
 
 ``x ∈ R²`` and per-sample losses ``f_i(x)``:
 
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.epsilon import Epsilon
 from sgdgeom.errors import InputError
 from sgdgeom.files import atomic_write_bytes, save_figure
 from sgdgeom.geometry import (
@@ -154,13 +156,13 @@ def run_plane(
     ys = np.linspace(-2.0, 2.0, grid) if quadratic else np.linspace(-0.6, 2.6, grid)
     points = [np.array([a, b]) for b in ys for a in xs] + [x0.numpy()]
     lam_max = max(float(np.linalg.eigvalsh(_field(model, data, 0.0, p)[3])[-1]) for p in points)
-    eps = eps_fraction / lam_max
+    eps = Epsilon.auto(eps_fraction).resolve(lam_max)
     fields = [_field(model, data, eps, p) for p in points[:-1]]
     t = np.linspace(0, t_end, 61)
     runs_ = {
         "gd": gradient_flow(model, identity_loss, data, x0, t),
         "metric-exact": metric_flow(model, identity_loss, data, x0, t, eps),
-        "metric-weak": metric_flow(model, identity_loss, data, x0, t, eps, exact=False),
+        "metric-weak": metric_flow(model, identity_loss, data, x0, t, eps, inverse="weak"),
         "geodesic-exact": geodesic(model, identity_loss, data, x0, t, eps),
     }
     ensemble = sgd_ensemble(
@@ -235,7 +237,7 @@ def run_plane(
     return result
 
 
-def plot_plane(json_path: str | Path, png: str | Path) -> None:
+def plot_plane(json_path: str | Path, png: str | Path) -> Path:
     """Contours, metric ellipses, the two fields and the trajectories, from the JSON."""
     import matplotlib
 
@@ -291,3 +293,4 @@ def plot_plane(json_path: str | Path, png: str | Path) -> None:
     fig.tight_layout()
     save_figure(fig, png, dpi=110)
     plt.close(fig)
+    return Path(png)

@@ -11,21 +11,27 @@ probe batch. Results: ``UPDATE/history.jsonl``, ``summary.json``, ``loglik.png``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from sgdgeom._deprecated import warn
 from sgdgeom.data import batches, load_dataset
 from sgdgeom.experiments.config import load_yaml_as
-from sgdgeom.files import atomic_write_bytes, read_jsonl, save_figure
+from sgdgeom.experiments.kinds import ExperimentKind, into_out, register_kind
+from sgdgeom.files import atomic_write_bytes, read_jsonl, save_figure, write_jsonl
+from sgdgeom.metric import Inverse
 from sgdgeom.rbm import ENUMERATION_LIMIT, RBM
 
-__all__ = ["RBMConfig", "load_rbm_config", "plot_rbm", "run_rbm"]
+__all__ = ["KIND", "RBMConfig", "load_rbm_config", "plot_rbm", "run_rbm"]
 
-UPDATES = {"cd": None, "metric-weak": "weak", "metric-exact": "exact"}
+UPDATES: dict[str, Inverse | None] = {"cd": None, "metric-weak": "weak", "metric-exact": "exact"}
+"""The update rules compared: plain CD, and the metric update of the CD gradients with each
+inverse of the metric (the rule's name is ``metric-`` and its inverse)."""
 
 
 class RBMConfig(BaseModel):
@@ -50,9 +56,19 @@ class RBMConfig(BaseModel):
         "metric-exact",
     ]
     eps: float | Literal["auto"] = "auto"
-    safety: float = Field(0.5, gt=0, lt=1)
+    eps_fraction: float = Field(0.5, gt=0, lt=1)
     spectrum_every: int = Field(5, ge=1)
     probe_size: int = Field(256, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "safety" in data:
+            warn("RBM config key 'safety'", "'eps_fraction'", stacklevel=6)
+            data = {k: v for k, v in data.items() if k != "safety"} | {
+                "eps_fraction": data["safety"]
+            }
+        return data
 
 
 def load_rbm_config(path: str | Path) -> RBMConfig:
@@ -95,7 +111,11 @@ def run_rbm(config: RBMConfig, out_dir: str | Path, progress: bool = True) -> di
                 if chains is not None:
                     chains = stats.v_neg
                 rbm.weight_update(
-                    stats, config.lr, metric=UPDATES[update], eps=config.eps, safety=config.safety
+                    stats,
+                    config.lr,
+                    inverse=UPDATES[update],
+                    eps=config.eps,
+                    eps_fraction=config.eps_fraction,
                 )
             log_z = rbm.log_partition()
             record: dict[str, Any] = {
@@ -116,8 +136,7 @@ def run_rbm(config: RBMConfig, out_dir: str | Path, progress: bool = True) -> di
             history.append(record)
             run_dir = out / update
             run_dir.mkdir(exist_ok=True)
-            text = "".join(json.dumps(r) + "\n" for r in history)
-            atomic_write_bytes(run_dir / "history.jsonl", text.encode())
+            write_jsonl(run_dir / "history.jsonl", history)
         summary["updates"][update] = {k: history[-1][k] for k in ("train_loglik", "test_loglik")}
         summary["updates"][update]["best_test_loglik"] = max(r["test_loglik"] for r in history)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
@@ -125,7 +144,7 @@ def run_rbm(config: RBMConfig, out_dir: str | Path, progress: bool = True) -> di
     return summary
 
 
-def plot_rbm(out_dir: str | Path, updates: list[str], title: str = "") -> None:
+def plot_rbm(out_dir: str | Path, updates: Sequence[str], title: str = "") -> list[Path]:
     """``loglik.png`` (test and train log-likelihood per epoch, one colour per update) and
     ``spectrum.png`` (the top eigenvalues of D of the CD gradients over training)."""
     import matplotlib
@@ -174,3 +193,32 @@ def plot_rbm(out_dir: str | Path, updates: list[str], title: str = "") -> None:
     fig.tight_layout()
     save_figure(fig, out / "spectrum.png", dpi=120)
     plt.close(fig)
+    return [out / "loglik.png", out / "spectrum.png"]
+
+
+def _summary(summary: dict[str, Any]) -> str:
+    lines = [f"{'update':<14} {'test LL':>10} {'best test':>10} {'train LL':>10}"]
+    for update, row in summary["updates"].items():
+        lines.append(
+            f"{update:<14} {row['test_loglik']:>10.3f} {row['best_test_loglik']:>10.3f} "
+            f"{row['train_loglik']:>10.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _plots(out: Path) -> list[Path]:
+    summary = json.loads((out / "summary.json").read_text())
+    return plot_rbm(out, list(summary["updates"]), title=summary["name"])
+
+
+KIND = register_kind(
+    ExperimentKind(
+        name="rbm",
+        help="Train RBMs by plain CD and by the diffusion-metric update; plot "
+        "log-likelihoods (summary.json, loglik.png, spectrum.png).",
+        config=RBMConfig,
+        run=into_out(run_rbm),
+        summary=_summary,
+        plots=_plots,
+    )
+)

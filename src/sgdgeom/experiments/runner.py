@@ -8,7 +8,6 @@ the data, the model, the optimizer and the loss are built, so bad input leaves n
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,87 +16,36 @@ import torch
 import yaml
 from torch import nn
 
+from sgdgeom._deprecated import moved, warn
+from sgdgeom.callbacks import Callback
 from sgdgeom.data import Dataset, augmentation, load_dataset
 from sgdgeom.errors import ConfigError
 from sgdgeom.experiments.config import (
-    OPTIMIZER_KEYS,
     ExperimentConfig,
-    OptimizerConfig,
     config_hash,
     parse_config,
     read_yaml,
     resume_key,
 )
-from sgdgeom.extras import require
-from sgdgeom.files import atomic_write_bytes, read_jsonl
-from sgdgeom.hessian import AlignmentMonitor
+from sgdgeom.experiments.kinds import KINDS, RunContext
+from sgdgeom.files import atomic_write_bytes
 from sgdgeom.models import build_model
-from sgdgeom.monitor import LayerTemperature, analyse_regimes, plot_temperatures, temperature_curves
-from sgdgeom.steady_state import SteadyStateMonitor
-from sgdgeom.train import (
-    CHECKPOINT,
-    METRICS,
-    Callback,
-    TensorBoardLogger,
-    Trainer,
+from sgdgeom.monitors import MonitorContext
+from sgdgeom.optim import OptimizerOptions
+from sgdgeom.train import CHECKPOINT, METRICS, Trainer
+
+__all__ = ["build_monitors", "build_optimizer", "run_training"]
+
+__getattr__ = moved(
+    "sgdgeom.experiments.runner",
+    {"write_temperature_report": "sgdgeom.experiments.temperature"},
 )
 
-__all__ = ["build_optimizer", "run_training", "write_temperature_report"]
 
-
-def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer a config names, over ``model``'s parameters."""
-    sgd = dict(
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-    )
-    if config.name == "diffusion-sgd":
-        from sgdgeom.optim import DiffusionMetricSGD
-
-        return DiffusionMetricSGD(
-            model,
-            eps=config.eps if config.eps is not None else "auto",
-            mode=config.mode or "weak",
-            safety=config.safety or 0.5,
-            fused="auto" if config.fused is None else config.fused,
-            **sgd,
-        )
-    if config.name in ("sam", "asam"):
-        return _sam(model, adaptive=config.name == "asam", rho=config.rho, **sgd)
-    if config.name == "entropy-sgd":
-        from sgdgeom.optim.entropy_sgd import EntropySGD
-
-        given = {k: getattr(config, k) for k in OPTIMIZER_KEYS["entropy-sgd"]}
-        return EntropySGD(
-            model.parameters(), **sgd, **{k: v for k, v in given.items() if v is not None}
-        )
-    if config.name == "sgd":
-        return torch.optim.SGD(model.parameters(), **sgd)
-    if config.name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _sam(
-    model: nn.Module, *, adaptive: bool, rho: float | None, **sgd: Any
-) -> torch.optim.Optimizer:
-    """SAM (Foret et al. 2021) or ASAM (Kwon et al. 2021) from pytorch-optimizer, over
-    torch's SGD. Their ``step`` re-evaluates the loss, so it is marked as needing a
-    closure (see :class:`~sgdgeom.train.Trainer`)."""
-    SAM = require("pytorch_optimizer", f"optimizer {'asam' if adaptive else 'sam'}").SAM
-
-    default_rho = 0.5 if adaptive else 0.05  # the values their papers use for CIFAR
-    optimizer = SAM(
-        model.parameters(),
-        base_optimizer=torch.optim.SGD,
-        rho=rho if rho is not None else default_rho,
-        adaptive=adaptive,
-        **sgd,
-    )
-    optimizer.requires_closure = True  # type: ignore[attr-defined]
-    return optimizer
+def build_optimizer(config: OptimizerOptions, model: nn.Module) -> torch.optim.Optimizer:
+    """Deprecated: ``config.build(model)``."""
+    warn("sgdgeom.experiments.runner.build_optimizer(config, model)", "config.build(model)")
+    return config.build(model)
 
 
 def _check_run_dir(config: ExperimentConfig, out_dir: Path, resume: bool) -> None:
@@ -150,27 +98,12 @@ def run_training(
         init=config.model.init,
         **config.model.options,
     )
-    optimizer = build_optimizer(config.optimizer, model)
-    extra = {}
-    if config.loss.name != "cross_entropy":
-        from sgdgeom.optim.local_entropy import PartialLocalEntropy
-
-        # generator=None: the trainer seeds torch's generator every epoch (resumable)
-        extra["objective"] = PartialLocalEntropy(
-            model,
-            layers=config.loss.layers or "all",
-            R=config.loss.R,
-            gamma=config.loss.gamma,
-            y=config.loss.y if config.loss.y is not None else 4,
-            kind=config.loss.name,
-            k=config.loss.k,
-            route=config.loss.route or "auto",
-            antithetic=bool(config.loss.antithetic),
-        ).objective
+    optimizer = config.optimizer.build(model)
+    objective = config.loss.objective(model)
+    monitors = build_monitors(config, dataset, out)
     if out is not None:  # everything is built: the config is good, the run may begin
         _write_run_config(config, out)
     # the monitors first: callbacks given here see the epoch records they complete
-    callbacks = [*_monitors(config, dataset, out), *callbacks]
     trainer = Trainer(
         model,
         dataset,
@@ -179,73 +112,32 @@ def run_training(
         batch_size=config.data.batch_size,
         test_batch_size=config.data.test_batch_size,
         augment=augmentation(config.data.augment) if config.data.augment else None,
-        callbacks=callbacks,
+        callbacks=[*monitors, *callbacks],
         out_dir=out,
         seed=config.seed,
         device=device or config.train.device,
         progress=progress,
         run_id=resume_key(config),
-        **extra,
+        objective=objective,
     )
     final = trainer.fit(resume=resume)
-    if out is not None and config.monitor is not None and config.monitor.temperature:
-        write_temperature_report(out, title=config.name)
+    if out is not None and config.monitor is not None:
+        for options in config.monitor.monitors.values():
+            if options.report is not None:  # the monitor's report on the finished run
+                kind = KINDS[options.report]
+                kind.run(kind.parse({"run_dir": out}, kind.name), RunContext(None, False))
     return final
 
 
-def _monitors(config: ExperimentConfig, dataset: Dataset, out: Path | None) -> list[Callback]:
+def build_monitors(config: ExperimentConfig, dataset: Dataset, out: Path | None) -> list[Callback]:
+    """The callbacks of the config's monitors, in the order given, on a probe batch of the
+    first ``probe_size`` training samples (normalised) and the run's base loss (the one
+    PLA smooths)."""
     monitor = config.monitor
-    if monitor is None:
+    if monitor is None or not monitor.monitors:
         return []
-    callbacks: list[Callback] = []
     n = min(monitor.probe_size, len(dataset.y_train))
     probe = (dataset.normalize(dataset.x_train[:n]), dataset.y_train[:n])
-    if monitor.temperature:
-        callbacks.append(
-            LayerTemperature(
-                monitor.layers,
-                snr=monitor.snr,
-                trace_every=monitor.trace_every,
-                probe=probe,
-                loss_fn="cross_entropy",  # the base loss of every config (PLA smooths it)
-            )
-        )
-    if monitor.current_every:
-        callbacks.append(
-            SteadyStateMonitor(
-                probe,
-                "cross_entropy",
-                every=monitor.current_every,
-                probes=monitor.current_probes,
-                sections=monitor.curl_sections,
-                seed=config.seed,
-            )
-        )
-    if monitor.alignment_every:
-        callbacks.append(
-            AlignmentMonitor(
-                probe,
-                "cross_entropy",
-                every=monitor.alignment_every,
-                k=monitor.alignment_k,
-                seed=config.seed,
-            )
-        )
-    if monitor.tensorboard:
-        if out is None:
-            raise ConfigError("monitor.tensorboard needs a run directory (--out)")
-        callbacks.append(TensorBoardLogger(out / "tensorboard"))
-    return callbacks
-
-
-def write_temperature_report(run_dir: str | Path, title: str = "") -> dict[str, Any]:
-    """``regimes.json`` and ``temperatures.png`` (Musso Fig. 1) from ``metrics.jsonl``."""
-    run_dir = Path(run_dir)
-    records = read_jsonl(run_dir / METRICS)
-    curves = temperature_curves(records)
-    analysis = analyse_regimes(
-        curves["epochs"], curves["signal"], curves["noise"], snr=curves.get("snr")
-    )
-    atomic_write_bytes(run_dir / "regimes.json", json.dumps(analysis, indent=2).encode())
-    plot_temperatures(records, run_dir / "temperatures.png", analysis, title=title)
-    return analysis
+    context = MonitorContext(probe, "cross_entropy", config.seed, out)
+    ordered = sorted(monitor.monitors.values(), key=lambda options: options.reads_metrics)
+    return [options.build(context) for options in ordered]

@@ -15,19 +15,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from sgdgeom.alignment import alignment
 from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix, gram_spectrum_bytes
-from sgdgeom.eigen import METHODS
 from sgdgeom.errors import ConfigError, SgdgeomError
 from sgdgeom.experiments.config import parse_config, read_yaml
+from sgdgeom.experiments.kinds import ExperimentKind, RunContext, register_kind
+from sgdgeom.experiments.plots.common import pyplot
 from sgdgeom.files import atomic_write_bytes, load_checkpoint, save_figure
-from sgdgeom.hessian import HessianOperator, alignment
+from sgdgeom.hessian import HessianOperator
+from sgdgeom.linalg import METHODS, Method
 from sgdgeom.models import build_model
 from sgdgeom.persample.storage import available_bytes
 from sgdgeom.train import resolve_device
 
-__all__ = ["format_report", "plot_spectrum", "spectrum_report", "write_report"]
+__all__ = [
+    "KIND",
+    "SpectrumConfig",
+    "format_report",
+    "plot_spectrum",
+    "spectrum_report",
+    "write_report",
+]
 
 
 def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -45,7 +56,7 @@ def spectrum_report(
     *,
     n: int | None = None,
     k: int | None = None,
-    method: str = "block-lanczos",
+    method: Method = "block-lanczos",
     hessian: bool = False,
     checkpoint: str | Path | None = None,
     model_options: dict[str, Any] | None = None,
@@ -64,9 +75,9 @@ def spectrum_report(
 
     - with ``k=None``, the whole nonzero spectrum through the ``N x N`` Gram matrix (refused
       up front when it would not fit), the numerical rank and the effective rank;
-    - with ``k``, the top-k eigenpairs by ``method`` (:mod:`sgdgeom.eigen`), their
+    - with ``k``, the top-k eigenpairs by ``method`` (:mod:`sgdgeom.linalg.krylov`), their
       residuals and cost, and with ``hessian`` the Hessian's top-k and the alignment of D
-      with it (:func:`~sgdgeom.hessian.alignment`).
+      with it (:func:`~sgdgeom.alignment.alignment`).
 
     ``log`` receives what the work will take before it starts (sizes, memory, a time
     estimate from the capture's own pass over the data)."""
@@ -225,11 +236,7 @@ def plot_spectrum(report: dict[str, Any], path: str | Path) -> Path:
     """Eigenvalues on a log scale (D's, and with the Hessian its top-k and D's Rayleigh
     quotients along H's eigenvectors, the alignment in the title), and a bar chart of the
     per-layer traces ``tr D_I / N_I``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     values = [v for v in report["eigenvalues"] if v > 0]
     fig, (ax_spec, ax_layers) = plt.subplots(1, 2, figsize=(11, 4))
     index = range(1, len(values) + 1)
@@ -276,3 +283,90 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pat
     json_path = out / "spectrum.json"
     atomic_write_bytes(json_path, json.dumps(report, indent=1).encode())
     return json_path, plot_spectrum(json.loads(json_path.read_text()), out / "spectrum.png")
+
+
+class SpectrumConfig(BaseModel):
+    """The options of ``sgdgeom spectrum`` (:func:`spectrum_report`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="A model name, e.g. fc, cnn-cifar10.")
+    dataset: str | None = Field(None, description="A dataset name, e.g. mnist5k.")
+    checkpoint: Path | None = Field(
+        None,
+        description="A checkpoint.pt from `sgdgeom train`; its run's config names the model "
+        "and dataset.",
+    )
+    n: int | None = Field(None, description="Use the first N training samples (default: all).")
+    model_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="KEY=VALUE model option, repeatable (depth=3).",
+        json_schema_extra={"flag": "--model-option"},
+    )
+    float32: bool = Field(
+        False, description="Compute in float32: faster, but it resolves far fewer eigenvalues."
+    )
+    k: int | None = Field(
+        None, description="Only the top k eigenpairs, from products (no N x N matrix): for large N."
+    )
+    method: Method = Field(
+        "block-lanczos",
+        description="With --k: block-lanczos, randomized, or lanczos (one vector a pass).",
+    )
+    hessian: bool = Field(
+        False, description="With --k: the Hessian's top k too, and its alignment with D."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Keep captures that do not fit in memory in memory-mapped files here."
+    )
+    seed: int = Field(0, description="Seed of the initialisation without a checkpoint.")
+    data_root: Path | None = Field(
+        None, description="Directory holding the dataset files (see `sgdgeom datasets`)."
+    )
+    device: str = Field("auto", description="cpu, cuda or auto.")
+
+
+def _run(config: SpectrumConfig, context: RunContext) -> dict[str, Any]:
+    assert context.out is not None
+    report = spectrum_report(
+        config.model,
+        config.dataset,
+        n=config.n,
+        checkpoint=config.checkpoint,
+        model_options=config.model_options,
+        data_root=config.data_root,
+        device=config.device,
+        dtype=torch.float32 if config.float32 else torch.float64,
+        seed=config.seed,
+        k=config.k,
+        method=config.method,
+        hessian=config.hessian,
+        cache_dir=config.cache_dir,
+        progress=context.progress,
+        log=context.log,
+    )
+    json_path, plot_path = write_report(report, context.out)
+    return {**report, "written": [str(json_path), str(plot_path)]}
+
+
+def _summary(report: dict[str, Any]) -> str:
+    written = report.get("written", [])
+    return format_report(report) + (f"\n\nwrote {' and '.join(written)}" if written else "")
+
+
+KIND = register_kind(
+    ExperimentKind(
+        name="spectrum",
+        help="The diffusion matrix's size, rank, spectrum and per-layer traces (Fioresi et "
+        "al., F3); with --k its top k by block methods, and with --hessian its alignment "
+        "with the Hessian.",
+        config=SpectrumConfig,
+        run=_run,
+        summary=_summary,
+        plots=lambda out: [
+            plot_spectrum(json.loads((out / "spectrum.json").read_text()), out / "spectrum.png")
+        ],
+        source="options",
+        out="runs/spectrum",
+    )
+)

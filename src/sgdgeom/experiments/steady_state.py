@@ -1,5 +1,5 @@
 r"""Where does SGD settle? Its stationary density on the two-parameter problems against the
-candidates of Fioresi et al. (F11–F12) and Chaudhari & Soatto (issue 19).
+candidates of Fioresi et al. (F11–F12) and Chaudhari & Soatto.
 
 SGD with per-sample noise (minibatches of ``b`` drawn with replacement, learning rate η) is
 run by many independent walkers from the minimum of f until they forget it; their iterates
@@ -34,7 +34,9 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from sgdgeom.diffusion import DiffusionMatrix
+from sgdgeom.epsilon import Epsilon
 from sgdgeom.experiments.config import load_yaml_as
+from sgdgeom.experiments.kinds import ExperimentKind, into_out, register_kind
 from sgdgeom.experiments.plane import PlaneProblem, _argmin, identity_loss, make_problem
 from sgdgeom.files import atomic_write_bytes, save_figure
 from sgdgeom.geometry import (
@@ -45,7 +47,13 @@ from sgdgeom.geometry import (
     sgd_ensemble,
 )
 
-__all__ = ["SteadyStateConfig", "load_steady_state_config", "plot_steady_state", "run_steady_state"]
+__all__ = [
+    "KIND",
+    "SteadyStateConfig",
+    "load_steady_state_config",
+    "plot_steady_state",
+    "run_steady_state",
+]
 
 SPLITS = 20  # random splits of the walkers behind the sampling floor
 CURL_FREE = 1e-10  # relative curl below which ∇_D f counts as a gradient (rounding level)
@@ -229,16 +237,16 @@ def _walkers(
     from the minimum of f; the SDE takes ``sde_substeps`` steps per SGD step."""
     every = max(1, round(config.t_sample / config.lr / config.snapshots))
     steps = round(config.t_burn / config.lr) + every * config.snapshots
-    common = {"lr": config.lr, "batch_size": config.batch_size}
     sgd = sgd_ensemble(
-        model, identity_loss, data, x_min, steps=steps, runs=config.walkers, every=every,
-        generator=torch.Generator().manual_seed(config.seed), **common,
+        model, identity_loss, data, x_min, lr=config.lr, batch_size=config.batch_size,
+        steps=steps, runs=config.walkers, every=every,
+        generator=torch.Generator().manual_seed(config.seed),
     )  # fmt: skip
     sde = chaudhari_soatto_sde(
-        model, identity_loss, data, x_min, t_end=steps * config.lr,
-        dt=config.lr / config.sde_substeps, paths=config.walkers,
+        model, identity_loss, data, x_min, lr=config.lr, batch_size=config.batch_size,
+        t_end=steps * config.lr, dt=config.lr / config.sde_substeps, paths=config.walkers,
         every=every * config.sde_substeps,
-        generator=torch.Generator().manual_seed(config.seed + 1), **common,
+        generator=torch.Generator().manual_seed(config.seed + 1),
     )  # fmt: skip
     after = config.t_burn - 1e-12
     return sgd["iterates"][:, sgd["t"] >= after], sde["iterates"][:, sde["t"] >= after]
@@ -313,7 +321,7 @@ def run_steady_state(
     )
     fields = _PlaneFields(model, data, eps=0.0)
     lam_max = float(torch.linalg.eigvalsh(fields.moments(coarse)[1])[:, -1].max())
-    eps = fields.eps = config.eps_fraction / lam_max
+    eps = fields.eps = Epsilon.auto(config.eps_fraction).resolve(lam_max)
     curl_max = _largest_relative_curl(model, data, eps, coarse[:: max(1, len(coarse) // 16)])
     potential_exists = curl_max < CURL_FREE
     f_values = fields.loss(points.reshape(-1, 2)).reshape(points.shape[:2]).numpy()
@@ -387,7 +395,7 @@ def run_steady_state(
     return result
 
 
-def plot_steady_state(json_path: str | Path, png: str | Path) -> None:
+def plot_steady_state(json_path: str | Path, png: str | Path) -> Path:
     """The SGD histogram with the candidates' contours, both marginals, and the distances
     with their error bars, from the JSON alone."""
     import matplotlib
@@ -439,3 +447,34 @@ def plot_steady_state(json_path: str | Path, png: str | Path) -> None:
     fig.tight_layout()
     save_figure(fig, png, dpi=110)
     plt.close(fig)
+    return Path(png)
+
+
+def _summary(result: dict[str, Any]) -> str:
+    lines = [f"{'density':<40} {'TV to the SGD histogram':>26}"]
+    for name, d in result["distances"].items():
+        lines.append(f"{name:<40} {d['tv']:>16.4f} ± {d['stderr']:.4f}")
+    floor = result["sampling_floor"]
+    lines.append(
+        f"sampling floor: {floor['sample_vs_density']:.4f} against a density, "
+        f"{floor['sample_vs_sample']:.4f} between two samples"
+    )
+    if not result["potential_exists"]:
+        lines.append(
+            f"no Φ with ∇Φ = ∇_D f: the curl of ∇_D f reaches "
+            f"{result['curl_relative_max']:.3g} of its derivatives"
+        )
+    return "\n".join(lines)
+
+
+KIND = register_kind(
+    ExperimentKind(
+        name="steady-state",
+        help="Where SGD settles on a two-parameter problem, against exp(−βf), exp(−βΦ) (F11) "
+        "and the Chaudhari–Soatto SDE: total variation distances with error bars.",
+        config=SteadyStateConfig,
+        run=into_out(run_steady_state),
+        summary=_summary,
+        plots=lambda out: [plot_steady_state(out / "steady-state.json", out / "steady-state.png")],
+    )
+)

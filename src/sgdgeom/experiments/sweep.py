@@ -45,26 +45,30 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
 from tqdm.auto import tqdm
 
+from sgdgeom.callbacks import Loop
 from sgdgeom.data import load_dataset
 from sgdgeom.errors import ConfigError
 from sgdgeom.experiments.compare import merge
 from sgdgeom.experiments.config import config_hash, load_yaml_as, parse_config
+from sgdgeom.experiments.plots import PlotOptions, plot_options
+from sgdgeom.experiments.plots.curves import CurvesOptions
 from sgdgeom.experiments.runner import run_training
 from sgdgeom.experiments.store import STORE, ResultStore
 from sgdgeom.extras import require
 from sgdgeom.files import safe_name
-from sgdgeom.train import Callback, Trainer
+from sgdgeom.registry import Registry
+from sgdgeom.train import Callback
 
 __all__ = [
+    "ENGINES",
     "MAX_RUNS",
-    "PlotSpec",
     "RunSpec",
     "Sweep",
     "SweepConfig",
@@ -79,26 +83,12 @@ MAX_RUNS = 2000
 """Grids larger than this are refused unless asked for (``--yes``)."""
 
 
-class PlotSpec(BaseModel):
-    """A figure made from the store: ``versus`` plots the best and final test accuracy
-    against the label ``x``, one line per value of ``lines`` (Musso Figs 3–5, 7);
-    ``curves`` plots loss and accuracy per epoch, one line per variant (Figs 6–8).
-    ``y_range`` zooms a ``versus`` plot's accuracy axis (points below it are drawn on its
-    lower edge as ▼)."""
+def _one_variant() -> dict[str, dict[str, Any] | None]:
+    return {"base": {}}
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["versus", "curves"]
-    x: str | None = None
-    lines: str | None = None
-    log_x: bool = True
-    y_range: tuple[float, float] | None = None
-
-    @model_validator(mode="after")
-    def _ordered_range(self) -> PlotSpec:
-        if self.y_range is not None and not self.y_range[0] < self.y_range[1]:
-            raise ValueError(f"y_range must be [low, high] with low < high, got {self.y_range}")
-        return self
+def _curves() -> list[PlotOptions]:
+    return [CurvesOptions()]
 
 
 class SweepConfig(BaseModel):
@@ -108,9 +98,18 @@ class SweepConfig(BaseModel):
 
     name: str
     base: dict[str, Any]
-    variants: dict[str, dict[str, Any] | None] = Field(default_factory=lambda: {"base": {}})
+    variants: dict[str, dict[str, Any] | None] = Field(default_factory=_one_variant)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
-    plots: list[PlotSpec] = Field(default_factory=lambda: [PlotSpec(kind="curves")])
+    plots: list[SerializeAsAny[PlotOptions]] = Field(default_factory=_curves)
+
+    @field_validator("plots", mode="before")
+    @classmethod
+    def _registered_kinds(cls, value: Any) -> Any:
+        """Each entry as the options model of its ``kind``
+        (:data:`~sgdgeom.experiments.plots.PLOTS`)."""
+        if not isinstance(value, list):
+            return value
+        return [plot_options(entry) for entry in value]
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class Sweep:
 
     name: str
     runs: list[RunSpec]
-    plots: list[PlotSpec] = field(default_factory=list)
+    plots: list[PlotOptions] = field(default_factory=list)
 
 
 def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
@@ -290,11 +289,12 @@ def expand_sweep(
             )
     labels = {key for run in runs.values() for key in run.labels}
     for plot in config.plots:
-        if plot.kind == "versus" and plot.x not in labels:
-            raise ConfigError(
-                f"{source}: plot versus {plot.x!r}: no run has that label; the labels are "
-                f"{', '.join(sorted(labels))}"
-            )
+        for label in plot.labels():
+            if label not in labels:
+                raise ConfigError(
+                    f"{source}: plot {plot.kind} {label!r}: no run has that label; the labels "
+                    f"are {', '.join(sorted(labels))}"
+                )
     return Sweep(config.name, list(runs.values()), list(config.plots))
 
 
@@ -311,10 +311,10 @@ class StoreRecorder(Callback):
         self.store = store
         self.run_hash = run_hash
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: Loop) -> None:
         self.store.start(self.run_hash, resumed_from=trainer.epoch)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: Loop, epoch: int, metrics: dict[str, Any]) -> None:
         self.store.record_epoch(self.run_hash, metrics)
 
 
@@ -374,7 +374,12 @@ def _exit_with_parent(parent: int) -> None:
 Runner = Callable[[list[RunSpec], Callable[[RunSpec, dict[str, Any]], None]], None]
 
 
-def _local_engine(workers: int, options: dict[str, Any]) -> Runner:
+def _local_engine(
+    workers: int, options: dict[str, Any], address: str | None, gpus_per_run: float
+) -> Runner:
+    """A process pool of ``workers`` (in-process with one); ``address`` and
+    ``gpus_per_run`` are Ray's."""
+
     def run(pending: list[RunSpec], report: Callable[[RunSpec, dict[str, Any]], None]) -> None:
         if workers == 1:
             for spec in pending:
@@ -402,8 +407,9 @@ def _local_engine(workers: int, options: dict[str, Any]) -> Runner:
 
 
 def _ray_engine(
-    workers: int, address: str | None, gpus_per_run: float, options: dict[str, Any]
+    workers: int, options: dict[str, Any], address: str | None, gpus_per_run: float
 ) -> Runner:
+    """Ray tasks on a local instance or at ``address``, each reserving ``gpus_per_run``."""
     ray = require("ray", "the ray engine")
 
     def run(pending: list[RunSpec], report: Callable[[RunSpec, dict[str, Any]], None]) -> None:
@@ -427,11 +433,17 @@ def _ray_engine(
     return run
 
 
+ENGINES: Registry[Callable[[int, dict[str, Any], str | None, float], Runner]] = Registry("engine")
+"""Where a sweep's runs execute: ``local`` (a process pool) or ``ray``."""
+ENGINES.register("local", _local_engine)
+ENGINES.register("ray", _ray_engine)
+
+
 def run_sweep(
     sweep: Sweep,
     out_dir: str | Path,
     *,
-    engine: Literal["local", "ray"] = "local",
+    engine: str = "local",
     workers: int = 1,
     address: str | None = None,
     threads: int | None = None,
@@ -449,8 +461,8 @@ def run_sweep(
     """
     if workers < 1 or (threads is not None and threads < 1):
         raise ConfigError(f"workers and threads must be >= 1, got {workers} and {threads}")
-    if engine not in ("local", "ray"):
-        raise ConfigError(f"unknown engine {engine!r}; allowed: local, ray")
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
     for name in sorted({spec.config["data"]["name"] for spec in sweep.runs}):
         load_dataset(name, data_root)  # a missing dataset stops the sweep here, once
     out = Path(out_dir)
@@ -462,11 +474,7 @@ def run_sweep(
         "device": device,
         "threads": threads,
     }
-    runner = (
-        _ray_engine(workers, address, gpus_per_run, options)
-        if engine == "ray"
-        else _local_engine(workers, options)
-    )
+    runner = ENGINES[engine](workers, options, address, gpus_per_run)
     with store.exclusive():
         store.register(
             sweep.name,

@@ -9,15 +9,20 @@ paper's own rows (ResNet, Wide ResNet, DenseNet on CIFAR and SVHN) are quoted as
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from sgdgeom.errors import ConfigError
+from sgdgeom.experiments.kinds import ExperimentKind, RunContext, register_kind
 from sgdgeom.models import MODELS, build_model
 
 __all__ = [
     "DATASET_SIZES",
+    "KIND",
+    "Table1Config",
     "PAPER_MODELS",
     "QUOTED_TABLE1",
     "format_table",
@@ -108,3 +113,42 @@ def format_table(rows: list[dict[str, Any]], quoted: bool = True) -> str:
         for name, d, n_cifar, n_svhn in QUOTED_TABLE1:
             lines.append(f"{name:<26} {d / 1e6:>6.1f} M {n_cifar:>9,} {n_svhn:>9,}")
     return "\n".join(lines)
+
+
+class Table1Config(BaseModel):
+    """The options of ``sgdgeom table1``: a model by name on a dataset, or neither (the
+    papers' models)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="A model name.")
+    dataset: str | None = Field(None, description="A dataset name.")
+    model_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="KEY=VALUE model option, repeatable (depth=3).",
+        json_schema_extra={"flag": "--model-option"},
+    )
+
+
+def _run(config: Table1Config, context: RunContext) -> dict[str, Any]:
+    rows = size_table(config.model, config.dataset, config.model_options)
+    return {"rows": rows, "quoted": config.model is None}
+
+
+def _no_figures(out: Path) -> list[Path]:
+    return []
+
+
+KIND = register_kind(
+    ExperimentKind(
+        name="table1",
+        help="Fioresi et al.'s Table 1: d, N and the rank bound of D for the papers' models, "
+        "or for any model by name (no data is read).",
+        config=Table1Config,
+        run=_run,
+        summary=lambda result: format_table(result["rows"], quoted=result["quoted"]),
+        plots=_no_figures,
+        source="options",
+        out=None,
+    )
+)

@@ -19,13 +19,14 @@ are ``torch.optim`` optimizers, so a LightningModule returns them from
             return torch.nn.functional.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
-            return DiffusionMetricSGD(self.net, lr=0.05, fused=False)
+            return DiffusionMetricSGD(self.net, lr=0.05, fused="off")
 
     callbacks = [LayerTemperatures(module="net"), DiffusionSpectrum(probe=(x, y), module="net")]
     pl.Trainer(max_epochs=5, callbacks=callbacks).fit(Classifier(net), loader)
 
-Each callback logs its numbers with ``pl_module.log_dict`` (to whatever logger the Trainer
-has) and keeps them in ``history``.
+Each callback wraps one of sgdgeom's monitors (:mod:`sgdgeom.monitors`), logs its numbers
+with ``pl_module.log_dict`` (to whatever logger the Trainer has) and keeps them in
+``history``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from sgdgeom.diffusion import DiffusionMatrix
-from sgdgeom.errors import InputError
 from sgdgeom.extras import require
-from sgdgeom.monitor import LayerTemperature
+from sgdgeom.monitors import LayerTemperature, SpectrumMonitor
 from sgdgeom.persample import LossSpec
 
 pl = require("lightning.pytorch", "sgdgeom.integrations.lightning")
@@ -49,10 +48,11 @@ def _network(pl_module: nn.Module, module: str | None) -> nn.Module:
     return pl_module.get_submodule(module) if module else pl_module
 
 
-class LayerTemperatures(pl.Callback):
-    """:class:`~sgdgeom.monitor.LayerTemperature` in a Lightning ``Trainer``: records the
-    weight gradients after every backward and logs ``temp/I/signal``, ``temp/I/noise``
-    (and, with ``snr``, ``snr/I/...``) at the end of each training epoch.
+class LayerTemperatures(pl.Callback):  # type: ignore[name-defined]
+    """:class:`~sgdgeom.monitors.LayerTemperature` in a Lightning ``Trainer``: records the
+    weight gradients after every backward and logs ``temperature/I/signal``,
+    ``temperature/I/noise`` (and, with ``snr``, ``snr/I/...``) at the end of each training
+    epoch.
 
     Args:
         layers: the layers to monitor (default: every layer with weights).
@@ -92,13 +92,12 @@ class LayerTemperatures(pl.Callback):
         pl_module.log_dict(metrics)
 
 
-class DiffusionSpectrum(pl.Callback):
-    """Every ``every`` training epochs, the diffusion matrix D of ``loss_fn`` on a fixed
-    probe batch: ``λ_max``, ``tr D``, the effective rank, and the ``k`` largest eigenvalues
-    (all N of them with ``k=None``, through the N × N Gram matrix; else Lanczos).
-
-    The network is measured in eval mode (dropout off, BatchNorm on its running
-    statistics, as a per-sample computation needs), then put back in its mode.
+class DiffusionSpectrum(pl.Callback):  # type: ignore[name-defined]
+    """:class:`~sgdgeom.monitors.SpectrumMonitor` in a Lightning ``Trainer``: every
+    ``every`` training epochs, the diffusion matrix D of ``loss_fn`` on a fixed probe batch:
+    ``λ_max``, ``tr D``, the effective rank, and the ``k`` largest eigenvalues (all N of them
+    with ``k=None``, through the N × N Gram matrix; else Lanczos). The network is measured in
+    eval mode, then put back in its mode (:class:`~sgdgeom.monitors.ProbeMonitor`).
     """
 
     def __init__(
@@ -110,33 +109,18 @@ class DiffusionSpectrum(pl.Callback):
         loss_fn: LossSpec = "cross_entropy",
         module: str | None = None,
     ) -> None:
-        if every < 1:
-            raise InputError(f"every must be >= 1, got {every}")
-        self.probe = probe
-        self.every = every
-        self.k = k
-        self.loss_fn = loss_fn
+        self.monitor = SpectrumMonitor(probe, loss_fn, every=every, k=k)
         self.module = module
-        self.history: list[dict[str, Any]] = []
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One snapshot per measurement: the epoch, the logged numbers, the eigenvalues."""
+        return self.monitor.history
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         epoch = trainer.current_epoch + 1
-        if epoch % self.every:
+        if not self.monitor.due(epoch):
             return
-        network = _network(pl_module, self.module)
-        first = next(p for p in network.parameters() if p.requires_grad)
-        x, y = (t.to(first.device) for t in self.probe)
-        training = network.training
-        network.eval()
-        try:
-            D = DiffusionMatrix(network, self.loss_fn, (x.to(first.dtype), y))
-            values = D.eigvalsh() if self.k is None else D.eigsh(self.k).values
-            snapshot = {
-                "spectrum/lambda_max": float(values[0]),
-                "spectrum/trace": D.trace(),
-                "spectrum/effective_rank": D.effective_rank(),
-            }
-        finally:
-            network.train(training)
-        self.history.append({"epoch": epoch, **snapshot, "eigenvalues": values.tolist()})
+        snapshot = self.monitor.measure_now(_network(pl_module, self.module))
+        self.monitor.history[-1]["epoch"] = epoch
         pl_module.log_dict(snapshot)

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from pydantic import Field
+from torch import Tensor, nn
 
 from sgdgeom.errors import InputError
 from sgdgeom.optim.momentum import heavy_ball
+from sgdgeom.optim.registry import OptimizerOptions, register_optimizer
 
-__all__ = ["EntropySGD"]
+__all__ = ["EntropySGD", "EntropySGDOptions"]
 
 
 class EntropySGD(torch.optim.Optimizer):
@@ -153,3 +155,33 @@ class EntropySGD(torch.optim.Optimizer):
     def _scope(group: dict[str, Any]) -> float:
         """γ_t = γ (1 + γ₁)^t at the group's outer step t."""
         return group["gamma"] * (1 + group["gamma_growth"]) ** group["outer_steps"]
+
+
+@register_optimizer("entropy-sgd")
+class EntropySGDOptions(OptimizerOptions):
+    """:class:`EntropySGD` in a config. Defaults, against Chaudhari et al.'s Algorithm 1
+    and the defaults of their public code: ``langevin_lr`` η' = 0.1, ``noise`` ε = 1e-4
+    (the thermal noise of the inner SGLD) and ``alpha`` α = 0.75 (the weight of the inner
+    iterates' running mean μ) are theirs; ``gamma`` γ₀ = 0.03 and ``gamma_growth`` γ₁ = 1e-3
+    where their code has 1e-2 and 0 (scoping, §4.3 of the paper, is off there by default);
+    ``L`` = 5 inner steps where their code's default is 0 and their experiments set 5 to 20."""
+
+    name: Literal["entropy-sgd"] = "entropy-sgd"
+    L: int = Field(5, ge=1)
+    gamma: float = Field(0.03, gt=0)
+    gamma_growth: float = Field(1e-3, ge=0)
+    langevin_lr: float = Field(0.1, gt=0)
+    noise: float = Field(1e-4, ge=0)
+    alpha: float = Field(0.75, gt=0, le=1)
+
+    def build(self, model: nn.Module) -> torch.optim.Optimizer:
+        return EntropySGD(
+            model.parameters(),
+            **self.sgd_arguments(),
+            L=self.L,
+            gamma=self.gamma,
+            gamma_growth=self.gamma_growth,
+            langevin_lr=self.langevin_lr,
+            noise=self.noise,
+            alpha=self.alpha,
+        )

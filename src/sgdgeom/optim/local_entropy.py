@@ -35,7 +35,8 @@ the weights inside the forward pass (the weights themselves are never modified),
 ``loss.backward()`` gives the average of the gradients at the sampled points (PLA) or
 their softmax-weighted average (PLEA), and y does not scale the learning rate.
 
-Routes:
+How the y+1 points are batched (``batching``; "route" in sgdgeom names only how per-sample
+products are computed):
 
 - ``"naive"``: y+1 forward passes of the whole model (``torch.func.functional_call``).
 - ``"prefix"``: the layers before the first smoothed one run once; from there the y+1
@@ -54,14 +55,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from sgdgeom._deprecated import warn
 from sgdgeom.errors import InputError, UnsupportedModelError
+from sgdgeom.optim.objectives import LossOptions, Objective, register_loss
 from sgdgeom.optim.perturbations import draw_key, point_key, uniform_
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import CoverageError, LossSpec, per_sample_loss, plan_layers, rule_for
@@ -69,6 +73,10 @@ from sgdgeom.persample.capture import coverage_failures, describe
 from sgdgeom.persample.layers.linear import LinearRule
 
 __all__ = [
+    "BATCHINGS",
+    "Batching",
+    "PLAOptions",
+    "PLEAOptions",
     "PartialLocalEntropy",
     "gaussian_local_entropy",
     "kernel_distance",
@@ -76,6 +84,10 @@ __all__ = [
     "local_free_entropy",
     "m_loss",
 ]
+
+Batching = Literal["auto", "naive", "prefix", "split"]
+"""How the y+1 points of a step are batched (the module docstring)."""
+BATCHINGS: tuple[str, ...] = get_args(Batching)
 
 KERNEL_MARGIN = 5.0  # the sampling box for finite k has half-side R + KERNEL_MARGIN / k
 
@@ -108,8 +120,9 @@ class PartialLocalEntropy:
         y: number of perturbed points (y = 0 gives the base loss, M4).
         kind: ``"pla"`` (M23; M19 with finite k) or ``"plea"`` (M22; M14 with finite k).
         k: kernel sharpness (M5); None is the box limit ``k → ∞``.
-        route: ``"auto"`` (``"prefix"`` when every smoothed module is a Linear, else
-            ``"naive"``), ``"naive"``, ``"prefix"`` or ``"split"`` (PLA only).
+        batching: ``"auto"`` (``"prefix"`` when every smoothed module is a Linear, else
+            ``"naive"``), ``"naive"``, ``"prefix"`` or ``"split"`` (PLA only); see the
+            module docstring. ``route=`` is its old name, kept for one release.
         generator: the random source of the displacements; None uses torch's global
             generator, which :class:`~sgdgeom.train.Trainer` seeds every epoch. Each step
             takes one 64-bit key from it, and the box displacements are a pure function of
@@ -146,14 +159,18 @@ class PartialLocalEntropy:
         R: float | None = None,
         gamma: float | None = None,
         y: int = 4,
-        kind: str = "pla",
+        kind: Literal["pla", "plea"] = "pla",
         k: float | None = None,
         mask: dict[str, Tensor] | None = None,
-        route: str = "auto",
+        batching: Batching = "auto",
         generator: torch.Generator | None = None,
         antithetic: bool = False,
         compile: bool = False,
+        route: Batching | None = None,
     ) -> None:
+        if route is not None:
+            warn(f"PartialLocalEntropy(route={route!r})", f"batching={route!r}")
+            batching = route
         if (R is None) == (gamma is None):
             raise InputError(
                 "give exactly one of R (the box, M22/M23) and gamma (the Gaussian distance, M11)"
@@ -182,7 +199,7 @@ class PartialLocalEntropy:
         self.masks = self._select(layers, mask or {})
         modules = dict(model.named_modules())
         self.smoothed = {name: modules[name.rpartition(".")[0]] for name in self.masks}
-        self._route = self._choose_route(route)
+        self._batching = self._choose_batching(batching)
 
     # ------------------------------------------------------------------ selection
 
@@ -224,69 +241,77 @@ class PartialLocalEntropy:
             raise InputError("nothing to smooth: name some layers or give a mask")
         return selected
 
-    def _choose_route(self, route: str) -> str:
-        if route not in ("auto", "naive", "prefix", "split"):
-            raise InputError(f"route must be auto, naive, prefix or split, got {route!r}")
-        if route == "split" and self.kind != "pla":
+    def _choose_batching(self, batching: str) -> str:
+        if batching not in BATCHINGS:
+            raise InputError(f"batching must be auto, naive, prefix or split, got {batching!r}")
+        if batching == "split" and self.kind != "pla":
             raise InputError("the split-batch estimator is for PLA only")
         # the layer registry decides where a branch can open: modules that its Linear rule
         # serves (a subclass that changes the forward is not one)
         others = [n for n, m in self.smoothed.items() if not isinstance(rule_for(m), LinearRule)]
-        if route in ("prefix", "split") and others:
+        if batching in ("prefix", "split") and others:
             raise UnsupportedModelError(
-                f"the {route} route branches at Linear layers only, and {others} are not "
-                f"(by the layer registry); use route='naive'"
+                f"the {batching} batching branches at Linear layers only, and {others} are not "
+                f"(by the layer registry); use batching='naive'"
             )
         self._batched_ok = not others
-        self._coverage_checked = route == "naive"
-        return route
+        self._coverage_checked = batching == "naive"
+        return batching
 
     def _check_branching(self, x: Tensor, target: Tensor) -> None:
-        """Once, on a few samples: the batched routes perturb a smoothed weight inside its
+        """Once, on a few samples: the batched forms perturb a smoothed weight inside its
         Linear's forward only, so each must be used there only (not tied elsewhere). Where
-        one is not, ``"auto"`` takes the naive route (exact), and an explicit batched route
+        one is not, ``"auto"`` takes the naive batching (exact), and an explicit batched one
         raises, naming the weight."""
         self._coverage_checked = True
-        model = self.model.module if hasattr(self.model, "module") else self.model
+        inner = getattr(self.model, "module", None)  # a DDP wrapper's model
+        model = inner if isinstance(inner, nn.Module) else self.model
         try:
             space = ParamSpace(model)
             failures = coverage_failures(
                 model, plan_layers(model, space), space, self.loss, x[:8], target[:8]
             )
         except CoverageError as err:  # a weight shared between modules
-            if self._route == "auto":
+            if self._batching == "auto":
                 self._batched_ok = False
                 return
-            raise UnsupportedModelError(f"{err}; use route='naive'") from None
+            raise UnsupportedModelError(f"{err}; use batching='naive'") from None
         prefix = "module." if model is not self.model else ""
         smoothed = {n: e for n, e in failures.items() if prefix + n in self.masks}
         if not smoothed:
             return
-        if self._route == "auto":
+        if self._batching == "auto":
             self._batched_ok = False
             return
         raise UnsupportedModelError(
-            f"the {self._route} route perturbs {describe(smoothed)} inside its Linear only, but "
-            f"it is also used outside that module (tied weights?); use route='naive'"
+            f"the {self._batching} batching perturbs {describe(smoothed)} inside its Linear "
+            f"only, but it is also used outside that module (tied weights?); use "
+            f"batching='naive'"
         )
 
     @property
     def route(self) -> str:
-        """The route the next call takes. ``"auto"`` falls back to ``"naive"`` while a
+        """Deprecated: :attr:`batching`."""
+        warn("PartialLocalEntropy.route", "PartialLocalEntropy.batching")
+        return self.batching
+
+    @property
+    def batching(self) -> str:
+        """The batching the next call takes. ``"auto"`` falls back to ``"naive"`` while a
         BatchNorm is in train mode: in one batch of (y+1) B rows its statistics would mix
         the branches."""
         batch_stats = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
             for m in self.model.modules()
         )
-        if self._route == "auto":
+        if self._batching == "auto":
             return "prefix" if self._batched_ok and not batch_stats else "naive"
-        if self._route != "naive" and batch_stats:
+        if self._batching != "naive" and batch_stats:
             raise UnsupportedModelError(
-                f"a BatchNorm in train mode would mix the branches of the {self._route} "
-                f"route; use route='naive' (or 'auto'), or model.eval()"
+                f"a BatchNorm in train mode would mix the branches of the {self._batching} "
+                f"batching; use batching='naive' (or 'auto'), or model.eval()"
             )
-        return self._route
+        return self._batching
 
     # ------------------------------------------------------------------ sampling
 
@@ -321,6 +346,7 @@ class PartialLocalEntropy:
                 keys = [point_key(key, stream, a) for a in range(fresh)] * (1 + self.antithetic)
                 fused = shifted and m is None  # W + ΔW in the same pass
                 base = weight if fused else None
+                assert self.R is not None  # the box (a Gaussian draws below)
                 uniform_(
                     delta,
                     keys,
@@ -335,6 +361,7 @@ class PartialLocalEntropy:
             else:  # the generator's own normal draw, on its device
                 device = self.generator.device if self.generator is not None else weight.device
                 normal = torch.empty((fresh, *weight.shape), dtype=weight.dtype, device=device)
+                assert self.gamma is not None  # the Gaussian distance (M11)
                 delta[:fresh] = normal.normal_(
                     0.0, (2 * self.gamma) ** -0.5, generator=self.generator
                 )
@@ -350,7 +377,7 @@ class PartialLocalEntropy:
 
     def _distances(self, deltas: dict[str, Tensor]) -> Tensor | None:
         """``d_{R,k}`` of each of the y displacements over the smoothed coordinates."""
-        if self.k is None:
+        if self.k is None or self.R is None:
             return None
         total = None
         for name, m in self.masks.items():
@@ -382,15 +409,15 @@ class PartialLocalEntropy:
         the unperturbed weights (for ``"split"``, each chunk's at its own point)."""
         if model is not self.model:
             raise InputError("this PartialLocalEntropy was built for another model")
-        if self.y == 0:  # no perturbed point: the base loss (M4), on every route
+        if self.y == 0:  # no perturbed point: the base loss (M4), whatever the batching
             logits = model(x)
             return self.loss(logits, target).mean(), logits
-        route = self.route
-        first = route != "naive" and not self._coverage_checked
+        batching = self.batching
+        first = batching != "naive" and not self._coverage_checked
         if first:
             self._check_branching(x, target)
-            route = self.route
-        if route == "naive":
+            batching = self.batching
+        if batching == "naive":
             deltas = self.sample()
             distances = self._distances(deltas)
             losses, logits = self._naive(x, target, deltas)
@@ -425,16 +452,16 @@ class PartialLocalEntropy:
     ) -> tuple[Tensor, Tensor]:
         """The first batched pass: a model whose layers after the branch point cannot take
         the branched rows (a skip connection around a smoothed Linear adds B unbranched rows
-        to (y+1)·B branched ones) fails here, and ``"auto"`` takes the naive route with the
-        same displacements."""
+        to (y+1)·B branched ones) fails here, and ``"auto"`` takes the naive batching with
+        the same displacements."""
         try:
             return self._batched(x, target, weights)
         except RuntimeError as err:
-            if self._route != "auto":
+            if self._batching != "auto":
                 raise UnsupportedModelError(
-                    f"the {self._route} route failed on this model ({err}): every layer after "
-                    f"the first smoothed one must take the branched rows, which a skip "
-                    f"connection around a smoothed layer does not; use route='naive'"
+                    f"the {self._batching} batching failed on this model ({err}): every layer "
+                    f"after the first smoothed one must take the branched rows, which a skip "
+                    f"connection around a smoothed layer does not; use batching='naive'"
                 ) from err
             self._batched_ok = False
             return self._naive(x, target, displacements())
@@ -456,9 +483,10 @@ class PartialLocalEntropy:
     def _batched(
         self, x: Tensor, target: Tensor, weights: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """The prefix or split route, with the perturbed weights ``W + ΔW^a`` (constants)."""
+        """The prefix or split batching, with the perturbed weights ``W + ΔW^a``
+        (constants)."""
         branches = self.y + 1
-        sizes = split_sizes(len(x), self.y) if self.route == "split" else None
+        sizes = split_sizes(len(x), self.y) if self.batching == "split" else None
         with self._branched_layers(weights, sizes):
             out = self.model(x)
         if sizes is None:  # prefix: (y+1) B rows, branch-major
@@ -486,7 +514,7 @@ class PartialLocalEntropy:
                 branches = len(shifted) + 1
                 if sizes is not None:  # split: chunk a sees W + ΔW^a (chunk 0: W)
                     state["open"] = True
-                    return _ChunkedLinear.apply(h, module.weight, module.bias, shifted, sizes)
+                    return _apply(_ChunkedLinear, h, module.weight, module.bias, shifted, sizes)
                 if state["open"]:  # y+1 blocks of B rows, branch-major: block a sees W + ΔW^a
                     if len(h) != state["rows"]:
                         raise RuntimeError(
@@ -494,9 +522,9 @@ class PartialLocalEntropy:
                             f"the {state['rows']} of the y+1 branches"
                         )
                     blocks = [len(h) // branches] * branches
-                    return _ChunkedLinear.apply(h, module.weight, module.bias, shifted, blocks)
+                    return _apply(_ChunkedLinear, h, module.weight, module.bias, shifted, blocks)
                 state["open"], state["rows"] = True, branches * len(h)  # the branch point
-                return _BranchLinear.apply(h, module.weight, module.bias, shifted)
+                return _apply(_BranchLinear, h, module.weight, module.bias, shifted)
 
             return forward
 
@@ -515,11 +543,16 @@ class PartialLocalEntropy:
             raise RuntimeError("no smoothed layer was called in the forward pass")
 
 
+def _apply(function: type[torch.autograd.Function], *args: Any) -> Tensor:
+    """``function.apply(*args)``, typed (torch leaves ``apply`` untyped)."""
+    out: Tensor = function.apply(*args)  # type: ignore[no-untyped-call]
+    return out
+
+
 def _batched_split(h: Tensor) -> bool:
-    """Whether the y equal chunks (the split route's, or the prefix route's branch blocks
+    """Whether the y equal chunks (the split batching's, or the prefix batching's branch blocks
     after the branch point) run as one batched product: on an accelerator, where a small
-    step is launch-bound. On the CPU a loop of y products (a micro-benchmark of 4 chunks
-    of 51 x 784 rows by 784 x 784 gave 2.71 ms for the loop, 2.56 ms for ``bmm``)."""
+    step is launch-bound; on the CPU a loop of y products is as fast and needs no copy."""
     return h.device.type != "cpu"
 
 
@@ -552,13 +585,13 @@ def _chunk_products(
 
 class _ChunkedLinear(torch.autograd.Function):
     """A Linear whose row chunks see different weights: chunk 0 W, chunk a the constant
-    ``W + ΔW^a`` (the split route's chunks, or the prefix route's branch blocks after the
+    ``W + ΔW^a`` (the split batching's chunks, or the prefix batching's branch blocks after the
     branch point). ``h``: ``(B, ..., in)``, ``shifted``: ``(y, out, in)``. The weight
     gradient is ``Σ_a E_aᵀ H_a = Eᵀ H``, one product over all the rows instead of one per
     chunk; the input gradient is chunk-wise, ``E_a (W + ΔW^a)``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         h: Tensor, weight: Tensor, bias: Tensor | None, shifted: Tensor, sizes: list[int]
     ) -> Tensor:
         out = _chunk_products(h, weight, shifted, sizes, transpose=True)
@@ -572,7 +605,7 @@ class _ChunkedLinear(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         h, weight, shifted = ctx.saved_tensors
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -586,15 +619,13 @@ class _ChunkedLinear(torch.autograd.Function):
 
 
 class _BranchLinear(torch.autograd.Function):
-    """The prefix route's branch point: one input ``h`` (``(B, ..., in)``) times y+1
+    """The prefix batching's branch point: one input ``h`` (``(B, ..., in)``) times y+1
     weights, W and the constants ``shifted[a-1] = W + ΔW^a``, giving ``(y+1) B`` rows,
     branch-major. With ``E_a`` branch a's output gradient, the input gradient is
     ``Σ_a E_a (W + ΔW^a)`` and the weight gradient ``(Σ_a E_a)ᵀ h``, one product."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        h: Tensor, weight: Tensor, bias: Tensor | None, shifted: Tensor
-    ) -> Tensor:
+    def forward(h: Tensor, weight: Tensor, bias: Tensor | None, shifted: Tensor) -> Tensor:
         rows = h.reshape(-1, h.shape[-1])
         out = h.new_empty((len(shifted) + 1) * len(h), *h.shape[1:-1], weight.shape[0])
         blocks = out.view(len(shifted) + 1, len(rows), weight.shape[0])
@@ -610,7 +641,7 @@ class _BranchLinear(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         h, weight, shifted = ctx.saved_tensors
         rows = h.reshape(-1, h.shape[-1])
         blocks = grad.reshape(len(shifted) + 1, len(rows), grad.shape[-1])
@@ -629,11 +660,11 @@ class _BranchLinear(torch.autograd.Function):
 
 
 def split_sizes(batch: int, y: int) -> list[int]:
-    """The chunks of the split route: y chunks of ``s = batch // (y+1)`` rows for the
+    """The chunks of the split batching: y chunks of ``s = batch // (y+1)`` rows for the
     perturbed points, the first ``batch − y s`` rows (at least ``s``) for W itself."""
     if batch < y + 1:
         raise InputError(
-            f"the split route needs at least y+1 = {y + 1} samples per batch, got {batch}"
+            f"the split batching needs at least y+1 = {y + 1} samples per batch, got {batch}"
         )
     size = batch // (y + 1)
     return [batch - y * size] + [size] * y
@@ -660,23 +691,23 @@ def _variant(ple: PartialLocalEntropy, **changes: Any) -> PartialLocalEntropy:
     return clone
 
 
-def _full_batch_route(ple: PartialLocalEntropy) -> str:
-    """Estimators evaluate every point on the whole batch: never the split route."""
-    return "naive" if ple.route == "naive" else "prefix"
+def _full_batch(ple: PartialLocalEntropy) -> str:
+    """Estimators evaluate every point on the whole batch: never the split batching."""
+    return "naive" if ple.batching == "naive" else "prefix"
 
 
 def _point_losses(
     ple: PartialLocalEntropy, x: Tensor, target: Tensor, deltas: dict[str, Tensor], chunk: int
 ) -> Tensor:
     """The mean loss at each perturbed point ``W + deltas[a]`` (no gradient)."""
-    route = _full_batch_route(ple)
+    batching = _full_batch(ple)
     points = len(next(iter(deltas.values())))
     values = []
     with torch.no_grad():
         for start in range(0, points, chunk):
             part = {n: d[start : start + chunk] for n, d in deltas.items()}
-            view = _variant(ple, y=len(next(iter(part.values()))), _route=route)
-            if route == "naive":
+            view = _variant(ple, y=len(next(iter(part.values()))), _batching=batching)
+            if batching == "naive":
                 losses, _ = view._naive(x, target, part)
             else:
                 losses, _ = view._batched(x, target, view._shift(part))
@@ -689,7 +720,7 @@ def m_loss(
 ) -> tuple[float, float]:
     """The M-loss (M3, restricted to U: M14) at the current weights, averaged over
     ``repeats`` independent draws of its y displacements, and its standard error."""
-    view = _variant(ple, kind="plea", _route=_full_batch_route(ple))
+    view = _variant(ple, kind="plea", _batching=_full_batch(ple))
     with torch.no_grad():
         values = torch.tensor([float(view(x, target)) for _ in range(repeats)], dtype=torch.float64)
     se = float(values.std() / math.sqrt(repeats)) if repeats > 1 else math.nan
@@ -758,3 +789,75 @@ def gaussian_local_entropy(
             exponents.append(-beta * loss(out, target).mean())
     value, se = _log_mean_exp(torch.stack(exponents).double())
     return -value, se
+
+
+class _SmoothingOptions(LossOptions):
+    """PLA or PLEA in a config (:class:`PartialLocalEntropy`): ``layers`` (default all),
+    exactly one of ``R`` (the box) and ``gamma`` (the Gaussian distance of M11), ``y``
+    perturbed points, a finite sharpness ``k``, ``batching``, ``antithetic`` pairs. The old
+    key ``route`` is read as ``batching`` for one release."""
+
+    plain: ClassVar[bool] = False
+    #: the loss of Musso's that the options are for
+    kind: ClassVar[Literal["pla", "plea"]]
+
+    layers: list[str] | Literal["all"] = "all"
+    R: float | None = Field(None, gt=0)
+    gamma: float | None = Field(None, gt=0)
+    y: int = Field(4, ge=0)
+    k: float | None = Field(None, gt=0)
+    batching: Batching = "auto"
+    antithetic: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "route" in data:
+            warn("loss key 'route'", "'batching'", stacklevel=6)
+            data = {**data, "batching": data["route"]}
+            del data["route"]
+        if isinstance(data, dict) and data.get("layers", "all") is None:
+            data = {**data, "layers": "all"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_distance(self) -> _SmoothingOptions:
+        if (self.R is None) == (self.gamma is None):
+            raise ValueError(
+                f"loss {self.name} needs exactly one of R (the half-side of the sampling box) "
+                f"and gamma (the Gaussian distance of Musso eq. 11)"
+            )
+        if self.k is not None and self.gamma is not None:
+            raise ValueError("k sharpens the box kernel; the Gaussian distance (gamma) has none")
+        return self
+
+    def objective(self, model: nn.Module) -> Objective:
+        """The smoothed loss; its displacements come from torch's global generator, which
+        :class:`~sgdgeom.train.Trainer` seeds every epoch (so a resumed run replays them)."""
+        return PartialLocalEntropy(
+            model,
+            layers=self.layers,
+            R=self.R,
+            gamma=self.gamma,
+            y=self.y,
+            kind=self.kind,
+            k=self.k,
+            batching=self.batching,
+            antithetic=self.antithetic,
+        ).objective
+
+
+@register_loss("pla")
+class PLAOptions(_SmoothingOptions):
+    """PLA, Musso eq. (23) (eq. 19 with a finite k)."""
+
+    kind: ClassVar[Literal["pla", "plea"]] = "pla"
+    name: Literal["pla"] = "pla"
+
+
+@register_loss("plea")
+class PLEAOptions(_SmoothingOptions):
+    """PLEA, Musso eq. (22) (eq. 14 with a finite k)."""
+
+    kind: ClassVar[Literal["pla", "plea"]] = "plea"
+    name: Literal["plea"] = "plea"

@@ -23,20 +23,20 @@ def heavy_ball(
     for the whole list, as torch.optim does: on an accelerator a small step is
     launch-bound."""
     if group["weight_decay"]:
-        directions = torch._foreach_add(directions, weights, alpha=group["weight_decay"])
+        directions = list(torch._foreach_add(directions, weights, alpha=group["weight_decay"]))
     if not group["momentum"]:
         return directions
-    buffers = [state.get("momentum_buffer") for state in states]
-    old = [i for i, b in enumerate(buffers) if b is not None]
+    old = [i for i, state in enumerate(states) if state.get("momentum_buffer") is not None]
     if old:
-        kept = [buffers[i] for i in old]
+        kept = [states[i]["momentum_buffer"] for i in old]
         torch._foreach_mul_(kept, group["momentum"])
         torch._foreach_add_(
             kept, [directions[i] for i in old], alpha=1 - group.get("dampening", 0.0)
         )
-    for i, state in enumerate(states):
-        if buffers[i] is None:
-            buffers[i] = state["momentum_buffer"] = directions[i].clone()
+    for direction, state in zip(directions, states, strict=True):
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = direction.clone()
+    buffers: list[Tensor] = [state["momentum_buffer"] for state in states]
     if group["nesterov"]:
-        return torch._foreach_add(directions, buffers, alpha=group["momentum"])
+        return list(torch._foreach_add(directions, buffers, alpha=group["momentum"]))
     return buffers

@@ -198,15 +198,15 @@ def uniform_(
         return out
     if use_numba and out.device.type == "cpu" and out.numel() >= _SLOW_CPU_DRAW:
         _warn_slow()
-    rows = out.view(len(out), -1)
+    flat = out.view(len(out), -1)
     signed = _sent([_signed(GOLDEN)] + [_signed(k) for k in keys], torch.int64, out.device)
     factors = _sent([sign * scale for sign in signs], out.dtype, out.device)
     deltas = _compiled_deltas() if compiled else _deltas
-    delta = deltas(signed, factors, rows.shape[1], out.dtype)
+    delta = deltas(signed, factors, flat.shape[1], out.dtype)
     if base is None:
-        rows.copy_(delta)
+        flat.copy_(delta)
     else:  # outside the compiled part, which might fuse it into one rounding (an FMA)
-        torch.add(base.reshape(1, -1), delta, out=rows)
+        torch.add(base.reshape(1, -1), delta, out=flat)
     return out
 
 

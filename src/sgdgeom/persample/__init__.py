@@ -14,7 +14,9 @@ How it works, module by module (imports point down this list):
 - :mod:`~sgdgeom.persample.capture`: one forward and backward, captured for the rules,
   with the coverage check;
 - :mod:`~sgdgeom.persample.routes`: which route a model takes;
-- :mod:`~sgdgeom.persample.distributed`: the products of shards held by several processes.
+- :mod:`~sgdgeom.persample.distributed`: the products of shards held by several processes;
+- :mod:`~sgdgeom.persample.recorder` and :mod:`~sgdgeom.persample.steps`: the captures of
+  an ordinary training loop, and the checked products of each of its steps.
 """
 
 from sgdgeom.persample.base import PerSampleProducts
@@ -28,6 +30,7 @@ from sgdgeom.persample.capture import (
 )
 from sgdgeom.persample.distributed import ShardedProducts
 from sgdgeom.persample.func import FuncProducts, jvp_or_double_vjp
+from sgdgeom.persample.internal import internal_passes
 from sgdgeom.persample.layers import LayerRule, register_rule, rule_for
 from sgdgeom.persample.losses import (
     LossSpec,
@@ -35,9 +38,12 @@ from sgdgeom.persample.losses import (
     check_independent_samples,
     per_sample_loss,
 )
-from sgdgeom.persample.routes import ROUTES, make_products
+from sgdgeom.persample.recorder import all_gather
+from sgdgeom.persample.routes import ROUTES, Route, make_products, route_of
 from sgdgeom.persample.rows import RowProducts
 from sgdgeom.persample.source import DataSource
+from sgdgeom.persample.steps import LossReduction, StepCapture, distributed
+from sgdgeom.persample.storage import CacheMode
 
 __all__ = [
     # losses and data
@@ -53,7 +59,10 @@ __all__ = [
     "RowProducts",
     "ShardedProducts",
     "ROUTES",
+    "Route",
+    "CacheMode",
     "make_products",
+    "route_of",
     "jvp_or_double_vjp",
     # the capture and the layer rules
     "CoverageError",
@@ -64,4 +73,10 @@ __all__ = [
     "plan_layers",
     "register_rule",
     "rule_for",
+    # the steps of a training loop
+    "LossReduction",
+    "StepCapture",
+    "all_gather",
+    "distributed",
+    "internal_passes",
 ]

@@ -1,6 +1,6 @@
 r"""The products protocol: what every route computes with the per-sample gradient matrix G.
 
-Notation (DESIGN §1): per-sample losses :math:`f_i(x)`, :math:`i = 1..N`, per-sample
+Notation (``docs/design.md``): per-sample losses :math:`f_i(x)`, :math:`i = 1..N`, per-sample
 gradients :math:`g_i = \nabla f_i \in \mathbb{R}^d`, stacked as the rows of
 :math:`G \in \mathbb{R}^{N \times d}`. :math:`G` is never stored by the capture route;
 everything is a product:
@@ -11,6 +11,7 @@ everything is a product:
   (N, m)`` and ``(N, m) -> (d, m)``, in one pass over the data (block eigensolvers);
 - ``gram()``: the raw Gram matrix :math:`G G^\top`, shape ``(N, N)``;
 - ``sq_norms()``: :math:`\|g_{i,p}\|^2` per sample and parameter tensor, ``(N, P)``;
+- ``square_sum()``: :math:`\sum_i g_i \odot g_i`, ``(d,)`` (the diagonal of ``Gᵀ G``);
 - ``per_sample_grads()``: chunks of rows of :math:`G` (dense references, small d);
 - ``losses()``: the :math:`f_i`, ``(N,)``;
 - second-order products, for the geometry of Fioresi et al. (F7, F8): ``second_directional``
@@ -106,6 +107,13 @@ class PerSampleProducts(Protocol):
                 zip(self.space.offsets[:-1], self.space.offsets[1:], strict=True)
             ):
                 out[start : start + len(rows), p] = sq[:, a:b].sum(1)
+        return out
+
+    def square_sum(self) -> Tensor:
+        """``Σ_i g_i ⊙ g_i``, ``(d,)``: the diagonal of ``Gᵀ G``, from materialised chunks."""
+        out = torch.zeros(self.space.dim, dtype=self.space.dtype, device=self.space.device)
+        for _, rows in self.per_sample_grads():
+            out += rows.square().sum(0)
         return out
 
     def second_directional(self, v: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ module's rule (:mod:`sgdgeom.persample.layers`). One forward with hooks records 
 owner saw, one backward of :math:`\sum_i f_i` gives the gradients of the *per-sample*
 losses at its outputs (samples are independent, so row i of the output gradient is
 :math:`\partial f_i / \partial z_i`), and the rules turn them into ``G v``, ``Gᵀ w``, the
-Gram matrix and rows of G (DESIGN §1), with no further pass over the model.
+Gram matrix and rows of G (``docs/design.md``), with no further pass over the model.
 
 **Rows where they are cheaper.** Where a layer's per-sample gradients over a chunk fit in
 :data:`ROWS_LIMIT` and take no more memory than what its calls keep (a convolution or a norm
@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,14 @@ from sgdgeom.persample.layers import LayerRule, rule_for
 from sgdgeom.persample.layers.registry import write
 from sgdgeom.persample.losses import LossSpec, PerSampleLoss, per_sample_loss
 from sgdgeom.persample.source import DataSource
-from sgdgeom.persample.storage import DiskChunks, available_bytes, check_disk, nbytes
+from sgdgeom.persample.storage import (
+    CacheMode,
+    DiskChunks,
+    available_bytes,
+    cache_mode,
+    check_disk,
+    nbytes,
+)
 
 __all__ = [
     "CaptureProducts",
@@ -272,7 +279,7 @@ def capture_chunk(
 
 
 class CaptureProducts(PerSampleProducts):
-    """Products from captured layer inputs and output gradients (DESIGN §1).
+    """Products from captured layer inputs and output gradients (``docs/design.md``).
 
     ``G v`` costs one forward-sized product per layer and ``Gᵀ w`` one weight-gradient-sized
     product, with no further pass over the model. The raw Gram matrix uses each rule's ghost
@@ -300,6 +307,8 @@ class CaptureProducts(PerSampleProducts):
         self.scale = scale
         self.storage = storage
         self._chunks = chunks
+        #: memory-mapped captures that live as long as the products
+        self.disk: DiskChunks | None = None
 
     @classmethod
     def from_calls(
@@ -329,29 +338,28 @@ class CaptureProducts(PerSampleProducts):
         loss_fn: LossSpec,
         data: DataSource,
         *,
-        cache: bool | str = "auto",
+        cache: CacheMode = "auto",
         cache_limit: int = 2**31,
         cache_dir: str | Path | None = None,
         progress: bool = False,
     ) -> CaptureProducts:
         """Plan and check the layers, then capture them over ``data``.
 
-        Where the captures live (:attr:`storage`): ``cache=True`` keeps them in memory;
+        Where the captures live (:attr:`storage`): ``cache="memory"`` keeps them in memory;
         ``"auto"`` keeps them in memory when they fit in ``cache_limit`` bytes and half the
         free memory, else in memory-mapped files under ``cache_dir`` if one is given
         (:class:`~sgdgeom.persample.storage.DiskChunks`; the free disk is checked first),
         else captures again on every product, with a warning that says how much they would
-        take; ``"disk"`` always writes them under ``cache_dir``; ``False`` never keeps them.
+        take; ``"disk"`` always writes them under ``cache_dir``; ``"off"`` never keeps them.
         Raises :class:`CoverageError` if a parameter is used outside its module."""
-        if cache not in (True, False, "auto", "disk"):
-            raise InputError(f"cache must be True, False, 'auto' or 'disk', got {cache!r}")
+        cache = cache_mode(cache)
         if cache == "disk" and cache_dir is None:
             raise InputError("cache='disk' needs a cache_dir for the memory-mapped captures")
         space = ParamSpace(model)
         layers = plan_layers(model, space)
         loss = per_sample_loss(loss_fn)
 
-        def stream(show: bool = progress) -> Iterator[Chunk]:
+        def stream(show: bool = progress) -> Generator[Chunk, None, None]:
             for start, x, y in data.chunks(show, "capture"):
                 calls, losses, _ = capture_chunk(model, layers, loss, x, y)
                 yield Chunk(start, len(x), calls, losses)
@@ -374,17 +382,17 @@ class CaptureProducts(PerSampleProducts):
                     f"sequence-first layer? use route='generic', which is exact for any model"
                 ) from err
             _CHECKED[model] = key
-        if cache is False:
+        if cache == "off":
             return cls(space, layers, stream, data.n, storage="stream")
         chunks = stream()
         first = next(chunks)
         estimate = int(nbytes(first) * data.n / first.size)
         free = available_bytes(space.device)
         fits = estimate <= cache_limit and (free is None or 2 * estimate <= free)
-        if cache is True or (cache == "auto" and fits):
+        if cache == "memory" or (cache == "auto" and fits):
             cached = [first, *chunks]
             return cls(space, layers, lambda: iter(cached), data.n, storage="memory")
-        if cache == "disk" or cache_dir is not None:
+        if cache_dir is not None:  # "disk", or "auto" where memory is too small
             check_disk(Path(cache_dir), estimate)
             disk = DiskChunks(cache_dir)
             for chunk in (first, *chunks):
@@ -406,7 +414,7 @@ class CaptureProducts(PerSampleProducts):
     @staticmethod
     def _call_jvp(layer: Layer, call: Any, view: dict[str, Tensor]) -> Tensor:
         if isinstance(call, RowsCall):
-            return sum(call.rows[n] @ view[n].reshape(-1) for n in layer.names)
+            return torch.stack([call.rows[n] @ view[n].reshape(-1) for n in layer.names]).sum(0)
         return layer.rule.jvp(layer.module, call, view)
 
     @staticmethod
@@ -529,9 +537,10 @@ class CaptureProducts(PerSampleProducts):
 
     def losses(self) -> Tensor:
         chunks = [chunk.losses for chunk in self._chunks()]
-        if any(c is None for c in chunks):
+        present = [c for c in chunks if c is not None]
+        if len(present) != len(chunks):
             raise InputError("these products were built from captures without the losses")
-        return torch.cat(chunks)
+        return torch.cat(present)
 
     def gram(self) -> Tensor:
         out = torch.zeros(self.n, self.n, dtype=self.space.dtype, device=self.space.device)
@@ -577,6 +586,7 @@ class CaptureProducts(PerSampleProducts):
             for layer, calls in zip(self.layers, chunk.calls, strict=True):
                 numel = sum(self.layers_numel(layer))
                 for call in calls:
+                    cost: tuple[float, float]
                     if isinstance(call, RowsCall):
                         cost = (chunk.size * numel, chunk.size * chunk.size * numel)
                     else:
@@ -604,6 +614,25 @@ class CaptureProducts(PerSampleProducts):
                         offset += numel
                 for name, value in (norms or {}).items():
                     out[chunk.start : stop, column[layer.qualified(name)]] = value
+        return out.mul_(self.scale**2) if self.scale != 1 else out
+
+    def square_sum(self) -> Tensor:
+        """``Σ_i g_i ⊙ g_i`` layer by layer: a rule's formula where it has one (a Linear on
+        non-sequence inputs: ``(Δ ⊙ Δ)ᵀ (A ⊙ A)``), else the squares of its rows."""
+        out = torch.zeros(self.space.dim, dtype=self.space.dtype, device=self.space.device)
+        for chunk in self._chunks():
+            for layer, calls in zip(self.layers, chunk.calls, strict=True):
+                squares = None
+                if len(calls) == 1 and not isinstance(calls[0], RowsCall):
+                    squares = layer.rule.square_sum(layer.module, calls[0], layer.names)
+                if squares is None and calls:
+                    rows = self._rows(layer, calls, chunk.size).square().sum(0)
+                    squares, offset = {}, 0
+                    for name, numel in zip(layer.names, self.layers_numel(layer), strict=True):
+                        squares[name] = rows[offset : offset + numel]
+                        offset += numel
+                for name, value in (squares or {}).items():
+                    out[layer.slices[name]] += value.reshape(-1)
         return out.mul_(self.scale**2) if self.scale != 1 else out
 
 

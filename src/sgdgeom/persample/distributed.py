@@ -86,6 +86,9 @@ class ShardedProducts(PerSampleProducts):
     def sq_norms(self) -> Tensor:
         return self._gather(self.local.sq_norms())
 
+    def square_sum(self) -> Tensor:
+        return self._sum(self.local.square_sum())
+
     def _rows(self) -> Tensor:
         return torch.cat([rows for _, rows in self.local.per_sample_grads()])
 
@@ -120,10 +123,20 @@ class ShardedProducts(PerSampleProducts):
             row[:, start : start + self.counts[source]] = self._block_row(box[0])
         return self._gather(row)
 
-    def _refuse(self, *args: object) -> Tensor:
-        raise UnsupportedModelError(
+    def _refuse(self) -> UnsupportedModelError:
+        return UnsupportedModelError(
             "second derivatives are not computed across processes; build D on one process "
             "for divergence() and the geometry of Fioresi et al."
         )
 
-    second_directional = hessian_vector = third_directional = gradient_norm_gradient = _refuse
+    def second_directional(self, v: Tensor) -> Tensor:
+        raise self._refuse()
+
+    def hessian_vector(self, v: Tensor, weights: Tensor) -> Tensor:
+        raise self._refuse()
+
+    def third_directional(self, v: Tensor, weights: Tensor) -> Tensor:
+        raise self._refuse()
+
+    def gradient_norm_gradient(self, weights: Tensor) -> Tensor:
+        raise self._refuse()

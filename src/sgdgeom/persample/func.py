@@ -58,17 +58,24 @@ def jvp_or_double_vjp(
         tensor([6.])
     """
     try:
-        return jvp(function, (primal,), (tangent,))
+        return _jvp(function, primal, tangent)
     except NotImplementedError as err:
         if not _forward_ad_missing(err):
             raise
     with reference_kernels():
         try:
-            return jvp(function, (primal,), (tangent,))
+            return _jvp(function, primal, tangent)
         except NotImplementedError as err:
             if not _forward_ad_missing(err):
                 raise
         return double_vjp(function, primal, tangent)
+
+
+def _jvp(
+    function: Callable[[Params], Tensor], primal: Params, tangent: Params
+) -> tuple[Tensor, Tensor]:
+    value, product = jvp(function, (primal,), (tangent,))[:2]
+    return value, product
 
 
 def double_vjp(
@@ -76,8 +83,8 @@ def double_vjp(
 ) -> tuple[Tensor, Tensor]:
     """``(f(p), J t)`` in reverse mode only: ``u ↦ Jᵀu`` is linear, and its VJP with
     cotangent ``t`` is ``J t``."""
-    value, pullback = vjp(function, primal)
-    _, pull_twice = vjp(lambda u: pullback(u)[0], torch.zeros_like(value))
+    value, pullback = vjp(function, primal)[:2]
+    _, pull_twice = vjp(lambda u: pullback(u)[0], torch.zeros_like(value))[:2]
     (product,) = pull_twice(tangent)
     return value, product
 
@@ -230,7 +237,8 @@ class FuncProducts(PerSampleProducts):
     def gradient_norm_gradient(self, weights: Tensor) -> Tensor:
         def half_sq_norms(p: Params, x: Tensor, y: Tensor) -> Tensor:
             grads = self._per_sample_grads(p, x, y)
-            return 0.5 * sum(g.reshape(len(x), -1).square().sum(1) for g in grads.values())
+            squares = [g.reshape(len(x), -1).square().sum(1) for g in grads.values()]
+            return 0.5 * torch.stack(squares).sum(0)
 
         with reference_kernels():
             return self._weighted_grad(weights, half_sq_norms, "Σ w H g")

@@ -1,7 +1,8 @@
 r"""Per-sample losses :math:`f_i`, ``(output, target) -> (B,)``, from names, modules or functions.
 
-DESIGN §1: :math:`f = \frac1N \sum_i f_i`. Every product of the per-sample gradients needs the
-vector of the :math:`f_i`, never their mean, so a loss that already reduces over the batch
+With ``docs/design.md``'s :math:`f = \frac1N \sum_i f_i`, every product of the per-sample
+gradients needs the vector of the :math:`f_i`, never their mean, so a loss that already
+reduces over the batch
 (``F.cross_entropy`` with its default ``reduction="mean"``) is mapped to its per-sample form
 or refused: summing a mean would silently scale D by :math:`N^2`.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
+from typing import cast
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -104,8 +106,8 @@ def per_sample_loss(loss_fn: LossSpec) -> PerSampleLoss:
             raise UnsupportedModelError(
                 "a class-weighted loss is not a mean of per-sample losses; drop `weight`"
             )
-        module = copy.copy(loss_fn)
-        module.reduction = "none"
+        module = copy.copy(cast(nn.Module, loss_fn))
+        module.reduction = "none"  # type: ignore[assignment]  # a loss module's attribute
         return lambda output, target: _mean_per_sample(module(output, target))
     if isinstance(loss_fn, nn.Module):
         raise UnsupportedModelError(
@@ -121,13 +123,14 @@ def per_sample_loss(loss_fn: LossSpec) -> PerSampleLoss:
     return _checked(loss_fn)
 
 
-def check_independent_samples(model: nn.Module) -> None:
-    """Raise if a module couples the samples of a batch or makes the model random.
+def check_independent_samples(model: nn.Module, dropout: bool = True) -> None:
+    """Raise if a module couples the samples of a batch or makes the model random, naming it.
 
     BatchNorm in train mode (or without running statistics) normalises with batch
     statistics, so a sample's loss depends on the other samples and per-sample gradients are
     not defined; Dropout in train mode with ``p > 0`` draws a new mask on every pass, so two
-    products would not see the same function.
+    products would not see the same function (``dropout=False`` allows it: a training step's
+    one forward has one mask, and its per-sample gradients are those of that forward).
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
@@ -135,9 +138,12 @@ def check_independent_samples(model: nn.Module) -> None:
         ):
             raise UnsupportedModelError(
                 f"BatchNorm layer {name!r} normalises with batch statistics (train mode or no "
-                f"running statistics), so the samples of a batch are not independent; call "
+                f"running statistics), so the samples of a batch are not independent and "
+                f"per-sample gradients are not defined: use GroupNorm or LayerNorm, or call "
                 f"model.eval() on a BatchNorm that tracks running statistics"
             )
+        if not dropout:
+            continue
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
             raise UnsupportedModelError(
                 f"Dropout layer {name!r} is in train mode, so the model is random; call "

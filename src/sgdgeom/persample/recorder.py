@@ -45,9 +45,19 @@ class _Call:
 
     layer: int
     saved: Any
-    outputs: list[weakref.ref]
+    outputs: list[weakref.ref[Tensor]]
     grads: list[Tensor | None]
+    #: each output's zero gradient, made lazily for an output no gradient reached
+    zeros: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
+
+    def output_grads(self) -> tuple[Tensor, ...]:
+        """The outputs' gradients, zero for an output that no gradient reached (one the
+        forward computed and the loss never used, such as an LSTM's final state)."""
+        return tuple(
+            g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+            for g, (shape, dtype, device) in zip(self.grads, self.zeros, strict=True)
+        )
 
 
 @dataclass(eq=False)  # by identity too
@@ -87,7 +97,7 @@ def _detached_parameters(module: nn.Module, recursive: bool) -> Iterator[None]:
     owners = list(module.modules()) if recursive else [module]
     saved = [(m, name, p) for m in owners for name, p in m._parameters.items() if p is not None]
     for m, name, p in saved:
-        m._parameters[name] = p.detach()
+        m._parameters[name] = p.detach()  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -143,7 +153,9 @@ class LoopRecorder:
         first = tensors[0] if tensors else None
         size = len(first) if first is not None and first.dim() else 0
         alone = len(args) == 1 and not kwargs and first is not None
-        self.passes.append(Pass(size, inputs=first.detach() if alone else None))
+        self.passes.append(
+            Pass(size, inputs=first.detach() if alone and first is not None else None)
+        )
 
     def _record(self, k: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not (torch.is_grad_enabled() and self.passes) or in_internal_pass():
@@ -157,6 +169,7 @@ class LoopRecorder:
             rule.record(module, args, kwargs, output),
             [weakref.ref(t) for t in outputs],
             [None] * len(outputs),
+            [(t.shape, t.dtype, t.device) for t in outputs],
         )
         for j, t in enumerate(outputs):
             if t.requires_grad:
@@ -181,11 +194,7 @@ class LoopRecorder:
             if all(g is None for g in call.grads):
                 continue
             layer = self.layers[call.layer]
-            grads = tuple(
-                g if g is not None else torch.zeros_like(ref())
-                for g, ref in zip(call.grads, call.outputs, strict=True)
-            )
-            out[call.layer].append(layer.rule.call(layer.module, call.saved, grads))
+            out[call.layer].append(layer.rule.call(layer.module, call.saved, call.output_grads()))
         return [
             self.layers[k].rule.merge(self.layers[k].module, c) if c else c
             for k, c in enumerate(out)
@@ -201,7 +210,8 @@ def _forget(passes: list[Pass]) -> None:
 
 def _store_grad(call: _Call, j: int, grad: Tensor) -> None:
     grad = grad.detach()
-    call.grads[j] = grad if call.grads[j] is None else call.grads[j] + grad
+    previous = call.grads[j]
+    call.grads[j] = grad if previous is None else previous + grad
 
 
 def _fused_forward(recorder: LoopRecorder, layer: Layer, *args: Any, **kwargs: Any) -> Any:
@@ -248,6 +258,6 @@ def gather_call(call: Any) -> Any:
         return {name: gather_call(value) for name, value in call.items()}
     if isinstance(call, list | tuple):
         return type(call)(gather_call(value) for value in call)
-    if is_dataclass(call):
+    if is_dataclass(call) and not isinstance(call, type):
         return replace(call, **{f.name: gather_call(getattr(call, f.name)) for f in fields(call)})
     return call

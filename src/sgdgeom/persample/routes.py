@@ -1,22 +1,32 @@
-"""Choosing a route for a model: the capture route where it is exact, else torch.func."""
+"""Choosing a route for a model: the capture route where it is exact, else torch.func.
+
+A *route* is how the per-sample products are computed (``docs/design.md``, vocabulary):
+``"capture"`` (layer rules over one captured forward and backward), ``"generic"``
+(``torch.func`` on the whole model) or, for products built from explicit per-sample
+gradients, ``"rows"``. The word names nothing else in sgdgeom.
+"""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Literal, get_args
 
 from torch import nn
 
 from sgdgeom.errors import InputError, UnsupportedModelError
 from sgdgeom.persample.base import PerSampleProducts
 from sgdgeom.persample.capture import CaptureProducts
+from sgdgeom.persample.distributed import ShardedProducts
 from sgdgeom.persample.func import FuncProducts
 from sgdgeom.persample.losses import LossSpec, check_independent_samples
 from sgdgeom.persample.source import DataSource
+from sgdgeom.persample.storage import CacheMode
 
-__all__ = ["ROUTES", "make_products"]
+__all__ = ["ROUTES", "Route", "make_products", "route_of"]
 
-ROUTES = ("auto", "capture", "generic")
+Route = Literal["auto", "capture", "generic"]
+ROUTES: tuple[str, ...] = get_args(Route)
 
 
 def make_products(
@@ -24,8 +34,8 @@ def make_products(
     loss_fn: LossSpec,
     data: DataSource,
     *,
-    route: str = "auto",
-    cache: bool | str = "auto",
+    route: Route = "auto",
+    cache: CacheMode = "auto",
     cache_dir: str | Path | None = None,
     progress: bool = False,
 ) -> PerSampleProducts:
@@ -57,3 +67,13 @@ def make_products(
             stacklevel=3,
         )
         return FuncProducts(model, loss_fn, data, progress=progress)
+
+
+def route_of(products: PerSampleProducts) -> str:
+    """``"generic"``, ``"capture"`` or ``"rows"``: the route of these products (that of each
+    process's shard for :class:`~sgdgeom.persample.ShardedProducts`)."""
+    if isinstance(products, ShardedProducts):
+        products = products.local
+    if isinstance(products, FuncProducts):
+        return "generic"
+    return "capture" if isinstance(products, CaptureProducts) else "rows"

@@ -82,3 +82,6 @@ class RowProducts(PerSampleProducts):
 
     def gram(self) -> Tensor:
         return self.rows @ self.rows.T
+
+    def square_sum(self) -> Tensor:
+        return self.rows.square().sum(0)

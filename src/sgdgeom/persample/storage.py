@@ -18,15 +18,37 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sgdgeom._deprecated import renamed
 from sgdgeom.errors import InputError
 
-__all__ = ["DiskChunks", "available_bytes", "check_disk", "map_tensors", "nbytes"]
+__all__ = [
+    "CacheMode",
+    "DiskChunks",
+    "available_bytes",
+    "cache_mode",
+    "check_disk",
+    "map_tensors",
+    "nbytes",
+]
+
+CacheMode = Literal["auto", "memory", "disk", "off"]
+"""Where the captures live: chosen by size (``"auto"``), in memory, in memory-mapped files,
+or nowhere (``"off"``: captured again on every pass)."""
+
+
+def cache_mode(cache: object) -> CacheMode:
+    """The cache option in its current spelling (``True``/``False`` were ``"memory"``/``"off"``)."""
+    value = renamed("cache", cache, {True: "memory", False: "off"})
+    if value not in get_args(CacheMode):
+        raise InputError(f"cache must be one of {', '.join(get_args(CacheMode))}, got {cache!r}")
+    mode: CacheMode = value
+    return mode
 
 
 def available_bytes(device: torch.device) -> int | None:

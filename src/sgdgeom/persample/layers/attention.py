@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -100,12 +100,14 @@ class MultiheadAttentionRule(LayerRule):
         if saved[0] == "fallback":
             return self._fallback.call(module, saved[1], grads)
         _, inputs, output = saved
-        q_in, k_in, v_in = (_batch_first(module, t) for t in inputs)
-        delta = _batch_first(module, grads[0])
+        attention = cast(nn.MultiheadAttention, module)
+        q_in, k_in, v_in = (_batch_first(attention, t) for t in inputs)
+        delta = _batch_first(attention, grads[0])
         batch, length, embed = q_in.shape
-        heads = module.num_heads
-        weight = module.in_proj_weight.detach()
-        bias = module.in_proj_bias.detach() if module.in_proj_bias is not None else None
+        heads = attention.num_heads
+        weight = attention.in_proj_weight.detach()
+        in_bias = attention.in_proj_bias
+        bias = in_bias.detach() if in_bias is not None else None
         w_blocks = weight.chunk(3)
         b_blocks = bias.chunk(3) if bias is not None else (None, None, None)
         with torch.enable_grad():
@@ -122,12 +124,12 @@ class MultiheadAttentionRule(LayerRule):
                 .transpose(1, 2)
                 .reshape(batch, length, embed)
             )
-            out_weight = module.out_proj.weight.detach()
-            out_bias = module.out_proj.bias
+            out_weight = attention.out_proj.weight.detach()
+            out_bias = attention.out_proj.bias
             recomputed = F.linear(
                 core.detach(), out_weight, out_bias.detach() if out_bias is not None else None
             )
-            self._check_once(module, recomputed, _batch_first(module, output))
+            self._check_once(module, recomputed, _batch_first(attention, output))
             grads_in = torch.autograd.grad(core, projected, delta @ out_weight)
         projections = {
             name: _LINEAR.call(module, t, (g,))

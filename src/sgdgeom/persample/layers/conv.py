@@ -7,7 +7,7 @@ convolution (same stride, padding and dilation):
 - ``jvp``: :math:`g_i\cdot v = \langle \mathrm{conv}(A_i; V), \Delta_i\rangle +
   v_b\cdot\sum_{hw}\Delta_i`, one forward-sized convolution;
 - ``vjp``: :math:`\sum_i w_i g_i` is the weight gradient of the batch with output gradients
-  :math:`w_i\Delta_i` (``torch.nn.grad.conv2d_weight``);
+  :math:`w_i\Delta_i` (``conv2d_weight``);
 - ``per_sample``: the weight gradient of each sample alone, as one grouped convolution with
   the samples as groups, ``(b, out·in·k_h·k_w)``.
 
@@ -18,10 +18,12 @@ module-local fallback (exact, slower).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.grad import conv2d_weight
 
 from sgdgeom.persample.layers.registry import LayerRule, Params, register_rule, write
 
@@ -41,7 +43,7 @@ def _pair(module: nn.Module, attribute: str, one: int) -> tuple[int, int]:
     return (one, value[0]) if isinstance(module, nn.Conv1d) else value
 
 
-def _geometry(module: nn.Module) -> dict[str, tuple[int, int]]:
+def _geometry(module: nn.Module) -> dict[str, Any]:
     return {
         "stride": _pair(module, "stride", 1),
         "padding": _pair(module, "padding", 0),
@@ -50,7 +52,7 @@ def _geometry(module: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def _shape2d(module: nn.Module) -> tuple[int, ...]:
-    shape = tuple(module.weight.shape)
+    shape = tuple(cast(nn.Conv2d, module).weight.shape)
     return (*shape[:2], 1, shape[2]) if isinstance(module, nn.Conv1d) else shape
 
 
@@ -87,9 +89,7 @@ class ConvRule(LayerRule):
     ) -> None:
         weighted = call.grads * w[:, None, None, None]
         if "weight" in out:
-            g_w = torch.nn.grad.conv2d_weight(
-                call.inputs, _shape2d(module), weighted, **_geometry(module)
-            )
+            g_w = conv2d_weight(call.inputs, _shape2d(module), weighted, **_geometry(module))
             write(out["weight"], g_w.view(out["weight"].shape), accumulate)
         if "bias" in out:
             write(out["bias"], weighted.sum((0, 2, 3)), accumulate)
@@ -99,7 +99,7 @@ class ConvRule(LayerRule):
     ) -> tuple[float, float]:
         """A product is one convolution, ``b H' W' × numel(weight)``; the Gram matrix
         materialises the rows (one grouped convolution of that cost) and multiplies them."""
-        product = float(size * call.grads[0, 0].numel() * module.weight.numel())
+        product = float(size * call.grads[0, 0].numel() * cast(nn.Conv2d, module).weight.numel())
         return product, product + float(size * size * numel)
 
     def per_sample(self, module: nn.Module, call: ConvCall, names: list[str]) -> Params:
@@ -109,7 +109,7 @@ class ConvRule(LayerRule):
         rows = {}
         if "weight" in names:
             shape = _shape2d(module)
-            g_w = torch.nn.grad.conv2d_weight(
+            g_w = conv2d_weight(
                 call.inputs.reshape(1, b * c_in, h, w),
                 (b * shape[0], *shape[1:]),
                 call.grads.reshape(1, b * shape[0], *call.grads.shape[2:]),

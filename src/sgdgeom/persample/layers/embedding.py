@@ -17,6 +17,7 @@ couples the samples of a batch) are declined.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +49,9 @@ class EmbeddingRule(LayerRule):
     def call(self, module: nn.Module, saved: Tensor, grads: tuple[Tensor, ...]) -> EmbeddingCall:
         indices = saved.reshape(len(saved), -1)
         g = grads[0].reshape(len(saved), -1, grads[0].shape[-1])
-        if module.padding_idx is not None:
-            g = g * (indices != module.padding_idx)[..., None]
+        padding = cast(nn.Embedding, module).padding_idx
+        if padding is not None:
+            g = g * indices.ne(padding)[..., None]
         return EmbeddingCall(indices, g)
 
     def jvp(self, module: nn.Module, call: EmbeddingCall, v: Params) -> Tensor:
@@ -65,9 +67,8 @@ class EmbeddingRule(LayerRule):
 
     def per_sample(self, module: nn.Module, call: EmbeddingCall, names: list[str]) -> Params:
         b, _, dim = call.grads.shape
-        rows = torch.zeros(
-            b, module.num_embeddings, dim, dtype=call.grads.dtype, device=call.grads.device
-        )
+        vocabulary = cast(nn.Embedding, module).num_embeddings
+        rows = torch.zeros(b, vocabulary, dim, dtype=call.grads.dtype, device=call.grads.device)
         rows.scatter_add_(1, call.indices[..., None].expand(-1, -1, dim), call.grads)
         return {"weight": rows.flatten(1)}
 

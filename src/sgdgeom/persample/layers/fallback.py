@@ -144,7 +144,7 @@ class FallbackRule(LayerRule):
         def cotangent(g: Tensor) -> Tensor:
             return g * w.view(*shape, *([1] * (g.dim() - call.batch_dim - 1)))
 
-        _, pullback = vjp(lambda p: self._forward(module, call, p, call.leaves), call.params)
+        _, pullback = vjp(lambda p: self._forward(module, call, p, call.leaves), call.params)[:2]
         (grads,) = pullback([cotangent(g) for g in call.grads])
         for name, target in out.items():
             write(target, grads[name], accumulate)

@@ -3,7 +3,7 @@ r"""``nn.Linear`` on inputs of any leading shape ``(B, *, in)``.
 The per-sample gradient sums over positions t (a sequence, or the calls of a reused layer):
 :math:`g_i = \sum_t \delta_{it} a_{it}^\top` for the weight and :math:`\sum_t \delta_{it}`
 for the bias, with :math:`a_{it}` the input and :math:`\delta_{it} = \partial f_i/\partial
-z_{it}` the output gradient (DESIGN §1). Hence
+z_{it}` the output gradient (``docs/design.md``). Hence
 
 - ``jvp``: :math:`g_i\cdot v = \sum_t \delta_{it}^\top V a_{it} + \delta_{it}\cdot v_b`;
 - ``vjp``: :math:`\sum_i w_i g_i = \Delta^\top \mathrm{diag}(w) A`, one weight-gradient
@@ -128,10 +128,15 @@ class LinearRule(LayerRule):
                 return delta
             act = call_i.inputs[:, 0] @ call_j.inputs[:, 0].T
             return delta * (act + 1) if "bias" in names else delta * act
-        out = 0.0
+        # g_i·g_j = Σ_{t,s} (a_it·a_js)(δ_it·δ_js): the sample (i, j), the position (t, s)
+        # and the feature (k, o) letters all differ, even where the sizes coincide
+        out = torch.zeros(
+            len(call_i.grads), len(call_j.grads), dtype=call_i.grads.dtype,
+            device=call_i.grads.device,
+        )  # fmt: skip
         if "weight" in names:
             delta = torch.einsum("ito,jso->itjs", call_i.grads, call_j.grads)
-            act = torch.einsum("iti,jsi->itjs", call_i.inputs, call_j.inputs)
+            act = torch.einsum("itk,jsk->itjs", call_i.inputs, call_j.inputs)
             out = (delta * act).sum((1, 3))
         if "bias" in names:
             out = out + call_i.grads.sum(1) @ call_j.grads.sum(1).T
@@ -147,6 +152,18 @@ class LinearRule(LayerRule):
         if self.has_ghost_gram(module, call):
             return product, float(size * size * t * t * (fan_in + fan_out))
         return product, product + float(size * size * numel)
+
+    def square_sum(self, module: nn.Module, call: LinearCall, names: list[str]) -> Params | None:
+        """``Σ_i (δ_i a_iᵀ)²= (Δ ⊙ Δ)ᵀ (A ⊙ A)`` on non-sequence inputs."""
+        if call.inputs.shape[1] != 1:
+            return None
+        delta_sq = call.grads[:, 0].square()
+        squares = {}
+        if "weight" in names:
+            squares["weight"] = delta_sq.T @ call.inputs[:, 0].square()
+        if "bias" in names:
+            squares["bias"] = delta_sq.sum(0)
+        return squares
 
     def sq_norms(self, module: nn.Module, call: LinearCall, names: list[str]) -> Params | None:
         if call.inputs.shape[1] != 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -85,10 +85,11 @@ class LayerNormRule(_AffineRule):
     """``nn.LayerNorm``: features are the ``normalized_shape`` trailing dimensions."""
 
     def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
-        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        norm = cast(nn.LayerNorm, module)
+        return F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
 
     def layout(self, module: nn.Module, t: Tensor) -> Tensor:
-        return t.reshape(len(t), -1, math.prod(module.normalized_shape))
+        return t.reshape(len(t), -1, math.prod(cast(nn.LayerNorm, module).normalized_shape))
 
 
 if hasattr(nn, "RMSNorm"):
@@ -98,7 +99,8 @@ if hasattr(nn, "RMSNorm"):
         """``nn.RMSNorm``: as LayerNorm, without centring or bias."""
 
         def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
-            return F.rms_norm(x, module.normalized_shape, None, module.eps)
+            norm = cast(nn.RMSNorm, module)
+            return F.rms_norm(x, norm.normalized_shape, None, norm.eps)
 
 
 @register_rule(nn.GroupNorm)
@@ -106,7 +108,8 @@ class GroupNormRule(_AffineRule):
     """``nn.GroupNorm``: one affine parameter per channel."""
 
     def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
-        return F.group_norm(x, module.num_groups, None, None, module.eps)
+        norm = cast(nn.GroupNorm, module)
+        return F.group_norm(x, norm.num_groups, None, None, norm.eps)
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -119,8 +122,9 @@ class BatchNormRule(_AffineRule):
         return None
 
     def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
+        norm = cast(nn.modules.batchnorm._BatchNorm, module)
         return F.batch_norm(
-            x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
+            x, norm.running_mean, norm.running_var, None, None, False, 0.0, norm.eps
         )
 
     def layout(self, module: nn.Module, t: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ A :class:`LayerRule` turns what a module's forward saw (its inputs) and the grad
 per-sample losses at its outputs into products with the per-sample gradients of the
 module's own parameters: ``jvp`` (:math:`g_i \cdot v`), ``vjp``
 (:math:`\sum_i w_i g_i`), ``per_sample`` (rows of G), and optionally the cheaper ``gram``
-and ``sq_norms`` (ghost products, DESIGN §1). Adding a layer is one file with a rule and
+and ``sq_norms`` (ghost products, ``docs/design.md``). Adding a layer is one file with a rule and
 one :func:`register_rule` line; a user registers a rule for their own module the same way.
 
 A module with parameters and no rule (or one its rule declines, e.g. a grouped
@@ -130,6 +130,11 @@ class LayerRule:
         """``‖g_{i,name}‖²``, ``(b,)`` per name, by a cheaper formula; ``None`` if none."""
         return None
 
+    def square_sum(self, module: nn.Module, call: Any, names: list[str]) -> Params | None:
+        """``Σ_i g_{i,name} ⊙ g_{i,name}`` shaped like each parameter in ``names``, by a
+        cheaper formula than materialising rows; ``None`` if none."""
+        return None
+
     def costs(self, module: nn.Module, call: Any, size: int, numel: int) -> tuple[float, float]:
         """Multiply-adds of one :meth:`jvp` (or :meth:`vjp`) of a call over ``size`` samples
         and of its part of the Gram matrix with itself, for the ``numel`` trainable
@@ -166,7 +171,7 @@ def rule_for(module: nn.Module) -> LayerRule:
         rule = _RULES.get(base)
         if rule is None:
             continue
-        if type(module).forward is base.forward and rule.supports(module) is None:
+        if type(module).forward is getattr(base, "forward", None) and rule.supports(module) is None:
             return rule
         break
     return _FALLBACK[0]
