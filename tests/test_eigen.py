@@ -49,6 +49,20 @@ def test_block_methods_take_fewer_passes_than_single_vector_lanczos(digits_d):
     assert passes["block-lanczos"] < passes["randomized"] < passes["lanczos"]
 
 
+def test_the_default_method_follows_where_the_captures_live():
+    """Captures in memory on the CPU: single-vector Lanczos, the fewest products; captures
+    taken again on every pass (cache="off"): block Lanczos, the fewest passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    x, y = torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,))
+    in_memory = DiffusionMatrix(model, "cross_entropy", (x, y))
+    streamed = DiffusionMatrix(model, "cross_entropy", (x, y), cache="off")
+    cheap, costly = in_memory.eigsh(4), streamed.eigsh(4)
+    assert (cheap.method, costly.method) == ("lanczos", "block-lanczos")
+    assert cheap.products < costly.products and costly.passes < cheap.passes
+    torch.testing.assert_close(cheap.values, costly.values, rtol=1e-8, atol=0)
+
+
 def test_costs_are_counted():
     A = torch.diag(0.7 ** torch.arange(200, dtype=torch.float64))
     calls = []

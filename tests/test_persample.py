@@ -264,7 +264,7 @@ def test_a_loss_that_averages_is_refused_with_a_message():
 
 def test_tied_weight_refused_by_capture_and_exact_by_auto():
     case = make_case("tied-autoencoder")
-    with pytest.raises(CoverageError, match=r"enc\.weight .*outside its module.*tied weights"):
+    with pytest.raises(CoverageError, match=r"enc\.weight .*outside the forward of the modules"):
         DiffusionMatrix(case.model, case.loss, (case.x, case.y), route="capture")
     G = per_sample_gradients(case.model, per_sample_loss(case.loss), case.x, case.y)
     with pytest.warns(UserWarning, match="enc.weight"):
@@ -305,18 +305,24 @@ def test_tied_weight_inside_one_modules_forward_stays_on_the_capture_route():
     assert_close(D.dense(), dense_diffusion(G), what="root fallback")
 
 
-def test_a_parameter_shared_between_modules_is_named():
+def test_a_parameter_shared_between_modules_stays_on_the_capture_route():
+    """Its per-sample gradient is the sum of both modules' contributions; the Gram matrix
+    and the squared norms take the cross terms between them too."""
     torch.manual_seed(0)
     first, second = nn.Linear(3, 3), nn.Linear(3, 3)
     second.weight = first.weight
     model = nn.Sequential(first, nn.Tanh(), second).double()
     data = (torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
-    with pytest.raises(CoverageError, match=r"2\.weight is the same tensor as 0\.weight"):
-        DiffusionMatrix(model, "cross_entropy", data, route="capture")
-    with pytest.warns(UserWarning, match="shared between modules"):
-        D = DiffusionMatrix(model, "cross_entropy", data)
+    D = DiffusionMatrix(model, "cross_entropy", data)
+    assert D.route == "capture"
     G = per_sample_gradients(model, per_sample_loss("cross_entropy"), *data)
-    assert_close(D.dense(), dense_diffusion(G), what="shared weight, generic")
+    assert_close(D.dense(), dense_diffusion(G), what="shared weight, capture")
+    centred = G - G.mean(0)
+    assert_close(D.gram(), centred @ centred.T / 5, what="shared weight: Gram")
+    space = D.space
+    norms = torch.stack([G[:, space.slice(n)].square().sum(1) for n in space.names], 1)
+    assert_close(D.products.sq_norms(), norms, what="shared weight: squared norms")
+    assert_close(D.products.square_sum(), G.square().sum(0), what="shared weight: squares")
 
 
 def test_module_called_twice_stays_exact_on_the_capture_route():
@@ -387,13 +393,13 @@ def test_registry_serves_every_rule_and_falls_back():
     assert type(rule_for(nn.Linear(2, 2))).__name__ == "LinearRule"
     assert type(rule_for(nn.Conv1d(2, 2, 3))).__name__ == "ConvRule"
     assert type(rule_for(nn.Conv2d(2, 2, 3))).__name__ == "ConvRule"
+    assert type(rule_for(nn.Conv2d(2, 4, 3, groups=2))).__name__ == "ConvRule"  # grouped
     assert type(rule_for(nn.Embedding(4, 2))).__name__ == "EmbeddingRule"
     assert type(rule_for(nn.LayerNorm(3))).__name__ == "LayerNormRule"
     assert type(rule_for(nn.GroupNorm(1, 2))).__name__ == "GroupNormRule"
     assert type(rule_for(nn.BatchNorm2d(2).eval())).__name__ == "BatchNormRule"
     assert type(rule_for(nn.MultiheadAttention(4, 2))).__name__ == "MultiheadAttentionRule"
     for declined in (
-        nn.Conv2d(2, 2, 3, groups=2),
         nn.Conv2d(2, 2, 3, padding="same"),
         nn.Embedding(4, 2, max_norm=1.0),
         nn.MultiheadAttention(4, 2, kdim=3, vdim=3),

@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ from sgdgeom.persample import (
     route_of,
 )
 from sgdgeom.persample.storage import available_bytes
+from sgdgeom.precision import in_full_precision
 
 __all__ = [
     "DiffusionMatrix",
@@ -112,6 +113,7 @@ class LayerTrace:
         return self.trace / self.numel
 
 
+@in_full_precision
 class DiffusionMatrix(Operator):
     """The diffusion matrix ``D`` of a model's per-sample losses on a dataset (F2, F3).
 
@@ -338,12 +340,19 @@ class DiffusionMatrix(Operator):
             columns.append(self.products.vjp(w) / math.sqrt(self.n * float(lam)))
         return values.to(self.space.dtype), torch.stack(columns, 1)
 
-    def eigsh(self, k: int, method: Method = "block-lanczos", **options: Any) -> Eigenpairs:
+    def eigsh(
+        self, k: int, method: Method | Literal["auto"] = "auto", **options: Any
+    ) -> Eigenpairs:
         """The top-k eigenpairs of D from products alone, never forming D or K.
 
         ``method`` is ``"block-lanczos"`` (block Krylov, ``k + oversample`` vectors per
-        pass, or ``block``), ``"randomized"`` (subspace iteration with Rayleigh–Ritz) or
-        ``"lanczos"`` (scipy's ARPACK, one vector per pass); ``options`` are those of
+        pass, or ``block``), ``"randomized"`` (subspace iteration with Rayleigh–Ritz),
+        ``"lanczos"`` (scipy's ARPACK, one vector per pass) or ``"auto"``: single-vector
+        Lanczos where a pass over the data is cheap to repeat (captures or rows in memory,
+        on the CPU: it needs the fewest products), block Lanczos where a pass costs more
+        than its products (an accelerator, whose launches a block amortises; captures
+        streamed or on disk, and the generic route, which run the model or read the files
+        again each pass; several processes); ``options`` are those of
         :func:`~sgdgeom.linalg.top_eigenpairs` (``tol``, ``oversample``, ``block``,
         ``max_passes``, ``seed``, ``progress``). A block pass is one batched JVP and one
         batched VJP over the data (on the capture route, one matmul per layer for all
@@ -352,7 +361,16 @@ class DiffusionMatrix(Operator):
         and vector products; it unpacks as ``values, vectors``."""
         rank_bound = self.n - 1 if self.centered else self.n
         self._check_k(k, min(rank_bound, self.space.dim - 1))
+        if method == "auto":
+            method = "lanczos" if self._passes_are_cheap() else "block-lanczos"
         return super().eigsh(k, method, **options)
+
+    def _passes_are_cheap(self) -> bool:
+        """Whether the products hold their captures or rows in memory, on the CPU."""
+        if self.space.device.type != "cpu" or isinstance(self.products, ShardedProducts):
+            return False
+        storage = getattr(self.products, "storage", None)  # CaptureProducts'
+        return storage == "memory" if storage is not None else self.route == "rows"
 
     @staticmethod
     def _check_k(k: int, limit: int) -> None:
@@ -537,6 +555,7 @@ class Divergence:
     probes: int | None
 
 
+@in_full_precision
 class LayerBlock(Operator):
     """The diagonal block ``D_I = P_I D P_Iᵀ`` of one layer: the covariance of the per-sample
     gradients restricted to the layer's parameters, an operator on the flat ``(d_I,)``

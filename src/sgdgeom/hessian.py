@@ -16,6 +16,7 @@ from sgdgeom.errors import InputError
 from sgdgeom.linalg import Eigenpairs, Method, Operator
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import DataSource, FuncProducts, LossSpec, check_independent_samples
+from sgdgeom.precision import in_full_precision
 
 __all__ = ["HessianOperator"]
 
@@ -29,6 +30,7 @@ __getattr__ = moved(
 )
 
 
+@in_full_precision
 class HessianOperator(Operator):
     """``H = (1/N) Σ_i ∇²f_i``, the Hessian of the mean loss at the model's parameters
     (copied at construction), as a ``(d, d)`` operator over ``model.named_parameters()``.

@@ -50,6 +50,7 @@ from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.epsilon import Epsilon, EpsilonLike
 from sgdgeom.errors import InputError
 from sgdgeom.linalg import compiled_bounds, conjugate_gradients, top_eigenvalue_bounds
+from sgdgeom.precision import in_full_precision
 
 __all__ = ["INVERSES", "DiffusionMetric", "Inverse", "Sync", "inverse_of", "raise_for_status"]
 
@@ -97,6 +98,7 @@ def raise_for_status(status: int, eps: float | Tensor, context: str = "") -> Non
         )
 
 
+@in_full_precision
 class DiffusionMetric:
     """The diffusion metric ``g = I + εD`` of a :class:`~sgdgeom.diffusion.DiffusionMatrix`.
 

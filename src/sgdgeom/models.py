@@ -17,6 +17,17 @@ part of the contract:
   GELU, no dropout) over token ids (``vocab`` given, Embedding) or rows of features
   (a ``(T, F)`` sample, or an image's rows as T = H tokens of C·W features); learned
   positions, mean pooling, ``out``.
+- ``resnet18-gn`` / ``resnet18-bn``: ResNet-18 in its CIFAR layout (He et al. 2016: a 3x3
+  stem, no max-pool, four stages of two basic blocks, 64-128-256-512 channels for
+  ``width = 64``), GroupNorm (32 groups) or the original BatchNorm (put it in eval mode
+  for D: batch statistics couple the samples).
+- ``gpt``: a GPT-style decoder (Radford et al. 2019): token and learned position
+  embeddings (``pos(torch.arange(T))``, no batch dimension, as GPT code writes it),
+  pre-LayerNorm blocks of causal self-attention through ``scaled_dot_product_attention``
+  and a GELU MLP, a final LayerNorm, and an lm ``head`` tied to the token embedding.
+  Input ``(B, T)`` token ids, output ``(B, T, vocab)`` logits (``num_classes`` is the
+  vocabulary): the per-token ``"cross_entropy"`` takes them with ``(B, T)`` targets.
+  GPT-2 small (124M parameters) is ``dim=768, depth=12, heads=12``, vocabulary 50257.
 
 Examples:
     >>> model = build_model("fc", input_shape=(1, 28, 28), num_classes=10, depth=2)
@@ -42,9 +53,12 @@ __all__ = [
     "INITS",
     "MODELS",
     "NORMS",
+    "GPT",
+    "RESNET18_NORMS",
     "ConvNet",
     "FullyConnected",
     "ResNet",
+    "ResNet18",
     "Transformer",
     "build_model",
     "kaiming_init",
@@ -214,6 +228,145 @@ class ResNet(nn.Module):
         return self.out(h.mean((2, 3)))
 
 
+def _group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+RESNET18_NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "group": _group_norm,
+    "batch": nn.BatchNorm2d,
+}
+"""ResNet-18's normalisation layers, by name: ``channels -> layer``."""
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions, each followed by a norm, and a shortcut
+    (a strided 1x1 convolution and a norm where the shape changes)."""
+
+    def __init__(
+        self, inputs: int, channels: int, stride: int, norm: Callable[[int], nn.Module]
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, channels, 3, stride, 1, bias=False)
+        self.norm1 = norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.norm2 = norm(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inputs != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inputs, channels, 1, stride, bias=False), norm(channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18, CIFAR layout: ``stem`` (3x3, ``width`` channels) and ``stem_norm``,
+    ``stage1..stage4`` of two :class:`BasicBlock` each (``width`` · 1, 2, 4, 8 channels,
+    stride 2 from the second stage on), global average pool, ``out``. Input
+    ``(B, C, H, W)``; ``width = 64`` is the original (11.2M parameters for 10 classes)."""
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, width: int = 64, norm: str = "group"
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ConfigError(f"ResNet-18 needs image input (C, H, W), got {tuple(input_shape)}")
+        if norm not in RESNET18_NORMS:
+            raise ConfigError(f"unknown norm {norm!r}; choose one of {', '.join(RESNET18_NORMS)}")
+        make = RESNET18_NORMS[norm]
+        self.stem = nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False)
+        self.stem_norm = make(width)
+        stages, inputs = [], width
+        for k in range(4):
+            channels = width * 2**k
+            stride = 1 if k == 0 else 2
+            stages.append(
+                nn.Sequential(
+                    BasicBlock(inputs, channels, stride, make),
+                    BasicBlock(channels, channels, 1, make),
+                )
+            )
+            inputs = channels
+        self.stage1, self.stage2, self.stage3, self.stage4 = stages
+        self.out = nn.Linear(inputs, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.stem_norm(self.stem(x)))
+        h = self.stage4(self.stage3(self.stage2(self.stage1(h))))
+        return self.out(h.mean((2, 3)))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: one ``qkv`` Linear, ``scaled_dot_product_attention``
+    with ``is_causal=True``, one ``proj`` Linear."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, dim = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, dim // self.heads).unbind(2)
+        h = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        return self.proj(h.transpose(1, 2).reshape(b, t, dim))
+
+
+class DecoderBlock(nn.Module):
+    """``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (GELU, ``4·dim`` hidden)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.mlp_proj = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp_proj(nn.functional.gelu(self.fc(self.norm2(x))))
+
+
+class GPT(nn.Module):
+    """A GPT-style decoder (see the module doc): ``tok``, ``pos``, ``blocks.0..``,
+    ``norm``, ``head`` (its weight is ``tok.weight``). ``(B, T)`` ids -> ``(B, T, vocab)``."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 1:
+            raise ConfigError(f"gpt takes token ids (T,), got {tuple(input_shape)}")
+        if depth < 1:
+            raise ConfigError(f"gpt needs depth >= 1 blocks, got {depth}")
+        self.context = input_shape[0]
+        self.tok = nn.Embedding(num_classes, dim)
+        self.pos = nn.Embedding(self.context, dim)
+        self.blocks = nn.Sequential(*(DecoderBlock(dim, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes, bias=False)
+        self.head.weight = self.tok.weight  # tied, as in GPT-2
+
+    def forward(self, x: Tensor) -> Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)  # no batch dimension
+        h = self.blocks(self.tok(x) + self.pos(positions))
+        return self.head(self.norm(h))
+
+
 class Transformer(nn.Module):
     """A pre-LayerNorm transformer encoder classifier.
 
@@ -326,6 +479,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet-gn": functools.partial(ResNet, norm="group"),
     "resnet-bn": functools.partial(ResNet, norm="batch"),
     "transformer": Transformer,
+    "resnet18-gn": functools.partial(ResNet18, norm="group"),
+    "resnet18-bn": functools.partial(ResNet18, norm="batch"),
+    "gpt": GPT,
 }
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdgeom.errors import InputError
+from sgdgeom.precision import compute_dtype
 
 __all__ = ["ParamSpace", "set_parameters"]
 
@@ -37,6 +38,8 @@ class ParamSpace:
         names: parameter names in ``named_parameters()`` order.
         shapes: their shapes.
         dim: ``d``, the total number of trainable scalars.
+        dtype: what flat vectors and products are in: the parameters' dtype, or float32
+            for bfloat16 and float16 parameters (:func:`compute_dtype`).
         layers: names of the modules that own parameters, in order.
     """
 
@@ -48,7 +51,7 @@ class ParamSpace:
         self._build(
             [n for n, _ in named],
             [p.shape for _, p in named],
-            named[0][1].dtype,
+            compute_dtype(named[0][1].dtype),
             named[0][1].device,
         )
 
@@ -92,8 +95,9 @@ class ParamSpace:
     # ------------------------------------------------------------ conversions
 
     def flatten(self, tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:
-        """Concatenate per-parameter tensors (a dict by name, or a list in order) into ``(d,)``;
-        a trailing batch dimension is kept: ``(*shape, k)`` tensors give ``(d, k)``."""
+        """Concatenate per-parameter tensors (a dict by name, or a list in order) into ``(d,)``
+        (floating ones in :attr:`dtype`); a trailing batch dimension is kept: ``(*shape, k)``
+        tensors give ``(d, k)``."""
         if isinstance(tensors, Mapping):
             missing = [n for n in self.names if n not in tensors]
             if missing:
@@ -104,8 +108,10 @@ class ParamSpace:
             raise InputError(f"expected {len(self.names)} tensors, got {len(parts)}")
         batched = parts[0].dim() == len(self.shapes[0]) + 1
         if batched:
-            return torch.cat([t.reshape(-1, t.shape[-1]) for t in parts])
-        return torch.cat([t.reshape(-1) for t in parts])
+            flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in parts])
+        else:
+            flat = torch.cat([t.reshape(-1) for t in parts])
+        return flat.to(self.dtype) if flat.is_floating_point() else flat
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Split a flat ``(d,)`` vector into a dict of views shaped like the parameters."""

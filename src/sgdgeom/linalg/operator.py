@@ -41,6 +41,7 @@ from torch import Tensor
 from sgdgeom.errors import InputError
 from sgdgeom.linalg.krylov import METHODS, Eigenpairs, Method, top_eigenpairs
 from sgdgeom.params import ParamSpace
+from sgdgeom.precision import in_full_precision
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
@@ -54,6 +55,7 @@ DENSE_BLOCK = 256
 """Columns of the identity multiplied at once by :meth:`Operator.dense`."""
 
 
+@in_full_precision
 class Operator:
     """A symmetric linear operator on the flat vectors of :attr:`space` (see the module doc).
 

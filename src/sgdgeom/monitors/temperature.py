@@ -36,6 +36,7 @@ from sgdgeom.extras import numba_threads
 from sgdgeom.monitors.probe import ProbeMonitor
 from sgdgeom.monitors.registry import MonitorContext, MonitorOptions, register_monitor
 from sgdgeom.persample import LossSpec, plan_layers
+from sgdgeom.precision import compute_dtype
 
 __all__ = ["LayerTemperature", "LayerTraces", "TemperatureOptions", "l1_norms"]
 
@@ -193,7 +194,7 @@ class LayerTemperature(Callback):
         )
         self._numels = torch.tensor(
             [sum(w.numel() for _, w in pairs) for pairs in self._layers.values()],
-            dtype=first.dtype,
+            dtype=compute_dtype(first.dtype),  # float32 for bfloat16 weights
             device=first.device,
         )
         self._reset()
@@ -210,14 +211,14 @@ class LayerTemperature(Callback):
                 f"(DiffusionMetricSGD's default) needs fused='off' beside this monitor"
             )
         grads = [w.grad for _, w in self._weights if w.grad is not None]
-        norms = l1_norms(grads)
+        norms = l1_norms(grads).to(self._numels.dtype)
         if len(norms) != len(self._numels):  # a layer with several weight tensors
             norms = torch.zeros_like(self._numels).index_add_(0, self._owner, norms)
         self._signals.append(norms / self._numels)
         if self.snr:
             if not self._sums:
-                self._sums = [torch.zeros_like(g) for g in grads]
-                self._squares = [torch.zeros_like(g) for g in grads]
+                self._sums = [torch.zeros_like(g, dtype=self._numels.dtype) for g in grads]
+                self._squares = [torch.zeros_like(g, dtype=self._numels.dtype) for g in grads]
             torch._foreach_add_(self._sums, grads)
             torch._foreach_addcmul_(self._squares, grads, grads)
         self._count += 1

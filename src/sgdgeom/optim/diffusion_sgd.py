@@ -114,6 +114,7 @@ from sgdgeom.persample import (
     distributed,
     internal_passes,
 )
+from sgdgeom.precision import full_precision
 
 __all__ = ["DiffusionMetricSGD", "DiffusionMetricSGDOptions", "Fused", "Solver", "StepSync"]
 
@@ -136,6 +137,13 @@ _FUSED_DDP = (
 
 class DiffusionMetricSGD(torch.optim.Optimizer):
     """SGD along the diffusion-metric gradient, with momentum and weight decay.
+
+    Mixed precision: the forward and backward may run under ``torch.autocast`` (the
+    captures stay in its dtype; the step computes in float32, and writes the update in the
+    parameters' dtype, bfloat16 parameters included), and ``torch.amp.GradScaler`` drives
+    it as it drives torch.optim (``scaler.scale(loss).backward(); scaler.step(opt);
+    scaler.update()``): the step unscales ``.grad`` and the captures itself, a step with
+    an overflow is skipped and changes nothing.
 
     Args:
         params: the model (the hooked loop, any model: see the module docstring), or an
@@ -184,6 +192,9 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         >>> 0 < opt.stats["eps"] * opt.stats["lambda_max"] < 1
         True
     """
+
+    #: ``torch.amp.GradScaler`` hands over the loss scale instead of unscaling ``.grad``
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -354,12 +365,14 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             self._capture = None
             self._unattached = "the optimizer was detached from the model"
 
-    def _hooked_products(self, space: ParamSpace) -> tuple[CaptureProducts, Tensor | None]:
+    def _hooked_products(
+        self, space: ParamSpace, loss_scale: float | None
+    ) -> tuple[CaptureProducts, Tensor | None]:
         """The step's products from the hooks (and the mean gradient unless fused); a model
         the first step's checks refuse is detached, and the closure step named."""
         assert self._capture is not None
         try:
-            return self._capture.take(space, self._params, self._names)
+            return self._capture.take(space, self._params, self._names, loss_scale=loss_scale)
         except CoverageError as err:
             self.detach()
             self._unattached = str(err)
@@ -368,6 +381,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
 
     @torch.no_grad()
+    @full_precision()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One step. Hooked loop: after ``loss.backward()``; an optional closure
         re-evaluates the loss and calls backward, as in ``torch.optim``. Closure step: the
@@ -389,6 +403,11 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         space = self.space
         losses = None
         capture = self._capture
+        loss_scale = self._loss_scale(closure)
+        if loss_scale == 0.0:  # GradScaler found an overflow: skipped, nothing changes
+            if capture is not None:
+                capture.forget()
+            return None
         if capture is not None and closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -399,7 +418,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         if capture is not None and losses is None:
             if capture.idle(self._params) and not capture.fusing:
                 return loss  # no forward, no gradient: no step (torch.optim's contract)
-            products, mean_gradient = self._hooked_products(space)
+            products, mean_gradient = self._hooked_products(space, loss_scale)
         else:
             if closure is None:
                 raise RuntimeError(
@@ -421,6 +440,37 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         direction, keep = self._direction(products, mean_gradient, group)
         self._apply(space.unflatten(direction), keep)
         return loss
+
+    def _loss_scale(self, closure: Callable[[], Tensor] | None) -> float | None:
+        """The loss scale when ``torch.amp.GradScaler.step`` drives this step, else None; 0
+        when the scaler found an infinity (the step is skipped).
+
+        The scaler hands the scale and its overflow flag over as the attributes
+        ``grad_scale`` and ``found_inf`` (``_step_supports_amp_scaling``, as for
+        torch.optim's fused optimizers): the step divides ``.grad`` by the scale in place
+        and the captured output gradients with it, so D and the update are those of the
+        unscaled loss. The scaler finds overflows in ``.grad``, so a loss-scaled loop is
+        never fused."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return None
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            raise InputError(
+                "DiffusionMetricSGD unscales its captured output gradients with .grad: call "
+                "scaler.step(opt) without scaler.unscale_(opt) before it (the metric step "
+                "reads the captures, so clipping .grad would not bound it anyway)"
+            )
+        if closure is not None:
+            raise InputError(
+                "a closure step under GradScaler is not supported: use the hooked loop "
+                "(scaler.scale(loss).backward(); scaler.step(opt))"
+            )
+        if float(found_inf):
+            return 0.0
+        scale = float(grad_scale)
+        torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], 1.0 / scale)
+        return scale
 
     def _direction(
         self,

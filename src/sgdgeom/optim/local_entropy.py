@@ -71,6 +71,7 @@ from sgdgeom.params import ParamSpace
 from sgdgeom.persample import CoverageError, LossSpec, per_sample_loss, plan_layers, rule_for
 from sgdgeom.persample.capture import coverage_failures, describe
 from sgdgeom.persample.layers.linear import LinearRule
+from sgdgeom.precision import compute_dtype, full_precision
 
 __all__ = [
     "BATCHINGS",
@@ -268,14 +269,17 @@ class PartialLocalEntropy:
         model = inner if isinstance(inner, nn.Module) else self.model
         try:
             space = ParamSpace(model)
-            failures = coverage_failures(
-                model, plan_layers(model, space), space, self.loss, x[:8], target[:8]
-            )
-        except CoverageError as err:  # a weight shared between modules
+            layers = plan_layers(model, space)
+            failures = coverage_failures(model, layers, space, self.loss, x[:8], target[:8])
+        except CoverageError as err:  # a parameter of no module
             if self._batching == "auto":
                 self._batched_ok = False
                 return
             raise UnsupportedModelError(f"{err}; use batching='naive'") from None
+        # a weight shared between modules (a tied head) is exact for D, not for a branch
+        # that perturbs it in one of them
+        shared = {layer.space_name(n) for layer in layers for n in layer.shared}
+        failures.update({n: float("nan") for n in shared if n not in failures})
         prefix = "module." if model is not self.model else ""
         smoothed = {n: e for n, e in failures.items() if prefix + n in self.masks}
         if not smoothed:
@@ -285,8 +289,8 @@ class PartialLocalEntropy:
             return
         raise UnsupportedModelError(
             f"the {self._batching} batching perturbs {describe(smoothed)} inside its Linear "
-            f"only, but it is also used outside that module (tied weights?); use "
-            f"batching='naive'"
+            f"only, but it is also used outside that module (tied weights, or a function of "
+            f"the weight); use batching='naive'"
         )
 
     @property
@@ -341,10 +345,11 @@ class PartialLocalEntropy:
         out = {}
         for stream, (name, m) in enumerate(self.masks.items()):
             weight = params[name].detach()
-            delta = torch.empty((points, *weight.shape), dtype=weight.dtype, device=weight.device)
+            dtype = compute_dtype(weight.dtype)  # bfloat16 weights: drawn in float32
+            delta = torch.empty((points, *weight.shape), dtype=dtype, device=weight.device)
             if key is not None:
                 keys = [point_key(key, stream, a) for a in range(fresh)] * (1 + self.antithetic)
-                fused = shifted and m is None  # W + ΔW in the same pass
+                fused = shifted and m is None and dtype == weight.dtype  # W + ΔW in one pass
                 base = weight if fused else None
                 assert self.R is not None  # the box (a Gaussian draws below)
                 uniform_(
@@ -360,20 +365,24 @@ class PartialLocalEntropy:
                     continue
             else:  # the generator's own normal draw, on its device
                 device = self.generator.device if self.generator is not None else weight.device
-                normal = torch.empty((fresh, *weight.shape), dtype=weight.dtype, device=device)
+                normal = torch.empty((fresh, *weight.shape), dtype=dtype, device=device)
                 assert self.gamma is not None  # the Gaussian distance (M11)
                 delta[:fresh] = normal.normal_(
                     0.0, (2 * self.gamma) ** -0.5, generator=self.generator
                 )
                 torch.neg(delta[:fresh], out=delta[fresh:])
             delta = delta if m is None else delta * m
-            out[name] = weight + delta if shifted else delta
+            out[name] = (weight + delta).to(weight.dtype) if shifted else delta
         return out
 
     def _shift(self, deltas: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The perturbed weights ``W + ΔW`` (constants) of the displacements."""
+        """The perturbed weights ``W + ΔW`` (constants) of the displacements, in the
+        weights' dtype."""
         params = dict(self.model.named_parameters())
-        return {name: params[name].detach() + delta for name, delta in deltas.items()}
+        return {
+            name: (params[name].detach() + delta).to(params[name].dtype)
+            for name, delta in deltas.items()
+        }
 
     def _distances(self, deltas: dict[str, Tensor]) -> Tensor | None:
         """``d_{R,k}`` of each of the y displacements over the smoothed coordinates."""
@@ -471,8 +480,9 @@ class PartialLocalEntropy:
         losses = [self.loss(logits, target).mean()]
         buffers = dict(self.model.named_buffers())
         for a in range(self.y):
-            params = {
-                n: p + deltas[n][a] if n in deltas else p for n, p in self.model.named_parameters()
+            params = {  # W + ΔW in the weights' dtype (ΔW is float32 for bfloat16 weights)
+                n: (p + deltas[n][a]).to(p.dtype) if n in deltas else p
+                for n, p in self.model.named_parameters()
             }
             # perturbed passes leave BatchNorm's running statistics alone
             frozen = {n: b.clone() for n, b in buffers.items()}
@@ -512,19 +522,21 @@ class PartialLocalEntropy:
 
             def forward(h: Tensor) -> Tensor:
                 branches = len(shifted) + 1
-                if sizes is not None:  # split: chunk a sees W + ΔW^a (chunk 0: W)
-                    state["open"] = True
-                    return _apply(_ChunkedLinear, h, module.weight, module.bias, shifted, sizes)
-                if state["open"]:  # y+1 blocks of B rows, branch-major: block a sees W + ΔW^a
-                    if len(h) != state["rows"]:
-                        raise RuntimeError(
-                            f"a smoothed layer after the branch point got {len(h)} rows, not "
-                            f"the {state['rows']} of the y+1 branches"
-                        )
-                    blocks = [len(h) // branches] * branches
-                    return _apply(_ChunkedLinear, h, module.weight, module.bias, shifted, blocks)
-                state["open"], state["rows"] = True, branches * len(h)  # the branch point
-                return _apply(_BranchLinear, h, module.weight, module.bias, shifted)
+                # under autocast, the dtypes F.linear would compute in, autocast off inside
+                args = _autocast_like_linear(h, module.weight, module.bias, shifted)
+                with full_precision():
+                    if sizes is not None:  # split: chunk a sees W + ΔW^a (chunk 0: W)
+                        state["open"] = True
+                        return _apply(_ChunkedLinear, *args, sizes)
+                    if state["open"]:  # y+1 blocks of B rows, branch-major: W + ΔW^a
+                        if len(h) != state["rows"]:
+                            raise RuntimeError(
+                                f"a smoothed layer after the branch point got {len(h)} rows, "
+                                f"not the {state['rows']} of the y+1 branches"
+                            )
+                        return _apply(_ChunkedLinear, *args, [len(h) // branches] * branches)
+                    state["open"], state["rows"] = True, branches * len(h)  # the branch point
+                    return _apply(_BranchLinear, *args)
 
             return forward
 
@@ -547,6 +559,18 @@ def _apply(function: type[torch.autograd.Function], *args: Any) -> Tensor:
     """``function.apply(*args)``, typed (torch leaves ``apply`` untyped)."""
     out: Tensor = function.apply(*args)  # type: ignore[no-untyped-call]
     return out
+
+
+def _autocast_like_linear(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The input, weight, bias and shifted weights as ``F.linear`` takes them: cast to the
+    autocast dtype of their device inside an autocast region, else as they are (the
+    branched Linears then run with autocast off, their products in that dtype, and the
+    casts' backward returns float32 gradients to float32 parameters)."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _batched_split(h: Tensor) -> bool:

@@ -32,7 +32,7 @@ import functools
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,10 @@ from sgdgeom.persample.storage import (
     check_disk,
     nbytes,
 )
+from sgdgeom.precision import capture_dtype, compute_dtype, full_precision, upcast
 
 __all__ = [
+    "UNCOVERED_CAUSES",
     "CaptureProducts",
     "Chunk",
     "CoverageError",
@@ -68,10 +70,19 @@ __all__ = [
     "compact_calls",
     "coverage_failures",
     "describe",
+    "gram_failures",
     "uncovered",
     "plan_layers",
+    "repeat_batchless",
 ]
 
+UNCOVERED_CAUSES = (
+    "the parameter is also used outside the forward of the modules that own it (a weight "
+    "applied by a function, F.linear(h, enc.weight.t())?), its module mixes the samples of "
+    "a batch or takes another axis than dim 0 for them (sequence-first?), or its module's "
+    "input has no batch dimension but a first dimension of the batch's size (position ids "
+    "torch.arange(T) with T = B: pass torch.arange(T)[None], of shape (1, T))"
+)
 COVERAGE_SAMPLES = 8  # samples of the first chunk that the coverage check uses
 ROWS_LIMIT = 2**28  # bytes of per-sample rows a layer may keep per chunk (256 MiB)
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> what passed
@@ -84,7 +95,9 @@ class CoverageError(UnsupportedModelError):
 @dataclass
 class Layer:
     """An owner module of the plan: its rule, the local names of its trainable parameters,
-    their places in the flat vector and their shapes."""
+    their places in the flat vector and their shapes. A parameter that the module shares
+    with an earlier one (a language model's head tied to its token embedding) has that
+    one's place: its name in the parameter space is :meth:`space_name`."""
 
     name: str
     module: nn.Module
@@ -92,9 +105,15 @@ class Layer:
     names: list[str]
     slices: dict[str, slice]
     shapes: dict[str, torch.Size]
+    #: local names of the parameters first owned by another layer -> their space names
+    shared: dict[str, str] = field(default_factory=dict)
 
     def qualified(self, local: str) -> str:
         return f"{self.name}.{local}" if self.name else local
+
+    def space_name(self, local: str) -> str:
+        """The parameter's name in the parameter space (its first owner's)."""
+        return self.shared.get(local) or self.qualified(local)
 
     def weights(self) -> list[tuple[str, nn.Parameter]]:
         """The layer's weights in Musso's sense (M2): its trainable parameters that are not
@@ -127,11 +146,13 @@ def compact_calls(layer: Layer, calls: list[Any], size: int) -> list[Any]:
     """The calls, or one :class:`RowsCall` where the rows are the cheaper thing to keep:
     within :data:`ROWS_LIMIT`, when the rule prefers rows, when they are smaller than the
     calls, or when the rule would materialise them for the Gram matrix anyway (it has no
-    ghost formula for these calls): then every later product reuses them."""
+    ghost formula for these calls): then every later product reuses them. Rows are formed
+    in the compute dtype (float32 from bfloat16 captures)."""
     if not calls:
         return calls
     numel = sum(layer.shapes[n].numel() for n in layer.names)
-    itemsize = next(iter(layer.module.parameters())).element_size()
+    dtype = compute_dtype(next(iter(layer.module.parameters())).dtype)  # the rows'
+    itemsize = dtype.itemsize
     if size * numel * itemsize > ROWS_LIMIT:
         return calls
     materialised = len(calls) > 1 or not layer.rule.has_ghost_gram(layer.module, calls[0])
@@ -139,7 +160,7 @@ def compact_calls(layer: Layer, calls: list[Any], size: int) -> list[Any]:
     if not (layer.rule.prefer_rows or materialised or smaller):
         return calls
     rows: dict[str, Tensor] = {}
-    for call in calls:
+    for call in upcast(calls, dtype):
         for name, part in layer.rule.per_sample(layer.module, call, layer.names).items():
             part = part.reshape(size, -1)
             rows[name] = rows[name] + part if name in rows else part
@@ -164,9 +185,10 @@ def plan_layers(
 
     Walking the modules from the root, a module that owns parameters directly gets
     :func:`~sgdgeom.persample.layers.rule_for` its type; a recursive rule (the fallback) owns
-    its children's parameters too. Raises :class:`CoverageError` if a parameter tensor is
-    shared between modules (with ``allow_shared``, its first owner keeps it: enough to name
-    layers, not for per-sample products).
+    its children's parameters too. A parameter tensor shared between modules (a head tied
+    to the token embedding) belongs to each of them: its per-sample gradient is the sum of
+    their contributions, which :class:`CaptureProducts` adds up (``Layer.shared``). With
+    ``allow_shared``, its first owner alone keeps it: what naming the layers needs.
     """
     space = space or ParamSpace(model)
     trainable = set(space.names)
@@ -178,33 +200,74 @@ def plan_layers(
         if own:
             rule = rule_for(module)
             local = list(module.named_parameters(recurse=rule.recursive, remove_duplicate=False))
-            names, slices, shapes = [], {}, {}
+            names: list[str] = []
+            slices: dict[str, slice] = {}
+            shapes: dict[str, torch.Size] = {}
+            shared: dict[str, str] = {}
             for name, param in local:
                 qualified = f"{prefix}.{name}" if prefix else name
-                if id(param) in owner_of and allow_shared:
-                    continue
-                if id(param) in owner_of:
-                    raise CoverageError(
-                        f"{qualified} is the same tensor as {owner_of[id(param)]} (a weight "
-                        f"shared between modules): no layer rule is exact for it"
-                    )
-                owner_of[id(param)] = qualified
-                if param.requires_grad and qualified in trainable:
+                first = owner_of.setdefault(id(param), qualified)
+                within = first in (f"{prefix}.{n}" if prefix else n for n in names)
+                if first != qualified and (allow_shared or within or first not in trainable):
+                    continue  # named once; a module's own reuse is inside its forward
+                if first != qualified:
+                    shared[name] = first
+                if param.requires_grad and first in trainable:
                     names.append(name)
-                    slices[name], shapes[name] = space.slice(qualified), param.shape
+                    slices[name], shapes[name] = space.slice(first), param.shape
             if names:
-                layers.append(Layer(prefix, module, rule, names, slices, shapes))
+                layers.append(Layer(prefix, module, rule, names, slices, shapes, shared))
             if rule.recursive:
                 return
         for child_name, child in module.named_children():
             visit(f"{prefix}.{child_name}" if prefix else child_name, child)
 
     visit("", model)
-    owned = {layer.qualified(n) for layer in layers for n in layer.names}
+    owned = {layer.space_name(n) for layer in layers for n in layer.names}
     missing = [n for n in space.names if n not in owned]
     if missing:
         raise CoverageError(f"parameters {missing} belong to no module of the model")
     return layers
+
+
+class _Repeat(torch.autograd.Function):
+    """A batchless output ``(*shape)`` or ``(1, *shape)`` repeated for each of ``size``
+    samples, ``(size, *shape)``; the backward sums the per-sample gradients that reach it
+    (the capture has kept them first)."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, size: int) -> Tensor:
+        ctx.single = output.dim() > 0 and output.shape[0] == 1
+        base = output[0] if ctx.single else output
+        return base.unsqueeze(0).expand(size, *base.shape).clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        total = grad.sum(0)
+        return (total.unsqueeze(0) if ctx.single else total), None
+
+
+def repeat_batchless(saved: Any, output: Any, size: int) -> tuple[Tensor, Tensor] | None:
+    """For a module called on an input without the batch dimension (a position embedding
+    of ``torch.arange(T)``, shared by every sample): its saved input and its output
+    repeated for each of the batch's ``size`` samples, so that each sample's output
+    gradient reaches the capture and the rule sees an ordinary batch. None where the output
+    has the batch dimension, where the input has an axis of the batch's size elsewhere (a
+    sequence-first layer, which the coverage check refuses), or where the call keeps more
+    than one tensor.
+
+    The batch dimension is told by its size: an input whose first dimension happens to equal
+    the batch size (``torch.arange(T)`` with ``T = B``) reads as batched, and the coverage
+    check refuses it (:func:`check_coverage` names the cause)."""
+    if not (isinstance(output, Tensor) and isinstance(saved, Tensor)) or size < 2:
+        return None
+    if output.dim() > 0 and output.shape[0] == size:
+        return None
+    single = saved.dim() > 0 and saved.shape[0] == 1  # (1, T): broadcast over the batch
+    if not single and size in saved.shape:  # the batch is there, on another axis
+        return None
+    base = saved[0] if single else saved
+    return base.unsqueeze(0).expand(size, *base.shape), _Repeat.apply(output, size)
 
 
 def capture_chunk(
@@ -216,11 +279,13 @@ def capture_chunk(
     params: Sequence[Tensor] = (),
     copy_outputs: bool = False,
     param_weights: Tensor | None = None,
+    compact: bool = True,
 ) -> tuple[list[list[Any]], Tensor, list[Tensor | None]]:
     """One forward recording every layer's calls, one backward of ``Σ_i f_i`` to their
     outputs and, for the coverage check, one of ``Σ_i r_i f_i`` to ``params`` (``r`` =
     ``param_weights``). Returns the calls per layer, the per-sample losses ``(b,)`` and the
-    gradients of ``params``.
+    gradients of ``params``. ``compact=False`` keeps every layer's merged calls as its rule
+    made them (no :func:`compact_calls`): what a test of the rules needs.
 
     A layer output that the forward later changes in place (``ReLU(inplace=True)``) would
     give the gradient of the changed tensor: that is detected by its version counter, and
@@ -230,12 +295,16 @@ def capture_chunk(
 
     def hook(k: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         rule = layers[k].rule
+        saved = rule.record(module, args, kwargs, output)
+        repeated = repeat_batchless(saved, output, len(x))
+        if repeated is not None:
+            saved, output = repeated
         outputs = rule.outputs(output)
-        records[k].append((rule.record(module, args, kwargs, output), outputs))
+        records[k].append((saved, outputs))
         versions.extend((t, t._version) for t in outputs)
         if copy_outputs:
             return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
-        return None
+        return output if repeated is not None else None
 
     handles = [
         layer.module.register_forward_hook(functools.partial(hook, k), with_kwargs=True)
@@ -250,7 +319,7 @@ def capture_chunk(
         for handle in handles:
             handle.remove()
     if not copy_outputs and any(t._version != version for t, version in versions):
-        return capture_chunk(model, layers, loss, x, y, params, True, param_weights)
+        return capture_chunk(model, layers, loss, x, y, params, True, param_weights, compact)
     outputs = [t for record in records for _, outs in record for t in outs if t.requires_grad]
     grads = (
         list(torch.autograd.grad(total, outputs, retain_graph=bool(params), allow_unused=True))
@@ -274,7 +343,7 @@ def capture_chunk(
             for saved, outs in record
         ]
         merged = layer.rule.merge(layer.module, layer_calls) if layer_calls else []
-        calls.append(compact_calls(layer, merged, len(x)))
+        calls.append(compact_calls(layer, merged, len(x)) if compact else merged)
     return calls, losses.detach(), list(grads[len(outputs) :])
 
 
@@ -306,9 +375,12 @@ class CaptureProducts(PerSampleProducts):
         self.n = n
         self.scale = scale
         self.storage = storage
-        self._chunks = chunks
+        self._source = chunks
         #: memory-mapped captures that live as long as the products
         self.disk: DiskChunks | None = None
+        #: the layers in groups that share parameters (singletons where nothing is shared)
+        self.units = _units(self.layers)
+        self._tied = {k for unit in self.units if len(unit) > 1 for k in unit}
 
     @classmethod
     def from_calls(
@@ -409,6 +481,13 @@ class CaptureProducts(PerSampleProducts):
         )
         return cls(space, layers, stream, data.n, storage="stream")
 
+    def _chunks(self) -> Iterator[Chunk]:
+        """The chunks, their calls in the space's dtype: captures of lower precision
+        (autocast's) are converted one chunk at a time, just before a product."""
+        for chunk in self._source():
+            calls = upcast(chunk.calls, self.space.dtype)
+            yield chunk if calls is chunk.calls else replace(chunk, calls=calls)
+
     # ------------------------------------------------------------------ one call
 
     @staticmethod
@@ -494,7 +573,10 @@ class CaptureProducts(PerSampleProducts):
             out if out is not None else torch.empty(self.space.dim, dtype=w.dtype, device=w.device)
         )
         views = [layer.views(total) for layer in self.layers]
-        written = [False] * len(self.layers)
+        written = [k in self._tied for k in range(len(self.layers))]
+        for k in self._tied:  # a shared parameter sums its layers' parts: start from zero
+            for part in views[k].values():
+                part.zero_()
         for chunk in self._chunks():
             wc = w[chunk.start : chunk.start + chunk.size]
             wc = wc * self.scale if self.scale != 1 else wc  # G = scale · G_captured
@@ -531,7 +613,7 @@ class CaptureProducts(PerSampleProducts):
                 part = self._rows(layer, calls, chunk.size)
                 offset = 0
                 for name, numel in zip(layer.names, self.layers_numel(layer), strict=True):
-                    rows[:, layer.slices[name]] = part[:, offset : offset + numel]
+                    rows[:, layer.slices[name]] += part[:, offset : offset + numel]
                     offset += numel
             yield chunk.start, rows.mul_(self.scale) if self.scale != 1 else rows
 
@@ -560,8 +642,16 @@ class CaptureProducts(PerSampleProducts):
         block = torch.zeros(
             chunk_i.size, chunk_j.size, dtype=self.space.dtype, device=self.space.device
         )
-        for k, layer in enumerate(self.layers):
-            calls_i, calls_j = chunk_i.calls[k], chunk_j.calls[k]
+        for unit in self.units:
+            if len(unit) > 1:  # shared parameters: their rows, summed over the layers
+                rows_i = self._named_rows(unit, chunk_i.calls, chunk_i.size)
+                rows_j = self._named_rows(unit, chunk_j.calls, chunk_j.size)
+                for name, rows in rows_i.items():
+                    if name in rows_j:
+                        block += rows @ rows_j[name].T
+                continue
+            layer = self.layers[unit[0]]
+            calls_i, calls_j = chunk_i.calls[unit[0]], chunk_j.calls[unit[0]]
             if not calls_i or not calls_j:
                 continue
             part = None
@@ -574,6 +664,18 @@ class CaptureProducts(PerSampleProducts):
                 )
             block += part
         return block.mul_(self.scale**2) if self.scale != 1 else block
+
+    def _named_rows(self, unit: list[int], calls: list[list[Any]], size: int) -> dict[str, Tensor]:
+        """The per-sample gradients ``(size, numel)`` of a unit's parameters over one
+        chunk, by name in the parameter space, each summed over the layers that use it."""
+        rows: dict[str, Tensor] = {}
+        for k in unit:
+            layer = self.layers[k]
+            for call in calls[k]:
+                for local, part in self._call_rows(layer, call).items():
+                    name, part = layer.space_name(local), part.reshape(size, -1)
+                    rows[name] = rows[name] + part if name in rows else part
+        return rows
 
     def costs(self) -> tuple[float, float]:
         """Summed over the chunks, layers and calls: each rule's
@@ -595,45 +697,74 @@ class CaptureProducts(PerSampleProducts):
                     gram += cost[1] * self.n / chunk.size  # its blocks with every chunk
         return product, gram
 
+    def _squares(self, chunk: Chunk, over_samples: bool) -> Iterator[tuple[str, Tensor]]:
+        """Each parameter's squared per-sample gradients over one chunk, by name in the
+        parameter space: summed over its entries, ``(b,)``, or (``over_samples``) over the
+        samples, shaped like it. A rule's formula where it has one (a Linear on
+        non-sequence inputs: ``‖δ_i‖² ‖a_i‖²`` and ``(Δ ⊙ Δ)ᵀ (A ⊙ A)``), else the squares
+        of the rows (summed over the layers of a shared parameter)."""
+        dim = 0 if over_samples else 1
+        for unit in self.units:
+            if len(unit) > 1:
+                for name, rows in self._named_rows(unit, chunk.calls, chunk.size).items():
+                    yield name, rows.square().sum(dim)
+                continue
+            layer, calls = self.layers[unit[0]], chunk.calls[unit[0]]
+            values = None
+            if len(calls) == 1 and not isinstance(calls[0], RowsCall):
+                formula = layer.rule.square_sum if over_samples else layer.rule.sq_norms
+                values = formula(layer.module, calls[0], layer.names)
+            if values is None and calls:
+                squares = self._rows(layer, calls, chunk.size).square()
+                values, offset = {}, 0
+                for name, numel in zip(layer.names, self.layers_numel(layer), strict=True):
+                    values[name] = squares[:, offset : offset + numel].sum(dim)
+                    offset += numel
+            for name, value in (values or {}).items():
+                yield layer.space_name(name), value
+
     def sq_norms(self) -> Tensor:
         out = torch.zeros(
             self.n, len(self.space.names), dtype=self.space.dtype, device=self.space.device
         )
         column = {n: p for p, n in enumerate(self.space.names)}
         for chunk in self._chunks():
-            stop = chunk.start + chunk.size
-            for layer, calls in zip(self.layers, chunk.calls, strict=True):
-                norms = None
-                if len(calls) == 1 and not isinstance(calls[0], RowsCall):
-                    norms = layer.rule.sq_norms(layer.module, calls[0], layer.names)
-                if norms is None and calls:
-                    rows = self._rows(layer, calls, chunk.size).square()
-                    norms, offset = {}, 0
-                    for name, numel in zip(layer.names, self.layers_numel(layer), strict=True):
-                        norms[name] = rows[:, offset : offset + numel].sum(1)
-                        offset += numel
-                for name, value in (norms or {}).items():
-                    out[chunk.start : stop, column[layer.qualified(name)]] = value
+            for name, value in self._squares(chunk, over_samples=False):
+                out[chunk.start : chunk.start + chunk.size, column[name]] = value
         return out.mul_(self.scale**2) if self.scale != 1 else out
 
     def square_sum(self) -> Tensor:
-        """``Σ_i g_i ⊙ g_i`` layer by layer: a rule's formula where it has one (a Linear on
-        non-sequence inputs: ``(Δ ⊙ Δ)ᵀ (A ⊙ A)``), else the squares of its rows."""
+        """``Σ_i g_i ⊙ g_i``, ``(d,)``, parameter by parameter (see :meth:`_squares`)."""
         out = torch.zeros(self.space.dim, dtype=self.space.dtype, device=self.space.device)
         for chunk in self._chunks():
-            for layer, calls in zip(self.layers, chunk.calls, strict=True):
-                squares = None
-                if len(calls) == 1 and not isinstance(calls[0], RowsCall):
-                    squares = layer.rule.square_sum(layer.module, calls[0], layer.names)
-                if squares is None and calls:
-                    rows = self._rows(layer, calls, chunk.size).square().sum(0)
-                    squares, offset = {}, 0
-                    for name, numel in zip(layer.names, self.layers_numel(layer), strict=True):
-                        squares[name] = rows[offset : offset + numel]
-                        offset += numel
-                for name, value in (squares or {}).items():
-                    out[layer.slices[name]] += value.reshape(-1)
+            for name, value in self._squares(chunk, over_samples=True):
+                out[self.space.slice(name)] += value.reshape(-1)
         return out.mul_(self.scale**2) if self.scale != 1 else out
+
+
+def _units(layers: Sequence[Layer]) -> list[list[int]]:
+    """The layers' indices in groups that share parameters (connected through shared
+    slices of the flat vector), in plan order; a layer that shares nothing is alone."""
+    group_of: dict[int, int] = {}  # slice start -> group
+    groups: list[list[int]] = []
+    for k, layer in enumerate(layers):
+        starts = [layer.slices[n].start for n in layer.names]
+        joined = sorted({group_of[s] for s in starts if s in group_of})
+        if not joined:
+            groups.append([k])
+            target = len(groups) - 1
+        else:
+            target = joined[0]
+            for other in joined[1:]:  # this layer links groups: merge them
+                groups[target] += groups[other]
+                groups[other] = []
+                for start, g in group_of.items():
+                    if g == other:
+                        group_of[start] = target
+            groups[target].append(k)
+        for start in starts:
+            group_of[start] = target
+    return [sorted(g) for g in groups if g]
 
 
 def coverage_failures(
@@ -654,7 +785,41 @@ def coverage_failures(
     r = (0.5 + r).to(dtype=space.dtype, device=space.device)
     calls, _, expected = capture_chunk(model, layers, loss, x, y, params, param_weights=r)
     products = CaptureProducts.from_calls(space, layers, calls, len(x))
-    return uncovered(space.unflatten(products.vjp(r)), expected)
+    with full_precision():
+        summed = space.unflatten(products.vjp(r))
+    return uncovered(summed, expected, capture_dtype(calls))
+
+
+def gram_failures(products: CaptureProducts) -> dict[str, float]:
+    """The layers whose rule's Gram formula disagrees on its diagonal with the per-sample
+    squared norms of the rule's own rows, with their relative errors: a wrong index in a
+    ghost formula (one that takes the features for the samples where their sizes coincide)
+    gives a wrong D without any other sign. Checks the layers whose calls keep a ghost
+    Gram formula and whose rows over the chunk fit in :data:`ROWS_LIMIT`."""
+    bad: dict[str, float] = {}
+    for chunk in products._chunks():
+        for layer, calls in zip(products.layers, chunk.calls, strict=True):
+            if len(calls) != 1 or isinstance(calls[0], RowsCall):
+                continue
+            call, rule = calls[0], layer.rule
+            numel = sum(products.layers_numel(layer))
+            itemsize = products.space.dtype.itemsize
+            if not rule.has_ghost_gram(layer.module, call) or (
+                chunk.size * numel * itemsize > ROWS_LIMIT
+            ):
+                continue
+            gram = rule.gram(layer.module, call, call, layer.names)
+            if gram is None:
+                continue
+            rows = rule.per_sample(layer.module, call, layer.names)
+            norms = sum(r.reshape(chunk.size, -1).square().sum(1) for r in rows.values())
+            assert isinstance(norms, Tensor)
+            tol = coverage_tolerance(norms.dtype, norms.device)
+            error = float((gram.diagonal() - norms).norm())
+            scale = max(float(norms.norm()), 1e-300)
+            if not error <= tol * scale:
+                bad[layer.name or "the model"] = error / scale
+    return bad
 
 
 def check_coverage(
@@ -672,35 +837,44 @@ def check_coverage(
     if bad:
         raise CoverageError(
             f"the per-sample gradients of {describe(bad)} do not add up to the batch gradient: "
-            f"the parameter is also used outside its module's forward (tied weights?), or its "
-            f"module mixes the samples of a batch or takes another axis for them (a "
-            f"sequence-first layer); use route='generic', which is exact for any model"
+            f"{UNCOVERED_CAUSES}; use route='generic', which is exact for any model"
         )
 
 
 TF32_EPS = 2.0**-10  # TF32 keeps 10 of float32's 23 mantissa bits
 
 
-def coverage_tolerance(dtype: torch.dtype, device: torch.device) -> float:
+def coverage_tolerance(
+    dtype: torch.dtype, device: torch.device, captured: torch.dtype | None = None
+) -> float:
     """The relative error the coverage check allows: ``sqrt(eps)`` of the precision the
-    products ran in. That is the dtype's, except float32 on a CUDA device where TF32 tensor
-    cores may serve (cuDNN convolutions by default, ``torch.backends.cudnn.allow_tf32``;
-    matrix products under ``torch.set_float32_matmul_precision("high")``): ``sqrt(2⁻¹⁰)``
-    = 0.031 there, still far below a tied weight's errors (of order 1)."""
+    products ran in. That is the dtype's, or the captures' where they are of lower precision
+    (autocast's bfloat16: ``sqrt(2⁻⁷)`` = 0.088), except float32 on a CUDA device where TF32
+    tensor cores may serve (cuDNN convolutions by default,
+    ``torch.backends.cudnn.allow_tf32``; matrix products under
+    ``torch.set_float32_matmul_precision("high")``): ``sqrt(2⁻¹⁰)`` = 0.031 there. All stay
+    far below a tied weight's errors (of order 1)."""
     eps = torch.finfo(dtype).eps
     tf32 = torch.backends.cudnn.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
     if dtype == torch.float32 and torch.device(device).type == "cuda" and tf32:
         eps = TF32_EPS
+    if captured is not None:
+        eps = max(eps, torch.finfo(captured).eps)
     return eps**0.5
 
 
-def uncovered(summed: dict[str, Tensor], expected: Sequence[Tensor | None]) -> dict[str, float]:
+def uncovered(
+    summed: dict[str, Tensor],
+    expected: Sequence[Tensor | None],
+    captured: torch.dtype | None = None,
+) -> dict[str, float]:
     """``{name: relative error}`` of the parameters whose summed per-sample gradients differ
-    from autograd's gradient by more than :func:`coverage_tolerance`, relatively."""
+    from autograd's gradient by more than :func:`coverage_tolerance` (for captures of dtype
+    ``captured``), relatively."""
     bad = {}
     for (name, got), want in zip(summed.items(), expected, strict=True):
-        want = torch.zeros_like(got) if want is None else want
-        tol = coverage_tolerance(got.dtype, got.device)
+        want = torch.zeros_like(got) if want is None else want.to(got.dtype)
+        tol = coverage_tolerance(got.dtype, got.device, captured)
         error, scale = float((got - want).norm()), max(float(want.norm()), float(got.norm()))
         if not error <= tol * scale:
             bad[name] = error / max(scale, 1e-300)

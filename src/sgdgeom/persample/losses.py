@@ -59,9 +59,38 @@ def _from_function(function: Callable[..., Tensor], keywords: dict) -> PerSample
             "a class-weighted loss is not a mean of per-sample losses; drop `weight`"
         )
     options = {k: v for k, v in keywords.items() if k not in ("reduction", "size_average")}
+    if function is F.cross_entropy:
+        return functools.partial(_cross_entropy, **options)
     return lambda output, target: _mean_per_sample(
         function(output, target, reduction="none", **options)
     )
+
+
+def _cross_entropy(
+    output: Tensor, target: Tensor, ignore_index: int = -100, **options: object
+) -> Tensor:
+    """Sample i's cross-entropy: the mean over its positions whose target is not
+    ``ignore_index`` (padding). Logits ``(B, C)``, ``(B, C, d...)`` as torch lays them out,
+    or ``(B, T, V)`` with ``(B, T)`` targets as language models do (classes last); where
+    both readings fit (``T = V``) the layout is ambiguous and refused."""
+    if output.dim() > 2 and target.dim() == output.dim() - 1 and not target.is_floating_point():
+        classes_last = target.shape == output.shape[:-1]
+        classes_first = target.shape == (output.shape[0], *output.shape[2:])
+        if classes_last and classes_first:
+            raise InputError(
+                f"cross_entropy cannot tell the classes from the positions in logits of shape "
+                f"{tuple(output.shape)} with targets {tuple(target.shape)}: pass the logits as "
+                f"(B, classes, positions), torch's layout, or with a different sequence length"
+            )
+        if classes_last:
+            output = output.movedim(-1, 1)
+    values = F.cross_entropy(
+        output, target, reduction="none", ignore_index=ignore_index, **options  # type: ignore[arg-type]
+    )
+    if values.dim() == 1 or target.is_floating_point():
+        return _mean_per_sample(values)
+    kept = target.ne(ignore_index).reshape(len(target), -1).sum(1).clamp_min(1)
+    return values.reshape(len(values), -1).sum(1) / kept
 
 
 def _checked(function: PerSampleLoss) -> PerSampleLoss:
@@ -95,7 +124,11 @@ def per_sample_loss(loss_fn: LossSpec) -> PerSampleLoss:
       checked on every call, and a scalar (an already-averaged loss) is refused.
 
     :math:`f_i` is the mean over sample i's elements, so the module's ``"mean"`` loss is
-    :math:`f = \frac1N \sum_i f_i`.
+    :math:`f = \frac1N \sum_i f_i`. Cross-entropy takes language models' per-token
+    logits too, ``(B, T, V)`` with ``(B, T)`` targets: sample i's loss is the mean over its
+    tokens, those whose target is ``ignore_index`` (padding) left out. (With padding, torch's
+    own ``"mean"`` divides by the batch's count of tokens instead: the two agree when
+    every sample has as many tokens.)
     """
     if isinstance(loss_fn, str):
         if loss_fn not in _MODULES:
@@ -105,6 +138,12 @@ def per_sample_loss(loss_fn: LossSpec) -> PerSampleLoss:
         if getattr(loss_fn, "weight", None) is not None:
             raise UnsupportedModelError(
                 "a class-weighted loss is not a mean of per-sample losses; drop `weight`"
+            )
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            return functools.partial(
+                _cross_entropy,
+                ignore_index=loss_fn.ignore_index,
+                label_smoothing=loss_fn.label_smoothing,
             )
         module = copy.copy(cast(nn.Module, loss_fn))
         module.reduction = "none"  # type: ignore[assignment]  # a loss module's attribute

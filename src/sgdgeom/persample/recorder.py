@@ -25,16 +25,17 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from sgdgeom.persample.capture import Layer
+from sgdgeom.persample.capture import Layer, repeat_batchless
 from sgdgeom.persample.internal import in_internal_pass
 from sgdgeom.persample.layers.fallback import FallbackCall
+from sgdgeom.precision import map_tensors
 
 __all__ = ["LoopRecorder", "Pass", "all_gather", "gather_call"]
 
@@ -51,12 +52,19 @@ class _Call:
     zeros: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
 
-    def output_grads(self) -> tuple[Tensor, ...]:
+    def output_grads(self, loss_scale: float | None = None) -> tuple[Tensor, ...]:
         """The outputs' gradients, zero for an output that no gradient reached (one the
-        forward computed and the loss never used, such as an LSTM's final state)."""
-        return tuple(
+        forward computed and the loss never used, such as an LSTM's final state), divided
+        by a ``GradScaler``'s ``loss_scale`` if given (float16 ones in float32 first, where
+        the unscaled values could underflow)."""
+        grads = tuple(
             g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
             for g, (shape, dtype, device) in zip(self.grads, self.zeros, strict=True)
+        )
+        if loss_scale is None:
+            return grads
+        return tuple(
+            (g.float() if g.dtype == torch.float16 else g) * (1.0 / loss_scale) for g in grads
         )
 
 
@@ -157,16 +165,20 @@ class LoopRecorder:
             Pass(size, inputs=first.detach() if alone and first is not None else None)
         )
 
-    def _record(self, k: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _record(self, k: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not (torch.is_grad_enabled() and self.passes) or in_internal_pass():
-            return
+            return None
         rule = self.layers[k].rule
+        if not any(t.requires_grad for t in rule.outputs(output)):
+            return None
+        saved = rule.record(module, args, kwargs, output)
+        repeated = repeat_batchless(saved, output, self.passes[-1].size)
+        if repeated is not None:  # an input without the batch dimension
+            saved, output = repeated
         outputs = list(rule.outputs(output))
-        if not any(t.requires_grad for t in outputs):
-            return
         call = _Call(
             k,
-            rule.record(module, args, kwargs, output),
+            saved,
             [weakref.ref(t) for t in outputs],
             [None] * len(outputs),
             [(t.shape, t.dtype, t.device) for t in outputs],
@@ -175,6 +187,7 @@ class LoopRecorder:
             if t.requires_grad:
                 call.handles.append(t.register_hook(functools.partial(_store_grad, call, j)))
         self.passes[-1].calls.append(call)
+        return output if repeated is not None else None
 
     # ------------------------------------------------------------------ reading
 
@@ -186,15 +199,17 @@ class LoopRecorder:
         self.passes = []
         return reached
 
-    def calls(self, recorded: Pass) -> list[list[Any]]:
+    def calls(self, recorded: Pass, loss_scale: float | None = None) -> list[list[Any]]:
         """One pass's calls per layer, as the rules take them (a call that no gradient
-        reached contributes nothing and is left out; a missing output gradient is zero)."""
+        reached contributes nothing and is left out; a missing output gradient is zero),
+        the output gradients divided by ``loss_scale`` if given."""
         out: list[list[Any]] = [[] for _ in self.layers]
         for call in recorded.calls:
             if all(g is None for g in call.grads):
                 continue
             layer = self.layers[call.layer]
-            out[call.layer].append(layer.rule.call(layer.module, call.saved, call.output_grads()))
+            grads = call.output_grads(loss_scale)
+            out[call.layer].append(layer.rule.call(layer.module, call.saved, grads))
         return [
             self.layers[k].rule.merge(self.layers[k].module, c) if c else c
             for k, c in enumerate(out)
@@ -252,12 +267,4 @@ def gather_call(call: Any) -> Any:
         ]
         grads = tuple(all_gather(g, call.batch_dim) for g in call.grads)
         return replace(call, leaves=leaves, grads=grads)
-    if isinstance(call, Tensor):
-        return all_gather(call)
-    if isinstance(call, dict):
-        return {name: gather_call(value) for name, value in call.items()}
-    if isinstance(call, list | tuple):
-        return type(call)(gather_call(value) for value in call)
-    if is_dataclass(call) and not isinstance(call, type):
-        return replace(call, **{f.name: gather_call(getattr(call, f.name)) for f in fields(call)})
-    return call
+    return map_tensors(call, all_gather)

@@ -16,7 +16,10 @@ DDP), scaled from the loss's output gradients to the per-sample ones.
   (sequence-first, with a length equal to the batch) fails it;
 - the rules' mean per-sample gradient must equal autograd's ``.grad`` for every parameter:
   a weight also used outside its module (tied weights), or a loss scaled otherwise than
-  ``loss_reduction`` says, fails it.
+  ``loss_reduction`` says, fails it;
+- each rule's Gram formula must agree on its diagonal with the squared norms of the rule's
+  own per-sample rows (:func:`~sgdgeom.persample.capture.gram_failures`): a rule whose
+  Gram matrix mixes up two axes of the same size is refused, not used.
 
 A failure raises :class:`~sgdgeom.persample.capture.CoverageError` naming the parameter.
 
@@ -36,17 +39,20 @@ from torch import Tensor, nn
 
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample.capture import (
+    UNCOVERED_CAUSES,
     CaptureProducts,
     Chunk,
     CoverageError,
     compact_calls,
     coverage_failures,
     describe,
+    gram_failures,
     plan_layers,
     uncovered,
 )
 from sgdgeom.persample.losses import check_independent_samples
 from sgdgeom.persample.recorder import LoopRecorder, Pass, gather_call
+from sgdgeom.precision import capture_dtype
 
 __all__ = ["LossReduction", "StepCapture", "distributed"]
 
@@ -76,7 +82,7 @@ class StepCapture:
         hint: what a refused model should do instead, appended to the refusals.
 
     Raises:
-        CoverageError: a parameter is shared between modules (no layer rule is exact).
+        CoverageError: a parameter belongs to no module of the model.
     """
 
     def __init__(
@@ -118,11 +124,23 @@ class StepCapture:
     # ------------------------------------------------------------------ one step
 
     def take(
-        self, space: ParamSpace, params: Sequence[Tensor], names: Sequence[str]
+        self,
+        space: ParamSpace,
+        params: Sequence[Tensor],
+        names: Sequence[str],
+        *,
+        loss_scale: float | None = None,
     ) -> tuple[CaptureProducts, Tensor | None]:
         """The step's products and, unless fusing, the mean gradient from ``.grad``;
         raises where the step would be wrong. The first step is checked (module doc) and,
-        with ``fused``, switches the fused forwards on."""
+        with ``fused``, switches the fused forwards on.
+
+        ``loss_scale``: the scale of a ``torch.amp.GradScaler`` (the captured output
+        gradients are those of the scaled loss, ``.grad`` already unscaled). A loss-scaled
+        loop is not fused: the scaler finds overflows in the ``.grad`` that fusing skips."""
+        fusing = self.fusing
+        if loss_scale is not None:
+            self.recorder.fusing = False
         check_independent_samples(self.model, dropout=False)
         passes = self.recorder.take()
         if not passes:
@@ -131,11 +149,11 @@ class StepCapture:
                 "loss.backward() on the model's output before step() (a forward alone, or "
                 "one under torch.no_grad(), makes no step)"
             )
-        first = not self.checked and not self.fusing
+        first = not self.checked and not fusing
         if first and passes[0].inputs is not None and not distributed():
             self._check_samples(passes[0].inputs, space)
-        products = self._products(passes, space)
-        if self.fusing:
+        products = self._products(passes, space, loss_scale)
+        if fusing:
             stray = [
                 n
                 for n, p in zip(names, params, strict=True)
@@ -152,17 +170,22 @@ class StepCapture:
             [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         )
         if first:
-            self._check_mean(products, mean_gradient)
+            self._check_gram(products)
+            self._check_mean(products, mean_gradient, capture_dtype(passes))
             self.checked = True
-            if self.fused:  # checked: from now on the backward skips weight gradients
+            if self.fused and loss_scale is None:  # from now on, no weight gradients
                 self.recorder.fusing = True
                 for p in params:
                     p.grad = None
         return products, mean_gradient
 
-    def _products(self, passes: list[Pass], space: ParamSpace) -> CaptureProducts:
+    def _products(
+        self, passes: list[Pass], space: ParamSpace, loss_scale: float | None
+    ) -> CaptureProducts:
         """The captured passes as one set of products (one chunk per pass), all-gathered
-        under DDP, scaled from the mean loss's output gradients to the per-sample ones."""
+        under DDP, scaled from the mean loss's output gradients to the per-sample ones
+        (unscaled first by a ``GradScaler``'s ``loss_scale``: before any product, so no
+        Gram entry overflows with the scale squared)."""
         recorder = self.recorder
         world = torch.distributed.get_world_size() if distributed() else 1
         chunks, start, local = [], 0, 0
@@ -170,7 +193,7 @@ class StepCapture:
             calls = [
                 compact_calls(layer, layer_calls, recorded.size)
                 for layer, layer_calls in zip(
-                    recorder.layers, recorder.calls(recorded), strict=True
+                    recorder.layers, recorder.calls(recorded, loss_scale), strict=True
                 )
             ]
             if world > 1:
@@ -201,19 +224,31 @@ class StepCapture:
             bad = {f"a layer's calls ({err})": float("nan")}
         if bad:
             raise CoverageError(
-                f"per-sample gradients of {describe(bad)} are not exact: a parameter is also "
-                f"used outside its module's forward (tied weights?), or a layer takes another "
-                f"axis than dim 0 for the samples (sequence-first?): {self.hint}"
+                f"per-sample gradients of {describe(bad)} are not exact: {UNCOVERED_CAUSES}: "
+                f"{self.hint}"
             )
 
-    def _check_mean(self, products: CaptureProducts, mean_gradient: Tensor) -> None:
+    def _check_gram(self, products: CaptureProducts) -> None:
+        """The third check of the module doc: each rule's Gram formula agrees on its
+        diagonal with the squared norms of the rule's own per-sample rows."""
+        bad = gram_failures(products)
+        if bad:
+            raise CoverageError(
+                f"the Gram formula of the layer rule of {describe(bad)} disagrees with the "
+                f"rule's own per-sample gradients: the rule is wrong for these shapes (an "
+                f"index that mixes up two axes of the same size?); {self.hint}"
+            )
+
+    def _check_mean(
+        self, products: CaptureProducts, mean_gradient: Tensor, captured: torch.dtype | None
+    ) -> None:
         """The second check of the module doc: the rules' mean per-sample gradient is
         autograd's ``.grad``."""
         space = products.space
         weights = torch.full((products.n,), 1 / products.n, dtype=space.dtype, device=space.device)
         summed = space.unflatten(products.vjp(weights))
         expected = list(space.unflatten(mean_gradient).values())
-        bad = uncovered(summed, expected)
+        bad = uncovered(summed, expected, captured)
         if not bad:
             return
         ratios = [
@@ -225,7 +260,7 @@ class StepCapture:
             f"loss (with gradient accumulation, divide each micro-batch's mean loss by their "
             f"number)"
             if len(bad) == len(ratios) and max(ratios) - min(ratios) < 1e-6 * max(ratios)
-            else f"a parameter is also used outside its module's forward (tied weights?): "
+            else f"a parameter is also used outside the forward of the modules that own it: "
             f"{self.hint}"
         )
         raise CoverageError(f"per-sample gradients of {describe(bad)} are not exact: {hint}")

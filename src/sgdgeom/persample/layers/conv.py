@@ -1,4 +1,4 @@
-r"""``nn.Conv1d`` and ``nn.Conv2d`` (``groups=1``, integer zero padding).
+r"""``nn.Conv1d`` and ``nn.Conv2d`` (any ``groups``, depthwise included; integer zero padding).
 
 A Conv1d is served as a Conv2d of height 1. With :math:`A_i` sample i's input,
 :math:`\Delta_i` the gradient at its output and :math:`\mathrm{conv}` the layer's
@@ -9,10 +9,12 @@ convolution (same stride, padding and dilation):
 - ``vjp``: :math:`\sum_i w_i g_i` is the weight gradient of the batch with output gradients
   :math:`w_i\Delta_i` (``conv2d_weight``);
 - ``per_sample``: the weight gradient of each sample alone, as one grouped convolution with
-  the samples as groups, ``(b, out·in·k_h·k_w)``.
+  the samples as groups (times the layer's own groups), ``(b, out·in/groups·k_h·k_w)``.
 
-Grouped convolutions, string padding and other padding modes are declined, so they take the
-module-local fallback (exact, slower).
+A grouped convolution (``groups = G``, a depthwise one with ``G = in``) is the same
+formulas with the layer's groups: each sample's ``G`` groups are consecutive blocks of its
+channels, so ``b`` samples are ``b G`` groups of one convolution. String padding and other
+padding modes are declined, so they take the module-local fallback (exact, slower).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def _geometry(module: nn.Module) -> dict[str, Any]:
         "stride": _pair(module, "stride", 1),
         "padding": _pair(module, "padding", 0),
         "dilation": _pair(module, "dilation", 1),
+        "groups": module.groups,
     }
 
 
@@ -56,15 +59,27 @@ def _shape2d(module: nn.Module) -> tuple[int, ...]:
     return (*shape[:2], 1, shape[2]) if isinstance(module, nn.Conv1d) else shape
 
 
+UNFOLD_RATIO = 8  # unfold where a patch has at least this many times the output positions
+
+
 @register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(LayerRule):
-    """Exact per-sample products of ``Conv1d`` and ``Conv2d`` with ``groups=1``."""
+    """Exact per-sample products of ``Conv1d`` and ``Conv2d``, grouped ones included."""
+
+    @staticmethod
+    def _unfolds(module: nn.Module, call: ConvCall) -> bool:
+        """Whether :meth:`per_sample` takes the unfolded route (ungrouped layers whose
+        patches, ``in·k_h·k_w``, are at least :data:`UNFOLD_RATIO` times the ``L`` output
+        positions)."""
+        _, fan_in, k_h, k_w = _shape2d(module)
+        positions = call.grads.shape[2] * call.grads.shape[3]
+        return bool(module.groups == 1) and fan_in * k_h * k_w >= UNFOLD_RATIO * positions
 
     def supports(self, module: nn.Module) -> str | None:
-        if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
             return (
-                f"{type(module).__name__} has groups={module.groups}, padding="
-                f"{module.padding!r} or padding_mode={module.padding_mode!r}"
+                f"{type(module).__name__} has padding={module.padding!r} or "
+                f"padding_mode={module.padding_mode!r}"
             )
         return None
 
@@ -103,18 +118,28 @@ class ConvRule(LayerRule):
         return product, product + float(size * size * numel)
 
     def per_sample(self, module: nn.Module, call: ConvCall, names: list[str]) -> Params:
-        """Each sample's weight gradient as one grouped weight-gradient convolution, the
-        samples as groups: the cost of one batch weight gradient."""
+        """Each sample's weight gradient, at the cost of one batch weight gradient: as one
+        batched matrix product ``Δ_i U_iᵀ`` with the unfolded input ``U_i`` (``(in·k_h·k_w,
+        L)`` for L output positions) where the patches are long against the positions
+        (:data:`UNFOLD_RATIO`: the late layers of a CNN, where a grouped convolution with
+        the samples as groups runs several times slower on the CPU), else as that grouped
+        weight-gradient convolution, the samples (times the layer's groups) as groups."""
         b, c_in, h, w = call.inputs.shape
         rows = {}
-        if "weight" in names:
+        if "weight" in names and self._unfolds(module, call):
+            geometry = _geometry(module)
+            del geometry["groups"]
+            patches = F.unfold(call.inputs, _shape2d(module)[2:], **geometry)  # (b, in k², L)
+            rows["weight"] = torch.bmm(call.grads.flatten(2), patches.transpose(1, 2)).flatten(1)
+        elif "weight" in names:
             shape = _shape2d(module)
+            geometry = _geometry(module)
+            geometry["groups"] *= b
             g_w = conv2d_weight(
                 call.inputs.reshape(1, b * c_in, h, w),
                 (b * shape[0], *shape[1:]),
                 call.grads.reshape(1, b * shape[0], *call.grads.shape[2:]),
-                **_geometry(module),
-                groups=b,
+                **geometry,
             )
             rows["weight"] = g_w.reshape(b, -1)
         if "bias" in names:
