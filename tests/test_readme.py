@@ -160,6 +160,11 @@ COMMANDS = {
     ".venv/bin/sgdgeom steady-state configs/quick/steady-state/aligned.yaml --out runs/steady": (
         quick("steady-state/aligned.yaml"), None),
     ".venv/bin/sgdgeom table1": (None, None),
+    ".venv/bin/sgdgeom noise --model mlp --dataset digits --n 500 --out runs/noise": (None, None),
+    ".venv/bin/sgdgeom noise --checkpoint runs/demo/runs/sgd/checkpoint.pt --k 5 --out "
+    "runs/noise-trained": (
+        demo_checkpoint, ["noise", "--checkpoint", "runs/demo/runs/sgd/checkpoint.pt", "--n",
+                          "200", "--k", "5", "--out", "runs/noise-trained"]),
 }  # fmt: skip
 
 

@@ -50,6 +50,7 @@ MONITOR_EXAMPLES = {
     "alignment": ({"every": 1, "k": 2}, "alignment/cosine"),
     "current": ({"every": 1, "probes": 2, "sections": 1}, "current/ratio"),
     "spectrum": ({"every": 1, "k": 3}, "spectrum/lambda_max"),
+    "noise_scale": ({"every": 2}, "noise/b_noise_smoothed"),
     "tensorboard": ({}, None),
 }
 PLOT_EXAMPLES = {"versus": {"x": "loss.R"}, "curves": {}}

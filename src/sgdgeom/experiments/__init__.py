@@ -9,6 +9,7 @@ module below.
 from sgdgeom.experiments import (  # noqa: F401 (registrations)
     demo,
     geodesic,
+    noise,
     rbm,
     spectrum,
     steady_state,

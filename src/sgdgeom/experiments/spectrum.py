@@ -8,28 +8,29 @@ report alone.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from sgdgeom.alignment import alignment
-from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix, gram_spectrum_bytes
-from sgdgeom.errors import ConfigError, SgdgeomError
-from sgdgeom.experiments.config import parse_config, read_yaml
-from sgdgeom.experiments.kinds import ExperimentKind, RunContext, register_kind
-from sgdgeom.experiments.plots.common import pyplot
-from sgdgeom.files import atomic_write_bytes, load_checkpoint, save_figure
+from sgdgeom.errors import ConfigError
+from sgdgeom.experiments.kinds import RunContext, register_kind
+from sgdgeom.experiments.measured import (
+    MeasuredConfig,
+    load_measured,
+    measured_options,
+    measuring_kind,
+    write_json_and_plot,
+)
+from sgdgeom.experiments.plots.common import finish_png, layer_bars, pyplot
 from sgdgeom.hessian import HessianOperator
 from sgdgeom.linalg import METHODS, Method
-from sgdgeom.models import build_model
 from sgdgeom.persample.storage import available_bytes
-from sgdgeom.train import resolve_device
 
 __all__ = [
     "KIND",
@@ -39,15 +40,6 @@ __all__ = [
     "spectrum_report",
     "write_report",
 ]
-
-
-def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The weights of a checkpoint (``weights_only=True``) and the config of its run folder."""
-    state = load_checkpoint(path)
-    weights = state.get("model", state)
-    config_path = path.parent / "config.yaml"
-    config = read_yaml(config_path) if config_path.is_file() else None
-    return weights, config
 
 
 def spectrum_report(
@@ -81,41 +73,26 @@ def spectrum_report(
 
     ``log`` receives what the work will take before it starts (sizes, memory, a time
     estimate from the capture's own pass over the data)."""
-    weights, config = _load_checkpoint(Path(checkpoint)) if checkpoint else (None, None)
-    options = dict(model_options or {})
-    if config is not None:
-        run = parse_config(config, f"{checkpoint} config")
-        model_name = model_name or run.model.name
-        dataset_name = dataset_name or run.data.name
-        options = {**run.model.options, **options}
-    if model_name is None or dataset_name is None:
-        raise ConfigError(
-            "name a model and a dataset (--model, --dataset), or a --checkpoint "
-            "from `sgdgeom train`"
-        )
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if hessian and k is None:
         raise ConfigError("--hessian compares top-k eigenpairs: give --k too")
-    dataset = load_dataset(dataset_name, data_root)
-    if n is not None and not 2 <= n <= len(dataset.y_train):
-        raise ConfigError(f"--n must be in 2..{len(dataset.y_train)} for {dataset_name}, got {n}")
-    if k is not None and not 1 <= k < (n or len(dataset.y_train)):
+    measured = load_measured(
+        model_name,
+        dataset_name,
+        n=n,
+        checkpoint=checkpoint,
+        model_options=model_options,
+        data_root=data_root,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+    )
+    model, x, y = measured.model, measured.x, measured.y
+    model_name, dataset_name = measured.model_name, measured.dataset_name
+    options, target = measured.model_options, x.device
+    if k is not None and not 1 <= k < len(y):
         raise ConfigError(f"--k must be in 1..N-1, got {k}")
-    torch.manual_seed(seed)
-    model = build_model(model_name, dataset.input_shape, dataset.num_classes, **options)
-    if weights is not None:
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as err:
-            raise SgdgeomError(
-                f"checkpoint {checkpoint} does not fit model {model_name!r}: "
-                f"{str(err).splitlines()[0]}"
-            ) from None
-    target = resolve_device(device)
-    model = model.to(target, dtype).eval()
-    x = dataset.normalize(dataset.x_train[:n]).to(target, dtype)
-    y = dataset.y_train[:n].to(target)
     size = len(y)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"D of {model_name} on {size:,} samples of {dataset_name}: d = {d:,} parameters")
@@ -263,49 +240,19 @@ def plot_spectrum(report: dict[str, Any], path: str | Path) -> Path:
     ax_spec.set_ylabel("eigenvalue")
     ax_spec.set_title(title, fontsize=9)
     ax_spec.legend(fontsize=8)
-    names = list(report["layers"])
-    per_param = [report["layers"][n]["per_param"] for n in names]
-    ax_layers.bar(names, per_param, color="tab:orange")
-    ax_layers.set_yscale("log")
-    ax_layers.set_ylabel("tr D_I / N_I")
-    ax_layers.set_title("per-layer diffusion temperature")
-    fig.tight_layout()
-    path = Path(path)
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return path
+    layers = {name: layer["per_param"] for name, layer in report["layers"].items()}
+    layer_bars(ax_layers, layers, "tab:orange", "tr D_I / N_I", "per-layer diffusion temperature")
+    return finish_png(fig, path)
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``spectrum.json`` and ``spectrum.png`` (drawn from the JSON) into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "spectrum.json"
-    atomic_write_bytes(json_path, json.dumps(report, indent=1).encode())
-    return json_path, plot_spectrum(json.loads(json_path.read_text()), out / "spectrum.png")
+    return write_json_and_plot(report, out_dir, "spectrum", plot_spectrum)
 
 
-class SpectrumConfig(BaseModel):
+class SpectrumConfig(MeasuredConfig):
     """The options of ``sgdgeom spectrum`` (:func:`spectrum_report`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str | None = Field(None, description="A model name, e.g. fc, cnn-cifar10.")
-    dataset: str | None = Field(None, description="A dataset name, e.g. mnist5k.")
-    checkpoint: Path | None = Field(
-        None,
-        description="A checkpoint.pt from `sgdgeom train`; its run's config names the model "
-        "and dataset.",
-    )
-    n: int | None = Field(None, description="Use the first N training samples (default: all).")
-    model_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="KEY=VALUE model option, repeatable (depth=3).",
-        json_schema_extra={"flag": "--model-option"},
-    )
-    float32: bool = Field(
-        False, description="Compute in float32: faster, but it resolves far fewer eigenvalues."
-    )
     k: int | None = Field(
         None, description="Only the top k eigenpairs, from products (no N x N matrix): for large N."
     )
@@ -319,54 +266,31 @@ class SpectrumConfig(BaseModel):
     cache_dir: Path | None = Field(
         None, description="Keep captures that do not fit in memory in memory-mapped files here."
     )
-    seed: int = Field(0, description="Seed of the initialisation without a checkpoint.")
-    data_root: Path | None = Field(
-        None, description="Directory holding the dataset files (see `sgdgeom datasets`)."
-    )
-    device: str = Field("auto", description="cpu, cuda or auto.")
 
 
-def _run(config: SpectrumConfig, context: RunContext) -> dict[str, Any]:
-    assert context.out is not None
-    report = spectrum_report(
+def _measure(config: SpectrumConfig, context: RunContext) -> dict[str, Any]:
+    return spectrum_report(
         config.model,
         config.dataset,
-        n=config.n,
-        checkpoint=config.checkpoint,
-        model_options=config.model_options,
-        data_root=config.data_root,
-        device=config.device,
-        dtype=torch.float32 if config.float32 else torch.float64,
-        seed=config.seed,
         k=config.k,
         method=config.method,
         hessian=config.hessian,
         cache_dir=config.cache_dir,
         progress=context.progress,
         log=context.log,
+        **measured_options(config),
     )
-    json_path, plot_path = write_report(report, context.out)
-    return {**report, "written": [str(json_path), str(plot_path)]}
-
-
-def _summary(report: dict[str, Any]) -> str:
-    written = report.get("written", [])
-    return format_report(report) + (f"\n\nwrote {' and '.join(written)}" if written else "")
 
 
 KIND = register_kind(
-    ExperimentKind(
-        name="spectrum",
-        help="The diffusion matrix's size, rank, spectrum and per-layer traces (Fioresi et "
-        "al., F3); with --k its top k by block methods, and with --hessian its alignment "
-        "with the Hessian.",
-        config=SpectrumConfig,
-        run=_run,
-        summary=_summary,
-        plots=lambda out: [
-            plot_spectrum(json.loads((out / "spectrum.json").read_text()), out / "spectrum.png")
-        ],
-        source="options",
-        out="runs/spectrum",
+    measuring_kind(
+        "spectrum",
+        "The diffusion matrix's size, rank, spectrum and per-layer traces (Fioresi et al., "
+        "F3); with --k its top k by block methods, and with --hessian its alignment with "
+        "the Hessian.",
+        SpectrumConfig,
+        _measure,
+        format_report,
+        plot_spectrum,
     )
 )

@@ -1,5 +1,6 @@
-"""PyTorch Lightning callbacks: layer temperatures (Musso eq. 2) and snapshots of the
-diffusion spectrum (Fioresi et al., F2–F3) during ``Trainer.fit``.
+"""PyTorch Lightning callbacks: layer temperatures (Musso eq. 2), the gradient noise scale
+(McCandlish et al. 2018) and snapshots of the diffusion spectrum (Fioresi et al., F2–F3)
+during ``Trainer.fit``.
 
 Needs the ``lightning`` extra (``pip install 'sgdgeom[lightning]'``). sgdgeom's optimizers
 are ``torch.optim`` optimizers, so a LightningModule returns them from
@@ -36,12 +37,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from sgdgeom.extras import require
-from sgdgeom.monitors import LayerTemperature, SpectrumMonitor
+from sgdgeom.monitors import LayerTemperature, NoiseScale, SpectrumMonitor
 from sgdgeom.persample import LossSpec
 
 pl = require("lightning.pytorch", "sgdgeom.integrations.lightning")
 
-__all__ = ["DiffusionSpectrum", "LayerTemperatures"]
+__all__ = ["DiffusionSpectrum", "LayerTemperatures", "NoiseScales"]
 
 
 def _network(pl_module: nn.Module, module: str | None) -> nn.Module:
@@ -124,3 +125,49 @@ class DiffusionSpectrum(pl.Callback):  # type: ignore[name-defined]
         snapshot = self.monitor.measure_now(_network(pl_module, self.module))
         self.monitor.history[-1]["epoch"] = epoch
         pl_module.log_dict(snapshot)
+
+
+class NoiseScales(pl.Callback):  # type: ignore[name-defined]
+    """:class:`~sgdgeom.monitors.NoiseScale` in a Lightning ``Trainer``: after every
+    ``every``-th backward, ``tr Σ``, ``‖G‖²`` and ``B_noise`` of the batch, in total and
+    per layer (logged as ``noise/...`` at that step), and their smoothed values at the end
+    of each training epoch. Under DDP (Lightning's ``strategy="ddp"``) the cross-process
+    estimator serves.
+
+    Args:
+        every: steps between measurements.
+        decay: the moving averages' ``β``.
+        estimator: ``"auto"``, ``"batch"`` or ``"processes"``.
+        layers: the layers whose own numbers are logged (default: all).
+        module: the attribute path of the network inside the LightningModule.
+    """
+
+    def __init__(
+        self,
+        *,
+        every: int = 1,
+        decay: float = 0.99,
+        estimator: str = "auto",
+        layers: list[str] | None = None,
+        module: str | None = None,
+    ) -> None:
+        self.monitor = NoiseScale(
+            every=every, decay=decay, estimator=estimator, layers=layers  # type: ignore[arg-type]
+        )
+        self.module = module
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One record per measurement."""
+        return self.monitor.history
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        self.monitor.attach(_network(pl_module, self.module))
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        record = self.monitor.record()
+        if record is not None:
+            pl_module.log_dict({k: v for k, v in record.items() if k.startswith("noise/")})
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        pl_module.log_dict(self.monitor.epoch_metrics(trainer.current_epoch + 1))

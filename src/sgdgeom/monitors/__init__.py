@@ -3,6 +3,8 @@
 (:data:`MONITORS`).
 
 - :mod:`~sgdgeom.monitors.temperature`: Musso's layer temperatures (M2, Fig. 1);
+- :mod:`~sgdgeom.monitors.noise_scale`: the gradient noise scale and the critical batch
+  size, per layer (McCandlish et al. 2018);
 - :mod:`~sgdgeom.monitors.alignment`: the alignment of D with the Hessian;
 - :mod:`~sgdgeom.monitors.current`: the current and curl of Fioresi et al. (F11, F12);
 - :mod:`~sgdgeom.monitors.spectrum`: snapshots of D's spectrum;
@@ -15,6 +17,7 @@ Importing this package registers every built-in monitor: one import line per mod
 
 from sgdgeom.monitors.alignment import AlignmentMonitor
 from sgdgeom.monitors.current import CurrentMonitor
+from sgdgeom.monitors.noise_scale import NoiseScale
 from sgdgeom.monitors.probe import ProbeMonitor
 from sgdgeom.monitors.registry import MONITORS, MonitorContext, MonitorOptions, register_monitor
 from sgdgeom.monitors.spectrum import SpectrumMonitor
@@ -26,6 +29,7 @@ __all__ = [
     "AlignmentMonitor",
     "CurrentMonitor",
     "LayerTemperature",
+    "NoiseScale",
     "SpectrumMonitor",
     "TensorBoardLogger",
     # building blocks and the registry

@@ -128,6 +128,9 @@ class LoopRecorder:
         #: whether the fused forwards skip the weight gradients now (switched by the owner,
         #: e.g. on only after a first, unfused step has been checked)
         self.fusing = False
+        #: whether forwards are recorded now (off: the model runs as if unhooked, e.g.
+        #: between the steps a monitor measures)
+        self.recording = True
         self.passes: list[Pass] = []
         self._anchor = torch.zeros((), requires_grad=True)
         self._handles = [model.register_forward_pre_hook(self._open_pass, with_kwargs=True)]
@@ -151,7 +154,7 @@ class LoopRecorder:
     # ------------------------------------------------------------------ hooks
 
     def _open_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict) -> None:
-        if not torch.is_grad_enabled() or in_internal_pass():
+        if not (self.recording and torch.is_grad_enabled()) or in_internal_pass():
             return
         # passes that no backward reached and none can reach any more hold memory only
         kept = [p for p in self.passes if p.reached() or p.alive()]

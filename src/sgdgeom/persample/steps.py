@@ -130,6 +130,8 @@ class StepCapture:
         names: Sequence[str],
         *,
         loss_scale: float | None = None,
+        gather: bool = True,
+        compact: bool = True,
     ) -> tuple[CaptureProducts, Tensor | None]:
         """The step's products and, unless fusing, the mean gradient from ``.grad``;
         raises where the step would be wrong. The first step is checked (module doc) and,
@@ -137,7 +139,13 @@ class StepCapture:
 
         ``loss_scale``: the scale of a ``torch.amp.GradScaler`` (the captured output
         gradients are those of the scaled loss, ``.grad`` already unscaled). A loss-scaled
-        loop is not fused: the scaler finds overflows in the ``.grad`` that fusing skips."""
+        loop is not fused: the scaler finds overflows in the ``.grad`` that fusing skips.
+
+        ``gather=False`` keeps the products of this process's samples under DDP (no
+        all-gather); the mean gradient is then the all-reduced ``.grad``, which the first
+        step's check cannot compare with them. ``compact=False`` keeps every layer's calls
+        (no per-sample rows formed for a Gram matrix that will not be needed: a monitor
+        that reads the squared norms only)."""
         fusing = self.fusing
         if loss_scale is not None:
             self.recorder.fusing = False
@@ -152,7 +160,7 @@ class StepCapture:
         first = not self.checked and not fusing
         if first and passes[0].inputs is not None and not distributed():
             self._check_samples(passes[0].inputs, space)
-        products = self._products(passes, space, loss_scale)
+        products = self._products(passes, space, loss_scale, gather, compact)
         if fusing:
             stray = [
                 n
@@ -171,7 +179,8 @@ class StepCapture:
         )
         if first:
             self._check_gram(products)
-            self._check_mean(products, mean_gradient, capture_dtype(passes))
+            if gather or not distributed():
+                self._check_mean(products, mean_gradient, capture_dtype(passes))
             self.checked = True
             if self.fused and loss_scale is None:  # from now on, no weight gradients
                 self.recorder.fusing = True
@@ -180,18 +189,23 @@ class StepCapture:
         return products, mean_gradient
 
     def _products(
-        self, passes: list[Pass], space: ParamSpace, loss_scale: float | None
+        self,
+        passes: list[Pass],
+        space: ParamSpace,
+        loss_scale: float | None,
+        gather: bool,
+        compact: bool,
     ) -> CaptureProducts:
         """The captured passes as one set of products (one chunk per pass), all-gathered
         under DDP, scaled from the mean loss's output gradients to the per-sample ones
         (unscaled first by a ``GradScaler``'s ``loss_scale``: before any product, so no
         Gram entry overflows with the scale squared)."""
         recorder = self.recorder
-        world = torch.distributed.get_world_size() if distributed() else 1
+        world = torch.distributed.get_world_size() if gather and distributed() else 1
         chunks, start, local = [], 0, 0
         for recorded in passes:
             calls = [
-                compact_calls(layer, layer_calls, recorded.size)
+                compact_calls(layer, layer_calls, recorded.size) if compact else layer_calls
                 for layer, layer_calls in zip(
                     recorder.layers, recorder.calls(recorded, loss_scale), strict=True
                 )

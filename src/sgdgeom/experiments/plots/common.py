@@ -13,6 +13,8 @@ from sgdgeom.files import save_figure
 
 __all__ = [
     "curve_label",
+    "finish_png",
+    "layer_bars",
     "finished_runs",
     "group_label",
     "mean_and_error",
@@ -40,6 +42,25 @@ def save_png_svg(fig: Any, path: Path) -> list[Path]:
         save_figure(fig, target, dpi=120)
     pyplot().close(fig)
     return out
+
+
+def finish_png(fig: Any, path: str | Path) -> Path:
+    """Lay the figure out, save it as the PNG ``path`` (atomically) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    save_figure(fig, path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def layer_bars(ax: Any, values: dict[str, float], color: str, ylabel: str, title: str) -> None:
+    """One bar per layer on a log scale (a value that is not a positive number is left
+    out: a log scale has no place for it)."""
+    shown = [v if np.isfinite(v) and v > 0 else np.nan for v in values.values()]
+    ax.bar(list(values), shown, color=color)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
 
 
 def group_label(labels: dict[str, Any], drop: tuple[str, ...] = ()) -> str:

@@ -166,12 +166,23 @@ class LinearRule(LayerRule):
         return squares
 
     def sq_norms(self, module: nn.Module, call: LinearCall, names: list[str]) -> Params | None:
-        if call.inputs.shape[1] != 1:
-            return None
-        delta = call.grads[:, 0].square().sum(1)
+        """``‖δ_i‖² ‖a_i‖²`` on non-sequence inputs; on sequences the per-sample Gram
+        trick, ``Σ_{t,s} (a_it·a_is)(δ_it·δ_is)``, where its ``T² (in + out)`` beats the
+        rows' ``T in out`` (else None: the rows)."""
+        a, g = call.inputs, call.grads
+        t, fan_in, fan_out = a.shape[1], a.shape[2], g.shape[2]
         norms = {}
-        if "weight" in names:
-            norms["weight"] = delta * call.inputs[:, 0].square().sum(1)
+        if t == 1:
+            delta = g[:, 0].square().sum(1)
+            if "weight" in names:
+                norms["weight"] = delta * a[:, 0].square().sum(1)
+        elif t * (fan_in + fan_out) <= fan_in * fan_out:
+            if "weight" in names:  # each sample's (T, T) Gram matrices, contracted
+                norms["weight"] = (
+                    torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
+                ).sum((1, 2))
+        else:
+            return None
         if "bias" in names:
-            norms["bias"] = delta
+            norms["bias"] = g.sum(1).square().sum(1)
         return norms
