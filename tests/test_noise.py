@@ -244,6 +244,12 @@ def test_bad_input_is_refused_with_the_reason():
     with pytest.raises(InputError, match="torch.distributed"):
         measure(case.model, case.loss, case.x, case.y, estimator="processes")
     assert layer_groups(["fc1.weight", "fc1.bias", "out.weight"]) == {"fc1": [0, 1], "out": [2]}
+    fresh = make_case("mlp-relu")
+    monitor = NoiseScale(fresh.model)
+    per_sample_loss(fresh.loss)(fresh.model(fresh.x), fresh.y).mean().backward()
+    fresh.model.zero_grad(set_to_none=True)  # the gradients gone (or fused away)
+    with pytest.raises(RuntimeError, match="found no gradient after backward"):
+        monitor.record()
 
 
 def test_the_monitor_from_a_config_writes_its_measurements(tmp_path):

@@ -171,6 +171,13 @@ class NoiseScale(Callback):
         space = ParamSpace(self.model)
         params = list(space.params(self.model).values())
         processes = self._processes()
+        if all(p.grad is None for p in params):
+            self._capture.forget()
+            raise RuntimeError(
+                "NoiseScale found no gradient after backward(): call record() after "
+                "loss.backward() and before zero_grad(); an optimizer that fuses the weight "
+                "gradients away (DiffusionMetricSGD's default) needs fused='off' beside it"
+            )
         products, _ = self._capture.take(
             space, params, space.names, gather=not processes, compact=False
         )
