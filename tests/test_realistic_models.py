@@ -167,3 +167,49 @@ def test_resnet18_with_batchnorm_in_train_mode_is_refused_by_name():
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     with pytest.raises(Exception, match="stem_norm"):
         DiffusionMatrix(model, "cross_entropy", (x, y))
+
+
+class FlattenedBatch(nn.Module):
+    """A Linear on the batch flattened into its first axis, ``(B T, F)``, and an Embedding
+    on flattened token ids: neither input is shared by the samples, so the capture must
+    not repeat it (the model's forward is left as it is) and refuses the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, 3)
+        self.lin = nn.Linear(3, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        h = self.tok(ids.reshape(-1))  # (B T, 3)
+        return self.out(torch.tanh(self.lin(h)).reshape(b, t, -1).mean(1))
+
+
+def test_a_batch_flattened_into_the_first_axis_is_refused_and_the_forward_kept():
+    torch.manual_seed(0)
+    model = FlattenedBatch().double()
+    x, y = torch.randint(0, VOCAB, (BATCH, 3)), torch.randint(0, 2, (BATCH,))
+    with pytest.raises(CoverageError, match="flattened into its first axis"):
+        DiffusionMatrix(model, "cross_entropy", (x, y), route="capture")
+    with pytest.warns(UserWarning):
+        D = DiffusionMatrix(model, "cross_entropy", (x, y))
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), x, y)
+    assert_close(D.gram(), centred_gram(G), what="flattened batch, generic")
+    # the optimizer's hooks leave the training forward as it is and refuse at the check
+    opt = DiffusionMetricSGD(model, lr=0.1)
+    expected = model(x).detach().clone()
+    logits = model(x)
+    assert torch.equal(logits.detach(), expected)
+    nn.functional.cross_entropy(logits, y).backward()
+    with pytest.raises(CoverageError):
+        opt.step()
+
+
+def test_positions_as_long_as_a_multiple_of_the_batch_stay_on_the_capture_route():
+    """``torch.arange(T)`` with T = 2 B: a length a flattened batch could have, told apart
+    by its values."""
+    model, (x, y) = tiny_gpt(context=2 * BATCH), tokens(context=2 * BATCH)
+    D = DiffusionMatrix(model, "cross_entropy", (x, y), route="capture")
+    G = per_sample_gradients(model, per_sample_loss("cross_entropy"), x, y)
+    assert_close(D.gram(), centred_gram(G), what="positions T = 2 B")

@@ -247,14 +247,33 @@ class _Repeat(torch.autograd.Function):
         return (total.unsqueeze(0) if ctx.single else total), None
 
 
+def _positions(saved: Tensor, size: int) -> bool:
+    """Whether an input without the batch's size in front is shared by every sample: its
+    length is not a multiple of the batch size (so it is no flattened batch, ``(B T, F)``),
+    and the batch's size is on none of its axes (no sequence-first layer); or it is the
+    position ids ``torch.arange(L)`` themselves (read, one host read, only where L is a
+    multiple of the batch size, as a flattened batch of token ids would be)."""
+    length = saved.shape[0] if saved.dim() else 1
+    if size in saved.shape:
+        return False
+    if length % size:
+        return True
+    return (
+        saved.dim() == 1
+        and not saved.is_floating_point()
+        and torch.equal(saved, torch.arange(length, device=saved.device, dtype=saved.dtype))
+    )
+
+
 def repeat_batchless(saved: Any, output: Any, size: int) -> tuple[Tensor, Tensor] | None:
     """For a module called on an input without the batch dimension (a position embedding
     of ``torch.arange(T)``, shared by every sample): its saved input and its output
     repeated for each of the batch's ``size`` samples, so that each sample's output
     gradient reaches the capture and the rule sees an ordinary batch. None where the output
-    has the batch dimension, where the input has an axis of the batch's size elsewhere (a
-    sequence-first layer, which the coverage check refuses), or where the call keeps more
-    than one tensor.
+    has the batch dimension, where the input may hold the batch another way (an axis of the
+    batch's size: sequence-first; a length that is a multiple of it: a flattened batch; the
+    coverage check refuses such layers, the model's forward is left as it is), or where the
+    call keeps more than one tensor.
 
     The batch dimension is told by its size: an input whose first dimension happens to equal
     the batch size (``torch.arange(T)`` with ``T = B``) reads as batched, and the coverage
@@ -264,7 +283,7 @@ def repeat_batchless(saved: Any, output: Any, size: int) -> tuple[Tensor, Tensor
     if output.dim() > 0 and output.shape[0] == size:
         return None
     single = saved.dim() > 0 and saved.shape[0] == 1  # (1, T): broadcast over the batch
-    if not single and size in saved.shape:  # the batch is there, on another axis
+    if not single and not _positions(saved, size):
         return None
     base = saved[0] if single else saved
     return base.unsqueeze(0).expand(size, *base.shape), _Repeat.apply(output, size)
@@ -451,7 +470,8 @@ class CaptureProducts(PerSampleProducts):
             except RuntimeError as err:
                 raise CoverageError(
                     f"a layer's calls do not hold the samples along dim 0 ({err}): a "
-                    f"sequence-first layer? use route='generic', which is exact for any model"
+                    f"sequence-first layer, or the batch flattened into its first axis? use "
+                    f"route='generic', which is exact for any model"
                 ) from err
             _CHECKED[model] = key
         if cache == "off":
