@@ -57,8 +57,10 @@ def measure(model, loss, x, y, **options):
 
 
 @pytest.mark.parametrize(
-    "name", ["mlp-tanh", "sequence", "small-cnn", "layernorm", "reused-linear"]
-)
+    "name",
+    ["mlp-tanh", "sequence", "small-cnn", "layernorm", "reused-linear", "partly-frozen",
+     "functional-loss", "inplace-relu"],
+)  # fmt: skip
 def test_the_batch_estimates_equal_brute_force_per_layer(name):
     case = make_case(name)
     names = [n for n, p in case.model.named_parameters() if p.requires_grad]
