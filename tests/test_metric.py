@@ -57,9 +57,7 @@ def test_matrix_free_route_equals_dense_without_a_gram_matrix(setup, eps, monkey
     assert_close(metric.solve(v), torch.linalg.solve(g_dense, v), what="CG g⁻¹ v")
     assert_close(metric.gradient(), torch.linalg.solve(g_dense, g_bar), what="CG ∇_D f")
     assert 1 <= metric.cg_steps <= 30
-    assert_close(
-        metric.gradient("weak"), (eye - metric.eps * D_ref) @ g_bar, what="weak ∇_D f"
-    )
+    assert_close(metric.gradient("weak"), (eye - metric.eps * D_ref) @ g_bar, what="weak ∇_D f")
     assert "_gram" not in D.__dict__
 
 

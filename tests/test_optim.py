@@ -11,7 +11,7 @@ from torch import nn
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.optim import DiffusionMetricSGD
-from sgdgeom.persample import CoverageError, per_sample_loss
+from sgdgeom.persample import CoverageError, NoGrad, per_sample_loss
 from tests.cases import CAPTURE_REFUSED, CASE_NAMES, make_case
 from tests.distributed import spawn
 from tests.reference import dense_diffusion, per_sample_gradients
@@ -59,7 +59,7 @@ def test_update_equals_dense_update_on_every_zoo_model(name, mode, fused):
     expected, eps_used = dense_update(case, "auto", mode, lr=0.1)
     loss_and_backward(case)
     if fused:
-        assert all(p.grad is None for p in case.model.parameters())
+        assert all(isinstance(p.grad, NoGrad) for p in case.model.parameters() if p.requires_grad)
     opt.step()
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
     assert opt.stats["eps"] == pytest.approx(eps_used, rel=1e-9)
@@ -172,14 +172,6 @@ def test_gradient_accumulation_steps_with_the_union_of_the_micro_batches(fused, 
     torch.testing.assert_close(flat(case.model), expected, rtol=0, atol=1e-10)
 
 
-def test_a_loss_reduction_that_does_not_match_fails_the_first_step_with_a_hint():
-    case = make_case("mlp-relu")
-    opt = DiffusionMetricSGD(case.model, lr=0.1, loss_reduction="sum")
-    loss_and_backward(case)  # a mean
-    with pytest.raises(CoverageError, match="12 times the mean.*loss_reduction='sum'"):
-        opt.step()
-
-
 def test_tied_weights_are_named_and_the_closure_route_is_exact():
     case = make_case("tied-autoencoder")
     expected, _ = dense_update(case, "auto", "weak")
@@ -274,7 +266,7 @@ def test_fused_detach_gives_the_layers_their_weight_gradients_back():
     opt.step()
     case.model.zero_grad(set_to_none=True)
     loss_and_backward(case)
-    assert all(p.grad is None for p in case.model.parameters())
+    assert all(isinstance(p.grad, NoGrad) for p in case.model.parameters() if p.requires_grad)
     opt.detach()
     loss_and_backward(case)
     assert all(p.grad is not None for p in case.model.parameters())

@@ -33,10 +33,7 @@ def blocks(language: str, text: str) -> list[str]:
 
 PYTHON = list(
     dict.fromkeys(
-        block
-        for page in PAGES
-        if page != LIGHTNING
-        for block in blocks("python", page.read_text())
+        block for page in PAGES if page != LIGHTNING for block in blocks("python", page.read_text())
     )
 )
 LIGHTNING_PAGE = LIGHTNING.read_text()

@@ -21,7 +21,8 @@ from pydantic.fields import FieldInfo
 
 from sgdgeom._deprecated import SgdgeomDeprecationWarning, warn
 from sgdgeom.errors import SgdgeomError
-from sgdgeom.experiments.kinds import KINDS, ExperimentKind, RunContext
+from sgdgeom.experiments.config import parse_yaml
+from sgdgeom.experiments.kinds import KINDS, ExperimentKind, RunContext, check_out, claim_out
 from sgdgeom.files import safe_name
 
 app = typer.Typer(
@@ -212,7 +213,7 @@ def sweep(
         device=device,
     )
     failed = [r for r in result["runs"] if r["status"] != "finished"]
-    report = write_report(out_dir)
+    report = write_report(out_dir, figures=Path(out_dir) / "figures")
     typer.echo(f"report: {report}")
     if failed:
         for run in failed:
@@ -271,14 +272,12 @@ def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
 
 def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs as a mapping of YAML values."""
-    import yaml
-
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SgdgeomError(f"option {pair!r} is not KEY=VALUE (e.g. depth=3)")
-        options[key] = yaml.safe_load(value)
+        options[key] = parse_yaml(value, f"option {pair!r}")
     return options
 
 
@@ -323,8 +322,13 @@ def _kind_command(kind: ExperimentKind[Any], old_name: str | None = None) -> Non
                     values[name] = _parse_pairs(value)
             config = kind.parse(values, f"sgdgeom {kind.name}")
         target = kind.out_dir(config, out)
+        if target is not None:
+            check_out(target, kind.name, config)
         log = functools.partial(typer.echo, err=True)
-        typer.echo(kind.summary(kind.run(config, RunContext(target, True, log))))
+        summary = kind.summary(kind.run(config, RunContext(target, True, log)))
+        if target is not None:
+            claim_out(target, kind.name, config)
+        typer.echo(summary)
         if target is not None and kind.source == "file":
             typer.echo(f"results in {target}")
 

@@ -26,14 +26,15 @@ Examples:
 
 from __future__ import annotations
 
-import gzip
 import io
+import math
 import pickle
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -135,17 +136,39 @@ def batches(
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _read_bytes(path: Path, what: str) -> bytes:
-    """The file's bytes, gunzipped if it is gzip, or a DatasetError naming file and format."""
+FILE_LIMIT = 4 * 2**30
+"""The most bytes a dataset file may hold, or inflate to when it is gzip (a small file
+that inflates to gigabytes is refused before it does)."""
+
+
+IDX_LIMIT = 2**30
+"""The most data bytes an IDX file may declare (the largest public ones hold about half)."""
+
+
+def _read_bytes(path: Path, what: str, limit: int = FILE_LIMIT, prefix: bool = False) -> bytes:
+    """The file's bytes, gunzipped if it is gzip, or a DatasetError naming file and format:
+    more than ``limit`` of them is an error, or with ``prefix`` the first ``limit`` (the
+    header of a format that declares its size). Never more than that is read or inflated."""
     if not path.is_file():
         raise DatasetMissingError(f"missing file {path} (expected {what})")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as err:
-            raise DatasetError(f"corrupt gzip file {path} (expected {what}): {err}") from None
-    return raw
+    with path.open("rb") as handle:
+        raw = handle.read(2)
+        if raw == b"\x1f\x8b":  # gzip: its compressed size says nothing of what it holds
+            raw = _inflate(raw + handle.read(), limit, path, what)
+        else:
+            raw += handle.read(limit - 1)
+            raw += handle.read(1) if not prefix else b""
+    if len(raw) > limit and not prefix:
+        raise DatasetError(f"{path} holds more than {limit:,} bytes (expected {what})")
+    return raw[:limit]
+
+
+def _inflate(raw: bytes, limit: int, path: Path, what: str) -> bytes:
+    """The first ``limit + 1`` bytes (at most) of gzip data: never more is inflated."""
+    try:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, limit + 1)
+    except zlib.error as err:
+        raise DatasetError(f"corrupt gzip file {path} (expected {what}): {err}") from None
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -156,7 +179,21 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     what = "an IDX file: 0x0000, type code, ndim, big-endian uint32 sizes, data"
-    raw = _read_bytes(path, what)
+    raw = _read_bytes(path, what, 4 + 4 * 255, prefix=True)  # the header says the size
+    if len(raw) >= 4 and raw[2] in _IDX_DTYPES:
+        declared = (
+            math.prod(
+                int(s)
+                for s in np.frombuffer(raw, ">u4", count=min(raw[3], (len(raw) - 4) // 4), offset=4)
+            )
+            * np.dtype(_IDX_DTYPES[raw[2]]).itemsize
+        )
+        if declared > IDX_LIMIT:
+            raise DatasetError(
+                f"corrupt file {path}: its IDX header declares {declared:,} bytes of data, "
+                f"more than the {IDX_LIMIT:,} an IDX data set holds (expected {what})"
+            )
+        raw = _read_bytes(path, what, limit=4 + 4 * 255 + declared)
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
         raise DatasetError(f"corrupt file {path}: bad IDX magic number (expected {what})")
     ndim = raw[3]
@@ -165,7 +202,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise DatasetError(f"truncated file {path}: IDX header cut short (expected {what})")
     shape = tuple(int(s) for s in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
     if len(raw) != expected:
         raise DatasetError(
             f"truncated or corrupt file {path}: {len(raw)} bytes, but its IDX header "
@@ -174,8 +211,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles dicts of numpy arrays and lists, refusing any other global (no code runs)."""
+class _NumpyOnlyUnpickler(pickle._Unpickler):  # the Python unpickler: its opcodes can be checked
+    """Unpickles dicts of numpy arrays and lists, refusing any other global (no code runs)
+    and any array whose state asks for more than :data:`FILE_LIMIT` bytes or other bytes
+    than it carries (a few bytes must not allocate gigabytes)."""
 
     _ALLOWED = frozenset({"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"})
 
@@ -184,6 +223,38 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if numpy_array or (module, name) == ("_codecs", "encode"):  # protocol-2 bytes
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+    def load_build(self) -> None:
+        target, state = self.stack[-2], self.stack[-1]
+        if isinstance(target, np.ndarray):
+            _check_array_state(state)
+        super().load_build()
+
+    dispatch: ClassVar[dict[int, Callable[..., None]]] = {
+        **pickle._Unpickler.dispatch,  # type: ignore[attr-defined]
+        pickle.BUILD[0]: load_build,
+    }
+
+
+def _check_array_state(state: object) -> None:
+    """An ndarray's pickled state ``([version,] shape, dtype, fortran, data)`` describes a
+    plain array of at most :data:`FILE_LIMIT` bytes whose data are exactly its bytes."""
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        raise pickle.UnpicklingError("an array's state is not numpy's")
+    shape, dtype, _, data = state[-4:]
+    if not (
+        isinstance(shape, tuple)
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+        and isinstance(dtype, np.dtype)
+        and not dtype.hasobject
+        and isinstance(data, bytes | bytearray)
+    ):
+        raise pickle.UnpicklingError("an array's state is not a plain array's")
+    size = math.prod(shape) * dtype.itemsize
+    if size > FILE_LIMIT or size != len(data):
+        raise pickle.UnpicklingError(
+            f"an array of shape {shape} ({size:,} bytes) with {len(data):,} bytes of data"
+        )
 
 
 def read_cifar10_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -292,6 +363,11 @@ def _idx_loader(names: tuple[str, ...]) -> Callable[[Path | None], Arrays]:
                     f"IDX files in {folder} disagree: images {images.shape}, labels {labels.shape}"
                 )
             out += [images[:, None] / 255.0, labels]
+        if out[0].shape[1:] != out[2].shape[1:]:
+            raise DatasetError(
+                f"IDX files in {folder} disagree: train images {out[0].shape[1:]}, test "
+                f"images {out[2].shape[1:]}"
+            )
         return out[0], out[1], out[2], out[3]
 
     return load

@@ -264,6 +264,13 @@ class DiffusionMatrix(Operator):
         layer rules' ghost norms where they have one (never ``N x d`` for a Linear layer)."""
         return dict(zip(self.space.names, self._sq_norms.T, strict=True))
 
+    def sample_sq_norms(self) -> Tensor:
+        """``‖g_i‖²`` of every sample, ``(N,)``: the raw Gram matrix's diagonal when it has
+        been built, else the rules' squared norms summed over the parameters."""
+        if self.has_gram:
+            return self._raw_diagonal
+        return self._sq_norms.sum(1)
+
     def diagonal(self) -> Tensor:
         """``diag(D)``, ``(d,)``: every coordinate's variance over the samples,
         ``(1/N) Σ_i g_i² − ḡ²`` (the second moment ``(1/N) Σ_i g_i²`` with
@@ -293,6 +300,7 @@ class DiffusionMatrix(Operator):
         K = self.products.gram()
         row = K.mean(0)
         self._raw_row_means = row
+        self._raw_diagonal = K.diagonal().clone()
         if self.centered:
             K.sub_(row).sub_(row[:, None]).add_(row.mean())
         _symmetrise_(K)

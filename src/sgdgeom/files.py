@@ -35,7 +35,9 @@ __all__ = [
     "atomic_write_bytes",
     "inside",
     "load_checkpoint",
+    "read_json",
     "read_jsonl",
+    "refuse_links",
     "safe_name",
     "safe_names",
     "save_checkpoint",
@@ -104,6 +106,21 @@ def inside(path: str | Path, root: str | Path, what: str = "file") -> Path:
     return resolved
 
 
+def refuse_links(path: str | Path, root: str | Path, what: str = "folder") -> Path:
+    """``path`` itself, or an :class:`InputError` if it or a folder between ``root`` and it
+    is a symbolic link (writing through it would write outside ``root``)."""
+    path, root = Path(path), Path(root)
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            raise InputError(
+                f"{what} {current} is a symbolic link; sgdgeom writes only inside {root}, "
+                f"never through a link: remove it"
+            )
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file.
 
@@ -149,14 +166,44 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete record of a JSON-lines file (a torn last line is skipped)."""
+def _text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist (or is not a regular file)")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{what} {path} cannot be read as text: {err}") from None
+
+
+def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """A JSON file holding one object, or an :class:`InputError` naming it (missing, not a
+    regular file, not JSON, nested beyond the parser, not an object)."""
+    path = Path(path)
+    try:
+        value = json.loads(_text(path, what))
+    except (ValueError, RecursionError):
+        raise InputError(f"{what} {path} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{what} {path} holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def read_jsonl(path: str | Path, what: str = "metrics file") -> list[dict[str, Any]]:
+    """Every record of a JSON-lines file, each a JSON object; a torn last line (a write cut
+    short by a kill) is skipped, any other bad line is an :class:`InputError`."""
+    path = Path(path)
+    lines = _text(path, what).splitlines()
     records = []
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            if number == len(lines):
+                continue
+            raise InputError(f"{what} {path}: line {number} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{what} {path}: line {number} is not a JSON object")
+        records.append(record)
     return records
 
 

@@ -82,6 +82,16 @@ def resolve_eps(eps: EpsilonLike, safety: float, lambda_max: float) -> float:
     return Epsilon.parse(eps, safety).resolve(lambda_max)
 
 
+SAMPLES_LEFT_OUT = (
+    "some samples of the step's forward have an exactly zero gradient, as a loss that leaves "
+    "samples out gives them (ignore_index, a loss on part of the output): the hooked loop "
+    "takes every sample of the forward for a sample of the loss, so D would count them with "
+    "a zero gradient. Pass only the samples that the loss uses through the model, or step "
+    "through a closure that returns their per-sample losses; if these samples are in the "
+    "loss with a zero gradient (a hinge loss), pass zero_gradient_samples='keep'"
+)
+
+
 def raise_for_status(status: int, eps: float | Tensor, context: str = "") -> None:
     """The error of a :attr:`DiffusionMetric.status` code, if any, after ``context`` (what
     the caller did with the refused step)."""
@@ -90,6 +100,8 @@ def raise_for_status(status: int, eps: float | Tensor, context: str = "") -> Non
             f"{context}the Gram matrix has NaN or infinite entries: the per-sample gradients "
             f"are not finite (a diverged loss?)"
         )
+    if status == DiffusionMetric.SAMPLES_LEFT_OUT:
+        raise InputError(f"{context}{SAMPLES_LEFT_OUT}")
     if status == DiffusionMetric.EPS_TOO_LARGE:
         raise InputError(
             f"{context}eps = {float(eps):.6g} is at or above 1/λ_max (or, without the Gram "
@@ -139,7 +151,7 @@ class DiffusionMetric:
     """
 
     #: the codes of :attr:`status`
-    VALID, NOT_FINITE, EPS_TOO_LARGE = 0, 1, 2
+    VALID, NOT_FINITE, EPS_TOO_LARGE, SAMPLES_LEFT_OUT = 0, 1, 2, 3
 
     def __init__(
         self,

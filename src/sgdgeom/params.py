@@ -190,8 +190,11 @@ class ParamSpace:
 
     @staticmethod
     def is_bias(name: str) -> bool:
-        """Biases are parameters named ``*.bias`` (or ``bias``)."""
-        return name.rpartition(".")[2] == "bias"
+        """Biases are parameters named ``*.bias`` (or ``bias``), or whose own name starts
+        with ``bias_`` or ends with ``_bias`` (a recurrent layer's ``bias_ih_l0``,
+        attention's ``in_proj_bias``)."""
+        local = name.rpartition(".")[2]
+        return local == "bias" or local.startswith("bias_") or local.endswith("_bias")
 
     def _check_layer(self, layer: str) -> None:
         if layer not in self.layers:

@@ -192,18 +192,16 @@ class Trainer:
         if path is None or not path.is_file():
             return
         state = load_checkpoint(path, map_location=self.device)
-        missing = sorted({"epoch", "step", "model", "optimizer", "history"} - set(state))
-        if missing:
-            raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a run's")
+        _check_run_checkpoint(path, state)
         self._check_origin(path, state)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            first = str(err).strip().splitlines()[0]
+            for callback, saved in zip(self.callbacks, state.get("callbacks", []), strict=False):
+                callback.load_state_dict(saved)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CheckpointError(f"cannot resume from {path}: {first}") from None
-        for callback, cb_state in zip(self.callbacks, state.get("callbacks", []), strict=False):
-            callback.load_state_dict(cb_state)
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         # Metrics of an epoch after the checkpoint were never confirmed: rewrite the log.
         self._write_metrics_log()
@@ -375,3 +373,44 @@ class Trainer:
             "best_test_acc": best["test_acc"],
             "best_epoch": best["epoch"],
         }
+
+
+def _check_run_checkpoint(path: Path, state: Any) -> None:
+    """Refuse a checkpoint whose contents are not a run's, before any of it is used: the
+    keys, their types, and a history of one record per epoch (``epoch`` 1, 2, …, as many
+    as the checkpoint's epoch)."""
+
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} is not a run's: {what}")
+
+    if not isinstance(state, dict):
+        raise refuse(f"it holds a {type(state).__name__}, not a mapping")
+    missing = sorted({"epoch", "step", "model", "optimizer", "history"} - set(state))
+    if missing:
+        raise refuse(f"it lacks {', '.join(missing)}")
+    for key in ("epoch", "step"):
+        value = state[key]
+        if type(value) is not int or value < 0:
+            raise refuse(f"{key} is {value!r}, not a count (an int >= 0)")
+    model, optimizer, history = state["model"], state["optimizer"], state["history"]
+    if not isinstance(model, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()
+    ):
+        raise refuse("model is not a state dict (names to tensors)")
+    if not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list)
+        and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list)
+            for g in optimizer["param_groups"]
+        )
+    ):
+        raise refuse("optimizer is not an optimizer's state dict (state, param_groups)")
+    if not isinstance(state.get("callbacks", []), list):
+        raise refuse("callbacks is not a list")
+    if not isinstance(history, list) or len(history) != state["epoch"]:
+        raise refuse(f"history is not a list of {state['epoch']} epoch records")
+    for number, record in enumerate(history, 1):
+        if not isinstance(record, dict) or record.get("epoch") != number:
+            raise refuse(f"history record {number} is not epoch {number}'s")

@@ -10,7 +10,9 @@ partial config merged into the base (nested keys merge, values replace)::
       diffusion-exact: {optimizer: {name: diffusion-sgd, mode: exact}}
 
 Each variant runs in ``OUT/VARIANT`` with the usual files; a finished variant (its
-``final.json`` present) is kept and skipped when the comparison is run again, and
+``final.json`` present) is kept and skipped when the comparison is run again (a variant
+folder that holds another config's run is refused: an edited config needs another
+``--out``), and
 ``--resume`` continues one that was killed. ``summary.json`` and ``curves.png`` are made
 from the variants' ``metrics.jsonl`` files alone.
 """
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from sgdgeom.errors import ConfigError
+from sgdgeom.errors import ConfigError, InputError
 from sgdgeom.experiments.config import ExperimentConfig, parse_config, read_yaml
-from sgdgeom.experiments.runner import run_training
-from sgdgeom.files import atomic_write_bytes, read_jsonl, safe_names, save_figure
+from sgdgeom.experiments.runner import check_run_dir, run_training
+from sgdgeom.files import atomic_write_bytes, read_json, read_jsonl, safe_names, save_figure
 from sgdgeom.train import FINAL, METRICS
 
 __all__ = ["load_comparison", "plot_curves", "run_comparison"]
@@ -52,6 +55,14 @@ def load_comparison(path: str | Path) -> tuple[str, dict[str, ExperimentConfig]]
         )
     if not isinstance(data["variants"], dict) or not data["variants"]:
         raise ConfigError(f"{path}: variants must be a non-empty mapping of name: overrides")
+    if not isinstance(data["name"], str) or not isinstance(data["base"], dict):
+        raise ConfigError(f"{path}: name must be a string and base a mapping")
+    for variant, override in data["variants"].items():
+        if not isinstance(variant, str) or not isinstance(override, dict | None):
+            raise ConfigError(
+                f"{path}: variant {variant!r}: names are strings (quote a number) and each "
+                f"maps to a mapping of overrides"
+            )
     configs = {}
     for variant, override in data["variants"].items():
         merged = merge({"name": f"{data['name']}/{variant}", **data["base"]}, override or {})
@@ -75,6 +86,7 @@ def run_comparison(
     folders = safe_names(configs, "variants")
     for variant, config in configs.items():
         run_dir = out / folders[variant]
+        check_run_dir(config, run_dir, resume=True)  # another config's run is refused
         if (run_dir / FINAL).is_file():
             continue
         started = (run_dir / METRICS).is_file()
@@ -88,7 +100,7 @@ def run_comparison(
         )
     summary = {
         "name": name,
-        "variants": {v: json.loads((out / f / FINAL).read_text()) for v, f in folders.items()},
+        "variants": {v: read_json(out / f / FINAL, "final metrics") for v, f in folders.items()},
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     plot_curves(out, folders, out / "curves.png", title=name)
@@ -112,10 +124,11 @@ def plot_curves(
     ]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for variant, folder in folders.items():
-        records = read_jsonl(Path(out_dir) / folder / METRICS)
-        epochs = [r["epoch"] for r in records]
+        path = Path(out_dir) / folder / METRICS
+        records = read_jsonl(path)
         for ax, (key, _, _) in zip(axes, panels, strict=True):
-            ax.plot(epochs, [r[key] for r in records], marker="o", ms=3, label=variant)
+            epochs, values = _series(records, key, path)
+            ax.plot(epochs, values, marker="o", ms=3, label=variant)
     for ax, (_, label, log) in zip(axes, panels, strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
@@ -128,3 +141,13 @@ def plot_curves(
     save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _series(records: list[dict[str, Any]], key: str, path: Path) -> tuple[list[int], list[float]]:
+    """Each record's epoch and its ``key`` (a missing value, null, as NaN)."""
+    try:
+        epochs = [int(r["epoch"]) for r in records]
+        values = [math.nan if r.get(key) is None else float(r[key]) for r in records]
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: a record lacks its epoch or a number for {key}") from None
+    return epochs, values

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -66,6 +67,7 @@ __all__ = [
     "MonitorConfig",
     "TrainConfig",
     "config_hash",
+    "parse_yaml",
     "load_config",
     "load_yaml_as",
     "parse_config",
@@ -359,16 +361,71 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2's floats: ``1e-3`` and ``1e308`` are numbers (YAML 1.1, PyYAML's default, wants
+# a dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string)
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+YAML_VALUES = 100_000
+"""The most values a config may expand to (aliases counted each time they are used)."""
+YAML_DEPTH = 64
+"""The deepest nesting of mappings and lists a config may have."""
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse a loaded YAML document that expands to more than :data:`YAML_VALUES` values,
+    nests deeper than :data:`YAML_DEPTH` (an alias bomb, a hostile file) or holds a value
+    that is not plain data (a ``!!set``, ``!!binary``, a date), walking it without
+    recursion and stopping at the first problem."""
+    stack, seen = [(data, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > YAML_VALUES:
+            raise ConfigError(
+                f"{source}: the config expands to more than {YAML_VALUES:,} values (aliases "
+                f"counted where used); a config is small: is this the right file?"
+            )
+        if depth > YAML_DEPTH:
+            raise ConfigError(f"{source}: the config nests deeper than {YAML_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif not isinstance(value, str | int | float | bool | None):
+            raise ConfigError(
+                f"{source}: a {type(value).__name__} ({str(value)[:40]!r}) is not config "
+                f"data: use numbers, strings (quote a date), booleans, null, lists, mappings"
+            )
+
+
 def read_yaml(path: str | Path) -> Any:
     """The content of a YAML file, or a :class:`ConfigError` naming the file (missing,
-    unreadable, not YAML, or with a key given twice)."""
+    unreadable, not YAML, with a key given twice, nested too deep or expanding to too many
+    values). Floats are read as YAML 1.2 reads them (``lr: 1e-3`` is a number)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read as text ({err})") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text as :func:`read_yaml` reads a file (``source`` names it in errors)."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nests deeper than {YAML_DEPTH} levels") from None
+    _check_size(data, source)
+    return data
 
 
 Schema = TypeVar("Schema", bound=BaseModel)

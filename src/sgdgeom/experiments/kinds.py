@@ -22,7 +22,16 @@ from sgdgeom.errors import ConfigError
 from sgdgeom.experiments.config import describe_errors, load_yaml_as
 from sgdgeom.registry import Registry
 
-__all__ = ["KINDS", "ExperimentKind", "RunContext", "into_out", "register_kind"]
+__all__ = [
+    "CLAIM",
+    "KINDS",
+    "ExperimentKind",
+    "RunContext",
+    "check_out",
+    "claim_out",
+    "into_out",
+    "register_kind",
+]
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -85,6 +94,47 @@ class ExperimentKind(Generic[Config]):
         from sgdgeom.files import safe_name
 
         return Path(self.out.format(name=safe_name(str(getattr(config, "name", self.name)))))
+
+
+CLAIM = ".sgdgeom-config.json"
+"""The file in an output folder that says which kind and config wrote it."""
+
+
+def _claim(kind: str, config: BaseModel) -> dict[str, Any]:
+    return {"kind": kind, "config": config.model_dump(mode="json")}
+
+
+def check_out(out: Path, kind: str, config: BaseModel) -> None:
+    """Refuse an output folder that another kind or config wrote (its results would be
+    overwritten or mixed with these); reads only."""
+    import json
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: choose a folder")
+    claim = out / CLAIM
+    if not claim.is_file():
+        return
+    try:
+        previous = json.loads(claim.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        previous = None
+    if previous != _claim(kind, config):
+        raise ConfigError(
+            f"{out} holds the results of another {kind} config (or another command): "
+            f"choose another --out, or delete that folder to replace them"
+        )
+
+
+def claim_out(out: Path, kind: str, config: BaseModel) -> None:
+    """Mark ``out`` as the results of this kind and config (after they were written):
+    ``out/.sgdgeom-config.json``, which :func:`check_out` reads."""
+    import json
+
+    from sgdgeom.files import atomic_write_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_claim(kind, config), indent=1, sort_keys=True)
+    atomic_write_bytes(out / CLAIM, text.encode())
 
 
 def into_out(

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from sgdgeom._deprecated import warn
 from sgdgeom.data import batches, load_dataset
+from sgdgeom.errors import InputError
 from sgdgeom.experiments.config import load_yaml_as
 from sgdgeom.experiments.kinds import ExperimentKind, into_out, register_kind
 from sgdgeom.files import atomic_write_bytes, read_jsonl, save_figure, write_jsonl
@@ -50,11 +51,9 @@ class RBMConfig(BaseModel):
     lr: float = Field(0.05, gt=0)
     k: int = Field(1, ge=1)
     persistent: bool = False
-    updates: list[Literal["cd", "metric-weak", "metric-exact"]] = [
-        "cd",
-        "metric-weak",
-        "metric-exact",
-    ]
+    updates: list[Literal["cd", "metric-weak", "metric-exact"]] = Field(
+        default_factory=lambda: ["cd", "metric-weak", "metric-exact"], min_length=1
+    )
     eps: float | Literal["auto"] = "auto"
     eps_fraction: float = Field(0.5, gt=0, lt=1)
     spectrum_every: int = Field(5, ge=1)
@@ -88,6 +87,11 @@ def run_rbm(config: RBMConfig, out_dir: str | Path, progress: bool = True) -> di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, test = _binary(config)
+    if config.batch_size > len(train):
+        raise InputError(
+            f"batch_size {config.batch_size} is larger than the {len(train)} training samples: "
+            f"no full batch, so no update would run; use batch_size <= {len(train)}"
+        )
     probe = train[: config.probe_size]
     summary: dict[str, Any] = {"name": config.name, "updates": {}}
     for update in config.updates:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from sgdgeom.errors import InputError, SgdgeomError
 from sgdgeom.experiments.plots import group_label, mean_and_error, plot_sweep
 from sgdgeom.experiments.store import STORE, ResultStore
-from sgdgeom.files import atomic_write_bytes, inside
+from sgdgeom.files import atomic_write_bytes, inside, refuse_links
 
 __all__ = ["SECTIONS", "write_report"]
 
@@ -61,7 +62,15 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+IMAGE_LIMIT = 64 * 2**20
+"""The largest figure a report embeds (bytes)."""
+
+
 def _image(path: Path) -> str:
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise InputError(f"image {path} is not a regular file")
+    if path.stat().st_size > IMAGE_LIMIT:
+        raise InputError(f"image {path} is larger than {IMAGE_LIMIT // 2**20} MiB")
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
@@ -141,22 +150,34 @@ def _extra_sections(directory: Path) -> list[str]:
             parts.append(_table(section.get("table") or []))
             parts += [_image(inside(p, directory, "image")) for p in section.get("images", [])]
             out.append("\n".join(parts))
-    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError, RecursionError) as err:
         raise InputError(f"{path} is not a list of report sections: {err}") from None
     return out
 
 
-def write_report(source: str | Path, out: str | Path | None = None, title: str = "") -> Path:
+def write_report(
+    source: str | Path,
+    out: str | Path | None = None,
+    title: str = "",
+    figures: str | Path | None = None,
+) -> Path:
     """Write the HTML report of a store (a ``results.sqlite`` file or the directory that
-    holds it) to ``out`` (default: ``report.html`` beside the store); returns its path."""
+    holds it) to ``out`` (default: ``report.html`` beside the store); returns its path.
+    The store is only read; the figures are drawn into ``figures`` (a sweep's own
+    ``OUT/figures``), or else into a temporary folder, and embedded in the page."""
     source = Path(source)
     store_path = source / STORE if source.is_dir() else source
     if not store_path.is_file():
         raise SgdgeomError(f"no result store at {store_path}: run `sgdgeom sweep` first")
     directory = store_path.parent
-    store = ResultStore(store_path)
-    figures = directory / "figures"
-    body = [_sweep_section(store, name, plots, figures) for name, plots in store.sweeps().items()]
+    store = ResultStore(store_path, read_only=True)  # a report never writes to its input
+    with tempfile.TemporaryDirectory(prefix="sgdgeom-report-") as scratch:
+        folder = Path(scratch)
+        if figures is not None:  # a sweep's own folder, never through a planted link
+            folder = refuse_links(figures, Path(figures).parent, "figures folder")
+        body = [
+            _sweep_section(store, name, plots, folder) for name, plots in store.sweeps().items()
+        ]
     body += _extra_sections(directory)
     heading = html.escape(title or f"sgdgeom report: {directory.name}")
     page = (

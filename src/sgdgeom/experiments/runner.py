@@ -34,7 +34,7 @@ from sgdgeom.monitors import MonitorContext
 from sgdgeom.optim import OptimizerOptions
 from sgdgeom.train import CHECKPOINT, METRICS, Trainer
 
-__all__ = ["build_monitors", "build_optimizer", "run_training"]
+__all__ = ["build_monitors", "build_optimizer", "check_run_dir", "run_training"]
 
 __getattr__ = moved(
     "sgdgeom.experiments.runner",
@@ -48,7 +48,7 @@ def build_optimizer(config: OptimizerOptions, model: nn.Module) -> torch.optim.O
     return config.build(model)
 
 
-def _check_run_dir(config: ExperimentConfig, out_dir: Path, resume: bool) -> None:
+def check_run_dir(config: ExperimentConfig, out_dir: Path, resume: bool) -> None:
     """Refuse a run directory that holds another config's run, or this run without
     ``resume``; reads only."""
     saved = out_dir / "config.yaml"
@@ -86,7 +86,7 @@ def run_training(
     """
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        _check_run_dir(config, out, resume)
+        check_run_dir(config, out, resume)
     dataset = load_dataset(config.data.name, data_root).subset(
         config.data.n_train, config.data.n_test
     )

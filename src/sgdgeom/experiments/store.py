@@ -5,8 +5,9 @@ Tables:
 - ``sweeps``: one row per sweep, with the figures it asks for.
 - ``runs``: one row per run, keyed by its config hash — the sweep, the run's name and
   labels (the grid values that define it), the config, the status (``pending``,
-  ``running``, ``finished``, ``failed``), timestamps, the number of attempts, the epoch a
-  resumed attempt started from, the final and best metrics, and the error of a failed run.
+  ``running``, ``finished``, ``failed``, ``interrupted``), timestamps, the number of
+  attempts, the epoch a resumed attempt started from, the final and best metrics, and the
+  error of a failed run.
 - ``epochs``: one row per (run, epoch) with that epoch's metrics.
 
 Writes are single transactions (``BEGIN IMMEDIATE``) in WAL mode with a long busy
@@ -68,6 +69,27 @@ CREATE TABLE IF NOT EXISTS epochs (
 """
 
 _JSON_COLUMNS = ("labels", "config", "final")
+_COLUMNS = {
+    "sweeps": {"name", "plots"},
+    "runs": {
+        "hash",
+        "sweep",
+        "name",
+        "labels",
+        "config",
+        "run_dir",
+        "status",
+        "created",
+        "started",
+        "finished",
+        "attempts",
+        "resumed_from",
+        "final",
+        "error",
+    },
+    "epochs": {"hash", "epoch", "metrics"},
+}
+STATUSES = ("pending", "running", "finished", "failed", "interrupted")
 
 
 class ResultStore:
@@ -90,14 +112,36 @@ class ResultStore:
         [{'epoch': 1, 'test_acc': 0.5}]
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         try:
+            if not read_only:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self._connect() as db:
+                    db.executescript(_SCHEMA)
             with self._connect() as db:
-                db.executescript(_SCHEMA)
+                self._check_schema(db)
         except sqlite3.DatabaseError as err:
-            raise SgdgeomError(f"{self.path} is not a usable result store: {err}") from None
+            raise self._unusable(err) from None
+
+    def _unusable(self, problem: object) -> SgdgeomError:
+        return SgdgeomError(f"{self.path} is not a usable result store: {problem}")
+
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        """Every table is a table with the columns this version reads (an older store, or
+        a view in a table's place, is refused here rather than failing in a query)."""
+        kinds = dict(db.execute("SELECT name, type FROM sqlite_master").fetchall())
+        for table, columns in _COLUMNS.items():
+            if kinds.get(table) != "table":
+                raise self._unusable(f"{table} is not a table (it is {kinds.get(table, 'absent')})")
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            missing = sorted(columns - have)
+            if missing:
+                raise self._unusable(
+                    f"table {table} lacks {', '.join(missing)} (an older sgdgeom wrote it? "
+                    f"run the sweep into a new --out)"
+                )
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -124,11 +168,26 @@ class ResultStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+        """A connection (read-only: opened with ``mode=ro``, nothing written, not even the
+        journal mode); an SQLite error inside becomes a one-line :class:`SgdgeomError`."""
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            if self.read_only:
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            else:
+                db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+        except sqlite3.DatabaseError as err:
+            raise self._unusable(err) from None
+        try:
+            if not self.read_only:
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=120000")
             yield db
+        except sqlite3.DatabaseError as err:
+            full = "full" in str(err)
+            raise SgdgeomError(
+                f"the result store {self.path} failed: {err}"
+                + ("; free some space, then run the sweep again to resume it" if full else "")
+            ) from None
         finally:
             db.close()
 
@@ -222,33 +281,72 @@ class ResultStore:
                 (time.time(), error, run_hash),
             )
 
+    def interrupt(self, run_hashes: Sequence[str]) -> None:
+        """Mark those of the runs that are running as interrupted (a Ctrl-C stopped the
+        sweep): not failed, and resumed from their checkpoint by the next run."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE runs SET status='interrupted' WHERE hash=? AND status='running'",
+                [(h,) for h in run_hashes],
+            )
+
     # ------------------------------------------------------------------ reads
 
     def runs(self, sweep: str | None = None) -> list[dict[str, Any]]:
-        """The run rows (JSON columns decoded), in the order they were registered."""
+        """The run rows (JSON columns decoded), in the order they were registered; a row
+        whose values are not what a sweep writes is refused, naming it."""
         query = "SELECT * FROM runs" + (" WHERE sweep=?" if sweep is not None else "")
         with self._connect() as db:
             db.row_factory = sqlite3.Row
             rows = db.execute(query + " ORDER BY rowid", () if sweep is None else (sweep,))
-            out = []
-            for row in rows:
-                record = dict(row)
-                for column in _JSON_COLUMNS:
-                    if record[column] is not None:
-                        record[column] = json.loads(record[column])
-                out.append(record)
-        return out
+            return [self._run_row(dict(row)) for row in rows]
+
+    def _run_row(self, record: dict[str, Any]) -> dict[str, Any]:
+        where = f"run {str(record.get('hash'))[:16]!r}"
+        for column in _JSON_COLUMNS:
+            if record[column] is not None or column != "final":
+                record[column] = self._json(record[column], f"{where}: {column}", dict)
+        for column in ("hash", "sweep", "name", "run_dir", "status"):
+            if not isinstance(record[column], str):
+                raise self._unusable(f"{where}: {column} is not text")
+        if record["status"] not in STATUSES:
+            raise self._unusable(f"{where}: status {record['status']!r} is not one of {STATUSES}")
+        if record["status"] == "finished" and record["final"] is None:
+            raise self._unusable(f"{where}: finished without final metrics")
+        return record
+
+    def _json(self, text: Any, where: str, kind: type) -> Any:
+        """A JSON column's value, checked to be a ``kind`` (dict or list)."""
+        try:
+            value = json.loads(text) if isinstance(text, str) else None
+        except (ValueError, RecursionError):
+            value = None
+        if not isinstance(value, kind):
+            raise self._unusable(f"{where} is not a JSON {kind.__name__}")
+        return value
 
     def sweeps(self) -> dict[str, list[dict[str, Any]]]:
         """The sweeps in the store, each with the figures it asks for."""
         with self._connect() as db:
             rows = db.execute("SELECT name, plots FROM sweeps ORDER BY rowid").fetchall()
-        return {name: json.loads(plots) for name, plots in rows}
+        out = {}
+        for name, plots in rows:
+            figures = self._json(plots, f"sweep {name!r}: plots", list)
+            if not isinstance(name, str) or not all(isinstance(f, dict) for f in figures):
+                raise self._unusable(f"sweep {name!r}: plots is not a list of figures")
+            out[name] = figures
+        return out
 
     def epochs(self, run_hash: str) -> list[dict[str, Any]]:
         """One run's epoch metrics, in epoch order."""
         with self._connect() as db:
             rows = db.execute(
-                "SELECT metrics FROM epochs WHERE hash=? ORDER BY epoch", (run_hash,)
+                "SELECT epoch, metrics FROM epochs WHERE hash=? ORDER BY epoch", (run_hash,)
             ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        out = []
+        for epoch, text in rows:
+            metrics = self._json(text, f"run {run_hash[:16]!r} epoch {epoch}: metrics", dict)
+            if metrics.get("epoch") != epoch:
+                raise self._unusable(f"run {run_hash[:16]!r} epoch {epoch}: metrics of another")
+            out.append(metrics)
+        return out

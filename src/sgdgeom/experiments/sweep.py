@@ -38,6 +38,7 @@ import copy
 import math
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,7 +63,7 @@ from sgdgeom.experiments.plots.curves import CurvesOptions
 from sgdgeom.experiments.runner import run_training
 from sgdgeom.experiments.store import STORE, ResultStore
 from sgdgeom.extras import require
-from sgdgeom.files import safe_name
+from sgdgeom.files import refuse_links, safe_name
 from sgdgeom.registry import Registry
 from sgdgeom.train import Callback
 
@@ -361,7 +362,9 @@ def _failed(store: ResultStore, spec: RunSpec, err: BaseException) -> dict[str, 
 
 def _exit_with_parent(parent: int) -> None:
     """In a pool worker: end the process as soon as ``parent`` (the sweep) is gone, so that a
-    killed sweep leaves no worker training queued runs."""
+    killed sweep leaves no worker training queued runs. A Ctrl-C at the terminal reaches
+    the whole process group: the workers ignore it, and the sweep stops them itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -388,12 +391,13 @@ def _local_engine(
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=context,
             initializer=_exit_with_parent,
             initargs=(os.getpid(),),
-        ) as pool:
+        )
+        try:
             futures = {pool.submit(execute_run, spec, **options): spec for spec in pending}
             for future in as_completed(futures):
                 spec = futures[future]
@@ -402,6 +406,13 @@ def _local_engine(
                 except Exception as err:  # the worker died (killed, out of memory)
                     result = _failed(ResultStore(options["store_path"]), spec, err)
                 report(spec, result)
+        except KeyboardInterrupt:  # no queued run starts; the running ones stop now
+            workers_now = list(getattr(pool, "_processes", {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in workers_now:
+                process.terminate()
+            raise
+        pool.shutdown()
 
     return run
 
@@ -483,6 +494,8 @@ def run_sweep(
         )
         status = {row["hash"]: row["status"] for row in store.runs(sweep.name)}
         pending = [spec for spec in sweep.runs if status.get(spec.hash) != "finished"]
+        for spec in pending:
+            refuse_links(spec.run_dir, out, "run folder")
         done = len(sweep.runs) - len(pending)
         with tqdm(
             total=len(sweep.runs), initial=done, disable=not progress, desc=sweep.name, unit="run"
@@ -503,5 +516,9 @@ def run_sweep(
                 else:
                     tqdm.write(f"FAILED {spec.name}: {result['error']}")
 
-            runner(pending, report)
+            try:
+                runner(pending, report)
+            except KeyboardInterrupt:
+                store.interrupt([spec.hash for spec in pending])
+                raise
     return {"name": sweep.name, "runs": store.runs(sweep.name)}

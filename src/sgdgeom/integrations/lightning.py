@@ -152,7 +152,10 @@ class NoiseScales(pl.Callback):  # type: ignore[name-defined]
         module: str | None = None,
     ) -> None:
         self.monitor = NoiseScale(
-            every=every, decay=decay, estimator=estimator, layers=layers  # type: ignore[arg-type]
+            every=every,
+            decay=decay,
+            estimator=estimator,
+            layers=layers,  # type: ignore[arg-type]
         )
         self.module = module
 

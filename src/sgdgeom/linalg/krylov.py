@@ -51,8 +51,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sgdgeom.errors import InputError
+from sgdgeom.memory import available_bytes
 
-__all__ = ["METHODS", "Eigenpairs", "Method", "lanczos_top", "top_eigenpairs"]
+__all__ = ["METHODS", "Eigenpairs", "Method", "krylov_bytes", "lanczos_top", "top_eigenpairs"]
 
 Method = Literal["randomized", "block-lanczos", "lanczos"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -118,6 +119,7 @@ def top_eigenpairs(
     max_passes: int = 60,
     seed: int = 0,
     progress: bool = False,
+    label: str = "",
 ) -> Eigenpairs:
     """The ``k`` largest eigenpairs of the symmetric ``(dim, dim)`` operator ``V ↦ matmat(V)``
     (``(dim, m) -> (dim, m)``), by ``method`` (see the module docstring).
@@ -133,6 +135,12 @@ def top_eigenpairs(
         max_passes: the block methods give up after this many block products, with a
             warning and ``converged=False`` (ARPACK keeps its own limit).
         seed: the random start block.
+        label: what the progress bar names (the operator's symbol).
+
+    Block Lanczos keeps its whole basis: its memory grows by a block of ``dim``-vectors
+    (and their products) each pass. The passes are bounded up front by the memory the
+    device has free (:func:`krylov_bytes`): fewer than ``max_passes`` with a warning, or
+    an :class:`~sgdgeom.errors.InputError` with the sizes where not even three fit.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -146,11 +154,13 @@ def top_eigenpairs(
     block = min(k + oversample if block is None else block, dim)
     if block < 1 or (method == "randomized" and block < k):
         raise InputError(f"block must be >= 1 (>= k = {k} for randomized), got {block}")
+    if method == "block-lanczos":
+        max_passes = _passes_that_fit(dim, block, dtype, torch.device(device), max_passes)
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn(dim, block, generator=generator, dtype=torch.float64).to(device, dtype)
     bar = tqdm(
         total=None if method == "lanczos" else max_passes,
-        desc=f"{method} top-{k}",
+        desc=f"{label} {method} top-{k}".strip(),
         disable=not progress,
         leave=False,
     )
@@ -217,6 +227,37 @@ def _subspace_iteration(
         Q = _orthonormal(AQ)
         if Q.shape[1] < start.shape[1]:  # A's range is exhausted: the rest is its null space
             Q = torch.cat([Q, _orthonormal(start[:, Q.shape[1] :], Q)], 1)
+
+
+def krylov_bytes(dim: int, block: int, passes: int, dtype: torch.dtype) -> int:
+    """The peak memory of ``passes`` passes of block Lanczos: the basis Q and its products
+    AQ, ``passes · block`` vectors of ``dim`` each, twice over while a pass appends to
+    them (the concatenation copies)."""
+    return 4 * passes * block * dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _passes_that_fit(
+    dim: int, block: int, dtype: torch.dtype, device: torch.device, max_passes: int
+) -> int:
+    """``max_passes``, or fewer where the basis would not fit in free memory (warned)."""
+    free = available_bytes(device)
+    if free is None or krylov_bytes(dim, block, max_passes, dtype) <= free:
+        return max_passes
+    fits = free // krylov_bytes(dim, block, 1, dtype)
+    if fits < 3:
+        raise InputError(
+            f"block Lanczos with a block of {block} vectors of {dim:,} entries needs "
+            f"{krylov_bytes(dim, block, 3, dtype) / 2**30:.1f} GiB for its first three passes, "
+            f"and {free / 2**30:.1f} GiB are free: ask fewer eigenpairs (k), or use "
+            f"method='randomized' (two blocks of memory)"
+        )
+    warnings.warn(
+        f"block Lanczos: {max_passes} passes of {block} vectors of {dim:,} entries would take "
+        f"{krylov_bytes(dim, block, max_passes, dtype) / 2**30:.1f} GiB and "
+        f"{free / 2**30:.1f} GiB are free: stopping after {fits} passes",
+        stacklevel=3,
+    )
+    return int(fits)
 
 
 def _block_lanczos(

@@ -130,6 +130,7 @@ class Operator:
         ``method`` and its ``options`` ``tol``, ``oversample``, ``block``, ``max_passes``,
         ``seed``, ``progress``). A block pass multiplies ``k + oversample`` vectors at once."""
         space = self.space
+        options.setdefault("label", self.symbol)
         return top_eigenpairs(
             self._matmat, space.dim, k, space.dtype, space.device, method=method, **options
         )

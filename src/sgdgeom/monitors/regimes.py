@@ -29,13 +29,20 @@ def temperature_curves(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise InputError("no temperature metrics (temperature/...) in these records")
     rows = [r for r in records if any(k.startswith(prefix) for k in r)]
     layers = [k.split("/")[1] for k in rows[0] if k.startswith(prefix) and k.endswith("/signal")]
+
+    def column(key: str) -> np.ndarray:
+        try:
+            return np.array([np.nan if r[key] is None else float(r[key]) for r in rows])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"a temperature record lacks a number for {key}") from None
+
     curves = {
-        "epochs": np.array([r["epoch"] for r in rows], dtype=float),
-        "signal": {n: np.array([r[f"{prefix}{n}/signal"] for r in rows]) for n in layers},
-        "noise": {n: np.array([r[f"{prefix}{n}/noise"] for r in rows]) for n in layers},
+        "epochs": column("epoch"),
+        "signal": {n: column(f"{prefix}{n}/signal") for n in layers},
+        "noise": {n: column(f"{prefix}{n}/noise") for n in layers},
     }
     if all(f"snr/{n}/ratio" in r for n in layers for r in rows):
-        curves["snr"] = {n: np.array([r[f"snr/{n}/ratio"] for r in rows]) for n in layers}
+        curves["snr"] = {n: column(f"snr/{n}/ratio") for n in layers}
     return curves
 
 

@@ -37,8 +37,15 @@ Two ways to feed it the per-sample gradients:
 
   **The first step is checked**: it runs unfused, and the mean of the per-sample gradients
   that the rules give must equal autograd's ``.grad`` for every parameter. A weight also
-  used outside its module (tied weights), or a loss scaled otherwise than ``loss_reduction``
-  says, fails with an error that names the parameter.
+  used outside its module (tied weights) fails with an error that names the parameter.
+
+  **What the loop does to** ``.grad`` **counts** (unfused): a ``.grad`` changed between
+  ``backward()`` and ``step()`` (``clip_grad_norm_``, a penalty added by hand) is seen,
+  and the step is ``g⁻¹`` of it, with D still that of the captured per-sample gradients
+  (one more JVP). With ``loss_reduction="sum"`` the step is that of the summed loss, ``B``
+  times the mean's, as ``torch.optim.SGD`` would take. Samples the loss leaves out
+  (``ignore_index``, a loss on part of the output) have a zero gradient and are refused
+  (``zero_gradient_samples``).
 - **the closure step** (parameters instead of a model, a model with tied weights, or any step
   whose closure returns a vector): ``step(closure)`` with a closure that returns the *per-sample*
   losses ``(B,)`` with their graph; the per-sample gradients are materialised (``B x d``)
@@ -99,7 +106,13 @@ from sgdgeom._deprecated import renamed, warn
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.epsilon import Epsilon, EpsilonLike
 from sgdgeom.errors import InputError
-from sgdgeom.metric import DiffusionMetric, Inverse, inverse_of, raise_for_status
+from sgdgeom.metric import (
+    SAMPLES_LEFT_OUT,
+    DiffusionMetric,
+    Inverse,
+    inverse_of,
+    raise_for_status,
+)
 from sgdgeom.optim.momentum import heavy_ball
 from sgdgeom.optim.registry import OPTIMIZERS, OptimizerOptions, register_optimizer
 from sgdgeom.params import ParamSpace
@@ -116,7 +129,14 @@ from sgdgeom.persample import (
 )
 from sgdgeom.precision import full_precision
 
-__all__ = ["DiffusionMetricSGD", "DiffusionMetricSGDOptions", "Fused", "Solver", "StepSync"]
+__all__ = [
+    "DiffusionMetricSGD",
+    "DiffusionMetricSGDOptions",
+    "Fused",
+    "Solver",
+    "StepSync",
+    "ZeroGradientSamples",
+]
 
 LAMBDA_TOL = 1e-10  # relative Lanczos residual of λ_max for eps="auto"
 
@@ -126,6 +146,10 @@ DDP)."""
 StepSync = Literal["auto", "host", "device"]
 """Where a step's decisions are read (``"auto"``: on the host on the CPU, else on the
 device); see :data:`sgdgeom.metric.Sync`."""
+ZeroGradientSamples = Literal["refuse", "keep"]
+"""What the hooked loop does with samples whose gradient is exactly zero while others' is
+not: a loss that leaves samples out gives them (``"refuse"``), a hinge loss may (``"keep"``
+counts them in D as samples with a zero gradient)."""
 Solver = Literal["gram", "matrix-free"]
 """How a step solved: through the ``B x B`` Gram matrix, or by products alone."""
 
@@ -174,6 +198,11 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         capturable: make :meth:`step` capturable in a CUDA graph with the forward and
             backward (see the module docstring): no host read and no deferred check in
             the step; refusals accumulate on the device and raise at the next ``stats``.
+        zero_gradient_samples: ``"refuse"`` (a hooked step where some samples of the
+            forward have an exactly zero gradient and others not: the loss left them out,
+            by ``ignore_index`` or by taking part of the output, and D over the forward's
+            samples would be wrong) or ``"keep"`` (they are samples of the loss whose
+            gradient is zero, as a hinge loss gives).
 
     Old spellings, kept for one release with a ``DeprecationWarning``: ``mode`` for
     ``inverse``, ``safety`` for ``eps_fraction``, ``host_sync=True/False`` for
@@ -212,6 +241,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         sync: StepSync = "auto",
         compile: bool = False,
         capturable: bool = False,
+        zero_gradient_samples: ZeroGradientSamples = "refuse",
         *,
         mode: Inverse | None = None,
         safety: float | None = None,
@@ -248,6 +278,12 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             raise InputError(f"Invalid fused: {fused!r}; choose 'auto', 'on' or 'off'")
         if sync not in get_args(StepSync):
             raise InputError(f"Invalid sync: {sync!r}; choose 'auto', 'host' or 'device'")
+        if zero_gradient_samples not in get_args(ZeroGradientSamples):
+            raise InputError(
+                f"Invalid zero_gradient_samples: {zero_gradient_samples!r}; choose 'refuse' "
+                f"or 'keep'"
+            )
+        self.zero_gradient_samples = zero_gradient_samples
         if capturable and sync == "host":
             raise InputError("capturable=True reads nothing on the host: sync='host' is not")
         if capturable and not isinstance(params, nn.Module):
@@ -300,6 +336,21 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         )
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._names = names
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As in ``torch.optim``; on the hooked loop only the model's own parameters in one
+        group are stepped, so a group added later is refused."""
+        if "_params" not in self.__dict__:  # the constructor's groups
+            super().add_param_group(param_group)
+            return
+        if self.model is not None:
+            raise InputError(
+                "DiffusionMetricSGD steps the model it was given, in one group: it cannot take "
+                "another param group; step other parameters with an optimizer of their own"
+            )
+        super().add_param_group(param_group)
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._names = [f"p{i}" for i in range(len(self._params))]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Groups saved under the old key names (``mode``, ``safety``) are read under the
@@ -415,10 +466,13 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 losses, loss = loss, None
         products: CaptureProducts | RowProducts
         mean_gradient: Tensor | None
+        edited: Tensor | None = None  # a .grad changed after the backward (clipped, say)
         if capture is not None and losses is None:
             if capture.idle(self._params) and not capture.fusing:
                 return loss  # no forward, no gradient: no step (torch.optim's contract)
             products, mean_gradient = self._hooked_products(space, loss_scale)
+            if mean_gradient is not None and not capture.grad_is_backward:
+                edited, mean_gradient = mean_gradient, None
         else:
             if closure is None:
                 raise RuntimeError(
@@ -437,7 +491,10 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             mean_gradient = products.rows.mean(0)
             for p, g in zip(self._params, space.unflatten(mean_gradient).values(), strict=True):
                 p.grad = g.clone()
-        direction, keep = self._direction(products, mean_gradient, group)
+        hooked = capture is not None and losses is None
+        direction, keep = self._direction(products, mean_gradient, group, edited, hooked)
+        if hooked and self.loss_reduction == "sum":
+            direction.mul_(capture.samples)  # the summed loss's gradient is N ḡ
         self._apply(space.unflatten(direction), keep)
         return loss
 
@@ -469,7 +526,10 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         if float(found_inf):
             return 0.0
         scale = float(grad_scale)
-        torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], 1.0 / scale)
+        if self._capture is not None:
+            self._capture.unscale(self._params, scale)
+        else:
+            torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], 1 / scale)
         return scale
 
     def _direction(
@@ -477,15 +537,24 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         products: CaptureProducts | RowProducts,
         mean_gradient: Tensor | None,
         group: dict[str, Any],
+        edited: Tensor | None = None,
+        hooked: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """The step's direction and, with ``sync="device"``, the 0-d mask (1 or 0) of the
-        update: 0 where a host-synchronised step would have raised."""
+        update: 0 where a host-synchronised step would have raised. ``edited``: a ``.grad``
+        that was changed after the backward (clipped, a penalty added): the direction is
+        then ``g⁻¹`` of it, ``v − (ε/N) Gᵀ w`` with ``c = G v`` by one more JVP, while D
+        stays that of the captured per-sample gradients. ``hooked``: the products are a
+        hooked loop's, whose samples are the forward's (``zero_gradient_samples``)."""
         D = DiffusionMatrix.from_products(products, mean_gradient=mean_gradient)
         host_sync = self._syncs_with_host(D.space.device)
         policy = Epsilon.parse(group["eps"], group["eps_fraction"])
         matrix_free = self._matrix_free_pays(D, mean_gradient is None, policy, group["inverse"])
         if not matrix_free:
             D.gram()  # built once: it gives λ_max, tr D, the exact solve and c = G ḡ
+        left_out = self._samples_left_out(D) if hooked else None
+        if left_out is not None and host_sync and bool(left_out):
+            raise InputError(SAMPLES_LEFT_OUT)
         metric = DiffusionMetric(
             D,
             policy,
@@ -500,7 +569,12 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
             self._stats["lambda_max"] = metric.lambda_max
         elif policy.is_auto:
             self._stats["lambda_max"], self._stats["lambda_bound"] = metric.lambda_bounds
-        direction = metric.gradient(inverse_of(group["inverse"]), out=self._scratch(products.space))
+        if edited is None:
+            direction = metric.gradient(inverse_of(group["inverse"]), out=self._scratch(D.space))
+        else:
+            direction = metric.solve(edited, inverse_of(group["inverse"]))
+        if metric.status is not None and left_out is not None:
+            metric.status = torch.where(left_out, DiffusionMetric.SAMPLES_LEFT_OUT, metric.status)
         if metric.status is None:
             return direction, None
         keep = metric.status == DiffusionMetric.VALID
@@ -512,6 +586,15 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
         else:
             self._pending = _PendingCheck(metric.status, metric.eps)
         return direction, keep.to(direction.dtype)
+
+    def _samples_left_out(self, D: DiffusionMatrix) -> Tensor | None:
+        """A 0-d bool: some samples have an exactly zero gradient and others not (None
+        when ``zero_gradient_samples="keep"``). From the Gram matrix's diagonal where it
+        is built, else from the rules' squared norms."""
+        if self.zero_gradient_samples == "keep":
+            return None
+        zero = D.sample_sq_norms() == 0
+        return zero.any() & ~zero.all()
 
     def _matrix_free_pays(
         self, D: DiffusionMatrix, needs_mean: bool, policy: Epsilon, inverse: str

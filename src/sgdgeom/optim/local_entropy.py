@@ -209,11 +209,10 @@ class PartialLocalEntropy:
     ) -> dict[str, Tensor | None]:
         """``{weight name: None (whole tensor) or bool mask}`` of what is smoothed."""
         params = dict(self.model.named_parameters())
-        weights = {
-            n.rpartition(".")[0]: n
-            for n, p in params.items()
-            if n.rpartition(".")[2] == "weight" and p.dim() >= 2
-        }
+        weights: dict[str, list[str]] = {}  # layer -> its weights (Musso's, M2)
+        for n, p in params.items():
+            if not ParamSpace.is_bias(n) and p.dim() >= 2:
+                weights.setdefault(n.rpartition(".")[0], []).append(n)
         if layers == "all":
             chosen = list(weights) if not mask else []
         elif isinstance(layers, str):
@@ -225,11 +224,11 @@ class PartialLocalEntropy:
             raise InputError(
                 f"no weight layers named {unknown}; the model's are {', '.join(weights)}"
             )
-        selected: dict[str, Tensor | None] = {weights[n]: None for n in chosen}
+        selected: dict[str, Tensor | None] = {w: None for n in chosen for w in weights[n]}
         for name, m in mask.items():
             if name not in params:
                 raise InputError(f"mask names unknown parameter {name!r}")
-            if name.rpartition(".")[2] == "bias":
+            if ParamSpace.is_bias(name):
                 raise InputError(
                     f"{name!r} is a bias: biases are never smoothed (Musso, footnote 15)"
                 )

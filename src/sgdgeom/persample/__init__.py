@@ -38,7 +38,7 @@ from sgdgeom.persample.losses import (
     check_independent_samples,
     per_sample_loss,
 )
-from sgdgeom.persample.recorder import all_gather
+from sgdgeom.persample.recorder import NoGrad, all_gather
 from sgdgeom.persample.routes import ROUTES, Route, make_products, route_of
 from sgdgeom.persample.rows import RowProducts
 from sgdgeom.persample.source import DataSource
@@ -75,6 +75,7 @@ __all__ = [
     "rule_for",
     # the steps of a training loop
     "LossReduction",
+    "NoGrad",
     "StepCapture",
     "all_gather",
     "distributed",

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from sgdgeom.errors import UnsupportedModelError
 from sgdgeom.params import ParamSpace
@@ -28,7 +30,14 @@ from sgdgeom.persample.internal import internal_passes
 from sgdgeom.persample.losses import LossSpec, per_sample_loss
 from sgdgeom.persample.source import DataSource
 
-__all__ = ["FuncProducts", "jvp_or_double_vjp", "reference_kernels"]
+__all__ = [
+    "UNBATCHABLE",
+    "FuncProducts",
+    "jvp_or_double_vjp",
+    "map_samples",
+    "needs_loop",
+    "reference_kernels",
+]
 
 Params = dict[str, Tensor]
 
@@ -37,6 +46,45 @@ def reference_kernels() -> AbstractContextManager:
     """PyTorch's reference ("math") attention kernel, made of ordinary operations: it has
     forward-mode derivatives and ``vmap`` batching rules, which the fused CPU kernel lacks."""
     return sdpa_kernel([SDPBackend.MATH])
+
+
+UNBATCHABLE: tuple[type[nn.Module], ...] = (nn.RNNBase,)
+"""Modules whose forward has no ``vmap`` batching rule (PyTorch's recurrent layers write
+into their initial state in place): per-sample computations through them loop over the
+samples instead (exact, one small forward and backward per sample)."""
+
+
+def needs_loop(module: nn.Module) -> bool:
+    """Whether ``module`` holds a layer of :data:`UNBATCHABLE`."""
+    return any(isinstance(m, UNBATCHABLE) for m in module.modules())
+
+
+def map_samples(function: Callable[..., Any], in_dims: tuple, loop: bool) -> Callable[..., Any]:
+    """``vmap(function, in_dims)``, or with ``loop`` the same map as a Python loop over the
+    samples (for :data:`UNBATCHABLE` layers): ``in_dims`` holds, per argument, None, a
+    dimension, or a list of those for a list argument; outputs are stacked along dim 0."""
+    if not loop:
+        return vmap(function, in_dims=in_dims)
+
+    def take(arg: Any, dim: Any, i: int) -> Any:
+        if isinstance(dim, list):
+            return [take(a, d, i) for a, d in zip(arg, dim, strict=True)]
+        return arg if dim is None else arg.select(dim, i)
+
+    def looped(*args: Any) -> Any:
+        sizes = {
+            a.shape[d]
+            for arg, dim in zip(args, in_dims, strict=True)
+            for a, d in (zip(arg, dim, strict=True) if isinstance(dim, list) else [(arg, dim)])
+            if d is not None
+        }
+        (n,) = sizes
+        outputs = [
+            function(*(take(a, d, i) for a, d in zip(args, in_dims, strict=True))) for i in range(n)
+        ]
+        return tree_map(lambda *parts: torch.stack(parts), outputs[0], *outputs[1:])
+
+    return looped
 
 
 def _forward_ad_missing(err: NotImplementedError) -> bool:
@@ -130,6 +178,7 @@ class FuncProducts(PerSampleProducts):
         self.data = data
         self.n = data.n
         self.progress = progress
+        self.loop = needs_loop(model)  # per-sample maps loop where vmap cannot batch
         named = dict(model.named_parameters())
         self.params: Params = {n: named[n].detach().clone() for n in self.space.names}
         self.constants = {n: p.detach() for n, p in named.items() if n not in self.params}
@@ -160,7 +209,7 @@ class FuncProducts(PerSampleProducts):
             return sum((directional[n] * tangent[n]).sum() for n in tangent)
 
         with reference_kernels():
-            return vmap(single, in_dims=(None, 0, 0))(params, x, y)
+            return map_samples(single, (None, 0, 0), self.loop)(params, x, y)
 
     def _over_chunks(self, value: Callable[[Tensor, Tensor], Tensor], desc: str) -> Tensor:
         """The ``(N,)`` vector of per-sample values ``value(x_chunk, y_chunk) -> (b,)``."""
@@ -232,7 +281,7 @@ class FuncProducts(PerSampleProducts):
             return self.batch_losses(p, xi[None], yi[None])[0]
 
         with reference_kernels():
-            return vmap(grad(single), in_dims=(None, 0, 0))(params, x, y)
+            return map_samples(grad(single), (None, 0, 0), self.loop)(params, x, y)
 
     def gradient_norm_gradient(self, weights: Tensor) -> Tensor:
         def half_sq_norms(p: Params, x: Tensor, y: Tensor) -> Tensor:

@@ -26,7 +26,13 @@ from torch.nn import functional as F
 
 from sgdgeom.errors import InputError, UnsupportedModelError
 
-__all__ = ["LossSpec", "PerSampleLoss", "check_independent_samples", "per_sample_loss"]
+__all__ = [
+    "LossSpec",
+    "PerSampleLoss",
+    "check_graph_independent",
+    "check_independent_samples",
+    "per_sample_loss",
+]
 
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 LossSpec = str | nn.Module | PerSampleLoss
@@ -85,7 +91,11 @@ def _cross_entropy(
         if classes_last:
             output = output.movedim(-1, 1)
     values = F.cross_entropy(
-        output, target, reduction="none", ignore_index=ignore_index, **options  # type: ignore[arg-type]
+        output,
+        target,
+        reduction="none",
+        ignore_index=ignore_index,
+        **options,  # type: ignore[arg-type]
     )
     if values.dim() == 1 or target.is_floating_point():
         return _mean_per_sample(values)
@@ -167,7 +177,8 @@ def check_independent_samples(model: nn.Module, dropout: bool = True) -> None:
 
     BatchNorm in train mode (or without running statistics) normalises with batch
     statistics, so a sample's loss depends on the other samples and per-sample gradients are
-    not defined; Dropout in train mode with ``p > 0`` draws a new mask on every pass, so two
+    not defined (as an Embedding with ``scale_grad_by_freq`` couples their gradients);
+    Dropout in train mode with ``p > 0`` draws a new mask on every pass, so two
     products would not see the same function (``dropout=False`` allows it: a training step's
     one forward has one mask, and its per-sample gradients are those of that forward).
     """
@@ -181,6 +192,20 @@ def check_independent_samples(model: nn.Module, dropout: bool = True) -> None:
                 f"per-sample gradients are not defined: use GroupNorm or LayerNorm, or call "
                 f"model.eval() on a BatchNorm that tracks running statistics"
             )
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq:
+            raise UnsupportedModelError(
+                f"Embedding {name!r} has scale_grad_by_freq=True: it divides each row's "
+                f"gradient by the row's count over the whole batch, so the samples of a batch "
+                f"are not independent and per-sample gradients are not defined; set "
+                f"scale_grad_by_freq=False"
+            )
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
+            raise UnsupportedModelError(
+                f"Embedding {name!r} has max_norm={module.max_norm}: its forward rescales rows "
+                f"of its weight in place, which a per-sample computation cannot repeat; set "
+                f"max_norm=None and renormalise after each step instead (torch.embedding_renorm_ "
+                f"under torch.no_grad())"
+            )
         if not dropout:
             continue
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
@@ -188,3 +213,23 @@ def check_independent_samples(model: nn.Module, dropout: bool = True) -> None:
                 f"Dropout layer {name!r} is in train mode, so the model is random; call "
                 f"model.eval() for per-sample products"
             )
+
+
+def check_graph_independent(losses: Tensor) -> None:
+    """Raise if the graph of per-sample ``losses`` normalises with batch statistics: a
+    BatchNorm in train mode, found among the graph's nodes (so a closure over parameters,
+    with no model to inspect, is checked too)."""
+    stack, seen = [losses.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "BatchNorm" in type(node).__name__ and getattr(node, "_saved_training", True):
+            raise UnsupportedModelError(
+                f"the losses' graph holds a BatchNorm in train mode ({type(node).__name__}): "
+                f"it normalises with batch statistics, so the samples of a batch are not "
+                f"independent and per-sample gradients are not defined: use GroupNorm or "
+                f"LayerNorm, or call .eval() on the BatchNorm layers"
+            )
+        stack.extend(next_node for next_node, _ in node.next_functions)

@@ -30,14 +30,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from sgdgeom.persample.capture import Layer, repeat_batchless
 from sgdgeom.persample.internal import in_internal_pass
 from sgdgeom.persample.layers.fallback import FallbackCall
 from sgdgeom.precision import map_tensors
 
-__all__ = ["LoopRecorder", "Pass", "all_gather", "gather_call"]
+__all__ = ["LoopRecorder", "NoGrad", "Pass", "all_gather", "gather_call"]
 
 
 @dataclass(eq=False)  # compared by identity: the fields hold tensors
@@ -46,7 +46,8 @@ class _Call:
 
     layer: int
     saved: Any
-    outputs: list[weakref.ref[Tensor]]
+    #: dies with the autograd graph that holds the call's gradient hooks (see :class:`_Token`)
+    graph: weakref.ref[_Token]
     grads: list[Tensor | None]
     #: each output's zero gradient, made lazily for an output no gradient reached
     zeros: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
@@ -82,8 +83,52 @@ class Pass:
         return any(g is not None for call in self.calls for g in call.grads)
 
     def alive(self) -> bool:
-        """Whether a backward may still reach it (some output is still referenced)."""
-        return any(ref() is not None for call in self.calls for ref in call.outputs)
+        """Whether a backward may still reach it: the graph of one of its calls is still
+        held (by a loss not yet backpropagated, say). An output tensor itself may be freed
+        long before (a Linear's output feeding Tanh, which saves its result): only its node
+        in the graph, where the hooks live, says whether a backward can come."""
+        return any(call.graph() is not None for call in self.calls)
+
+
+class NoGrad(Tensor):
+    """The ``.grad`` of a parameter after a fused backward, which computes none: it has the
+    parameter's shape, dtype and device (no memory: one zero, expanded), can be zeroed or
+    dropped (``zero_grad``), and refuses every other use with an error that says why, so
+    that ``clip_grad_norm_`` or a gradient monitor never acts on a gradient that is not
+    there."""
+
+    parameter: str
+
+    @staticmethod
+    def like(param: Tensor, name: str) -> NoGrad:
+        zero = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+        grad = Tensor._make_subclass(NoGrad, zero, False)
+        grad.parameter = name
+        return grad
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in ("zero_", "_foreach_zero_"):
+            return None  # it is zero already
+        if name in ("__get__", "detach_", "requires_grad_", "__repr__"):  # metadata only
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        holder = next(a for a in tree_leaves((args, kwargs)) if isinstance(a, NoGrad))
+        raise RuntimeError(
+            f"{holder.parameter}.grad was read ({name or func}), but the fused step computes "
+            f"no weight gradients: the backward left them to the step. Gradient clipping, "
+            f"a gradient monitor or any other use of .grad needs the unfused step: pass "
+            f"fused='off'"
+        )
+
+
+class _Token:
+    """Held only by a call's gradient hooks, which the autograd graph holds: a weak
+    reference to it dies when the graph is freed (after its backward, or when nothing
+    refers to its loss any more)."""
 
 
 class _Tap(torch.autograd.Function):
@@ -132,6 +177,7 @@ class LoopRecorder:
         #: between the steps a monitor measures)
         self.recording = True
         self.passes: list[Pass] = []
+        self._marking = False
         self._anchor = torch.zeros((), requires_grad=True)
         self._handles = [model.register_forward_pre_hook(self._open_pass, with_kwargs=True)]
         for k, layer in enumerate(layers):
@@ -149,6 +195,9 @@ class LoopRecorder:
         if self.fused:
             for layer in self.layers:
                 layer.module.__dict__.pop("forward", None)
+                for param in layer.module.parameters(recurse=layer.rule.recursive):
+                    if isinstance(param.grad, NoGrad):
+                        param.grad = None
         self.passes.clear()
 
     # ------------------------------------------------------------------ hooks
@@ -179,18 +228,40 @@ class LoopRecorder:
         if repeated is not None:  # an input without the batch dimension
             saved, output = repeated
         outputs = list(rule.outputs(output))
+        token = _Token()
         call = _Call(
             k,
             saved,
-            [weakref.ref(t) for t in outputs],
+            weakref.ref(token),
             [None] * len(outputs),
             [(t.shape, t.dtype, t.device) for t in outputs],
         )
         for j, t in enumerate(outputs):
             if t.requires_grad:
-                call.handles.append(t.register_hook(functools.partial(_store_grad, call, j)))
+                hook = functools.partial(self._store_grad, call, j, token)
+                call.handles.append(t.register_hook(hook))
         self.passes[-1].calls.append(call)
         return output if repeated is not None else None
+
+    def _store_grad(self, call: _Call, j: int, token: _Token, grad: Tensor) -> None:
+        grad = grad.detach()
+        previous = call.grads[j]
+        call.grads[j] = grad if previous is None else previous + grad
+        if self.fusing and not self._marking:
+            self._marking = True  # once per backward: at its end, mark the absent .grad
+            torch.autograd.Variable._execution_engine.queue_callback(self._mark_absent_grads)
+
+    def _mark_absent_grads(self) -> None:
+        """At the end of a fused backward: the layers' parameters that got no ``.grad``
+        (the fused forwards make none) get a :class:`NoGrad`, so a read of ``.grad``
+        (gradient clipping, a gradient monitor) raises instead of seeing nothing."""
+        self._marking = False
+        for layer in self.layers:
+            named = dict(layer.module.named_parameters(recurse=layer.rule.recursive))
+            for name in layer.names:
+                param = named[name]
+                if param.grad is None:
+                    param.grad = NoGrad.like(param, layer.qualified(name))
 
     # ------------------------------------------------------------------ reading
 
@@ -224,12 +295,6 @@ def _forget(passes: list[Pass]) -> None:
         for call in recorded.calls:
             for handle in call.handles:
                 handle.remove()
-
-
-def _store_grad(call: _Call, j: int, grad: Tensor) -> None:
-    grad = grad.detach()
-    previous = call.grads[j]
-    call.grads[j] = grad if previous is None else previous + grad
 
 
 def _fused_forward(recorder: LoopRecorder, layer: Layer, *args: Any, **kwargs: Any) -> Any:

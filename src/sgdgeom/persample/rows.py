@@ -15,6 +15,7 @@ from torch import Tensor
 from sgdgeom.errors import InputError
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample.base import PerSampleProducts
+from sgdgeom.persample.losses import check_graph_independent
 
 __all__ = ["RowProducts"]
 
@@ -41,6 +42,7 @@ class RowProducts(PerSampleProducts):
             raise InputError(
                 f"the closure must return per-sample losses (B,), got shape {tuple(losses.shape)}"
             )
+        check_graph_independent(losses)
         eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
         grads = torch.autograd.grad(
             losses, list(params), eye, is_grads_batched=True, allow_unused=True

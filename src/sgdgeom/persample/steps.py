@@ -14,9 +14,11 @@ DDP), scaled from the loss's output gradients to the per-sample ones.
   fixed ``u``, the rules' per-sample gradients weighted by random ``r_i`` must equal
   autograd's gradient of ``Σ_i r_i f_i``: a layer that takes another axis for the samples
   (sequence-first, with a length equal to the batch) fails it;
-- the rules' mean per-sample gradient must equal autograd's ``.grad`` for every parameter:
-  a weight also used outside its module (tied weights), or a loss scaled otherwise than
-  ``loss_reduction`` says, fails it;
+- the rules' mean per-sample gradient must equal autograd's ``.grad`` (as the backward left
+  it, before any clipping) for every parameter: a weight also used outside its module (tied
+  weights) fails it. The loss's scale cannot be checked and need not be: the per-sample
+  losses are those of the loss as written (``c`` times a mean loss has the per-sample
+  losses ``c ℓ_i``);
 - each rule's Gram formula must agree on its diagonal with the squared norms of the rule's
   own per-sample rows (:func:`~sgdgeom.persample.capture.gram_failures`): a rule whose
   Gram matrix mixes up two axes of the same size is refused, not used.
@@ -31,6 +33,7 @@ reaches a parameter outside its module is then an error, not a silent drop.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -51,7 +54,7 @@ from sgdgeom.persample.capture import (
     uncovered,
 )
 from sgdgeom.persample.losses import check_independent_samples
-from sgdgeom.persample.recorder import LoopRecorder, Pass, gather_call
+from sgdgeom.persample.recorder import LoopRecorder, NoGrad, Pass, gather_call
 from sgdgeom.precision import capture_dtype
 
 __all__ = ["LossReduction", "StepCapture", "distributed"]
@@ -98,6 +101,52 @@ class StepCapture:
         self.hint = hint
         self.recorder = LoopRecorder(model, plan_layers(model), fused=fused)
         self.checked = False
+        #: whether the last :meth:`take`'s ``.grad`` was the backward's own (nothing changed
+        #: it since: no clipping, no penalty added by hand), so that the captured mean
+        #: gradient may stand for it
+        self.grad_is_backward = True
+        #: per parameter: its ``.grad`` as the last backward left it (a weak reference and
+        #: its version counter), and before the first step a copy, which the check reads
+        self._backward_grads: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+        self._first_grads: dict[int, Tensor] = {}
+        #: this process's samples in the last :meth:`take`
+        self.samples = 0
+        self._grad_hooks = [
+            p.register_post_accumulate_grad_hook(self._backward_done)
+            for p in model.parameters()
+            if p.requires_grad
+        ]
+
+    def _backward_done(self, param: Tensor) -> None:
+        """After a backward accumulated ``param.grad``: remember it (and, before the first
+        step, copy it), so that a later change to it (``clip_grad_norm_``, an in-place
+        penalty, a new tensor) is seen at the step."""
+        assert param.grad is not None
+        self._backward_grads[id(param)] = (weakref.ref(param.grad), param.grad._version)
+        if not self.checked and not distributed():  # under DDP: .grad is reduced after
+            self._first_grads[id(param)] = param.grad.detach().clone()
+
+    def _untouched(self, param: Tensor) -> bool:
+        """Whether ``param.grad`` is as the last backward left it (absent counts)."""
+        grad = param.grad
+        if grad is None or isinstance(grad, NoGrad):
+            return True
+        ref, version = self._backward_grads.get(id(param), (None, -1))
+        return ref is not None and ref() is grad and grad._version == version
+
+    def unscale(self, params: Sequence[Tensor], scale: float) -> None:
+        """Divide ``.grad`` by a ``GradScaler``'s scale in place, as the backward's own
+        (the captures are unscaled with it)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        untouched = [self._untouched(p) for p in params if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / scale)
+        if self._first_grads:
+            torch._foreach_mul_(list(self._first_grads.values()), 1.0 / scale)
+        for p, grad, was in zip(
+            [p for p in params if p.grad is not None], grads, untouched, strict=True
+        ):
+            if was:
+                self._backward_grads[id(p)] = (weakref.ref(grad), grad._version)
 
     @property
     def fused(self) -> bool:
@@ -112,10 +161,15 @@ class StepCapture:
     def remove(self) -> None:
         """Remove the hooks and give the layers their own forward back."""
         self.recorder.remove()
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks.clear()
 
     def idle(self, params: Sequence[Tensor]) -> bool:
         """No forward since the last step and no gradient: nothing to step on."""
-        return not self.recorder.passes and all(p.grad is None for p in params)
+        return not self.recorder.passes and all(
+            p.grad is None or isinstance(p.grad, NoGrad) for p in params
+        )
 
     def forget(self) -> None:
         """Drop what was recorded since the last step (a closure's own forward)."""
@@ -165,7 +219,7 @@ class StepCapture:
             stray = [
                 n
                 for n, p in zip(names, params, strict=True)
-                if p.grad is not None and bool(p.grad.any())
+                if p.grad is not None and not isinstance(p.grad, NoGrad) and bool(p.grad.any())
             ]
             if stray:
                 raise RuntimeError(
@@ -173,20 +227,35 @@ class StepCapture:
                     f"penalty on the weights, or .grad set by hand); the fused step reads the "
                     f"captures only: use fused='off'"
                 )
+            for p in params:
+                if isinstance(p.grad, NoGrad):
+                    p.grad = None
             return products, None
-        mean_gradient = space.flatten(
-            [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        )
+        self.grad_is_backward = all(self._untouched(p) for p in params)
+        mean_gradient = self._mean_of([p.grad for p in params], params, space)
         if first:
             self._check_gram(products)
             if gather or not distributed():
-                self._check_mean(products, mean_gradient, capture_dtype(passes))
+                backward = [self._first_grads.get(id(p), p.grad) for p in params]
+                own = self._mean_of(backward, params, space)
+                self._check_mean(products, own, capture_dtype(passes))
             self.checked = True
+            self._first_grads.clear()
             if self.fused and loss_scale is None:  # from now on, no weight gradients
                 self.recorder.fusing = True
                 for p in params:
                     p.grad = None
         return products, mean_gradient
+
+    def _mean_of(
+        self, grads: Sequence[Tensor | None], params: Sequence[Tensor], space: ParamSpace
+    ) -> Tensor:
+        """The mean gradient ``ḡ`` from the loss's gradients (absent: zero), ``(d,)``:
+        the gradient itself for a mean loss, divided by this process's sample count for a
+        summed one."""
+        pairs = zip(grads, params, strict=True)
+        flat = space.flatten([g if g is not None else torch.zeros_like(p) for g, p in pairs])
+        return flat / self.samples if self.loss_reduction == "sum" else flat
 
     def _products(
         self,
@@ -215,6 +284,7 @@ class StepCapture:
             chunks.append(Chunk(start, recorded.size * world, calls, None))
             start += recorded.size * world
             local += recorded.size
+        self.samples = local
         scale = local if self.loss_reduction == "mean" else 1.0
         return CaptureProducts.from_chunks(space, recorder.layers, chunks, scale)
 
@@ -263,18 +333,8 @@ class StepCapture:
         summed = space.unflatten(products.vjp(weights))
         expected = list(space.unflatten(mean_gradient).values())
         bad = uncovered(summed, expected, captured)
-        if not bad:
-            return
-        ratios = [
-            float(e.norm() / g.norm()) for g, e in zip(summed.values(), expected, strict=True)
-        ]
-        hint = (
-            f"the loss's gradient is {ratios[0]:.4g} times the mean of the per-sample gradients "
-            f"for every parameter: loss_reduction={self.loss_reduction!r} does not match the "
-            f"loss (with gradient accumulation, divide each micro-batch's mean loss by their "
-            f"number)"
-            if len(bad) == len(ratios) and max(ratios) - min(ratios) < 1e-6 * max(ratios)
-            else f"a parameter is also used outside the forward of the modules that own it: "
-            f"{self.hint}"
-        )
-        raise CoverageError(f"per-sample gradients of {describe(bad)} are not exact: {hint}")
+        if bad:
+            raise CoverageError(
+                f"per-sample gradients of {describe(bad)} are not exact: a parameter is also "
+                f"used outside the forward of the modules that own it: {self.hint}"
+            )

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from sgdgeom._deprecated import renamed
 from sgdgeom.errors import InputError
+from sgdgeom.memory import available_bytes
 
 __all__ = [
     "CacheMode",
@@ -49,21 +50,6 @@ def cache_mode(cache: object) -> CacheMode:
         raise InputError(f"cache must be one of {', '.join(get_args(CacheMode))}, got {cache!r}")
     mode: CacheMode = value
     return mode
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: ``MemAvailable`` of
-    ``/proc/meminfo``), or None where it cannot be known."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def map_tensors(obj: Any, function: Callable[[Any], Any], leaf: type = Tensor) -> Any:

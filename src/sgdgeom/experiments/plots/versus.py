@@ -58,7 +58,7 @@ def plot_versus(
     path: str | Path,
     *,
     log_x: bool = True,
-    y_range: tuple[float, float] | None = Field(None, strict=False)  # YAML gives a list,
+    y_range: tuple[float, float] | None = Field(None, strict=False),  # YAML gives a list,
 ) -> list[Path]:
     """Best (left) and final (right) test accuracy against the label ``x``, one line per
     value of ``lines`` and variant (:func:`versus_series`); returns the PNG and SVG paths.

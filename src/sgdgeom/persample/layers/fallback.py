@@ -32,11 +32,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, vjp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from sgdgeom.errors import UnsupportedModelError
-from sgdgeom.persample.func import jvp_or_double_vjp, reference_kernels
+from sgdgeom.persample.func import (
+    jvp_or_double_vjp,
+    map_samples,
+    needs_loop,
+    reference_kernels,
+)
 from sgdgeom.persample.internal import internal_passes
 from sgdgeom.persample.layers.registry import LayerRule, Params, register_fallback, write
 
@@ -162,5 +167,6 @@ class FallbackRule(LayerRule):
 
         in_dims = (None, [dim if flag else None for flag in call.batched], [dim] * len(call.grads))
         with reference_kernels():
-            rows = vmap(grad(single), in_dims=in_dims)(call.params, call.leaves, list(call.grads))
-        return {n: rows[n].flatten(1) for n in names}
+            per_sample = map_samples(grad(single), in_dims, needs_loop(module))
+            rows = per_sample(call.params, call.leaves, list(call.grads))
+        return {n: rows[n].reshape(len(rows[n]), -1) for n in names}  # a 0-d parameter too
