@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -212,3 +215,30 @@ def test_augmentations_keep_shape_and_range(name, shape):
     assert not torch.allclose(out, x)
     with pytest.raises(DatasetError, match="unknown augmentation"):
         augmentation("mixup")
+
+
+def test_a_dataset_installed_in_a_system_folder_is_found_without_flags(tmp_path):
+    system = tmp_path / "system"
+    make_mnist_root(system, name="fashion-mnist")
+    env = {**os.environ, "SGDGEOM_SYSTEM_DATASETS": str(system)}
+    code = (
+        "from sgdgeom.data import load_dataset; "
+        "d = load_dataset('fashion-mnist'); print(tuple(d.x_train.shape))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert found.stdout.strip() == "(6, 1, 28, 28)"
+    listing = subprocess.run(
+        [sys.executable, "-m", "sgdgeom", "datasets"], capture_output=True, text=True, env=env
+    )
+    assert "fashion-mnist  yes" in listing.stdout and f"found in {system}" in listing.stdout
+    given = tmp_path / "given"
+    make_mnist_root(given, name="fashion-mnist", n=(3, 2))  # --data-root comes first
+    code = code.replace(
+        "load_dataset('fashion-mnist')", f"load_dataset('fashion-mnist', {str(given)!r})"
+    )
+    first = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert first.stdout.strip() == "(3, 1, 28, 28)"

@@ -28,7 +28,13 @@ import yaml
 from sgdgeom.callbacks import Callback
 from sgdgeom.data import load_dataset
 from sgdgeom.diffusion import DiffusionMatrix
-from sgdgeom.errors import CheckpointError, ConfigError, InputError, NonFiniteLossError
+from sgdgeom.errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    NonFiniteLossError,
+    SgdgeomError,
+)
 from sgdgeom.experiments import sweep as sweep_module
 from sgdgeom.experiments.store import STORE, ResultStore
 from sgdgeom.experiments.sweep import SweepConfig, expand_sweep, run_sweep
@@ -375,7 +381,7 @@ def test_killed_sweep_leaves_no_worker_and_refuses_a_second_sweep(tmp_path):
         if (out / STORE).is_file():
             try:
                 running = [r for r in ResultStore(out / STORE).runs() if r["status"] == "running"]
-            except sqlite3.OperationalError:
+            except (sqlite3.OperationalError, SgdgeomError):  # the sweep is creating it
                 continue
     assert len(running) == 2, "the sweep's two workers did not start"
 

@@ -130,8 +130,8 @@ COMMANDS = {
     ".venv/bin/sgdgeom spectrum --model fc --dataset mnist5k --out runs/spectrum": (
         None, ["spectrum", "--model", "fc", "--dataset", "mnist5k", "--n", "200",
                "--out", "runs/spectrum"]),
-    ".venv/bin/sgdgeom spectrum --model fc --dataset mnist5k --k 20 --hessian --out "
-    "runs/spectrum-top": (
+    ".venv/bin/sgdgeom spectrum --model fc --model-option width=256 --dataset mnist5k --n "
+    "1000 --k 10 --hessian --out runs/spectrum-top": (
         None, ["spectrum", "--model", "fc", "--dataset", "mnist5k", "--n", "60", "--k", "3",
                "--hessian", "--model-option", "width=64", "--out", "runs/spectrum-top"]),
     ".venv/bin/sgdgeom spectrum --checkpoint runs/demo/runs/sgd/checkpoint.pt --out "

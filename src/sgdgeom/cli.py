@@ -78,9 +78,10 @@ def datasets(data_root: DataRoot = None) -> None:
     typer.echo(f"{'name':<14} {'available':<10} {'description'}")
     for spec in DATASETS.values():
         problem = ""
+        root = None if spec.embedded else spec.root(data_root)
         if spec.embedded:
             status = "offline"
-        elif data_root is None:
+        elif root is None:
             status = "no root"
         else:
             try:
@@ -93,6 +94,8 @@ def datasets(data_root: DataRoot = None) -> None:
         typer.echo(f"{spec.name:<14} {status:<10} {spec.description}")
         if problem:
             typer.echo(f"{'':<25} {problem}")
+        if status == "yes":
+            typer.echo(f"{'':<25} found in {root}")
         if not spec.embedded:
             typer.echo(f"{'':<25} files: {spec.layout}")
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -165,10 +166,14 @@ def _read_bytes(path: Path, what: str, limit: int = FILE_LIMIT, prefix: bool = F
 
 def _inflate(raw: bytes, limit: int, path: Path, what: str) -> bytes:
     """The first ``limit + 1`` bytes (at most) of gzip data: never more is inflated."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, limit + 1)
+        out = inflate.decompress(raw, limit + 1)
     except zlib.error as err:
         raise DatasetError(f"corrupt gzip file {path} (expected {what}): {err}") from None
+    if not inflate.eof and len(out) <= limit:  # the stream ends before its end: cut short
+        raise DatasetError(f"corrupt gzip file {path} (expected {what}): it is truncated")
+    return out
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -225,13 +230,13 @@ class _NumpyOnlyUnpickler(pickle._Unpickler):  # the Python unpickler: its opcod
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
     def load_build(self) -> None:
-        target, state = self.stack[-2], self.stack[-1]
-        if isinstance(target, np.ndarray):
-            _check_array_state(state)
-        super().load_build()
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]  # the Python unpickler's
+        if isinstance(stack[-2], np.ndarray):
+            _check_array_state(stack[-1])
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
     dispatch: ClassVar[dict[int, Callable[..., None]]] = {
-        **pickle._Unpickler.dispatch,  # type: ignore[attr-defined]
+        **pickle._Unpickler.dispatch,
         pickle.BUILD[0]: load_build,
     }
 
@@ -399,12 +404,22 @@ def _load_stl10(root: Path | None) -> Arrays:
 def _require_root(root: Path | None, name: str) -> Path:
     if root is None:
         raise DatasetMissingError(
-            f"dataset {name!r} is read from files: pass --data-root DIR "
-            f"(see `sgdgeom datasets` for the layout)"
+            f"dataset {name!r} is read from files: pass --data-root DIR, or install it "
+            f"under /usr/share/datasets (see `sgdgeom datasets` for the layout)"
         )
     if not root.is_dir():
         raise DatasetMissingError(f"data root {root} does not exist or is not a directory")
     return root
+
+
+SYSTEM_ROOTS: tuple[Path, ...] = tuple(
+    Path(p)
+    for p in os.environ.get("SGDGEOM_SYSTEM_DATASETS", "/usr/share/datasets").split(os.pathsep)
+    if p
+)
+"""Where operating-system packages install datasets (``/usr/share/datasets``, or the
+folders of the environment variable ``SGDGEOM_SYSTEM_DATASETS``); searched after
+``--data-root``."""
 
 
 @dataclass(frozen=True)
@@ -417,6 +432,19 @@ class DatasetSpec:
     layout: str
     loader: Callable[[Path | None], Arrays]
     num_classes: int = 10
+    #: the folder names under a data root that hold it (files-based datasets)
+    folders: tuple[str, ...] = ()
+
+    def root(self, data_root: str | Path | None) -> Path | None:
+        """Where its files are: ``data_root`` if they are under it, else the first of
+        :data:`SYSTEM_ROOTS` that holds them (an operating-system package, such as
+        Debian's ``dataset-fashion-mnist``), else ``data_root`` itself (None: none given),
+        whose loader then says what is missing."""
+        given = [Path(data_root)] if data_root is not None else []
+        for root in [*given, *SYSTEM_ROOTS]:
+            if any((root / folder).is_dir() for folder in self.folders):
+                return root
+        return given[0] if given else None
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -449,6 +477,7 @@ DATASETS: dict[str, DatasetSpec] = {
             False,
             "ROOT/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
             _idx_loader(("mnist", "MNIST")),
+            folders=("mnist", "MNIST"),
         ),
         DatasetSpec(
             "fashion-mnist",
@@ -456,6 +485,7 @@ DATASETS: dict[str, DatasetSpec] = {
             False,
             "ROOT/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
             _idx_loader(("fashion-mnist", "FashionMNIST")),
+            folders=("fashion-mnist", "FashionMNIST"),
         ),
         DatasetSpec(
             "cifar10",
@@ -463,6 +493,7 @@ DATASETS: dict[str, DatasetSpec] = {
             False,
             "ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}",
             _load_cifar10,
+            folders=("cifar-10-batches-py", "cifar10"),
         ),
         DatasetSpec(
             "stl10",
@@ -470,6 +501,7 @@ DATASETS: dict[str, DatasetSpec] = {
             False,
             "ROOT/stl10_binary/{train,test}_{X,y}.bin",
             _load_stl10,
+            folders=("stl10_binary", "stl10"),
         ),
     )
 }
@@ -507,15 +539,17 @@ def _load_cached(name: str, root: str | None) -> Dataset:
 
 
 def load_dataset(name: str, data_root: str | Path | None = None) -> Dataset:
-    """Load a named dataset (see :data:`DATASETS`), embedded or from ``data_root``.
+    """Load a named dataset (see :data:`DATASETS`), embedded, or from ``data_root`` or a
+    system location (:data:`SYSTEM_ROOTS`, searched after it).
 
     Raises:
         DatasetError: unknown name, missing data root, or a missing/corrupt file.
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    root = None if DATASETS[name].embedded or data_root is None else str(Path(data_root))
-    return _load_cached(name, root)
+    spec = DATASETS[name]
+    root = None if spec.embedded else spec.root(data_root)
+    return _load_cached(name, None if root is None else str(root))
 
 
 # --------------------------------------------------------------------------- augmentation

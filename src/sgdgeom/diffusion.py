@@ -540,13 +540,17 @@ class DiffusionMatrix(Operator):
         if probes < 2:
             raise InputError(f"probes must be None (exact) or >= 2, got {probes}")
         generator = torch.Generator().manual_seed(seed)
-        estimates = torch.empty(probes, space.dim, dtype=space.dtype, device=space.device)
-        for k in tqdm(range(probes), desc="Hutchinson probes", disable=not progress):
+        mean = torch.zeros(space.dim, dtype=space.dtype, device=space.device)
+        squares = torch.zeros_like(mean)  # Welford: O(d) memory for any number of probes
+        for k in tqdm(range(1, probes + 1), desc="Hutchinson probes", disable=not progress):
             signs = torch.randint(0, 2, (space.dim,), generator=generator) * 2 - 1
             quadratic = products.second_directional(signs.to(space.device, space.dtype))
-            estimates[k] = products.vjp((quadratic - quadratic.mean()) / n)
-        stderr = estimates.std(0) / math.sqrt(probes)
-        return Divergence(estimates.mean(0) + half_grad_trace, stderr, probes)
+            estimate = products.vjp((quadratic - quadratic.mean()) / n)
+            delta = estimate - mean
+            mean += delta / k
+            squares += delta * (estimate - mean)
+        stderr = (squares / (probes - 1)).sqrt() / math.sqrt(probes)
+        return Divergence(mean + half_grad_trace, stderr, probes)
 
     def block(self, layer: str) -> LayerBlock:
         """The diagonal block ``D_I`` of one layer, as an operator on that layer's vectors."""

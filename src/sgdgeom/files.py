@@ -239,7 +239,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"{unsafe.group(1)}), and sgdgeom loads checkpoints with weights_only=True, so it "
             f"was not loaded"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+    except (RuntimeError, OSError, EOFError, ValueError, IndexError, zipfile.BadZipFile) as err:
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: "
             f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}); "

@@ -485,6 +485,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+MODEL_LIMIT = 2 * 10**9
+"""The most parameters a model built by name may have (8 GiB in float32)."""
+
+
 def build_model(
     name: str,
     input_shape: Sequence[int],
@@ -509,6 +513,17 @@ def build_model(
     try:
         with warnings.catch_warnings():  # an empty layer is refused below, with its name
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            with torch.device("meta"):  # sized first, without memory
+                size = sum(
+                    p.numel()
+                    for p in MODELS[name](tuple(input_shape), num_classes, **options).parameters()
+                )
+            if size > MODEL_LIMIT:
+                raise ConfigError(
+                    f"model {name!r} with options {options} has {size:,} parameters "
+                    f"({4 * size / 2**30:.1f} GiB in float32), more than {MODEL_LIMIT:,}: "
+                    f"choose smaller widths"
+                )
             model = MODELS[name](tuple(input_shape), num_classes, **options)
     except (TypeError, ValueError, RuntimeError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -124,10 +124,10 @@ def plot_curves(
     ]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for variant, folder in folders.items():
-        path = Path(out_dir) / folder / METRICS
-        records = read_jsonl(path)
+        metrics = Path(out_dir) / folder / METRICS
+        records = read_jsonl(metrics)
         for ax, (key, _, _) in zip(axes, panels, strict=True):
-            epochs, values = _series(records, key, path)
+            epochs, values = _series(records, key, metrics)
             ax.plot(epochs, values, marker="o", ms=3, label=variant)
     for ax, (_, label, log) in zip(axes, panels, strict=True):
         ax.set_xlabel("epoch")

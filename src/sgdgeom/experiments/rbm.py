@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,6 +35,10 @@ UPDATES: dict[str, Inverse | None] = {"cd": None, "metric-weak": "weak", "metric
 inverse of the metric (the rule's name is ``metric-`` and its inverse)."""
 
 
+Update = Literal["cd", "metric-weak", "metric-exact"]
+"""An update rule of :data:`UPDATES`."""
+
+
 class RBMConfig(BaseModel):
     """An RBM comparison: data, machine, CD-k settings and the update rules to compare."""
 
@@ -51,9 +55,7 @@ class RBMConfig(BaseModel):
     lr: float = Field(0.05, gt=0)
     k: int = Field(1, ge=1)
     persistent: bool = False
-    updates: list[Literal["cd", "metric-weak", "metric-exact"]] = Field(
-        default_factory=lambda: ["cd", "metric-weak", "metric-exact"], min_length=1
-    )
+    updates: list[Update] = Field(default_factory=lambda: list(get_args(Update)), min_length=1)
     eps: float | Literal["auto"] = "auto"
     eps_fraction: float = Field(0.5, gt=0, lt=1)
     spectrum_every: int = Field(5, ge=1)

@@ -187,5 +187,6 @@ def write_report(
         f"{time.strftime('%Y-%m-%d %H:%M')}</p>" + "\n".join(body) + "</body></html>"
     )
     target = Path(out) if out is not None else directory / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(target, page.encode())
     return target

@@ -30,7 +30,8 @@ from sgdgeom.experiments.measured import (
 from sgdgeom.experiments.plots.common import finish_png, layer_bars, pyplot
 from sgdgeom.hessian import HessianOperator
 from sgdgeom.linalg import METHODS, Method
-from sgdgeom.persample.storage import available_bytes
+from sgdgeom.linalg.krylov import krylov_bytes
+from sgdgeom.memory import available_bytes
 
 __all__ = [
     "KIND",
@@ -160,10 +161,19 @@ def spectrum_report(
     }
     report["seconds"]["eigsh"] = time.perf_counter() - started - captured
     if hessian:
+        block = k + 10
+        free = available_bytes(target)
+        log(
+            f"Hessian top-{k}: each block pass multiplies {block} vectors by forward-over-"
+            f"reverse over the {size:,} samples (several times a D pass: ~"
+            f"{6 * report['seconds']['eigsh'] / max(pairs.passes, 1):.0f} s each); block Lanczos "
+            f"keeps {krylov_bytes(d, block, 1, dtype) / 2**30:.2f} GiB a pass, at most 60 passes"
+            + (f" or what the {free / 2**30:.1f} GiB free allow" if free is not None else "")
+        )
         before = time.perf_counter()
         H = HessianOperator(model, "cross_entropy", (x, y), chunk_size=256, progress=False)
         report["alignment"] = alignment(
-            D, H, k, method=method, seed=seed, progress=progress
+            D, H, k, method=method, seed=seed, progress=progress, d_pairs=pairs
         ).as_dict()
         report["seconds"]["hessian"] = time.perf_counter() - before
     return report

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
@@ -89,6 +89,37 @@ class SteadyStateConfig(BaseModel):
     bins: int = Field(24, ge=4)
     window: float = Field(4.5, gt=0)
     bootstrap: int = Field(200, ge=10)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SteadyStateConfig:
+        """The work and memory this config asks for, refused up front beyond a machine's
+        reach (:data:`STEADY_STATE_LIMITS`), with the estimate."""
+        every = max(1, round(self.t_sample / self.lr / self.snapshots))
+        steps = (round(self.t_burn / self.lr) + every * self.snapshots) * (1 + self.sde_substeps)
+        walker_steps = steps * self.walkers
+        memory = 8 * (
+            2 * self.walkers * (self.snapshots + 1) * 2  # both ensembles' samples
+            + 2 * self.walkers * self.bins**2  # the per-walker histograms
+        )
+        limits = STEADY_STATE_LIMITS
+        if walker_steps > limits["walker_steps"]:
+            raise ValueError(
+                f"{self.walkers:,} walkers x {steps:,} steps (SGD and SDE, from t_burn, "
+                f"t_sample, lr and sde_substeps) = {walker_steps:.2e} walker-steps, more than "
+                f"{limits['walker_steps']:.0e}: fewer walkers, a shorter t_burn or a larger lr"
+            )
+        if memory > limits["bytes"]:
+            raise ValueError(
+                f"the walkers' samples and histograms need {memory / 2**30:.1f} GiB (walkers, "
+                f"snapshots, bins²), more than {limits['bytes'] / 2**30:.0f} GiB: fewer walkers "
+                f"or bins"
+            )
+        return self
+
+
+STEADY_STATE_LIMITS = {"walker_steps": 1e11, "bytes": 8 * 2**30}
+"""The most walker-steps and bytes a steady-state config may ask for (the defaults take
+about 2·10⁷ and a few MiB)."""
 
 
 def load_steady_state_config(path: str | Path) -> SteadyStateConfig:

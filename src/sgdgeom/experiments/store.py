@@ -171,8 +171,10 @@ class ResultStore:
         """A connection (read-only: opened with ``mode=ro``, nothing written, not even the
         journal mode); an SQLite error inside becomes a one-line :class:`SgdgeomError`."""
         try:
-            if self.read_only:
-                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            if self.read_only:  # no writer (no -wal file): immutable, so no -shm is made
+                writer = self.path.with_name(f"{self.path.name}-wal").exists()
+                query = "mode=ro" if writer else "mode=ro&immutable=1"
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?{query}", uri=True)
             else:
                 db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
         except sqlite3.DatabaseError as err:

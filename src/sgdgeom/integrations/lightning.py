@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from sgdgeom.extras import require
 from sgdgeom.monitors import LayerTemperature, NoiseScale, SpectrumMonitor
+from sgdgeom.monitors.noise_scale import Estimator
 from sgdgeom.persample import LossSpec
 
 pl = require("lightning.pytorch", "sgdgeom.integrations.lightning")
@@ -147,16 +148,11 @@ class NoiseScales(pl.Callback):  # type: ignore[name-defined]
         *,
         every: int = 1,
         decay: float = 0.99,
-        estimator: str = "auto",
+        estimator: Estimator = "auto",
         layers: list[str] | None = None,
         module: str | None = None,
     ) -> None:
-        self.monitor = NoiseScale(
-            every=every,
-            decay=decay,
-            estimator=estimator,
-            layers=layers,  # type: ignore[arg-type]
-        )
+        self.monitor = NoiseScale(every=every, decay=decay, estimator=estimator, layers=layers)
         self.module = module
 
     @property

@@ -138,7 +138,7 @@ def top_eigenpairs(
         label: what the progress bar names (the operator's symbol).
 
     Block Lanczos keeps its whole basis: its memory grows by a block of ``dim``-vectors
-    (and their products) each pass. The passes are bounded up front by the memory the
+    (and their products) each pass. The passes are bounded up front by half the memory the
     device has free (:func:`krylov_bytes`): fewer than ``max_passes`` with a warning, or
     an :class:`~sgdgeom.errors.InputError` with the sizes where not even three fit.
     """
@@ -241,20 +241,21 @@ def _passes_that_fit(
 ) -> int:
     """``max_passes``, or fewer where the basis would not fit in free memory (warned)."""
     free = available_bytes(device)
-    if free is None or krylov_bytes(dim, block, max_passes, dtype) <= free:
+    if free is None or krylov_bytes(dim, block, max_passes, dtype) <= free // 2:
         return max_passes
-    fits = free // krylov_bytes(dim, block, 1, dtype)
+    budget = free // 2  # the rest: the products, the process
+    fits = budget // krylov_bytes(dim, block, 1, dtype)
     if fits < 3:
         raise InputError(
             f"block Lanczos with a block of {block} vectors of {dim:,} entries needs "
             f"{krylov_bytes(dim, block, 3, dtype) / 2**30:.1f} GiB for its first three passes, "
-            f"and {free / 2**30:.1f} GiB are free: ask fewer eigenpairs (k), or use "
-            f"method='randomized' (two blocks of memory)"
+            f"and half the {free / 2**30:.1f} GiB free is its budget: ask fewer eigenpairs (k), "
+            f"or use method='randomized' (two blocks of memory)"
         )
     warnings.warn(
         f"block Lanczos: {max_passes} passes of {block} vectors of {dim:,} entries would take "
-        f"{krylov_bytes(dim, block, max_passes, dtype) / 2**30:.1f} GiB and "
-        f"{free / 2**30:.1f} GiB are free: stopping after {fits} passes",
+        f"{krylov_bytes(dim, block, max_passes, dtype) / 2**30:.1f} GiB, and its budget is "
+        f"half the {free / 2**30:.1f} GiB free: stopping after {fits} passes",
         stacklevel=3,
     )
     return int(fits)

@@ -99,7 +99,7 @@ class CurrentOptions(MonitorOptions):
     for ∇·D (null: exact) and ``sections`` random sections for the curl."""
 
     every: int = Field(1, ge=1)
-    probes: int | None = Field(8, ge=2)
+    probes: int | None = Field(8, ge=2, le=4096)  # each probe is a pass over the probe batch
     sections: int = Field(4, ge=0)
 
     def build(self, context: MonitorContext) -> Callback:

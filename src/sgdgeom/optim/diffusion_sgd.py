@@ -493,7 +493,7 @@ class DiffusionMetricSGD(torch.optim.Optimizer):
                 p.grad = g.clone()
         hooked = capture is not None and losses is None
         direction, keep = self._direction(products, mean_gradient, group, edited, hooked)
-        if hooked and self.loss_reduction == "sum":
+        if capture is not None and hooked and self.loss_reduction == "sum":
             direction.mul_(capture.samples)  # the summed loss's gradient is N ḡ
         self._apply(space.unflatten(direction), keep)
         return loss

@@ -13,6 +13,7 @@ collected.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import weakref
@@ -114,6 +115,44 @@ class _Stored:
     device: torch.device
 
 
+OWNER = "owner"
+"""The file in a captures folder that names the process that made it (pid, start time)."""
+
+
+def _process_identity(pid: int) -> str | None:
+    """``"pid start-time"`` of a live process (the start time tells a reused pid apart),
+    or None where it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{pid} {fields[19]}"  # field 22 of stat: the start time
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except (OSError, ProcessLookupError):
+            return None
+        return f"{pid} ?"
+
+
+def reclaim_stale_captures(root: Path) -> list[Path]:
+    """Remove the ``captures-*`` folders under ``root`` whose owner process is gone (a run
+    killed with SIGKILL cannot remove its own); returns them. A folder whose owner is
+    alive, or that names no owner, is left."""
+    removed = []
+    for folder in root.glob("captures-*"):
+        try:
+            owner = (folder / OWNER).read_text().split()
+            pid = int(owner[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        alive = _process_identity(pid)
+        if alive is None or (owner[1:] and alive.split()[1] not in (owner[1], "?")):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 class DiskChunks:
     """Chunks of captures in memory-mapped files under ``cache_dir`` (one private folder
     per instance). :meth:`add` writes a chunk; iterating reads every chunk back, its
@@ -122,7 +161,9 @@ class DiskChunks:
     def __init__(self, cache_dir: str | Path) -> None:
         root = Path(cache_dir).expanduser()
         root.mkdir(parents=True, exist_ok=True)
+        reclaim_stale_captures(root)
         self.folder = Path(tempfile.mkdtemp(prefix="captures-", dir=root))
+        (self.folder / OWNER).write_text(_process_identity(os.getpid()) or "")
         self._skeletons: list[Any] = []
         self._count = 0
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
