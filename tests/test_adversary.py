@@ -8,6 +8,7 @@ library's error naming the problem. The library's silent wrong steps are in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -25,10 +26,10 @@ import pytest
 import torch
 import yaml
 
-from sgdgeom.data import read_cifar10_batch, read_idx
+from sgdgeom.data import load_dataset, read_cifar10_batch, read_idx
 from sgdgeom.errors import CheckpointError, ConfigError, DatasetError, InputError, SgdgeomError
 from sgdgeom.experiments.compare import load_comparison, plot_curves
-from sgdgeom.experiments.config import parse_config, read_yaml
+from sgdgeom.experiments.config import config_hash, parse_config, read_yaml
 from sgdgeom.experiments.rbm import RBMConfig, run_rbm
 from sgdgeom.experiments.report import write_report
 from sgdgeom.experiments.runner import run_training
@@ -474,7 +475,8 @@ def test_sigint_stops_a_sweep_and_marks_its_runs_interrupted(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "sgdgeom", "sweep", str(sweep), "--out", str(out),
                "--workers", "2", "--threads", "1"]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = (tmp_path / "stderr.txt").open("w")  # a pipe nobody reads could fill and block it
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 120
     running: list = []
     while time.monotonic() < deadline and proc.poll() is None and len(running) < 2:
@@ -490,12 +492,13 @@ def test_sigint_stops_a_sweep_and_marks_its_runs_interrupted(tmp_path):
     assert len(running) == 2, "the sweep's two workers did not start"
     os.kill(proc.pid, signal.SIGINT)
     started = time.monotonic()
-    proc.wait(timeout=30)
+    proc.wait(timeout=60)
+    log.close()
     assert proc.returncode == 130
-    assert time.monotonic() - started < 20  # no queued run trained on
+    assert time.monotonic() - started < 30  # no queued run trained on (each takes minutes)
     statuses = sorted(r["status"] for r in ResultStore(out / STORE, read_only=True).runs())
     assert statuses == ["interrupted"] * 2 + ["pending"] * 2
-    assert "numba" not in proc.stderr.read().decode()
+    assert "numba" not in (tmp_path / "stderr.txt").read_text()
 
 
 def test_malformed_temperature_metrics_are_named(tmp_path):
@@ -504,3 +507,34 @@ def test_malformed_temperature_metrics_are_named(tmp_path):
     )
     with pytest.raises(InputError, match="lacks a number for temperature/fc1/noise"):
         write_temperature_report(tmp_path)
+
+
+# ------------------------------------------------------------------ a validation part
+
+
+def test_a_validation_part_picks_the_best_epoch_and_the_test_is_only_reported(tmp_path):
+    data = json.loads(json.dumps(TINY))
+    data["data"] |= {"n_train": 160, "n_val": 40}
+    data["train"]["epochs"] = 3
+    parsed = parse_config(data, "tiny")
+    final = run_training(parsed, tmp_path / "run", progress=False)
+    history = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    best = max(history, key=lambda r: r["val_acc"])
+    assert final["selected_by"] == "val_acc" and final["best_epoch"] == best["epoch"]
+    assert final["best_test_acc"] == best["test_acc"] and final["best_val_acc"] == best["val_acc"]
+    without = parse_config(json.loads(json.dumps(TINY)), "tiny")
+    content = without.model_dump(mode="json")
+    del content["data"]["n_val"]  # the hash of a config without one is as it was before
+    expected = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    assert config_hash(without) == expected != config_hash(parsed)
+
+
+def test_the_validation_part_is_held_out_of_the_training_part():
+    full = load_dataset("digits").subset(100, 20)
+    held = full.hold_out(30)
+    assert len(held.y_train) == 70 and len(held.y_val) == 30 and len(held.y_test) == 20
+    assert torch.equal(held.x_val, full.x_train[70:]) and torch.equal(
+        held.x_train, full.x_train[:70]
+    )
+    with pytest.raises(DatasetError, match="n_val=100 is out of range"):
+        full.hold_out(100)

@@ -50,39 +50,45 @@ def matrix(model, data) -> DiffusionMatrix:
     return DiffusionMatrix(model, own_loss, data, route="generic", chunk_size=None)
 
 
-def test_equal_curvatures_have_no_christoffel_symbols_and_the_geodesic_is_gd_plus_a_constant():
+@pytest.fixture(scope="module")
+def equal_curvatures():
+    """The equal-curvature problem, its D, ε, and the geodesic and metric flow from x₀."""
     s, b = problem(equal=True)
     model, data = setup(s, b)
     D = matrix(model, data)
     eps = EPS_FRACTION / D.lambda_max()
-    assert christoffel(model, own_loss, data, eps).abs().max() < 1e-14
     metric = DiffusionMetric(D, eps)
-    gradient0 = D.mean_gradient()
-    v0 = -metric.gradient("exact").numpy()
-    t = np.linspace(0.0, 4.0, 9)
-    ours = geodesic(model, own_loss, data, torch.tensor(START), t, eps, rtol=1e-11, atol=1e-13)
+    gradient0, v0 = D.mean_gradient(), -metric.gradient("exact")
+    t = np.linspace(0.0, 4.0, 5)
+    x0 = torch.tensor(START)
+    ours = geodesic(model, own_loss, data, x0, t, eps, rtol=1e-10, atol=1e-12)
+    flow = metric_flow(model, own_loss, data, x0, t, eps, rtol=1e-10, atol=1e-12)
+    return s, b, model, data, D, eps, gradient0, v0, t, ours, flow
+
+
+def test_equal_curvatures_have_no_christoffel_symbols_and_the_geodesic_is_gd_plus_a_constant(
+    equal_curvatures,
+):
+    s, b, model, data, _, eps, gradient0, v0, t, ours, _ = equal_curvatures
+    assert christoffel(model, own_loss, data, eps).abs().max() < 1e-14
     decay = np.exp(-s[0] * t)[:, None]
-    np.testing.assert_allclose(ours.v, decay * v0, atol=1e-9)  # ẍ = −s ẋ, solved
-    np.testing.assert_allclose(ours.x, START + (1 - decay) / s[0] * v0, atol=1e-9)
+    np.testing.assert_allclose(ours.v, decay * v0.numpy(), atol=1e-8)  # ẍ = −s ẋ, solved
+    np.testing.assert_allclose(ours.x, START + (1 - decay) / s[0] * v0.numpy(), atol=1e-8)
     gradient_along = s[0] * ours.x + b.mean(0)
-    constant = (gradient0 - metric.gradient("exact")).numpy()  # (I − g⁻¹)∇f(x₀)
-    np.testing.assert_allclose(ours.v + gradient_along, np.tile(constant, (len(t), 1)), atol=1e-9)
+    constant = (gradient0 + v0).numpy()  # (I − g⁻¹)∇f(x₀)
+    np.testing.assert_allclose(ours.v + gradient_along, np.tile(constant, (len(t), 1)), atol=1e-8)
     assert np.linalg.norm(constant) > 0.05 * float(gradient0.norm())
 
 
-def test_equal_curvatures_the_metric_flow_is_another_curve_and_the_dropped_term_is_eps_d_xddot():
-    s, b = problem(equal=True)
-    model, data = setup(s, b)
-    D = matrix(model, data)
-    eps = EPS_FRACTION / D.lambda_max()
+def test_equal_curvatures_the_metric_flow_is_another_curve_and_the_dropped_term_is_eps_d_xddot(
+    equal_curvatures,
+):
+    s, b, _, _, D, eps, _, _, t, ours, flow = equal_curvatures
     dense = D.dense().numpy()
     g = np.eye(DIM) + eps * dense
-    t = np.linspace(0.0, 4.0, 9)
-    flow = metric_flow(model, own_loss, data, torch.tensor(START), t, eps, rtol=1e-11, atol=1e-13)
     centre = -b.mean(0) / s[0]  # the minimum of f
     closed = np.stack([centre + expm(-s[0] * tk * np.linalg.inv(g)) @ (START - centre) for tk in t])
-    np.testing.assert_allclose(flow.x, closed, atol=1e-8)  # (F10), solved
-    ours = geodesic(model, own_loss, data, torch.tensor(START), t, eps, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(flow.x, closed, atol=1e-7)  # (F10), solved
     gap = np.linalg.norm(ours.x - flow.x, axis=1)
     assert gap[0] == 0 and gap.max() > 0.05 * np.linalg.norm(START - centre)
     # (F10) solves g ẍ = −H ẋ: the geodesic's ẍ = −H ẋ plus the term −ε D ẍ; along the
@@ -126,9 +132,9 @@ def counterexample_numbers() -> dict[str, float]:
     model, data = setup(s, b)
     D = matrix(model, data)
     eps = EPS_FRACTION / D.lambda_max()
-    t = np.linspace(0.0, 4.0, 9)
-    ours = geodesic(model, own_loss, data, torch.tensor(START), t, eps, rtol=1e-11, atol=1e-13)
-    flow = metric_flow(model, own_loss, data, torch.tensor(START), t, eps, rtol=1e-11, atol=1e-13)
+    t = np.linspace(0.0, 4.0, 41)
+    ours = geodesic(model, own_loss, data, torch.tensor(START), t, eps, rtol=1e-10, atol=1e-12)
+    flow = metric_flow(model, own_loss, data, torch.tensor(START), t, eps, rtol=1e-10, atol=1e-12)
     centre = -b.mean(0) / s[0]
     gap = np.linalg.norm(ours.x - flow.x, axis=1).max() / np.linalg.norm(START - centre)
     xddot = ours.a[0]

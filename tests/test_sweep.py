@@ -253,7 +253,7 @@ def test_sweep_runs_skips_finished_and_reports(tmp_path):
     assert {r["hash"]: r["finished"] for r in store.runs()} == stamps
     assert store_content(store) == first
 
-    report = write_report(tmp_path / "out")
+    report = write_report(tmp_path / "out", figures=tmp_path / "out" / "figures")
     text = report.read_text()
     assert text.count("data:image/png;base64,") == 2
     assert "pla R=0.1" in text and "Groups, best first" in text

@@ -82,6 +82,9 @@ class Dataset:
     num_classes: int
     mean: Tensor
     std: Tensor
+    #: a validation part held out of the training samples (:meth:`hold_out`), or None
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -109,6 +112,28 @@ class Dataset:
             self.num_classes,
             self.mean,
             self.std,
+        )
+
+    def hold_out(self, n_val: int) -> Dataset:
+        """The last ``n_val`` training samples as a validation part, the rest as the
+        training part (normalisation statistics recomputed on it): what picks a best epoch
+        or learning rate, so that the test part is only reported."""
+        have = len(self.y_train)
+        if not 0 < n_val < have:
+            raise DatasetError(f"n_val={n_val} is out of range for {self.name}: 1..{have - 1}")
+        x_train = self.x_train[: have - n_val]
+        mean, std = _statistics(x_train)
+        return Dataset(
+            self.name,
+            x_train,
+            self.y_train[: have - n_val],
+            self.x_test,
+            self.y_test,
+            self.num_classes,
+            mean,
+            std,
+            self.x_train[have - n_val :],
+            self.y_train[have - n_val :],
         )
 
 

@@ -163,6 +163,11 @@ class Trainer:
         self._y_train = dataset.y_train.to(self.device)
         self._x_test = dataset.normalize(dataset.x_test.to(self.device))
         self._y_test = dataset.y_test.to(self.device)
+        self._val = (
+            (dataset.normalize(dataset.x_val.to(self.device)), dataset.y_val.to(self.device))
+            if dataset.x_val is not None and dataset.y_val is not None
+            else None
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -234,16 +239,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def evaluate(self) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy on the test part."""
+    def evaluate(self, part: str = "test") -> tuple[float, float]:
+        """Mean cross-entropy and accuracy on the test part (``part="val"``: the
+        validation part the dataset holds out)."""
+        x_all, y_all = (self._x_test, self._y_test) if part == "test" else self._val or (None, None)
+        if x_all is None or y_all is None:
+            raise InputError(f"the dataset has no {part} part")
         self.model.eval()
         loss_sum, correct = 0.0, 0
         with torch.no_grad():
-            for x, y in batches(self._x_test, self._y_test, self.test_batch_size):
+            for x, y in batches(x_all, y_all, self.test_batch_size):
                 logits = self.model(x)
                 loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
                 correct += int((logits.argmax(1) == y).sum())
-        n = len(self._y_test)
+        n = len(y_all)
         return loss_sum / n, correct / n
 
     def _train_epoch(self, bar: tqdm) -> dict[str, float]:
@@ -345,6 +354,8 @@ class Trainer:
                 start = time.perf_counter()
                 record: dict[str, Any] = {"epoch": self.epoch + 1}
                 record |= self._train_epoch(bar)
+                if self._val is not None:
+                    record["val_loss"], record["val_acc"] = self.evaluate("val")
                 record["test_loss"], record["test_acc"] = self.evaluate()
                 record["seconds"] = time.perf_counter() - start
                 self._check_finite(record)
@@ -360,19 +371,27 @@ class Trainer:
         return final
 
     def summary(self) -> dict[str, Any]:
-        """Final and best test accuracy of the epochs so far."""
+        """Final and best accuracy of the epochs so far. The best epoch is picked on the
+        validation part where the dataset holds one out (``selected_by: "val_acc"``), and
+        ``best_test_acc`` is then the test accuracy *at that epoch*, the only test figure a
+        pick may report; without one it is picked on the test part, as before."""
         if not self.history:
             return {"epochs": 0}
-        best = max(self.history, key=lambda r: r["test_acc"])
+        key = "val_acc" if "val_acc" in self.history[-1] else "test_acc"
+        best = max(self.history, key=lambda r: r[key])
         last = self.history[-1]
-        return {
+        out = {
             "epochs": self.epoch,
             "final_test_acc": last["test_acc"],
             "final_test_loss": last["test_loss"],
             "final_train_loss": last["train_loss"],
             "best_test_acc": best["test_acc"],
             "best_epoch": best["epoch"],
+            "selected_by": key,
         }
+        if key == "val_acc":
+            out |= {"best_val_acc": best["val_acc"], "final_val_acc": last["val_acc"]}
+        return out
 
 
 def _check_run_checkpoint(path: Path, state: Any) -> None:

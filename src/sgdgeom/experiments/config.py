@@ -85,6 +85,9 @@ class DataConfig(Options):
     augment: str | None = None
     n_train: int | None = Field(None, ge=1)
     n_test: int | None = Field(None, ge=1)
+    #: the last n_val of the (first n_train) training samples, held out to pick the best
+    #: epoch and learning rate on (:meth:`~sgdgeom.data.Dataset.hold_out`)
+    n_val: int | None = Field(None, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -446,9 +449,18 @@ def load_config(path: str | Path) -> ExperimentConfig:
     return parse_config(read_yaml(path), str(path))
 
 
+def _content(config: ExperimentConfig) -> dict[str, Any]:
+    """The config as data for its hashes; without a validation part it is what it was
+    before ``data.n_val`` existed, so older runs keep their hashes."""
+    data = config.model_dump(mode="json")
+    if data["data"].get("n_val") is None:
+        del data["data"]["n_val"]
+    return data
+
+
 def config_hash(config: ExperimentConfig) -> str:
     """A short stable hash of the config's content (the key of the result store)."""
-    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    text = json.dumps(_content(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -456,6 +468,6 @@ def resume_key(config: ExperimentConfig) -> str:
     """The hash of what a checkpoint's state depends on: the whole config but for
     ``train.epochs`` and ``train.device``, so that a run may be resumed to train longer or
     on another device, and never under another model, data, optimizer, loss or seed."""
-    data = config.model_dump(mode="json")
+    data = _content(config)
     data["train"] = {k: v for k, v in data["train"].items() if k not in ("epochs", "device")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

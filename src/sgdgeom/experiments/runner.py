@@ -90,6 +90,8 @@ def run_training(
     dataset = load_dataset(config.data.name, data_root).subset(
         config.data.n_train, config.data.n_test
     )
+    if config.data.n_val is not None:
+        dataset = dataset.hold_out(config.data.n_val)
     torch.manual_seed(config.seed)
     model = build_model(
         config.model.name,

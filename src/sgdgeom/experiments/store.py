@@ -185,10 +185,11 @@ class ResultStore:
             db.execute("PRAGMA busy_timeout=120000")
             yield db
         except sqlite3.DatabaseError as err:
-            full = "full" in str(err)
+            if "full" not in str(err):
+                raise self._unusable(err) from None
             raise SgdgeomError(
-                f"the result store {self.path} failed: {err}"
-                + ("; free some space, then run the sweep again to resume it" if full else "")
+                f"the result store {self.path} failed: {err}; free some space, then run the "
+                f"sweep again to resume it"
             ) from None
         finally:
             db.close()
