@@ -534,7 +534,8 @@ def test_a_validation_part_picks_the_best_epoch_and_the_test_is_only_reported(tm
     assert final["best_test_acc"] == best["test_acc"] and final["best_val_acc"] == best["val_acc"]
     without = parse_config(json.loads(json.dumps(TINY)), "tiny")
     content = without.model_dump(mode="json")
-    del content["data"]["n_val"]  # the hash of a config without one is as it was before
+    for key in ("n_val", "normalize"):  # the hash of a config without them is as before
+        del content["data"][key]
     expected = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     assert config_hash(without) == expected != config_hash(parsed)
 
@@ -548,3 +549,19 @@ def test_the_validation_part_is_held_out_of_the_training_part():
     )
     with pytest.raises(DatasetError, match="n_val=100 is out of range"):
         full.hold_out(100)
+
+
+def test_raw_inputs_keep_the_stored_pixels_and_old_hashes():
+    full = load_dataset("digits").subset(100, 20)
+    x = full.x_train[:5]
+    assert torch.equal(full.raw().normalize(x), x) and not torch.equal(full.normalize(x), x)
+    data = json.loads(json.dumps(TINY))
+    data["data"]["normalize"] = False
+    raw = parse_config(data, "raw")
+    standard = parse_config(json.loads(json.dumps(TINY)), "tiny")
+    assert config_hash(raw) != config_hash(standard)
+    content = standard.model_dump(mode="json")
+    for key in ("n_val", "normalize"):
+        del content["data"][key]
+    expected = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    assert config_hash(standard) == expected

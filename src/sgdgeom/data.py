@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -112,6 +113,13 @@ class Dataset:
             self.num_classes,
             self.mean,
             self.std,
+        )
+
+    def raw(self) -> Dataset:
+        """The same data with :meth:`normalize` the identity: the inputs as stored, pixels
+        in ``[0, 1]`` (a paper's protocol that does not standardise its inputs)."""
+        return dataclasses.replace(
+            self, mean=torch.zeros_like(self.mean), std=torch.ones_like(self.std)
         )
 
     def hold_out(self, n_val: int) -> Dataset:

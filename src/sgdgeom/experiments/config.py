@@ -88,6 +88,9 @@ class DataConfig(Options):
     #: the last n_val of the (first n_train) training samples, held out to pick the best
     #: epoch and learning rate on (:meth:`~sgdgeom.data.Dataset.hold_out`)
     n_val: int | None = Field(None, ge=1)
+    #: standardise the inputs with the training part's mean and std (false: the stored
+    #: pixels in [0, 1], as Musso's protocol feeds them)
+    normalize: bool = True
 
     @field_validator("name")
     @classmethod
@@ -450,11 +453,14 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 
 def _content(config: ExperimentConfig) -> dict[str, Any]:
-    """The config as data for its hashes; without a validation part it is what it was
-    before ``data.n_val`` existed, so older runs keep their hashes."""
+    """The config as data for its hashes; without a validation part and with standardised
+    inputs it is what it was before ``data.n_val`` and ``data.normalize`` existed, so older
+    runs keep their hashes."""
     data = config.model_dump(mode="json")
     if data["data"].get("n_val") is None:
         del data["data"]["n_val"]
+    if data["data"].get("normalize") is True:
+        del data["data"]["normalize"]
     return data
 
 

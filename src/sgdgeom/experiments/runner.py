@@ -92,6 +92,8 @@ def run_training(
     )
     if config.data.n_val is not None:
         dataset = dataset.hold_out(config.data.n_val)
+    if not config.data.normalize:
+        dataset = dataset.raw()
     torch.manual_seed(config.seed)
     model = build_model(
         config.model.name,
