@@ -234,9 +234,14 @@ def test_an_embedding_that_scales_by_frequency_is_refused_on_every_route():
         opt.step()
 
 
-def test_the_zoo_still_steps_exactly_after_an_edit_of_grad():
-    """The edited route on a model with frozen parameters (``.grad`` None beside edited)."""
-    case, twin = make_case("partly-frozen"), make_case("partly-frozen")
+@pytest.mark.parametrize(
+    "name", ["partly-frozen", "reused-linear", "functional-loss", "inplace-relu", "transformer"]
+)
+def test_the_zoo_still_steps_exactly_after_an_edit_of_grad(name):
+    """The edited route on unusual models: frozen parameters (``.grad`` None beside edited),
+    a Linear called twice, a loss that is a functools.partial, an in-place activation, and
+    a transformer (sequences; batch and length of its case coincide or not)."""
+    case, twin = make_case(name), make_case(name)
     opt = DiffusionMetricSGD(case.model, lr=LR, inverse="exact", fused="off")
     loss = per_sample_loss(case.loss)
     twin.model.load_state_dict(case.model.state_dict())
@@ -262,3 +267,33 @@ def test_a_half_precision_model_gets_d_in_float32_with_the_float64_rank(dtype, r
     D = DiffusionMatrix(model.to(dtype), "cross_entropy", (x.to(dtype), y), route=route)
     assert D.space.dtype == torch.float32
     assert D.rank() == reference.rank() == len(x) - 1
+
+
+class TwiceOnSequences(nn.Module):
+    """A Linear(8, 8) called twice on sequences of length 8, for a batch of 8: batch =
+    features = length, where an index that mixes two of them goes unnoticed elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(torch.tanh(self.mix(x))))
+        return self.out(h.mean(1))
+
+
+def test_clipping_on_coinciding_shapes_is_exact():
+    torch.manual_seed(0)
+    model, twin = TwiceOnSequences().double(), TwiceOnSequences().double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,))
+    opt = DiffusionMetricSGD(model, lr=LR, inverse="exact", fused="off")
+    for _ in range(2):
+        twin.load_state_dict(model.state_dict())
+        expected = flat(model) - LR * dense_step(twin, x, y, "exact", clipped(0.05))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        torch.testing.assert_close(flat(model), expected, rtol=0, atol=1e-12)
