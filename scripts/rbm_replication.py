@@ -34,18 +34,28 @@ def curves(run_dir: Path, updates: list[str]) -> dict[str, np.ndarray]:
     }
 
 
+LAST = 10
+"""Epochs at the end whose mean judges a run (one epoch's value is noisy)."""
+
+
 def summarise(runs: list[dict[str, np.ndarray]], updates: list[str]) -> dict[str, Any]:
-    """Best and final test log-likelihood per update and their differences from CD, paired
-    by seed: ``[mean, s.e.]`` over the runs."""
+    """Best and final test log-likelihood per update, the mean over the last :data:`LAST`
+    epochs, and each one's difference from CD, paired by seed: ``[mean, s.e.]`` over the
+    runs."""
     out: dict[str, Any] = {"runs": len(runs)}
     for u in updates:
         best = mean_and_error([r[u].max() for r in runs])
         final = mean_and_error([r[u][-1] for r in runs])
+        last = mean_and_error([r[u][-LAST:].mean() for r in runs])
         out[u] = {"best_test_loglik": [float(v) for v in best]}
         out[u]["final_test_loglik"] = [float(v) for v in final]
+        out[u][f"last{LAST}_test_loglik"] = [float(v) for v in last]
         if u != updates[0]:
-            gain = mean_and_error([r[u][-1] - r[updates[0]][-1] for r in runs])
-            out[u][f"final_minus_{updates[0]}"] = [float(v) for v in gain]
+            base = updates[0]
+            gain = mean_and_error([r[u][-1] - r[base][-1] for r in runs])
+            out[u][f"final_minus_{base}"] = [float(v) for v in gain]
+            gain = mean_and_error([r[u][-LAST:].mean() - r[base][-LAST:].mean() for r in runs])
+            out[u][f"last{LAST}_minus_{base}"] = [float(v) for v in gain]
     return out
 
 
@@ -54,9 +64,14 @@ def main() -> None:
     parser.add_argument("config", nargs="?", default="configs/quick/rbm/digits.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.1])
+    parser.add_argument(
+        "--lr-decay", choices=("constant", "linear"), help="override the config's lr_decay"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/replication/rbm-digits"))
     args = parser.parse_args()
     base = load_rbm_config(args.config)
+    if args.lr_decay:
+        base = base.model_copy(update={"lr_decay": args.lr_decay})
     updates = list(base.updates)
     summary: dict[str, Any] = {"config": args.config, "lrs": {}}
     import matplotlib

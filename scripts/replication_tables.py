@@ -6,36 +6,54 @@ keeps its tables in ``docs/benchmarks/replication.json``).
 Every sweep folder under the argument (``*/results.sqlite``, written by ``sgdgeom sweep
 configs/replication/*.yaml``) gives one table: one row per group of runs (the labels
 without the seed), with the number of finished runs and, over them, mean ± standard error
-of the best and final test accuracy and of the final test loss, and the wall-clock seconds
-per epoch. Runs with a ``regimes.json`` (Musso Fig. 1) add the epochs of the regimes. A
-sweep over ``optimizer.lr`` adds a table of each variant at its best learning rate (by mean
-best test accuracy; ↑ or ↓ where that is the grid's largest or smallest).
+over the seeds of the test accuracy at the selected epoch (picked on the validation part
+where the runs hold one out, ``data.n_val``, else on the test set, as the table says), of
+the final test accuracy and of the final test loss, and the wall-clock seconds per epoch.
+A test accuracy also carries the test set's own binomial standard error,
+``sqrt(p (1 − p) / n_test)``: the seeds share one test set, so no number of seeds lowers
+it. Runs with a ``regimes.json`` (Musso Fig. 1) add the epochs of the regimes. A sweep over
+``optimizer.lr`` adds a table of each variant at its best learning rate (by mean validation
+accuracy where there is one, else by mean best test accuracy; ↑ or ↓ where that is the
+grid's largest or smallest).
+
+Every group is also compared with the :data:`BASELINE` group run by run, paired by seed:
+the mean ± s.e. of the differences, and the binomial bound of a difference of two test
+accuracies on one test set, ``sqrt(p₁(1 − p₁)/n + p₂(1 − p₂)/n)`` (an upper bound: the
+two models' errors on a test image are positively correlated, which shrinks it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from sgdgeom.data import load_dataset
+from sgdgeom.errors import SgdgeomError
 from sgdgeom.experiments.plots import group_label, mean_and_error
 from sgdgeom.experiments.store import ResultStore
 from sgdgeom.files import save_figure
 
 METRICS = ("best_test_acc", "final_test_acc", "final_test_loss")
+ACCURACIES = ("best_test_acc", "final_test_acc")
+"""The test accuracies, which get a binomial standard error."""
 BASELINE = "none"
 """The group that every other group is also compared with, run by run, paired by seed."""
 
 
 def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     """``{group: {metric: [mean, s.e.], "runs": n, "failed": m, "seconds_per_epoch": s,
-    ...}}``; the metrics are None where no run of the group finished. Where the sweep has a
-    group named :data:`BASELINE`, every other group also gets ``"paired"``: ``{metric:
-    [mean, s.e.]}`` of its runs' differences from the baseline run of the same seed, and
-    ``"pairs"``, their number."""
+    "selected_by": "val_acc" or "test_acc", "binomial": {accuracy: s.e.}, ...}}``; the
+    metrics are None where no run of the group finished, ``best_val_acc`` is there where
+    every finished run picked its epoch on a validation part. Where the sweep has a group
+    named :data:`BASELINE`, every other group also gets ``"paired"``: ``{metric: [mean,
+    s.e.]}`` of its runs' differences from the baseline run of the same seed, ``"pairs"``,
+    their number, and ``"paired_binomial"``: the binomial bound of each accuracy's
+    difference."""
     store = ResultStore(sweep_dir / "results.sqlite")
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in store.runs():
@@ -53,6 +71,13 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
         for metric in METRICS:
             values = [run["final"][metric] for run in runs]
             row[metric] = [float(v) for v in mean_and_error(values)] if values else None
+        validated = bool(runs) and all(r["final"].get("selected_by") == "val_acc" for r in runs)
+        row["selected_by"] = "val_acc" if validated else "test_acc"
+        if validated:
+            values = [run["final"]["best_val_acc"] for run in runs]
+            row["best_val_acc"] = [float(v) for v in mean_and_error(values)]
+        row["test_samples"] = _test_samples(runs)
+        row["binomial"] = {m: _binomial(row[m], row["test_samples"]) for m in ACCURACIES}
         seconds = [e["seconds"] for run in runs for e in store.epochs(run["hash"])]
         row["seconds_per_epoch"] = sum(seconds) / len(seconds) if seconds else None
         regimes = [sweep_dir / "runs" / run["name"] / "regimes.json" for run in runs]
@@ -74,32 +99,99 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
                 ]
                 for metric in METRICS
             }
+            row["paired_binomial"] = {
+                metric: _binomial_difference(
+                    row[metric],
+                    _baseline_mean(finals[BASELINE], seeds, metric),
+                    row["test_samples"],
+                )
+                for metric in ACCURACIES
+            }
         table[name] = row
     return table
+
+
+def _baseline_mean(finals: dict[Any, dict[str, Any]], seeds: list[Any], metric: str) -> list[float]:
+    """The baseline's mean of ``metric`` over the paired seeds, as ``[mean, s.e.]``."""
+    return [float(v) for v in mean_and_error([finals[s][metric] for s in seeds])]
+
+
+def _test_samples(runs: list[dict[str, Any]]) -> int | None:
+    """The test set's size: from the runs' ``final.json`` (``test_samples``), else from the
+    dataset their config names; None where neither says."""
+    for run in runs:
+        if "test_samples" in run["final"]:
+            return int(run["final"]["test_samples"])
+    for run in runs:
+        name = (run["config"].get("data") or {}).get("name")
+        if name is not None:
+            try:
+                return len(load_dataset(name).y_test)
+            except SgdgeomError:
+                return None
+    return None
+
+
+def _binomial(accuracy: list[float] | None, n: int | None) -> float | None:
+    """``sqrt(p (1 − p) / n)`` at the mean accuracy p."""
+    if accuracy is None or not n:
+        return None
+    p = accuracy[0]
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def _binomial_difference(
+    accuracy: list[float] | None, baseline: list[float], n: int | None
+) -> float | None:
+    """``sqrt(p₁(1 − p₁)/n + p₂(1 − p₂)/n)``: the bound for two independent error
+    patterns on one test set of ``n`` images."""
+    one, two = _binomial(accuracy, n), _binomial(baseline, n)
+    return None if one is None or two is None else math.hypot(one, two)
 
 
 def _runs_cell(row: dict[str, Any]) -> str:
     return f"{row['runs']} ({row['failed']} failed)" if row["failed"] else str(row["runs"])
 
 
+def _picked_on(table: dict[str, dict[str, Any]]) -> str:
+    """Where the table's best epochs were picked, in words."""
+    places = {row["selected_by"] for row in table.values() if row["runs"]}
+    if places == {"val_acc"}:
+        return "picked on the validation part"
+    return "picked on the test set" if places == {"test_acc"} else "picked on validation or test"
+
+
 def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
-    def cell(value: list[float] | None, digits: int = 4) -> str:
-        return "—" if value is None else f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+    """One row per group; an accuracy reads ``mean ± s.e. over seeds ± binomial s.e. of
+    the test set`` (the last where the test set's size is known), a paired difference
+    ``mean ± s.e. (± its binomial bound)``."""
+
+    def cell(value: list[float] | None, digits: int = 4, binomial: float | None = None) -> str:
+        if value is None:
+            return "—"
+        text = f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+        return text if binomial is None else f"{text} ± {binomial:.{digits}f}"
 
     lines = [
         f"\n{title}\n",
-        "| group | runs | best test acc | final test acc | final test loss | s / epoch "
-        f"| best test acc − {BASELINE}, paired by seed |",
+        f"| group | runs | test acc at the best epoch ({_picked_on(table)}) | final test acc "
+        f"| final test loss | s / epoch | best-epoch test acc − {BASELINE}, paired by seed |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in table.items():
         seconds = row["seconds_per_epoch"]
         paired = row.get("paired", {}).get("best_test_acc")
+        bound = row.get("paired_binomial", {}).get("best_test_acc")
+        difference = "—" if paired is None else f"{paired[0]:+.4f} ± {paired[1]:.4f}"
+        if paired is not None and bound is not None:
+            difference += f" (± {bound:.4f})"
+        binomial = row["binomial"]
         lines.append(
-            f"| {name} | {_runs_cell(row)} | {cell(row['best_test_acc'])} | "
-            f"{cell(row['final_test_acc'])} | {cell(row['final_test_loss'])} | "
-            f"{'—' if seconds is None else f'{seconds:.2f}'} | "
-            f"{'—' if paired is None else f'{paired[0]:+.4f} ± {paired[1]:.4f}'} |"
+            f"| {name} | {_runs_cell(row)} | "
+            f"{cell(row['best_test_acc'], binomial=binomial['best_test_acc'])} | "
+            f"{cell(row['final_test_acc'], binomial=binomial['final_test_acc'])} | "
+            f"{cell(row['final_test_loss'])} | "
+            f"{'—' if seconds is None else f'{seconds:.2f}'} | {difference} |"
         )
         if "t_cross" in row:
             lines.append(
@@ -118,9 +210,10 @@ def best_learning_rates(table: dict[str, dict[str, Any]]) -> str:
     by_variant = _lr_grids(table)
     if not by_variant:
         return ""
+    rows_all = {f"{v} {lr}": row for v, rows in by_variant.items() for lr, row in rows.items()}
     lines = [
-        "| optimizer | lr grid | best lr | runs | best test acc | final test acc "
-        "| final test loss |",
+        f"| optimizer | lr grid | best lr ({_picked_on(rows_all).removeprefix('picked ')}) "
+        "| runs | test acc at the best epoch | final test acc | final test loss |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -133,7 +226,13 @@ def best_learning_rates(table: dict[str, dict[str, Any]]) -> str:
         lr = best(rows)
         edge = " ↑" if lr == grid[-1] else " ↓" if lr == grid[0] else ""
         row = rows[lr]
-        cells = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" for m in METRICS]
+        cells = []
+        for metric in METRICS:
+            binomial = row["binomial"].get(metric)
+            cells.append(
+                f"{row[metric][0]:.4f} ± {row[metric][1]:.4f}"
+                + ("" if binomial is None else f" ± {binomial:.4f}")
+            )
         points = ", ".join(f"{v:g}{_unfinished(rows[v])}" for v in grid)
         lines.append(
             f"| {variant} | {points} | {lr:g}{edge} | {_runs_cell(row)} | {' | '.join(cells)} |"
@@ -158,7 +257,9 @@ def _unfinished(row: dict[str, Any]) -> str:
 
 
 def _accuracy(row: dict[str, Any]) -> float:
-    return row["best_test_acc"][0]
+    """What a grid point is ranked by: the mean validation accuracy at the picked epochs
+    where the runs hold a validation part out, else the mean best test accuracy."""
+    return (row.get("best_val_acc") or row["best_test_acc"])[0]
 
 
 def plot_learning_rates(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:

@@ -118,6 +118,8 @@ def test_table1_counts_parameters_and_rank_bounds():
     assert proc.returncode == 0, proc.stderr
     assert "1,238,730" in proc.stdout  # 784-784-784-10: 2·(784·784 + 784) + 784·10 + 10
     assert "59,999" in proc.stdout and "Wide ResNet" in proc.stdout
+    assert "11,173,962" in proc.stdout  # ResNet-18 (CIFAR layout), counted
+    assert "CIFAR 50,000" in proc.stdout  # the training set, not the quoted 60,000
     one = sgdgeom("table1", "--model", "fc", "--dataset", "mnist5k", "--model-option", "depth=3")
     assert "1,854,170" in one.stdout and "3,999" in one.stdout
     assert_one_line_error(sgdgeom("table1", "--model", "fc"), "both --model and --dataset")

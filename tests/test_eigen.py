@@ -9,6 +9,7 @@ from torch import nn
 
 from sgdgeom import DiffusionMatrix
 from sgdgeom.errors import InputError
+from sgdgeom.hessian import HessianOperator
 from sgdgeom.linalg import METHODS, top_eigenpairs
 
 
@@ -49,18 +50,25 @@ def test_block_methods_take_fewer_passes_than_single_vector_lanczos(digits_d):
     assert passes["block-lanczos"] < passes["randomized"] < passes["lanczos"]
 
 
-def test_the_default_method_follows_where_the_captures_live():
-    """Captures in memory on the CPU: single-vector Lanczos, the fewest products; captures
-    taken again on every pass (cache="off"): block Lanczos, the fewest passes."""
+def test_the_default_method_on_the_cpu_is_single_vector_lanczos_on_every_route():
+    """On the CPU a pass costs about its products, whether the captures are in memory,
+    taken again on every pass (cache="off") or the model runs on every product (generic),
+    and for the Hessian: single-vector Lanczos, the fewest products, agreeing with block
+    Lanczos (the fewest passes)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
     x, y = torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,))
-    in_memory = DiffusionMatrix(model, "cross_entropy", (x, y))
-    streamed = DiffusionMatrix(model, "cross_entropy", (x, y), cache="off")
-    cheap, costly = in_memory.eigsh(4), streamed.eigsh(4)
-    assert (cheap.method, costly.method) == ("lanczos", "block-lanczos")
-    assert cheap.products < costly.products and costly.passes < cheap.passes
-    torch.testing.assert_close(cheap.values, costly.values, rtol=1e-8, atol=0)
+    operators = {
+        "in memory": DiffusionMatrix(model, "cross_entropy", (x, y)),
+        "streamed": DiffusionMatrix(model, "cross_entropy", (x, y), cache="off"),
+        "generic": DiffusionMatrix(model, "cross_entropy", (x, y), route="generic"),
+        "hessian": HessianOperator(model, "cross_entropy", (x, y)),
+    }
+    for name, operator in operators.items():
+        single, block = operator.eigsh(4), operator.eigsh(4, "block-lanczos")
+        assert single.method == "lanczos", name
+        assert single.products < block.products and block.passes < single.passes, name
+        torch.testing.assert_close(single.values, block.values, rtol=1e-8, atol=0)
 
 
 def test_costs_are_counted():

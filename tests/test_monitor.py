@@ -141,11 +141,22 @@ def test_regimes_found_on_synthetic_curves():
     assert result["common_decay_residual"] < 1e-9
 
 
-def test_snr_crossing_defines_the_end_of_the_signal_regime():
+def test_the_paper_crossing_ends_the_signal_regime_and_the_snr_crossing_is_beside_it():
+    """t_cross is where the noise of the signal reaches the signal (the paper's dashed and
+    solid lines); the gradient SNR's own crossing is reported as t_cross_snr."""
     t, signal, noise = synthetic(t_cross=15)
     ratio = {name: np.where(t < 30, 4.0, 0.5) for name in signal}  # noise wins at t = 30
     result = analyse_regimes(t, signal, noise, snr=ratio, smooth=1)
-    assert result["t_cross"] == 30
+    assert result["t_cross"] == 15 and result["t_cross_snr"] == 30
+    assert result["closest_log_gap"] == pytest.approx(np.log(1.5))
+
+
+def test_no_paper_crossing_is_reported_as_none_with_the_closest_gap():
+    t, signal, _ = synthetic()
+    noise = {name: s * 0.5 for name, s in signal.items()}  # dashed always below solid
+    result = analyse_regimes(t, signal, noise, smooth=1)
+    assert result["t_cross"] is None
+    assert result["closest_log_gap"] == pytest.approx(np.log(0.5))
 
 
 def test_different_decays_are_not_common():

@@ -127,6 +127,27 @@ def test_rbm_experiment_writes_histories_summary_and_plots(tmp_path):
     assert (tmp_path / "loglik.png").is_file() and (tmp_path / "spectrum.png").is_file()
 
 
+def test_rbm_lr_decay_scales_every_update(tmp_path, monkeypatch):
+    """``lr_decay: linear``: update u of U steps with lr (1 − u/U), for every rule alike."""
+    from sgdgeom.experiments.rbm import RBMConfig, run_rbm
+
+    seen = []
+    original = RBM.weight_update
+
+    def recording(self, stats, lr, **kwargs):
+        seen.append(lr)
+        return original(self, stats, lr, **kwargs)
+
+    monkeypatch.setattr(RBM, "weight_update", recording)
+    config = RBMConfig(
+        name="t", n_hidden=4, n_train=64, epochs=2, batch_size=16, lr=0.1, lr_decay="linear",
+        updates=["cd"], spectrum_every=2, probe_size=32,
+    )  # fmt: skip
+    run_rbm(config, tmp_path, progress=False)
+    total = 2 * (64 // 16)
+    assert seen == pytest.approx([0.1 * (1 - u / total) for u in range(total)])
+
+
 def test_rbm_config_errors(tmp_path):
     from sgdgeom.errors import ConfigError
     from sgdgeom.experiments.rbm import load_rbm_config

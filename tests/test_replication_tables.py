@@ -96,6 +96,8 @@ def test_the_rbm_script_runs_resumes_and_summarises(tmp_path):
         "best_test_loglik",
         "final_test_loglik",
         "final_minus_cd",
+        "last10_test_loglik",
+        "last10_minus_cd",
     }
 
 
@@ -135,3 +137,62 @@ def test_every_group_is_paired_by_seed_with_the_baseline(tables, tmp_path):
     assert table["pla"]["paired"]["best_test_acc"] == pytest.approx([0.025, 0.005])
     assert table["pla"]["paired"]["final_test_loss"] == pytest.approx([-0.025, 0.005])
     assert "| +0.0250 ± 0.0050 |" in tables.markdown("t", table)
+
+
+def _validated_store(path: Path, results: dict, lr: bool) -> None:
+    """Runs that picked their epoch on a validation part, ``{(variant, lr): ((val acc of
+    seeds 0, 1), (test acc of seeds 0, 1))}``, on n = 1,000 test images."""
+    store = ResultStore(path / "results.sqlite")
+    runs = []
+    for (variant, rate), (val, test) in results.items():
+        for seed in (0, 1):
+            labels = {"variant": variant, "seed": seed} | ({"optimizer.lr": rate} if lr else {})
+            name = f"{variant}_lr={rate}_seed={seed}"
+            final = {"best_val_acc": val[seed], "best_test_acc": test[seed],
+                     "final_test_acc": test[seed], "final_test_loss": 0.5,
+                     "selected_by": "val_acc", "test_samples": 1000}  # fmt: skip
+            runs.append({"hash": name, "name": name, "config": {}, "run_dir": path / name,
+                         "labels": labels, "final": final})  # fmt: skip
+    store.register("sweep", runs)
+    for run in runs:
+        store.start(run["hash"], 0)
+        store.finish(run["hash"], run["final"])
+
+
+def _binomial(p: float, n: int = 1000) -> float:
+    return (p * (1 - p) / n) ** 0.5
+
+
+def test_the_learning_rate_is_picked_on_validation_and_accuracies_carry_binomial_errors(
+    tables, tmp_path
+):
+    """Validation prefers lr 0.1 (0.85 against 0.83) where the test set would prefer 0.3
+    (0.84 against 0.80): the table takes 0.1, and reports its test accuracy with the seeds'
+    s.e. and sqrt(p (1 − p) / n)."""
+    results = {("pla", 0.1): ((0.86, 0.84), (0.81, 0.79)),
+               ("pla", 0.3): ((0.84, 0.82), (0.85, 0.83))}  # fmt: skip
+    _validated_store(tmp_path, results, lr=True)
+    table = tables.summarise(tmp_path)
+    row = table["pla lr=0.1"]
+    assert row["selected_by"] == "val_acc" and row["best_val_acc"] == pytest.approx([0.85, 0.01])
+    assert row["test_samples"] == 1000
+    assert row["binomial"]["best_test_acc"] == pytest.approx(_binomial(0.80))
+    lines = tables.best_learning_rates(table).splitlines()
+    assert "on the validation part" in lines[0]
+    expected = f"| pla | 0.1, 0.3 | 0.1 ↓ | 2 | 0.8000 ± 0.0100 ± {_binomial(0.8):.4f}"
+    assert lines[2].startswith(expected)
+
+
+def test_a_paired_difference_carries_its_binomial_bound(tables, tmp_path):
+    results = {("none", 0): ((0.80, 0.80), (0.80, 0.78)),
+               ("pla", 0): ((0.82, 0.82), (0.83, 0.81))}  # fmt: skip
+    _validated_store(tmp_path, results, lr=False)
+    table = tables.summarise(tmp_path)
+    pla = table["pla"]
+    assert pla["paired"]["best_test_acc"] == pytest.approx([0.03, 0.0])
+    bound = (_binomial(0.82) ** 2 + _binomial(0.79) ** 2) ** 0.5
+    assert pla["paired_binomial"]["best_test_acc"] == pytest.approx(bound)
+    text = tables.markdown("t", table)
+    assert "picked on the validation part" in text
+    assert f"| +0.0300 ± 0.0000 (± {bound:.4f}) |" in text
+    assert f"0.7900 ± 0.0100 ± {_binomial(0.79):.4f}" in text

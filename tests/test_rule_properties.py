@@ -106,6 +106,12 @@ def _coinciding(name: str):
             nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3)
         )
         return model, torch.randn(N, 4, 3, 3, generator=g)
+    if kind == "deep2d":  # N channels in and out, 3 x 3 images, stride 2: 2 x 2 outputs,
+        # few positions against the channels (the ghost norms)
+        model = nn.Sequential(
+            nn.Conv2d(N, N, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * N, 3)
+        )
+        return model, torch.randn(N, N, 3, 3, generator=g)
     if kind == "embedding":
         return Tokens(), torch.randint(0, N, (N, N), generator=g)
     if kind == "attention":
@@ -123,6 +129,7 @@ COINCIDING = [
     "conv-1x-g2",
     f"conv-2x-g{N}",  # depthwise
     "grouped2d",
+    "deep2d",
     "embedding",
     "attention",
     "layernorm",
@@ -156,6 +163,19 @@ def _rows(layer, calls) -> list[dict[str, torch.Tensor]]:
 
 def _flat(rows: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([rows[n] for n in names], 1)
+
+
+def test_a_deep_convolution_has_a_norm_formula_and_a_shallow_one_does_not():
+    """The property test above checks ``sq_norms`` where a rule has it: make sure the
+    convolution's is exercised (2 x 2 outputs of 8 channels) and declined where the rows
+    are cheaper (8 positions of a Conv1d)."""
+    for name, expected in (("deep2d", True), ("conv-1x", False)):
+        model, loss, x, y = build(name)
+        layers = plan_layers(model)
+        calls, _, _ = capture_chunk(model, layers, per_sample_loss(loss), x, y, compact=False)
+        conv = layers[0]
+        norms = conv.rule.sq_norms(conv.module, calls[0][0], conv.names)
+        assert (norms is not None) is expected, name
 
 
 @pytest.mark.parametrize("name", RULE_CASES)

@@ -23,7 +23,8 @@ def test_report_numbers_and_files(tmp_path):
     assert sum(layer["trace"] for layer in report["layers"].values()) == pytest.approx(
         report["trace"], rel=1e-9
     )
-    assert "fc1" in format_report(report)
+    assert "fc1" in format_report(report) and "footnote 7" in format_report(report)
+    assert set(report["within_layer"]) == set(report["layers"]) == {"fc1", "out"}
     json_path, png = write_report(report, tmp_path)
     assert json.loads(json_path.read_text())["rank"] == 39
     assert png.stat().st_size > 10_000
@@ -57,6 +58,32 @@ def test_checkpoint_supplies_model_and_dataset(tmp_path):
         )
 
 
+def test_a_checkpoint_trained_on_raw_inputs_is_measured_on_raw_inputs(tmp_path):
+    """``data.normalize: false``: the measured D is that of the inputs the run trained on,
+    which a standardised batch would silently change."""
+    from sgdgeom import DiffusionMatrix
+    from sgdgeom.data import load_dataset
+    from sgdgeom.experiments.measured import load_measured
+
+    config = parse_config(
+        {
+            "name": "raw",
+            "data": {"name": "digits", "batch_size": 32, "n_train": 64, "normalize": False},
+            "model": {"name": "mlp", "widths": [5]},
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "train": {"epochs": 1, "device": "cpu"},
+        }
+    )
+    run_training(config, tmp_path / "run", progress=False)
+    measured = load_measured(None, None, n=20, checkpoint=tmp_path / "run/checkpoint.pt")
+    raw = load_dataset("digits").x_train[:20].double()
+    assert measured.x.equal(raw)
+    report = spectrum_report(None, None, n=20, checkpoint=tmp_path / "run/checkpoint.pt",
+                             progress=False)  # fmt: skip
+    D = DiffusionMatrix(measured.model, "cross_entropy", (raw, measured.y))
+    assert report["trace"] == pytest.approx(D.trace(), rel=1e-12)
+
+
 def test_bad_arguments():
     with pytest.raises(ConfigError, match="name a model and a dataset"):
         spectrum_report("mlp", None, progress=False)
@@ -85,7 +112,8 @@ def test_top_k_report_with_the_hessian_equals_the_full_spectrum_and_dense_alignm
     assert top["passes"] >= 2 and top["products"] >= top["passes"]
     assert "rank" not in top and top["alignment"]["probes"] == 32
     assert 0 < top["alignment"]["overlap"] <= 1
-    assert any("top-4 by block-lanczos" in line for line in lines)
+    assert any("top-4 by lanczos" in line for line in lines)
+    assert any("Hessian top-4 by lanczos" in line for line in lines)
     assert any("captured in" in line for line in lines)
     write_report(top, tmp_path)
     assert "top-k overlap" in format_report(top) and (tmp_path / "spectrum.png").is_file()

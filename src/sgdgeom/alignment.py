@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import InputError
 from sgdgeom.hessian import HessianOperator
-from sgdgeom.linalg import Eigenpairs, Method
+from sgdgeom.linalg import Eigenpairs, MethodChoice
 
 __all__ = ["Alignment", "alignment"]
 
@@ -82,7 +82,7 @@ def alignment(
     *,
     probes: int | None = 32,
     block: int = 16,
-    method: Method = "block-lanczos",
+    method: MethodChoice = "auto",
     seed: int = 0,
     progress: bool = False,
     d_pairs: Eigenpairs | None = None,

@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from sgdgeom._deprecated import moved
 from sgdgeom.errors import InputError
 from sgdgeom.linalg import (
     Eigenpairs,
-    Method,
+    MethodChoice,
     Operator,
     lanczos_top,
     top_eigenvalue,
@@ -348,19 +348,16 @@ class DiffusionMatrix(Operator):
             columns.append(self.products.vjp(w) / math.sqrt(self.n * float(lam)))
         return values.to(self.space.dtype), torch.stack(columns, 1)
 
-    def eigsh(
-        self, k: int, method: Method | Literal["auto"] = "auto", **options: Any
-    ) -> Eigenpairs:
+    def eigsh(self, k: int, method: MethodChoice = "auto", **options: Any) -> Eigenpairs:
         """The top-k eigenpairs of D from products alone, never forming D or K.
 
         ``method`` is ``"block-lanczos"`` (block Krylov, ``k + oversample`` vectors per
         pass, or ``block``), ``"randomized"`` (subspace iteration with Rayleigh–Ritz),
         ``"lanczos"`` (scipy's ARPACK, one vector per pass) or ``"auto"``: single-vector
-        Lanczos where a pass over the data is cheap to repeat (captures or rows in memory,
-        on the CPU: it needs the fewest products), block Lanczos where a pass costs more
-        than its products (an accelerator, whose launches a block amortises; captures
-        streamed or on disk, and the generic route, which run the model or read the files
-        again each pass; several processes); ``options`` are those of
+        Lanczos on the CPU in one process (it needs the fewest products, whatever the
+        route), block Lanczos where a pass costs more than its products (an accelerator,
+        whose launches a block amortises; several processes, which synchronise on every
+        pass: :meth:`~sgdgeom.linalg.Operator.preferred_method`); ``options`` are those of
         :func:`~sgdgeom.linalg.top_eigenpairs` (``tol``, ``oversample``, ``block``,
         ``max_passes``, ``seed``, ``progress``). A block pass is one batched JVP and one
         batched VJP over the data (on the capture route, one matmul per layer for all
@@ -369,16 +366,11 @@ class DiffusionMatrix(Operator):
         and vector products; it unpacks as ``values, vectors``."""
         rank_bound = self.n - 1 if self.centered else self.n
         self._check_k(k, min(rank_bound, self.space.dim - 1))
-        if method == "auto":
-            method = "lanczos" if self._passes_are_cheap() else "block-lanczos"
         return super().eigsh(k, method, **options)
 
     def _passes_are_cheap(self) -> bool:
-        """Whether the products hold their captures or rows in memory, on the CPU."""
-        if self.space.device.type != "cpu" or isinstance(self.products, ShardedProducts):
-            return False
-        storage = getattr(self.products, "storage", None)  # CaptureProducts'
-        return storage == "memory" if storage is not None else self.route == "rows"
+        """On the CPU in one process (several synchronise on every pass)."""
+        return super()._passes_are_cheap() and not isinstance(self.products, ShardedProducts)
 
     @staticmethod
     def _check_k(k: int, limit: int) -> None:
@@ -589,6 +581,9 @@ class LayerBlock(Operator):
         full = torch.zeros(self.parent.space.dim, V.shape[1], dtype=V.dtype, device=V.device)
         full[self.mask] = V
         return self.parent._matmat(full)[self.mask]
+
+    def _passes_are_cheap(self) -> bool:
+        return self.parent._passes_are_cheap()
 
     def param_traces(self) -> dict[str, float]:
         """``tr`` of each of the layer's parameter tensors' diagonal blocks, by name."""

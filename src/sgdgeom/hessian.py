@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from sgdgeom._deprecated import moved
 from sgdgeom.errors import InputError
-from sgdgeom.linalg import Eigenpairs, Method, Operator
+from sgdgeom.linalg import Eigenpairs, MethodChoice, Operator
 from sgdgeom.params import ParamSpace
 from sgdgeom.persample import DataSource, FuncProducts, LossSpec, check_independent_samples
 from sgdgeom.precision import in_full_precision
@@ -72,9 +72,11 @@ class HessianOperator(Operator):
         """``H V`` for ``m`` vectors, ``(d, m) -> (d, m)``, in one pass over the data."""
         return self.products.hessian_matmat(V, self._weights)
 
-    def eigsh(self, k: int, method: Method = "block-lanczos", **options: Any) -> Eigenpairs:
-        """The k largest (algebraic) eigenpairs of H, by the block methods of
+    def eigsh(self, k: int, method: MethodChoice = "auto", **options: Any) -> Eigenpairs:
+        """The k largest (algebraic) eigenpairs of H, by the Krylov methods of
         :mod:`sgdgeom.linalg.krylov` (``options``: ``tol``, ``oversample``, ``max_passes``,
-        ``seed``, ``progress``). ``"randomized"`` finds the largest in magnitude: use it
-        where H's negative eigenvalues are small (near a minimum)."""
+        ``seed``, ``progress``); ``"auto"``: single-vector Lanczos on the CPU, block Lanczos
+        on an accelerator (:meth:`~sgdgeom.linalg.Operator.preferred_method`).
+        ``"randomized"`` finds the largest in magnitude: use it where H's negative
+        eigenvalues are small (near a minimum)."""
         return super().eigsh(k, method, **options)

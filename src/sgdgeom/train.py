@@ -374,7 +374,9 @@ class Trainer:
         """Final and best accuracy of the epochs so far. The best epoch is picked on the
         validation part where the dataset holds one out (``selected_by: "val_acc"``), and
         ``best_test_acc`` is then the test accuracy *at that epoch*, the only test figure a
-        pick may report; without one it is picked on the test part, as before."""
+        pick may report; without one it is picked on the test part, as before.
+        ``test_samples`` gives a test accuracy's binomial standard error,
+        ``sqrt(p (1 − p) / test_samples)``."""
         if not self.history:
             return {"epochs": 0}
         key = "val_acc" if "val_acc" in self.history[-1] else "test_acc"
@@ -388,6 +390,7 @@ class Trainer:
             "best_test_acc": best["test_acc"],
             "best_epoch": best["epoch"],
             "selected_by": key,
+            "test_samples": len(self._y_test),
         }
         if key == "val_acc":
             out |= {"best_val_acc": best["val_acc"], "final_val_acc": last["val_acc"]}

@@ -1,7 +1,8 @@
 """A model and data to measure, as the measuring commands (``sgdgeom spectrum``,
 ``sgdgeom noise``) take them: a named model at its seed's initialisation, or the weights of
 a training checkpoint (its run folder's config names the model and the dataset), and the
-first ``n`` training samples, normalised; and the kind of such a command
+first ``n`` training samples, normalised as the run normalised them (``data.normalize``);
+and the kind of such a command
 (:func:`measuring_kind`): a report as JSON, a figure drawn from the JSON alone, a table.
 """
 
@@ -96,17 +97,21 @@ def load_measured(
         config_path = Path(checkpoint).parent / "config.yaml"
         config = read_yaml(config_path) if config_path.is_file() else None
     options = dict(model_options or {})
+    normalize = True
     if config is not None:
         run = parse_config(config, f"{checkpoint} config")
         model_name = model_name or run.model.name
         dataset_name = dataset_name or run.data.name
         options = {**run.model.options, **options}
+        normalize = run.data.normalize
     if model_name is None or dataset_name is None:
         raise ConfigError(
             "name a model and a dataset (--model, --dataset), or a --checkpoint "
             "from `sgdgeom train`"
         )
     dataset = load_dataset(dataset_name, data_root)
+    if not normalize:  # the run saw raw inputs (data.normalize: false): so does D
+        dataset = dataset.raw()
     if n is not None and not 2 <= n <= len(dataset.y_train):
         raise ConfigError(f"--n must be in 2..{len(dataset.y_train)} for {dataset_name}, got {n}")
     torch.manual_seed(seed)

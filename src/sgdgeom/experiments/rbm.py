@@ -11,7 +11,7 @@ probe batch. Results: ``UPDATE/history.jsonl``, ``summary.json``, ``loglik.png``
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -38,6 +38,15 @@ inverse of the metric (the rule's name is ``metric-`` and its inverse)."""
 Update = Literal["cd", "metric-weak", "metric-exact"]
 """An update rule of :data:`UPDATES`."""
 
+LR_DECAYS: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: 1.0 - progress,
+}
+"""The learning rate's factor at ``progress`` ``u / U`` (update u of U, from 0), by name:
+constant, or decayed linearly to ``lr / U`` at the last update."""
+
+LRDecay = Literal["constant", "linear"]
+
 
 class RBMConfig(BaseModel):
     """An RBM comparison: data, machine, CD-k settings and the update rules to compare."""
@@ -53,6 +62,7 @@ class RBMConfig(BaseModel):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(0.05, gt=0)
+    lr_decay: LRDecay = "constant"
     k: int = Field(1, ge=1)
     persistent: bool = False
     updates: list[Update] = Field(default_factory=lambda: list(get_args(Update)), min_length=1)
@@ -96,6 +106,8 @@ def run_rbm(config: RBMConfig, out_dir: str | Path, progress: bool = True) -> di
         )
     probe = train[: config.probe_size]
     summary: dict[str, Any] = {"name": config.name, "updates": {}}
+    decay = LR_DECAYS[config.lr_decay]
+    total = config.epochs * (len(train) // config.batch_size)
     for update in config.updates:
         rbm = RBM(
             train.shape[1], config.n_hidden, generator=torch.Generator().manual_seed(config.seed)
@@ -106,6 +118,7 @@ def run_rbm(config: RBMConfig, out_dir: str | Path, progress: bool = True) -> di
         sampler = torch.Generator().manual_seed(config.seed + 1)
         chains = train[: config.batch_size].clone() if config.persistent else None
         history = []
+        step = 0
         for epoch in tqdm(
             range(1, config.epochs + 1), desc=update, disable=not progress, leave=False
         ):
@@ -118,11 +131,12 @@ def run_rbm(config: RBMConfig, out_dir: str | Path, progress: bool = True) -> di
                     chains = stats.v_neg
                 rbm.weight_update(
                     stats,
-                    config.lr,
+                    config.lr * decay(step / total),
                     inverse=UPDATES[update],
                     eps=config.eps,
                     eps_fraction=config.eps_fraction,
                 )
+                step += 1
             log_z = rbm.log_partition()
             record: dict[str, Any] = {
                 "epoch": epoch,

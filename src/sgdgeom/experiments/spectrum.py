@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from pydantic import Field
@@ -29,9 +29,10 @@ from sgdgeom.experiments.measured import (
 )
 from sgdgeom.experiments.plots.common import finish_png, layer_bars, pyplot
 from sgdgeom.hessian import HessianOperator
-from sgdgeom.linalg import METHODS, Method
+from sgdgeom.linalg import MethodChoice
 from sgdgeom.linalg.krylov import krylov_bytes
 from sgdgeom.memory import available_bytes
+from sgdgeom.monitors.temperature import within_layer_temperatures
 
 __all__ = [
     "KIND",
@@ -49,7 +50,7 @@ def spectrum_report(
     *,
     n: int | None = None,
     k: int | None = None,
-    method: Method = "block-lanczos",
+    method: MethodChoice = "auto",
     hessian: bool = False,
     checkpoint: str | Path | None = None,
     model_options: dict[str, Any] | None = None,
@@ -64,18 +65,22 @@ def spectrum_report(
     """Build D for a model (initialised with ``seed``, or from a training checkpoint, whose
     run directory's config supplies the model and dataset) on the first ``n`` training
     samples, and measure it: ``d``, ``N``, the rank bound, ``λ_max``, the trace, the
-    per-layer traces and
+    per-layer traces, the spread of the weights' own temperatures within each layer
+    (``within_layer``: Musso's footnote 7,
+    :func:`~sgdgeom.monitors.temperature.within_layer_temperatures`) and
 
     - with ``k=None``, the whole nonzero spectrum through the ``N x N`` Gram matrix (refused
       up front when it would not fit), the numerical rank and the effective rank;
-    - with ``k``, the top-k eigenpairs by ``method`` (:mod:`sgdgeom.linalg.krylov`), their
+    - with ``k``, the top-k eigenpairs by ``method`` (:mod:`sgdgeom.linalg.krylov`;
+      ``"auto"``: each operator's :meth:`~sgdgeom.linalg.Operator.preferred_method`), their
       residuals and cost, and with ``hessian`` the Hessian's top-k and the alignment of D
       with it (:func:`~sgdgeom.alignment.alignment`).
 
     ``log`` receives what the work will take before it starts (sizes, memory, a time
     estimate from the capture's own pass over the data)."""
-    if method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in get_args(MethodChoice):
+        choices = ", ".join(get_args(MethodChoice))
+        raise ConfigError(f"--method must be one of {choices}, got {method!r}")
     if hessian and k is None:
         raise ConfigError("--hessian compares top-k eigenpairs: give --k too")
     measured = load_measured(
@@ -132,6 +137,7 @@ def spectrum_report(
             name: {"trace": t.trace, "numel": t.numel, "per_param": t.per_param}
             for name, t in D.layer_traces().items()
         },
+        "within_layer": within_layer_temperatures(model, "cross_entropy", (x, y)),
         "seconds": {"capture": captured},
     }
     if k is None:
@@ -144,16 +150,13 @@ def spectrum_report(
         }
         report["seconds"]["spectrum"] = time.perf_counter() - started - captured
         return report
-    log(
-        f"top-{k} by {method}: each block pass multiplies {k + 10} vectors, about "
-        f"{2 * (k + 10) / 3:.0f}x the capture's pass in arithmetic on Linear layers "
-        f"(~{2 * (k + 10) / 3 * captured:.0f} s)"
-    )
-    pairs = D.eigsh(k, method, progress=progress)
+    d_method = D.preferred_method() if method == "auto" else method
+    log(f"top-{k} by {d_method}: {_work(d_method, k, captured, 2 / 3)}")
+    pairs = D.eigsh(k, d_method, progress=progress)
     report |= {
         "lambda_max": float(pairs.values[0]),
         "eigenvalues": pairs.values.tolist(),
-        "method": method,
+        "method": pairs.method,
         "residuals": pairs.residuals.tolist(),
         "passes": pairs.passes,
         "products": pairs.products,
@@ -161,22 +164,40 @@ def spectrum_report(
     }
     report["seconds"]["eigsh"] = time.perf_counter() - started - captured
     if hessian:
-        block = k + 10
-        free = available_bytes(target)
-        log(
-            f"Hessian top-{k}: each block pass multiplies {block} vectors by forward-over-"
-            f"reverse over the {size:,} samples (several times a D pass: ~"
-            f"{6 * report['seconds']['eigsh'] / max(pairs.passes, 1):.0f} s each); block Lanczos "
-            f"keeps {krylov_bytes(d, block, 1, dtype) / 2**30:.2f} GiB a pass, at most 60 passes"
-            + (f" or what the {free / 2**30:.1f} GiB free allow" if free is not None else "")
-        )
-        before = time.perf_counter()
         H = HessianOperator(model, "cross_entropy", (x, y), chunk_size=256, progress=False)
+        h_method = H.preferred_method() if method == "auto" else method
+        log(
+            f"Hessian top-{k} by {h_method}, each product forward-over-reverse over the "
+            f"{size:,} samples: {_work(h_method, k, captured, 2.5)}"
+        )
+        if h_method == "block-lanczos":
+            free = available_bytes(target)
+            log(
+                f"block Lanczos keeps {krylov_bytes(d, k + 10, 1, dtype) / 2**30:.2f} GiB a "
+                f"pass, at most 60 passes"
+                + (f" or what the {free / 2**30:.1f} GiB free allow" if free is not None else "")
+            )
+        before = time.perf_counter()
         report["alignment"] = alignment(
-            D, H, k, method=method, seed=seed, progress=progress, d_pairs=pairs
+            D, H, k, method=h_method, seed=seed, progress=progress, d_pairs=pairs
         ).as_dict()
         report["seconds"]["hessian"] = time.perf_counter() - before
     return report
+
+
+def _work(method: str, k: int, captured: float, per_product: float) -> str:
+    """What a top-k costs, in products of ``per_product`` capture passes (``captured`` s)."""
+    if method == "lanczos":
+        low, high = 2 * k + 10, 4 * k + 20  # ARPACK's ncv = max(2k + 1, 20), a restart or two
+        return (
+            f"one vector a pass, about {low}-{high} products "
+            f"(~{low * per_product * captured:.0f}-{high * per_product * captured:.0f} s)"
+        )
+    block = k + 10
+    return (
+        f"each block pass multiplies {block} vectors, about {block * per_product:.0f}x the "
+        f"capture's pass in arithmetic (~{block * per_product * captured:.0f} s a pass)"
+    )
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -216,6 +237,14 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{name:<12} {layer['numel']:>12,} {layer['trace']:>12.5g} {layer['per_param']:>14.5g}"
         )
+    if report.get("within_layer"):
+        lines += ["", "each weight's own temperature D_ww within its layer (Musso footnote 7):"]
+        lines.append(f"{'layer':<12} {'q90 / q10':>10} {'split-half r':>13} {'zero':>7}")
+        for name, row in report["within_layer"].items():
+            lines.append(
+                f"{name:<12} {row['ratio_90_10']:>10.3g} {row['split_half_correlation']:>13.3f} "
+                f"{row['zero_fraction']:>7.1%}"
+            )
     return "\n".join(lines)
 
 
@@ -266,9 +295,10 @@ class SpectrumConfig(MeasuredConfig):
     k: int | None = Field(
         None, description="Only the top k eigenpairs, from products (no N x N matrix): for large N."
     )
-    method: Method = Field(
-        "block-lanczos",
-        description="With --k: block-lanczos, randomized, or lanczos (one vector a pass).",
+    method: MethodChoice = Field(
+        "auto",
+        description="With --k: auto (lanczos on the CPU with captures in memory, else "
+        "block-lanczos), block-lanczos, randomized, or lanczos (one vector a pass).",
     )
     hessian: bool = Field(
         False, description="With --k: the Hessian's top k too, and its alignment with D."

@@ -21,6 +21,7 @@ from sgdgeom.models import MODELS, build_model
 
 __all__ = [
     "DATASET_SIZES",
+    "TRAINING_N",
     "KIND",
     "Table1Config",
     "PAPER_MODELS",
@@ -46,11 +47,14 @@ training part of sgdgeom's fixed split)."""
 PAPER_MODELS: list[tuple[str, str, dict[str, Any], str]] = [
     ("fc", "fashion-mnist", {"depth": 2}, "Musso §4.2"),
     ("fc", "mnist", {"depth": 3}, "Musso §4.3"),
-    ("fc", "mnist", {"depth": 4}, "Musso Fig. 1"),
+    ("fc", "mnist", {"depth": 3}, "Musso Fig. 1 (4 weight layers)"),
     ("cnn-cifar10", "cifar10", {}, "Musso §5.2, eq. 24"),
     ("cnn-stl10", "stl10", {}, "Musso §5.3, eq. 25"),
+    ("resnet18-gn", "cifar10", {}, "ResNet-18, CIFAR layout"),
 ]
-"""(model, dataset, model options, where in the papers) for every network the papers train."""
+"""(model, dataset, model options, where) for every network the papers train, and the one
+ResNet sgdgeom builds (Table 1's own ResNet, Wide ResNet and DenseNet variants are not
+among sgdgeom's models, so their d stays quoted)."""
 
 QUOTED_TABLE1: list[tuple[str, float, int, int]] = [
     ("ResNet", 1.7e6, 60_000, 600_000),
@@ -59,6 +63,11 @@ QUOTED_TABLE1: list[tuple[str, float, int, int]] = [
     ("DenseNet (k = 24)", 27.2e6, 60_000, 600_000),
 ]
 """Fioresi et al., Table 1, as printed: (architecture, d, N on CIFAR, N on SVHN)."""
+
+TRAINING_N = {"CIFAR": 50_000, "SVHN": 73_257, "SVHN with extra": 604_388}
+"""The training sets' sizes. Table 1's CIFAR N of 60,000 counts the 10,000 test images too
+(D is a covariance over training samples: 50,000); its SVHN N of 600,000 is the training
+set with the 531,131 "extra" images, 604,388 in all."""
 
 
 def size_row(
@@ -112,6 +121,8 @@ def format_table(rows: list[dict[str, Any]], quoted: bool = True) -> str:
         lines += ["", "Fioresi et al., Table 1 (quoted): d, N on CIFAR, N on SVHN"]
         for name, d, n_cifar, n_svhn in QUOTED_TABLE1:
             lines.append(f"{name:<26} {d / 1e6:>6.1f} M {n_cifar:>9,} {n_svhn:>9,}")
+        sizes = ", ".join(f"{name} {n:,}" for name, n in TRAINING_N.items())
+        lines.append(f"training sets: {sizes} (the quoted CIFAR N counts the test set too)")
     return "\n".join(lines)
 
 

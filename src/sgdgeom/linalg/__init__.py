@@ -16,7 +16,14 @@ from sgdgeom.linalg.bounds import (
     top_eigenvalue,
     top_eigenvalue_bounds,
 )
-from sgdgeom.linalg.krylov import METHODS, Eigenpairs, Method, lanczos_top, top_eigenpairs
+from sgdgeom.linalg.krylov import (
+    METHODS,
+    Eigenpairs,
+    Method,
+    MethodChoice,
+    lanczos_top,
+    top_eigenpairs,
+)
 from sgdgeom.linalg.operator import DENSE_LIMIT, Operator
 from sgdgeom.linalg.solvers import conjugate_gradients
 
@@ -28,6 +35,7 @@ __all__ = [
     "METHODS",
     "Eigenpairs",
     "Method",
+    "MethodChoice",
     "lanczos_top",
     "top_eigenpairs",
     "bound_squarings",

@@ -53,10 +53,20 @@ from tqdm.auto import tqdm
 from sgdgeom.errors import InputError
 from sgdgeom.memory import available_bytes
 
-__all__ = ["METHODS", "Eigenpairs", "Method", "krylov_bytes", "lanczos_top", "top_eigenpairs"]
+__all__ = [
+    "METHODS",
+    "Eigenpairs",
+    "Method",
+    "MethodChoice",
+    "krylov_bytes",
+    "lanczos_top",
+    "top_eigenpairs",
+]
 
 Method = Literal["randomized", "block-lanczos", "lanczos"]
 METHODS: tuple[str, ...] = get_args(Method)
+#: what an operator's ``eigsh`` takes: a method, or ``"auto"`` (the operator chooses)
+MethodChoice = Literal["auto", "randomized", "block-lanczos", "lanczos"]
 
 Matmat = Callable[[Tensor], Tensor]
 

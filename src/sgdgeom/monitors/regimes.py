@@ -71,9 +71,12 @@ def analyse_regimes(
     moving average of ``smooth`` epochs:
 
     1. *signal-dominated*: from the start until ``t_cross``, the first epoch at which the
-       gradient becomes noise-dominated: with ``snr`` (``‖E g_I‖ / ‖Std g_I‖`` per layer,
-       Shwartz-Ziv and Tishby's criterion) the first epoch whose layer-averaged log ratio
-       is at or below 0; without it, the first with :math:`\ell_n \ge \ell_s`;
+       paper's dashed lines reach its solid ones, :math:`\ell_n \ge \ell_s` (the noise of
+       the training signal, its standard deviation over an epoch's minibatches, at or above
+       the signal itself: the paper's Fig. 1 criterion). With ``snr`` (``‖E g_I‖ / ‖Std
+       g_I‖`` per layer, Shwartz-Ziv and Tishby's gradient criterion, which the paper cites
+       but does not draw) ``t_cross_snr`` is the first epoch whose layer-averaged log ratio
+       is at or below 0, reported beside it;
     2. *transition*: from ``t_cross`` to ``t_late``; the paper places it at the signal's
        maximum ``t_peak`` (reported too);
     3. *late, noise-dominated*: from ``t_late``, the first epoch after
@@ -94,11 +97,7 @@ def analyse_regimes(
     log_n = np.stack([np.log(np.maximum(np.asarray(noise[n], dtype=float), 1e-300)) for n in names])
     mean_s, mean_n = _smooth(log_s.mean(0), smooth), _smooth(log_n.mean(0), smooth)
     peak = int(np.argmax(mean_s))
-    if snr is not None:
-        ratios = np.stack([np.log(np.asarray(snr[n], dtype=float)) for n in names])
-        crossed = np.nonzero(_smooth(ratios.mean(0), smooth) <= 0)[0]
-    else:
-        crossed = np.nonzero(mean_n >= mean_s)[0]
+    crossed = np.nonzero(mean_n >= mean_s)[0]
     cross = int(crossed[0]) if len(crossed) else None
     start = max(peak, cross if cross is not None else peak)
     dropped = np.nonzero((mean_s <= mean_s[peak] - late_drop) & (np.arange(len(t)) >= start))[0]
@@ -107,8 +106,15 @@ def analyse_regimes(
         "t_peak": float(t[peak]),
         "t_cross": float(t[cross]) if cross is not None else None,
         "t_late": float(t[late]) if late is not None else None,
+        # the smallest layer-averaged log noise-to-signal gap, ℓ_n − ℓ_s: how near the
+        # dashed lines came to the solid ones where they never cross
+        "closest_log_gap": float((mean_n - mean_s).max()),
         "layers": {},
     }
+    if snr is not None:
+        ratios = np.stack([np.log(np.asarray(snr[n], dtype=float)) for n in names])
+        snr_crossed = np.nonzero(_smooth(ratios.mean(0), smooth) <= 0)[0]
+        out["t_cross_snr"] = float(t[snr_crossed[0]]) if len(snr_crossed) else None
     if late is None or len(t) - late < 3:
         out["note"] = "no late regime of at least 3 epochs: train longer"
         return out

@@ -38,7 +38,13 @@ from sgdgeom.monitors.registry import MonitorContext, MonitorOptions, register_m
 from sgdgeom.persample import LossSpec, plan_layers
 from sgdgeom.precision import compute_dtype
 
-__all__ = ["LayerTemperature", "LayerTraces", "TemperatureOptions", "l1_norms"]
+__all__ = [
+    "LayerTemperature",
+    "LayerTraces",
+    "TemperatureOptions",
+    "l1_norms",
+    "within_layer_temperatures",
+]
 
 
 def _weighted_layers(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -263,6 +269,66 @@ class LayerTemperature(Callback):
 
     def on_epoch_end(self, trainer: Loop, epoch: int, metrics: dict[str, Any]) -> None:
         metrics.update(self.epoch_metrics(epoch))
+
+
+def within_layer_temperatures(
+    model: nn.Module,
+    loss_fn: LossSpec,
+    data: tuple[Tensor, Tensor],
+    layers: Sequence[str] | None = None,
+) -> dict[str, dict[str, float]]:
+    r"""Musso's footnote 7: do the weights of one layer share a temperature?
+
+    A weight's own temperature is its gradient-noise variance :math:`D_{\omega\omega}`
+    over the samples (the diagonal of D). For every layer I with weights (as
+    :class:`LayerTemperature`; default all), over :math:`\omega \in \Omega_I`:
+
+    - ``q10``, ``q50``, ``q90``: quantiles of :math:`D_{\omega\omega}` and ``ratio_90_10``;
+    - ``zero_fraction``: weights whose variance is exactly 0 (dead units);
+    - ``split_half_correlation``: the Pearson correlation of :math:`\log D_{\omega\omega}`
+      measured on the even and on the odd samples (weights with a nonzero variance in
+      both). Under a common temperature the weights' differences are sampling noise,
+      independent between the halves: a correlation near 0 (within about
+      :math:`1/\sqrt{N_I}`); a correlation near 1 says they belong to the weights;
+    - ``numel``: :math:`N_I`.
+
+    ``data`` is one batch ``(x, y)`` of at least 4 samples; the model is not changed.
+    """
+    x, y = data
+    if len(x) < 4:
+        raise InputError(f"within_layer_temperatures needs at least 4 samples, got {len(x)}")
+    chosen = _weighted_layers(model)
+    if layers is not None:
+        unknown = sorted(set(layers) - set(chosen))
+        if unknown:
+            raise InputError(f"no layer with weights named {unknown}; the layers: {list(chosen)}")
+        chosen = {name: chosen[name] for name in layers}
+    diagonals = []
+    for part in (slice(None), slice(0, None, 2), slice(1, None, 2)):
+        D = DiffusionMatrix(model, loss_fn, (x[part], y[part]), chunk_size=256)
+        diagonals.append(D.space.unflatten(D.diagonal()))
+    out = {}
+    for layer, weights in chosen.items():
+        whole, even, odd = (
+            torch.cat([d[n].reshape(-1) for n, _ in weights]).double() for d in diagonals
+        )
+        q10, q50, q90 = torch.quantile(whole, torch.tensor([0.1, 0.5, 0.9], dtype=whole.dtype))
+        live = (even > 0) & (odd > 0)
+        if int(live.sum()) >= 3:
+            pair = torch.stack([even[live].log(), odd[live].log()])
+            correlation = float(torch.corrcoef(pair)[0, 1])
+        else:
+            correlation = math.nan
+        out[layer] = {
+            "q10": float(q10),
+            "q50": float(q50),
+            "q90": float(q90),
+            "ratio_90_10": float(q90 / q10) if q10 > 0 else math.inf,
+            "zero_fraction": float((whole == 0).double().mean()),
+            "split_half_correlation": correlation,
+            "numel": len(whole),
+        }
+    return out
 
 
 class LayerTraces(ProbeMonitor):

@@ -613,12 +613,16 @@ class CaptureProducts(PerSampleProducts):
     def _rows(self, layer: Layer, calls: list[Any], size: int) -> Tensor:
         """The layer's per-sample gradients over one chunk, ``(size, d_layer)``, summed over
         its calls, in its parameters' order."""
-        width = sum(self.layers_numel(layer))
-        rows = torch.zeros(size, width, dtype=self.space.dtype, device=self.space.device)
+        total: Tensor | None = None
         for call in calls:
-            parts = self._call_rows(layer, call)
-            rows += torch.cat([parts[n].reshape(size, -1) for n in layer.names], 1)
-        return rows
+            named = self._call_rows(layer, call)
+            parts = [named[n].reshape(size, -1) for n in layer.names]
+            part = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            total = part if total is None else total + part
+        if total is None:
+            width = sum(self.layers_numel(layer))
+            return torch.zeros(size, width, dtype=self.space.dtype, device=self.space.device)
+        return total
 
     @staticmethod
     def layers_numel(layer: Layer) -> list[int]:
@@ -722,26 +726,20 @@ class CaptureProducts(PerSampleProducts):
         parameter space: summed over its entries, ``(b,)``, or (``over_samples``) over the
         samples, shaped like it. A rule's formula where it has one (a Linear on
         non-sequence inputs: ``‖δ_i‖² ‖a_i‖²`` and ``(Δ ⊙ Δ)ᵀ (A ⊙ A)``), else the squares
-        of the rows (summed over the layers of a shared parameter)."""
+        of the rows, parameter by parameter (each summed over the calls and the layers that
+        use it), by one fused reduction (``vector_norm``: no squared copy of the rows)."""
         dim = 0 if over_samples else 1
         for unit in self.units:
-            if len(unit) > 1:
-                for name, rows in self._named_rows(unit, chunk.calls, chunk.size).items():
-                    yield name, rows.square().sum(dim)
-                continue
             layer, calls = self.layers[unit[0]], chunk.calls[unit[0]]
-            values = None
-            if len(calls) == 1 and not isinstance(calls[0], RowsCall):
+            if len(unit) == 1 and len(calls) == 1 and not isinstance(calls[0], RowsCall):
                 formula = layer.rule.square_sum if over_samples else layer.rule.sq_norms
                 values = formula(layer.module, calls[0], layer.names)
-            if values is None and calls:
-                squares = self._rows(layer, calls, chunk.size).square()
-                values, offset = {}, 0
-                for name, numel in zip(layer.names, self.layers_numel(layer), strict=True):
-                    values[name] = squares[:, offset : offset + numel].sum(dim)
-                    offset += numel
-            for name, value in (values or {}).items():
-                yield layer.space_name(name), value
+                if values is not None:
+                    for name, value in values.items():
+                        yield layer.space_name(name), value
+                    continue
+            for name, rows in self._named_rows(unit, chunk.calls, chunk.size).items():
+                yield name, torch.linalg.vector_norm(rows, dim=dim).square()
 
     def sq_norms(self) -> Tensor:
         out = torch.zeros(

@@ -23,7 +23,9 @@ def plot_temperatures(
     title: str = "",
 ) -> Path:
     """Fig. 1 of Musso: natural log of the signal (solid) and its standard deviation
-    (dashed) per layer against epochs, one colour per layer, regimes shaded."""
+    (dashed) per layer against epochs, one colour per layer, regimes shaded (by the paper's
+    criterion, :func:`~sgdgeom.monitors.regimes.analyse_regimes`); with the gradient SNR,
+    a second panel with its crossing dashed."""
     plt = pyplot()
     curves = temperature_curves(records)
     t = curves["epochs"]
@@ -38,7 +40,9 @@ def plot_temperatures(
         ax.plot(t, np.log(curves["signal"][name]), color=c, lw=1.4, label=f"{name} signal")
         ax.plot(t, np.log(np.maximum(curves["noise"][name], 1e-300)), color=c, lw=1.0, ls="--")
     if analysis is not None:
-        bounds = [t[0], analysis.get("t_cross") or t[0], analysis.get("t_late") or t[-1], t[-1]]
+        late = analysis.get("t_late") or t[-1]
+        cross = analysis.get("t_cross")  # None: the dashed lines never reach the solid ones
+        bounds = [t[0], late if cross is None else cross, late, t[-1]]
         shades = [
             ("signal-dominated", "tab:green"),
             ("transition", "tab:orange"),
@@ -58,8 +62,8 @@ def plot_temperatures(
         for i, name in enumerate(curves["snr"]):
             right.plot(t, np.log(curves["snr"][name]), color=colours[i % len(colours)], label=name)
         right.axhline(0, color="k", lw=0.8)
-        if analysis is not None and analysis.get("t_cross"):
-            right.axvline(analysis["t_cross"], color="k", lw=0.8, ls="--")
+        if analysis is not None and analysis.get("t_cross_snr"):
+            right.axvline(analysis["t_cross_snr"], color="k", lw=0.8, ls="--")
         right.set_xscale("log")
         right.set_xlabel("epoch")
         right.set_ylabel("log ‖E g_I‖ / ‖Std g_I‖")

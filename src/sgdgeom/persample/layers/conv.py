@@ -9,7 +9,12 @@ convolution (same stride, padding and dilation):
 - ``vjp``: :math:`\sum_i w_i g_i` is the weight gradient of the batch with output gradients
   :math:`w_i\Delta_i` (``conv2d_weight``);
 - ``per_sample``: the weight gradient of each sample alone, as one grouped convolution with
-  the samples as groups (times the layer's own groups), ``(b, out·in/groups·k_h·k_w)``.
+  the samples as groups (times the layer's own groups), ``(b, out·in/groups·k_h·k_w)``;
+- ``sq_norms`` (ungrouped layers with few output positions against their channels, the
+  deep layers of a CNN): :math:`\|g_i\|^2 = \sum_{t,s} (u_{it}\cdot u_{is})
+  (\delta_{it}\cdot\delta_{is})` over the output positions, with :math:`u_{it}` the
+  unfolded input patch and :math:`\delta_{it}` the output gradient at position t, never
+  forming the rows.
 
 A grouped convolution (``groups = G``, a depthwise one with ``G = in``) is the same
 formulas with the layer's groups: each sample's ``G`` groups are consecutive blocks of its
@@ -116,6 +121,28 @@ class ConvRule(LayerRule):
         materialises the rows (one grouped convolution of that cost) and multiplies them."""
         product = float(size * call.grads[0, 0].numel() * cast(nn.Conv2d, module).weight.numel())
         return product, product + float(size * size * numel)
+
+    def sq_norms(self, module: nn.Module, call: ConvCall, names: list[str]) -> Params | None:
+        """``‖g_i‖²`` of an ungrouped layer by each sample's ``(L, L)`` Gram matrices of its
+        unfolded patches and its output gradients, contracted, where their ``L² (in k_h k_w
+        + out)`` is at most the rows' ``L · in k_h k_w · out`` (L output positions); else
+        None (the rows)."""
+        out_c, fan_in, k_h, k_w = _shape2d(module)
+        patch = fan_in * k_h * k_w
+        delta = call.grads.flatten(2)  # (b, out, L)
+        positions = delta.shape[2]
+        if module.groups != 1 or positions * (patch + out_c) > patch * out_c:
+            return None
+        norms = {}
+        if "weight" in names:
+            geometry = _geometry(module)
+            del geometry["groups"]
+            patches = F.unfold(call.inputs, (k_h, k_w), **geometry)  # (b, in k², L)
+            grams = torch.bmm(patches.transpose(1, 2), patches)
+            norms["weight"] = (grams * torch.bmm(delta.transpose(1, 2), delta)).sum((1, 2))
+        if "bias" in names:
+            norms["bias"] = delta.sum(2).square().sum(1)
+        return norms
 
     def per_sample(self, module: nn.Module, call: ConvCall, names: list[str]) -> Params:
         """Each sample's weight gradient, at the cost of one batch weight gradient: as one
