@@ -26,11 +26,11 @@ from sgdgeom.experiments.rbm import load_rbm_config, run_rbm
 from sgdgeom.files import read_jsonl, save_figure
 
 
-def curves(run_dir: Path, updates: list[str]) -> dict[str, np.ndarray]:
-    """``{update: test log-likelihood per epoch}`` of one finished run."""
+def curves(run_dir: Path, updates: list[str], key: str = "test_loglik") -> dict[str, np.ndarray]:
+    """``{update: log-likelihood per epoch}`` of one finished run (``key``: ``test_loglik``
+    or ``train_loglik``)."""
     return {
-        u: np.array([r["test_loglik"] for r in read_jsonl(run_dir / u / "history.jsonl")])
-        for u in updates
+        u: np.array([r[key] for r in read_jsonl(run_dir / u / "history.jsonl")]) for u in updates
     }
 
 
@@ -38,10 +38,15 @@ LAST = 10
 """Epochs at the end whose mean judges a run (one epoch's value is noisy)."""
 
 
-def summarise(runs: list[dict[str, np.ndarray]], updates: list[str]) -> dict[str, Any]:
+def summarise(
+    runs: list[dict[str, np.ndarray]],
+    updates: list[str],
+    train: list[dict[str, np.ndarray]] | None = None,
+) -> dict[str, Any]:
     """Best and final test log-likelihood per update, the mean over the last :data:`LAST`
     epochs, and each one's difference from CD, paired by seed: ``[mean, s.e.]`` over the
-    runs."""
+    runs; with ``train`` (the same runs' training log-likelihoods), the training mean over
+    the last epochs too, which picks a learning rate without looking at the test set."""
     out: dict[str, Any] = {"runs": len(runs)}
     for u in updates:
         best = mean_and_error([r[u].max() for r in runs])
@@ -56,6 +61,29 @@ def summarise(runs: list[dict[str, np.ndarray]], updates: list[str]) -> dict[str
             out[u][f"final_minus_{base}"] = [float(v) for v in gain]
             gain = mean_and_error([r[u][-LAST:].mean() - r[base][-LAST:].mean() for r in runs])
             out[u][f"last{LAST}_minus_{base}"] = [float(v) for v in gain]
+        if train is not None:
+            fit = mean_and_error([r[u][-LAST:].mean() for r in train])
+            out[u][f"last{LAST}_train_loglik"] = [float(v) for v in fit]
+    return out
+
+
+def picks(by_lr: dict[str, dict[str, Any]], updates: list[str]) -> dict[str, Any]:
+    """Each update at its learning rate with the best mean training log-likelihood over the
+    last :data:`LAST` epochs (picked without the test set), and each metric update's test
+    difference from CD at CD's own pick (unpaired: mean ± combined s.e.)."""
+    key = f"last{LAST}_train_loglik"
+    chosen = {u: max(by_lr, key=lambda lr, u=u: by_lr[lr][u][key][0]) for u in updates}
+    out: dict[str, Any] = {"by": key}
+    base = updates[0]
+    control = by_lr[chosen[base]][base][f"last{LAST}_test_loglik"]
+    for u in updates:
+        test = by_lr[chosen[u]][u][f"last{LAST}_test_loglik"]
+        out[u] = {"lr": chosen[u], f"last{LAST}_test_loglik": test}
+        if u != base:
+            out[u][f"minus_{base}_at_its_pick"] = [
+                test[0] - control[0],
+                float(np.hypot(test[1], control[1])),
+            ]
     return out
 
 
@@ -81,14 +109,15 @@ def main() -> None:
 
     fig, axes = plt.subplots(2, len(args.lrs), figsize=(6 * len(args.lrs), 7), squeeze=False)
     for column, lr in enumerate(args.lrs):
-        runs = []
+        runs, train = [], []
         for seed in args.seeds:
             run_dir = args.out / f"lr={lr:g}_seed={seed}"
             if not (run_dir / "summary.json").exists():
                 config = base.model_copy(update={"seed": seed, "lr": lr})
                 run_rbm(config, run_dir, progress=False)
             runs.append(curves(run_dir, updates))
-        summary["lrs"][f"{lr:g}"] = summarise(runs, updates)
+            train.append(curves(run_dir, updates, "train_loglik"))
+        summary["lrs"][f"{lr:g}"] = summarise(runs, updates, train)
         epochs = np.arange(1, len(runs[0][updates[0]]) + 1)
         top, bottom = axes[0, column], axes[1, column]
         for u in updates:
@@ -114,6 +143,7 @@ def main() -> None:
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+    summary["picked"] = picks(summary["lrs"], updates)
     fig.tight_layout()
     save_figure(fig, args.out / "rbm-replication.png")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

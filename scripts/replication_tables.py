@@ -166,10 +166,17 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
     the test set`` (the last where the test set's size is known), a paired difference
     ``mean ± s.e. (± its binomial bound)``."""
 
-    def cell(value: list[float] | None, digits: int = 4, binomial: float | None = None) -> str:
+    def cell(
+        value: list[float] | None,
+        digits: int = 4,
+        binomial: float | None = None,
+        seeds: int = 2,
+    ) -> str:
         if value is None:
             return "—"
-        text = f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+        # one seed has no seed error: "(1 seed)" in its place
+        spread = "(1 seed)" if seeds == 1 else f"± {value[1]:.{digits}f}"
+        text = f"{value[0]:.{digits}f} {spread}"
         return text if binomial is None else f"{text} ± {binomial:.{digits}f}"
 
     lines = [
@@ -185,12 +192,12 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
         difference = "—" if paired is None else f"{paired[0]:+.4f} ± {paired[1]:.4f}"
         if paired is not None and bound is not None:
             difference += f" (± {bound:.4f})"
-        binomial = row["binomial"]
+        binomial, runs = row["binomial"], row["runs"]
         lines.append(
             f"| {name} | {_runs_cell(row)} | "
-            f"{cell(row['best_test_acc'], binomial=binomial['best_test_acc'])} | "
-            f"{cell(row['final_test_acc'], binomial=binomial['final_test_acc'])} | "
-            f"{cell(row['final_test_loss'])} | "
+            f"{cell(row['best_test_acc'], binomial=binomial['best_test_acc'], seeds=runs)} | "
+            f"{cell(row['final_test_acc'], binomial=binomial['final_test_acc'], seeds=runs)} | "
+            f"{cell(row['final_test_loss'], seeds=runs)} | "
             f"{'—' if seconds is None else f'{seconds:.2f}'} | {difference} |"
         )
         if "t_cross" in row:

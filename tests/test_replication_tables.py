@@ -98,7 +98,10 @@ def test_the_rbm_script_runs_resumes_and_summarises(tmp_path):
         "final_minus_cd",
         "last10_test_loglik",
         "last10_minus_cd",
+        "last10_train_loglik",
     }
+    picked = json.loads((tmp_path / "out/summary.json").read_text())["picked"]
+    assert picked["cd"]["lr"] == "0.05" and "minus_cd_at_its_pick" in picked["metric-exact"]
 
 
 def test_failed_runs_are_counted_and_a_failed_grid_point_is_never_best(tables, tmp_path):
