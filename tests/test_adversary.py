@@ -443,6 +443,17 @@ def test_block_lanczos_is_bounded_by_free_memory(monkeypatch):
     assert pairs.passes <= 5
 
 
+def test_single_vector_lanczos_is_refused_where_its_basis_would_not_fit(monkeypatch):
+    dim = 3000
+    A = torch.diag(torch.linspace(1, 2, dim, dtype=torch.float64))
+    monkeypatch.setattr(krylov, "available_bytes", lambda device: krylov.arpack_bytes(dim, 3))
+    with pytest.raises(InputError, match=r"ARPACK.*GiB of float64 vectors.*randomized"):
+        top_eigenpairs(lambda V: A @ V, dim, 3, A.dtype, method="lanczos")
+    monkeypatch.setattr(krylov, "available_bytes", lambda device: 2 * krylov.arpack_bytes(dim, 3))
+    pairs = top_eigenpairs(lambda V: A @ V, dim, 3, A.dtype, method="lanczos")
+    assert pairs.values.tolist() == pytest.approx([2.0, 2.0 - 1 / 2999, 2.0 - 2 / 2999])
+
+
 def test_a_killed_runs_captures_are_reclaimed_at_the_next_start(tmp_path):
     stale = tmp_path / "captures-dead"
     stale.mkdir()

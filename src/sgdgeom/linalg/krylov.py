@@ -58,6 +58,7 @@ __all__ = [
     "Eigenpairs",
     "Method",
     "MethodChoice",
+    "arpack_bytes",
     "krylov_bytes",
     "lanczos_top",
     "top_eigenpairs",
@@ -151,6 +152,8 @@ def top_eigenpairs(
     (and their products) each pass. The passes are bounded up front by half the memory the
     device has free (:func:`krylov_bytes`): fewer than ``max_passes`` with a warning, or
     an :class:`~sgdgeom.errors.InputError` with the sizes where not even three fit.
+    Single-vector Lanczos (ARPACK, float64 vectors in host memory) is refused the same way
+    where its basis (:func:`arpack_bytes`) would take more than half the free memory.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -166,6 +169,8 @@ def top_eigenpairs(
         raise InputError(f"block must be >= 1 (>= k = {k} for randomized), got {block}")
     if method == "block-lanczos":
         max_passes = _passes_that_fit(dim, block, dtype, torch.device(device), max_passes)
+    if method == "lanczos":
+        _arpack_fits(dim, k)
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn(dim, block, generator=generator, dtype=torch.float64).to(device, dtype)
     bar = tqdm(
@@ -244,6 +249,27 @@ def krylov_bytes(dim: int, block: int, passes: int, dtype: torch.dtype) -> int:
     AQ, ``passes · block`` vectors of ``dim`` each, twice over while a pass appends to
     them (the concatenation copies)."""
     return 4 * passes * block * dim * torch.empty((), dtype=dtype).element_size()
+
+
+def arpack_bytes(dim: int, k: int) -> int:
+    """The memory of scipy's ARPACK for the top k of a ``dim``-dimensional operator: its
+    Lanczos basis of ``ncv = max(2k + 1, 20)`` float64 vectors, its work vectors and the k
+    eigenvectors it returns."""
+    ncv = min(dim, max(2 * k + 1, 20))
+    return (ncv + k + 4) * dim * 8
+
+
+def _arpack_fits(dim: int, k: int) -> None:
+    """Refuse single-vector Lanczos where its basis would not fit in half the free memory
+    of the host (ARPACK works in host memory, whatever the operator's device)."""
+    free = available_bytes(torch.device("cpu"))
+    if free is not None and arpack_bytes(dim, k) > free // 2:
+        raise InputError(
+            f"single-vector Lanczos (ARPACK) for the top {k} of {dim:,} dimensions keeps "
+            f"{arpack_bytes(dim, k) / 2**30:.1f} GiB of float64 vectors, and half the "
+            f"{free / 2**30:.1f} GiB free is its budget: ask fewer eigenpairs (k), or use "
+            f"method='randomized' (two blocks of memory, in the operator's dtype)"
+        )
 
 
 def _passes_that_fit(
