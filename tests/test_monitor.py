@@ -73,13 +73,15 @@ def test_signal_is_mean_absolute_weight_gradient_and_noise_is_numpy_std():
         )
 
 
-@pytest.mark.parametrize("kernel", ["numba", "torch"])
+@pytest.mark.parametrize("kernel", ["numba-serial", "numba-parallel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_l1_norms_equal_a_float64_sum_on_both_routes(kernel, dtype, monkeypatch):
-    if kernel == "numba":
+    if kernel.startswith("numba"):
         pytest.importorskip("numba")
+        # one torch thread takes numba's serial kernel, more its parallel one
+        monkeypatch.setattr(monitor, "numba_parallel", lambda: kernel == "numba-parallel")
     else:
-        monkeypatch.setattr(monitor, "_l1_kernel", lambda: None)
+        monkeypatch.setattr(monitor, "_l1_kernel", lambda parallel: None)
     gen = torch.Generator().manual_seed(0)
     tensors = [
         torch.randn(300, 301, generator=gen, dtype=dtype),  # odd sizes: the kernel's tail

@@ -5,6 +5,8 @@ the closed form on a quadratic loss, and equal draws on 2 gloo ranks."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,9 +28,18 @@ def _draw(count: int, key: int = 12345, half: float = HALF, **kw) -> torch.Tenso
     return uniform_(out, [key], half, **kw)[0]
 
 
+@pytest.fixture(params=[1, 2], ids=["serial-kernel", "parallel-kernel"])
+def threads(request):
+    """One torch thread (numba's serial kernel) or two (its parallel one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 9), (4, 784)])
-def test_kernel_equals_the_torch_reference_bit_for_bit(dtype, shape):
+def test_kernel_equals_the_torch_reference_bit_for_bit(dtype, shape, threads):
     pytest.importorskip("numba")
     keys = [point_key(2**64 - 5, 1, a) for a in range(shape[0])]  # keys above 2^63 too
     signs = [(-1) ** a for a in range(shape[0])]
@@ -207,7 +218,7 @@ def test_equal_draws_on_two_gloo_ranks(tmp_path):
 
 
 def test_without_numba_the_torch_route_warns_once(monkeypatch):
-    monkeypatch.setattr(perturbations, "_numba_kernel", lambda: None)
+    monkeypatch.setattr(perturbations, "_numba_kernel", lambda parallel: None)
     perturbations._warn_slow.cache_clear()
     with pytest.warns(UserWarning, match="numba is not installed"):
         uniform_(torch.empty(1, 2**16), [3], 1.0)
@@ -228,3 +239,23 @@ def test_bad_buffers_are_refused():
         uniform_(torch.empty(2, 4), [1], 1.0)
     with pytest.raises(ValueError, match="base has shape"):
         uniform_(torch.empty(1, 4), [1], 1.0, base=torch.zeros(3))
+
+
+def test_one_torch_thread_never_launches_numbas_thread_pool():
+    """On one torch thread the kernels are serial and numba's pool stays unlaunched (its
+    OpenMP layer shares the runtime with torch: launched, it made one-thread sweep runs
+    compute on two threads); on two, the parallel kernels launch it."""
+    pytest.importorskip("numba")
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "import numba.np.ufunc.parallel as pool\n"
+        "from sgdgeom.optim.perturbations import uniform_\n"
+        "from sgdgeom.monitors.temperature import l1_norms\n"
+        "uniform_(torch.empty(3, 1000), [1, 2, 3], 0.1); l1_norms([torch.randn(100)])\n"
+        "print(pool._is_initialized)\n"
+        "torch.set_num_threads(2); uniform_(torch.empty(3, 1000), [1, 2, 3], 0.1)\n"
+        "print(pool._is_initialized)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

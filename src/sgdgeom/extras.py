@@ -20,7 +20,7 @@ import torch
 
 from sgdgeom.errors import MissingExtraError
 
-__all__ = ["EXTRAS", "numba_threads", "require"]
+__all__ = ["EXTRAS", "numba_parallel", "numba_threads", "require"]
 
 EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("data", "scikit-learn"),
@@ -61,11 +61,20 @@ def _numba() -> ModuleType | None:
         return None
 
 
+def numba_parallel() -> bool:
+    """Whether a numba kernel should be the ``parallel=True`` one: only on more than one
+    torch thread. On one, the serial kernel, and numba's thread pool is never launched:
+    launching it (its OpenMP layer shares the process's OpenMP runtime with torch) made a
+    one-thread sweep run compute on two threads, which slowed its neighbour on a 2-core
+    machine six-fold (a PLA epoch from 13 s to 80 s)."""
+    return torch.get_num_threads() > 1
+
+
 def numba_threads() -> ModuleType | None:
     """numba, running on torch's number of threads (``torch.set_num_threads``), or None
     where it is not installed: the CPU kernels it compiles are optional speed-ups
     (``pip install 'sgdgeom[fast]'``), each with a torch route that gives the same result."""
     numba = _numba()
-    if numba is not None:
+    if numba is not None and numba_parallel():  # one thread: leave numba's pool unlaunched
         numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     return numba

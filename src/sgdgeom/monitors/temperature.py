@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from sgdgeom.callbacks import Callback, Loop
 from sgdgeom.diffusion import DiffusionMatrix
 from sgdgeom.errors import InputError
-from sgdgeom.extras import numba_threads
+from sgdgeom.extras import numba_parallel, numba_threads
 from sgdgeom.monitors.probe import ProbeMonitor
 from sgdgeom.monitors.registry import MonitorContext, MonitorOptions, register_monitor
 from sgdgeom.persample import LossSpec, plan_layers
@@ -63,13 +63,14 @@ _NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 @functools.cache
-def _l1_kernel() -> Any:
-    """The CPU kernel of :func:`l1_norms`, compiled on first use, or None without numba."""
+def _l1_kernel(parallel: bool) -> Any:
+    """The CPU kernel of :func:`l1_norms`, compiled on first use (``parallel``: over
+    threads, :func:`~sgdgeom.extras.numba_parallel`), or None without numba."""
     numba = numba_threads()
     if numba is None:
         return None
 
-    @numba.njit(parallel=True, nogil=True, fastmath=True, cache=False)  # type: ignore[untyped-decorator]
+    @numba.njit(parallel=parallel, nogil=True, fastmath=True, cache=False)  # type: ignore[untyped-decorator]
     def l1(flat: Any) -> float:  # pragma: no cover - compiled
         total = 0.0  # float64
         for i in numba.prange(flat.size):
@@ -91,7 +92,7 @@ def l1_norms(tensors: Sequence[Tensor]) -> Tensor:
         raise InputError("l1_norms needs at least one tensor")
     first = tensors[0]
     on_cpu = all(t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS for t in tensors)
-    kernel = _l1_kernel() if on_cpu else None
+    kernel = _l1_kernel(numba_parallel()) if on_cpu else None
     if kernel is None:
         return torch.stack(torch._foreach_norm(list(tensors), 1))
     numba_threads()

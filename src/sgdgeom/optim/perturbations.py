@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sgdgeom.extras import numba_threads
+from sgdgeom.extras import numba_parallel, numba_threads
 
 __all__ = ["draw_key", "point_key", "uniform_"]
 
@@ -115,8 +115,9 @@ def _compiled_deltas() -> Any:
 
 
 @functools.cache
-def _numba_kernel() -> Any:
-    """The CPU kernel, compiled on first use (about a second), or None without numba."""
+def _numba_kernel(parallel: bool) -> Any:
+    """The CPU kernel, compiled on first use (about a second; ``parallel``: over threads,
+    :func:`~sgdgeom.extras.numba_parallel`), or None without numba."""
     numba = numba_threads()
     if numba is None:
         return None
@@ -131,7 +132,7 @@ def _numba_kernel() -> Any:
         z = (z ^ (z >> s27)) * mix2
         return z ^ (z >> s31)
 
-    @numba.njit(parallel=True, nogil=True, cache=False)
+    @numba.njit(parallel=parallel, nogil=True, cache=False)
     def fill(out: Any, keys: Any, scales: Any, base: Any) -> None:  # pragma: no cover
         # row a: the odd integers (exact in out's dtype), times scales[a] (one rounding),
         # plus base (one more rounding, as base + Δ in torch)
@@ -183,7 +184,7 @@ def uniform_(
     if out.numel() == 0:
         return out
     scale = half / (1 << BITS)  # a power of two times half: the product rounds once
-    kernel = _numba_kernel() if use_numba and out.device.type == "cpu" else None
+    kernel = _numba_kernel(numba_parallel()) if use_numba and out.device.type == "cpu" else None
     if kernel is not None:
         rows = out.detach().view(len(out), -1).numpy()
         flat_base = (
