@@ -189,7 +189,8 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
         seconds = row["seconds_per_epoch"]
         paired = row.get("paired", {}).get("best_test_acc")
         bound = row.get("paired_binomial", {}).get("best_test_acc")
-        difference = "—" if paired is None else f"{paired[0]:+.4f} ± {paired[1]:.4f}"
+        spread = "(1 pair)" if row.get("pairs") == 1 else f"± {paired[1]:.4f}" if paired else ""
+        difference = "—" if paired is None else f"{paired[0]:+.4f} {spread}"
         if paired is not None and bound is not None:
             difference += f" (± {bound:.4f})"
         binomial, runs = row["binomial"], row["runs"]
