@@ -4,6 +4,7 @@ gives a split-half correlation near 0; one whose inputs differ in scale, near 1)
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -76,3 +77,17 @@ def test_bad_input():
         within_layer_temperatures(model, "cross_entropy", (x, y), layers=["fc9"])
     with pytest.raises(InputError, match="at least 4 samples"):
         within_layer_temperatures(model, "cross_entropy", (x[:3], y[:3]))
+
+
+def test_a_layer_of_more_than_2_to_the_24_weights():
+    """torch.quantile refuses more than 2²⁴ entries; a 4,100 x 4,100 layer is measured."""
+    torch.manual_seed(0)
+    model = nn.Linear(4100, 4100, bias=False).double()
+    x, y = torch.randn(4, 4100, dtype=torch.float64), torch.randint(0, 4100, (4,))
+    row = within_layer_temperatures(model, "cross_entropy", (x, y))[""]
+    whole = _variances(model, x, y, "weight")
+    assert row["numel"] == 4100 * 4100 > 2**24
+    q = whole.numpy()
+    assert [row["q10"], row["q50"], row["q90"]] == pytest.approx(
+        np.quantile(q, [0.1, 0.5, 0.9]).tolist(), rel=1e-10
+    )
