@@ -24,11 +24,12 @@ def _variances(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) ->
     return G.var(0, unbiased=False)
 
 
-def test_equals_explicit_per_sample_gradients():
+@pytest.mark.parametrize("n", [6, 7])  # 6: B = in = out; 7: halves of unequal size
+def test_equals_explicit_per_sample_gradients(n: int):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
     model = model.double()
-    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))  # B = in = out
+    x, y = torch.randn(n, 6, dtype=torch.float64), torch.randint(0, 3, (n,))
     got = within_layer_temperatures(model, "cross_entropy", (x, y))
     assert set(got) == {"0", "2", "4"}
     for layer in got:

@@ -305,10 +305,20 @@ def within_layer_temperatures(
         if unknown:
             raise InputError(f"no layer with weights named {unknown}; the layers: {list(chosen)}")
         chosen = {name: chosen[name] for name in layers}
-    diagonals = []
-    for part in (slice(None), slice(0, None, 2), slice(1, None, 2)):
-        D = DiffusionMatrix(model, loss_fn, (x[part], y[part]), chunk_size=256)
-        diagonals.append(D.space.unflatten(D.diagonal()))
+    # two captures, one per half; the whole batch's diagonal from the halves' sums:
+    # (1/N) Σ_i g_i² − ḡ², with Σ_i g_i² and Σ_i g_i the halves' added
+    halves = [
+        DiffusionMatrix(model, loss_fn, (x[part], y[part]), chunk_size=256)
+        for part in (slice(0, None, 2), slice(1, None, 2))
+    ]
+    even_half, odd_half = halves
+    n = even_half.n + odd_half.n
+    mean = (even_half.n * even_half.mean_gradient() + odd_half.n * odd_half.mean_gradient()) / n
+    second = (even_half.products.square_sum() + odd_half.products.square_sum()) / n
+    diagonals = [
+        even_half.space.unflatten(diagonal)
+        for diagonal in ((second - mean.square()).clamp_min(0), *(h.diagonal() for h in halves))
+    ]
     out = {}
     for layer, weights in chosen.items():
         whole, even, odd = (
