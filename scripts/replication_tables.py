@@ -19,7 +19,12 @@ grid's largest or smallest).
 Every group is also compared with the :data:`BASELINE` group run by run, paired by seed:
 the mean ± s.e. of the differences, and the binomial bound of a difference of two test
 accuracies on one test set, ``sqrt(p₁(1 − p₁)/n + p₂(1 − p₂)/n)`` (an upper bound: the
-two models' errors on a test image are positively correlated, which shrinks it).
+two models' errors on a test image are positively correlated, which shrinks it). Where both
+runs of every pair kept which test images their picked model classifies correctly
+(``test_correct.npy``, written by sgdgeom's trainer), the difference gets the test set's
+*paired* standard error instead: with ``c`` the 0/1 vectors and ``δ_j`` image j's
+difference averaged over the pairs, ``sd(δ) / sqrt(n)`` (McNemar's: only the images the
+two models disagree on count).
 """
 
 from __future__ import annotations
@@ -32,11 +37,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sgdgeom.data import load_dataset
 from sgdgeom.errors import SgdgeomError
 from sgdgeom.experiments.plots import group_label, mean_and_error
 from sgdgeom.experiments.store import ResultStore
 from sgdgeom.files import save_figure
+from sgdgeom.train import TEST_CORRECT
 
 METRICS = ("best_test_acc", "final_test_acc", "final_test_loss")
 ACCURACIES = ("best_test_acc", "final_test_acc")
@@ -53,7 +61,8 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     named :data:`BASELINE`, every other group also gets ``"paired"``: ``{metric: [mean,
     s.e.]}`` of its runs' differences from the baseline run of the same seed, ``"pairs"``,
     their number, and ``"paired_binomial"``: the binomial bound of each accuracy's
-    difference."""
+    difference, and ``"paired_test_se"``, the test set's paired s.e. of the picked epochs'
+    accuracy difference, where every pair kept :data:`~sgdgeom.train.TEST_CORRECT`."""
     store = ResultStore(sweep_dir / "results.sqlite")
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in store.runs():
@@ -61,6 +70,10 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     table = {}
     finals = {
         name: {run["labels"].get("seed"): run["final"] for run in group if run["final"]}
+        for name, group in groups.items()
+    }
+    correct = {
+        name: {run["labels"].get("seed"): _test_correct(sweep_dir, run) for run in group}
         for name, group in groups.items()
     }
     for name, group in sorted(groups.items()):
@@ -107,8 +120,36 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
                 )
                 for metric in ACCURACIES
             }
+            row["paired_test_se"] = _paired_test_se(correct[name], correct[BASELINE], seeds)
         table[name] = row
     return table
+
+
+def _test_correct(sweep_dir: Path, run: dict[str, Any]) -> np.ndarray | None:
+    """A finished run's :data:`~sgdgeom.train.TEST_CORRECT`, where it is there and agrees
+    with the run's own best test accuracy (else None)."""
+    path = sweep_dir / "runs" / run["name"] / TEST_CORRECT
+    if run["status"] != "finished" or not path.is_file():
+        return None
+    correct = np.load(path, allow_pickle=False)
+    final = run["final"]
+    size = final.get("test_samples", len(correct))  # older runs did not record it
+    if correct.shape != (size,) or correct.mean() != final["best_test_acc"]:
+        print(f"{path}: does not match its run's final.json; left out", file=sys.stderr)
+        return None
+    return correct
+
+
+def _paired_test_se(
+    group: dict[Any, np.ndarray | None], baseline: dict[Any, np.ndarray | None], seeds: list[Any]
+) -> float | None:
+    """``sd(δ) / sqrt(n)``, ``δ_j`` the mean over the pairs of image j's correctness minus
+    the baseline's; None unless every pair kept both vectors."""
+    pairs = [(group.get(s), baseline.get(s)) for s in seeds]
+    if not pairs or any(one is None or two is None for one, two in pairs):
+        return None
+    delta = np.mean([one.astype(float) - two.astype(float) for one, two in pairs], axis=0)
+    return float(delta.std(ddof=1) / math.sqrt(len(delta)))
 
 
 def _baseline_mean(finals: dict[Any, dict[str, Any]], seeds: list[Any], metric: str) -> list[float]:
@@ -164,7 +205,8 @@ def _picked_on(table: dict[str, dict[str, Any]]) -> str:
 def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
     """One row per group; an accuracy reads ``mean ± s.e. over seeds ± binomial s.e. of
     the test set`` (the last where the test set's size is known), a paired difference
-    ``mean ± s.e. (± its binomial bound)``."""
+    ``mean ± s.e. (± the test set's paired s.e., "paired")`` where the runs kept
+    ``test_correct.npy``, else ``mean ± s.e. (± its binomial bound)``."""
 
     def cell(
         value: list[float] | None,
@@ -182,7 +224,8 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
     lines = [
         f"\n{title}\n",
         f"| group | runs | test acc at the best epoch ({_picked_on(table)}) | final test acc "
-        f"| final test loss | s / epoch | best-epoch test acc − {BASELINE}, paired by seed |",
+        f"| final test loss | s / epoch | best-epoch test acc − {BASELINE}, paired by seed "
+        "(± the test set's paired s.e., or its binomial bound) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in table.items():
@@ -191,7 +234,10 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
         bound = row.get("paired_binomial", {}).get("best_test_acc")
         spread = "(1 pair)" if row.get("pairs") == 1 else f"± {paired[1]:.4f}" if paired else ""
         difference = "—" if paired is None else f"{paired[0]:+.4f} {spread}"
-        if paired is not None and bound is not None:
+        paired_se = row.get("paired_test_se")
+        if paired is not None and paired_se is not None:
+            difference += f" (± {paired_se:.4f} paired)"
+        elif paired is not None and bound is not None:
             difference += f" (± {bound:.4f})"
         binomial, runs = row["binomial"], row["runs"]
         lines.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sgdgeom.experiments.store import ResultStore
@@ -199,3 +200,33 @@ def test_a_paired_difference_carries_its_binomial_bound(tables, tmp_path):
     assert "picked on the validation part" in text
     assert f"| +0.0300 ± 0.0000 (± {bound:.4f}) |" in text
     assert f"0.7900 ± 0.0100 ± {_binomial(0.79):.4f}" in text
+
+
+def test_a_difference_with_kept_test_correct_carries_the_paired_error(tables, tmp_path):
+    """Two models that disagree on 30 of 1,000 test images (20 won, 10 lost): the paired
+    s.e. of the difference is sd(δ)/sqrt(n), far below the independent bound, and a
+    test_correct.npy that disagrees with its run's accuracy is left out."""
+    results = {("none", 0): ((0.80, 0.80), (0.80, 0.80)),
+               ("pla", 0): ((0.82, 0.82), (0.81, 0.81))}  # fmt: skip
+    _validated_store(tmp_path, results, lr=False)
+    rng = np.random.default_rng(0)
+    base = np.zeros(1000, dtype=bool)
+    base[rng.permutation(1000)[:800]] = True
+    right, wrong = np.flatnonzero(base), np.flatnonzero(~base)
+    pla = base.copy()
+    pla[wrong[:20]], pla[right[:10]] = True, False  # accuracy 0.81
+    delta = pla.astype(float) - base.astype(float)
+    expected = delta.std(ddof=1) / 1000**0.5  # = sqrt(30 − 10²/1000)/1000 ≈ 0.0055
+    for seed in (0, 1):
+        for name, correct in (("none", base), ("pla", pla)):
+            folder = tmp_path / "runs" / f"{name}_lr=0_seed={seed}"
+            folder.mkdir(parents=True)
+            np.save(folder / "test_correct.npy", correct)
+    row = tables.summarise(tmp_path)["pla"]
+    assert row["paired_test_se"] == pytest.approx(expected)
+    assert row["paired_test_se"] < row["paired_binomial"]["best_test_acc"] / 3
+    text = tables.markdown("t", tables.summarise(tmp_path))
+    assert f"| +0.0100 ± 0.0000 (± {expected:.4f} paired) |" in text
+    np.save(tmp_path / "runs" / "pla_lr=0_seed=1" / "test_correct.npy", base)  # 0.80 ≠ 0.81
+    row = tables.summarise(tmp_path)["pla"]
+    assert row["paired_test_se"] is None

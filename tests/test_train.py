@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from sgdgeom.experiments.config import parse_config
 from sgdgeom.experiments.runner import run_training
 from sgdgeom.files import read_jsonl
 from sgdgeom.models import build_model
-from sgdgeom.train import Trainer
+from sgdgeom.train import TEST_CORRECT, Trainer
 
 CONFIG = {
     "name": "resume",
@@ -67,6 +68,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     assert resumed == reference
     assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
     assert json.loads((run_dir / "final.json").read_text()) == reference
+    assert torch.equal(_test_correct(run_dir), _test_correct(tmp_path / "reference"))
 
 
 def test_same_seed_same_run_other_seed_other_run():
@@ -155,3 +157,52 @@ def test_quick_config_trains_mnist5k_mlp(tmp_path):
     final = run_training(load_config(path), tmp_path, progress=False)
     assert final["epochs"] == 3
     assert final["final_test_acc"] > 0.85
+
+
+PICKED = {  # validation picks epoch 5 of 6 (val 1.0, then 0.92): not the last
+    **CONFIG,
+    "data": {"name": "digits", "batch_size": 32, "n_train": 640, "n_test": 200, "n_val": 100},
+    "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9},
+    "train": {"epochs": 6, "device": "cpu"},
+}
+
+
+def _test_correct(run_dir) -> torch.Tensor:
+    return torch.from_numpy(np.load(run_dir / TEST_CORRECT, allow_pickle=False))
+
+
+def test_test_correct_is_that_of_the_picked_epoch(tmp_path):
+    """test_correct.npy holds the model of the picked epoch, not the last one: a run
+    stopped at the picked epoch (same seed, so the same weights) classifies exactly it."""
+    final = run_training(parse_config(PICKED), tmp_path / "full", progress=False)
+    assert final["best_epoch"] == 5 < final["epochs"]
+    correct = _test_correct(tmp_path / "full")
+    assert correct.dtype == torch.bool and correct.shape == (final["test_samples"],)
+    assert int(correct.sum()) / len(correct) == final["best_test_acc"]
+    stopped = parse_config({**PICKED, "train": {"epochs": 5, "device": "cpu"}})
+    trainer_dir = tmp_path / "stopped"
+    run_training(stopped, trainer_dir, progress=False)
+    model = build_model("mlp", (64,), 10, widths=[32, 32])
+    model.load_state_dict(torch.load(trainer_dir / "checkpoint.pt", weights_only=True)["model"])
+    dataset = load_dataset("digits").subset(640, 200)
+    with torch.no_grad():
+        again = model(dataset.normalize(dataset.x_test)).argmax(1) == dataset.y_test
+    assert torch.equal(correct, again)
+
+
+@pytest.mark.parametrize(("config", "written"), [(CONFIG, True), (PICKED, False)])
+def test_resuming_a_run_older_than_test_correct(tmp_path, config, written):
+    """A run finished before sgdgeom kept test_correct gets it on resuming where its
+    checkpoint holds the picked epoch's model (the last), and only there."""
+    parsed = parse_config(config)
+    final = run_training(parsed, tmp_path, progress=False)
+    assert (final["best_epoch"] == final["epochs"]) is written
+    kept = _test_correct(tmp_path)
+    (tmp_path / TEST_CORRECT).unlink()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["picked_test_correct"]  # as an older sgdgeom wrote it
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert run_training(parsed, tmp_path, resume=True, progress=False) == final
+    assert (tmp_path / TEST_CORRECT).exists() is written
+    if written:
+        assert torch.equal(_test_correct(tmp_path), kept)

@@ -15,6 +15,7 @@ run with :class:`~sgdgeom.errors.NonFiniteLossError` and leaves the last good ch
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -33,13 +35,16 @@ from sgdgeom.errors import CheckpointError, InputError, NonFiniteLossError, Sgdg
 from sgdgeom.files import atomic_write_bytes, load_checkpoint, save_checkpoint, write_jsonl
 from sgdgeom.optim.objectives import Objective, cross_entropy_objective
 
-__all__ = ["CHECKPOINT", "FINAL", "METRICS", "Trainer", "resolve_device"]
+__all__ = ["CHECKPOINT", "FINAL", "METRICS", "TEST_CORRECT", "Trainer", "resolve_device"]
 
 __getattr__ = moved("sgdgeom.train", {"TensorBoardLogger": "sgdgeom.monitors"})
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
+TEST_CORRECT = "test_correct.npy"
+"""Which test images the model of the picked epoch classifies correctly, ``(n_test,)`` bool:
+what a paired comparison of two runs on one test set needs (McNemar's discordant pairs)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -97,8 +102,8 @@ class Trainer:
             default. Partial local entropy and other losses plug in here.
         augment: a batched augmentation applied to training images before normalisation.
         callbacks: see :class:`~sgdgeom.callbacks.Callback`.
-        out_dir: where ``metrics.jsonl``, ``checkpoint.pt`` and ``final.json`` go; None
-            keeps everything in memory.
+        out_dir: where ``metrics.jsonl``, ``checkpoint.pt``, ``final.json`` and
+            ``test_correct.npy`` (:data:`TEST_CORRECT`) go; None keeps everything in memory.
         seed: seeds the shuffling and the global random state of every epoch.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: show a tqdm progress bar.
@@ -159,6 +164,7 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # steps completed in all
         self.history: list[dict[str, Any]] = []
+        self._picked_correct: Tensor | None = None  # test_correct at the picked epoch
         self._x_train = dataset.x_train.to(self.device)
         self._y_train = dataset.y_train.to(self.device)
         self._x_test = dataset.normalize(dataset.x_test.to(self.device))
@@ -187,6 +193,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "callbacks": [cb.state_dict() for cb in self.callbacks],
                 "history": self.history,
+                "picked_test_correct": self._picked_correct,
                 "run_id": self.run_id,
                 "optimizer_signature": self._signature,
             },
@@ -208,6 +215,7 @@ class Trainer:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CheckpointError(f"cannot resume from {path}: {first}") from None
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self._picked_correct = state.get("picked_test_correct")
         # Metrics of an epoch after the checkpoint were never confirmed: rewrite the log.
         self._write_metrics_log()
 
@@ -242,18 +250,22 @@ class Trainer:
     def evaluate(self, part: str = "test") -> tuple[float, float]:
         """Mean cross-entropy and accuracy on the test part (``part="val"``: the
         validation part the dataset holds out)."""
+        loss, correct = self._evaluate(part)
+        return loss, int(correct.sum()) / len(correct)
+
+    def _evaluate(self, part: str) -> tuple[float, Tensor]:
+        """Mean cross-entropy and which samples are classified correctly, ``(n,)`` bool."""
         x_all, y_all = (self._x_test, self._y_test) if part == "test" else self._val or (None, None)
         if x_all is None or y_all is None:
             raise InputError(f"the dataset has no {part} part")
         self.model.eval()
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct = 0.0, []
         with torch.no_grad():
             for x, y in batches(x_all, y_all, self.test_batch_size):
                 logits = self.model(x)
                 loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-                correct += int((logits.argmax(1) == y).sum())
-        n = len(y_all)
-        return loss_sum / n, correct / n
+                correct.append(logits.argmax(1) == y)
+        return loss_sum / len(y_all), torch.cat(correct).cpu()
 
     def _train_epoch(self, bar: tqdm) -> dict[str, float]:
         epoch = self.epoch + 1
@@ -356,19 +368,40 @@ class Trainer:
                 record |= self._train_epoch(bar)
                 if self._val is not None:
                     record["val_loss"], record["val_acc"] = self.evaluate("val")
-                record["test_loss"], record["test_acc"] = self.evaluate()
+                record["test_loss"], correct = self._evaluate("test")
+                record["test_acc"] = int(correct.sum()) / len(correct)
                 record["seconds"] = time.perf_counter() - start
                 self._check_finite(record)
                 self.epoch += 1
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, self.epoch, record)
+                key = self._selection_key()
+                if all(record[key] > earlier[key] for earlier in self.history):
+                    self._picked_correct = correct  # the first best, as summary() picks
                 self.history.append(record)
                 self._save_checkpoint()
                 self._write_metrics_log()
         final = self.summary()
         if self.out_dir is not None:
             atomic_write_bytes(self.out_dir / FINAL, json.dumps(final, indent=2).encode())
+            self._write_test_correct(final)
         return final
+
+    def _selection_key(self) -> str:
+        """What picks the best epoch: the validation accuracy where the dataset holds a
+        part out, else the test accuracy."""
+        return "val_acc" if self._val is not None else "test_acc"
+
+    def _write_test_correct(self, final: dict[str, Any]) -> None:
+        """Write :data:`TEST_CORRECT` for the picked epoch. A run whose checkpoint predates
+        it (finished by an older sgdgeom) gets it on resuming, where the picked epoch is the
+        last one, whose model the checkpoint holds."""
+        if self._picked_correct is None and final.get("best_epoch") == self.epoch:
+            self._picked_correct = self._evaluate("test")[1]
+        if self._picked_correct is not None and self.out_dir is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, self._picked_correct.numpy().astype(bool), allow_pickle=False)
+            atomic_write_bytes(self.out_dir / TEST_CORRECT, buffer.getvalue())
 
     def summary(self) -> dict[str, Any]:
         """Final and best accuracy of the epochs so far. The best epoch is picked on the
@@ -379,7 +412,7 @@ class Trainer:
         ``sqrt(p (1 − p) / test_samples)``."""
         if not self.history:
             return {"epochs": 0}
-        key = "val_acc" if "val_acc" in self.history[-1] else "test_acc"
+        key = self._selection_key()
         best = max(self.history, key=lambda r: r[key])
         last = self.history[-1]
         out = {
