@@ -24,7 +24,8 @@ runs of every pair kept which test images their picked model classifies correctl
 (``test_correct.npy``, written by sgdgeom's trainer), the difference gets the test set's
 *paired* standard error instead: with ``c`` the 0/1 vectors and ``δ_j`` image j's
 difference averaged over the pairs, ``sd(δ) / sqrt(n)`` (McNemar's: only the images the
-two models disagree on count).
+two models disagree on count). ``--contrast A B`` (repeatable) adds ``A − B`` for two other
+groups the same way, e.g. Musso §4.2's ``"pla R=0.01 layers=fc2" "pla R=0.01 layers=fc1"``.
 """
 
 from __future__ import annotations
@@ -64,18 +65,9 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     difference, and ``"paired_test_se"``, the test set's paired s.e. of the picked epochs'
     accuracy difference, where every pair kept :data:`~sgdgeom.train.TEST_CORRECT`."""
     store = ResultStore(sweep_dir / "results.sqlite")
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for run in store.runs():
-        groups[group_label(run["labels"])].append(run)
+    groups = _groups(store)
+    by_seed = _by_seed(sweep_dir, groups)
     table = {}
-    finals = {
-        name: {run["labels"].get("seed"): run["final"] for run in group if run["final"]}
-        for name, group in groups.items()
-    }
-    correct = {
-        name: {run["labels"].get("seed"): _test_correct(sweep_dir, run) for run in group}
-        for name, group in groups.items()
-    }
     for name, group in sorted(groups.items()):
         runs = [run for run in group if run["status"] == "finished"]
         labels = {k: v for k, v in group[0]["labels"].items() if k != "seed"}
@@ -100,29 +92,75 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
                 values = [f[key] for f in found if f[key] is not None]
                 row[key] = [float(v) for v in mean_and_error(values)] if values else None
                 row[f"{key}_runs"] = len(values)
-        seeds = sorted(set(finals[name]) & set(finals.get(BASELINE, {})))
-        if name != BASELINE and seeds:
-            row["pairs"] = len(seeds)
-            row["paired"] = {
-                metric: [
-                    float(v)
-                    for v in mean_and_error(
-                        [finals[name][s][metric] - finals[BASELINE][s][metric] for s in seeds]
-                    )
-                ]
-                for metric in METRICS
-            }
-            row["paired_binomial"] = {
-                metric: _binomial_difference(
-                    row[metric],
-                    _baseline_mean(finals[BASELINE], seeds, metric),
-                    row["test_samples"],
-                )
-                for metric in ACCURACIES
-            }
-            row["paired_test_se"] = _paired_test_se(correct[name], correct[BASELINE], seeds)
+        if name != BASELINE and BASELINE in by_seed:
+            row |= paired_difference(by_seed[name], by_seed[BASELINE], row["test_samples"])
         table[name] = row
     return table
+
+
+Finished = dict[Any, tuple[dict[str, Any], "np.ndarray | None"]]
+"""A group's finished runs by seed: ``{seed: (final, test_correct or None)}``."""
+
+
+def _groups(store: ResultStore) -> dict[str, list[dict[str, Any]]]:
+    """The store's runs by group label (the labels without the seed)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in store.runs():
+        groups[group_label(run["labels"])].append(run)
+    return groups
+
+
+def _by_seed(sweep_dir: Path, groups: dict[str, list[dict[str, Any]]]) -> dict[str, Finished]:
+    return {
+        name: {
+            run["labels"].get("seed"): (run["final"], _test_correct(sweep_dir, run))
+            for run in group
+            if run["status"] == "finished"
+        }
+        for name, group in groups.items()
+    }
+
+
+def paired_difference(one: Finished, two: Finished, n: int | None) -> dict[str, Any]:
+    """``one − two`` run by run, paired by seed: ``"pairs"``, ``"paired"`` (``{metric:
+    [mean, s.e.]}``), ``"paired_binomial"`` (each accuracy difference's binomial bound at
+    the paired runs' means) and ``"paired_test_se"`` (:func:`_paired_test_se`); {} where
+    no seed has both."""
+    seeds = sorted(set(one) & set(two), key=str)
+    if not seeds:
+        return {}
+
+    def mean(group: Finished, metric: str) -> list[float]:
+        return [float(v) for v in mean_and_error([group[s][0][metric] for s in seeds])]
+
+    return {
+        "pairs": len(seeds),
+        "paired": {
+            metric: [
+                float(v)
+                for v in mean_and_error([one[s][0][metric] - two[s][0][metric] for s in seeds])
+            ]
+            for metric in METRICS
+        },
+        "paired_binomial": {
+            metric: _binomial_difference(mean(one, metric), mean(two, metric), n)
+            for metric in ACCURACIES
+        },
+        "paired_test_se": _paired_test_se([(one[s][1], two[s][1]) for s in seeds]),
+    }
+
+
+def contrasts(sweep_dir: Path, pairs: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """``{"A − B": paired_difference}`` for each pair of group labels held by the sweep
+    (e.g. ``("pla R=0.01 layers=fc2", "pla R=0.01 layers=fc1")``, Musso §4.2's contrast)."""
+    groups = _groups(ResultStore(sweep_dir / "results.sqlite"))
+    by_seed = _by_seed(sweep_dir, groups)
+    n = _test_samples([run for group in groups.values() for run in group if run["final"]])
+    return {
+        f"{a} − {b}": paired_difference(by_seed[a], by_seed[b], n)
+        for a, b in pairs
+        if a in by_seed and b in by_seed
+    }
 
 
 def _test_correct(sweep_dir: Path, run: dict[str, Any]) -> np.ndarray | None:
@@ -140,21 +178,13 @@ def _test_correct(sweep_dir: Path, run: dict[str, Any]) -> np.ndarray | None:
     return correct
 
 
-def _paired_test_se(
-    group: dict[Any, np.ndarray | None], baseline: dict[Any, np.ndarray | None], seeds: list[Any]
-) -> float | None:
-    """``sd(δ) / sqrt(n)``, ``δ_j`` the mean over the pairs of image j's correctness minus
-    the baseline's; None unless every pair kept both vectors."""
-    pairs = [(group.get(s), baseline.get(s)) for s in seeds]
+def _paired_test_se(pairs: list[tuple[np.ndarray | None, np.ndarray | None]]) -> float | None:
+    """``sd(δ) / sqrt(n)``, ``δ_j`` the mean over the pairs of image j's correctness in the
+    first run minus the second's; None unless every pair kept both vectors."""
     if not pairs or any(one is None or two is None for one, two in pairs):
         return None
     delta = np.mean([one.astype(float) - two.astype(float) for one, two in pairs], axis=0)
     return float(delta.std(ddof=1) / math.sqrt(len(delta)))
-
-
-def _baseline_mean(finals: dict[Any, dict[str, Any]], seeds: list[Any], metric: str) -> list[float]:
-    """The baseline's mean of ``metric`` over the paired seeds, as ``[mean, s.e.]``."""
-    return [float(v) for v in mean_and_error([finals[s][metric] for s in seeds])]
 
 
 def _test_samples(runs: list[dict[str, Any]]) -> int | None:
@@ -252,6 +282,25 @@ def markdown(title: str, table: dict[str, dict[str, Any]]) -> str:
                 f"| {name}: regimes (epochs) | | t_cross {cell(row['t_cross'], 0)} | "
                 f"t_peak {cell(row['t_peak'], 0)} | t_late {cell(row['t_late'], 0)} | | |"
             )
+    return "\n".join(lines)
+
+
+def contrast_markdown(found: dict[str, dict[str, Any]]) -> str:
+    """One row per contrast: pairs, the mean ± seed s.e. of the paired differences of the
+    best-epoch test accuracy, and the test set's paired s.e. (or its binomial bound)."""
+    lines = [
+        "| contrast (test acc at the best epoch) | pairs | mean ± s.e. over seeds | test set |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, found_row in found.items():
+        if not found_row:
+            continue
+        mean, error = found_row["paired"]["best_test_acc"]
+        spread = "(1 pair)" if found_row["pairs"] == 1 else f"± {error:.4f}"
+        paired_se = found_row["paired_test_se"]
+        bound = found_row["paired_binomial"]["best_test_acc"]
+        test = f"± {paired_se:.4f} paired" if paired_se is not None else f"± {bound:.4f} bound"
+        lines.append(f"| {name} | {found_row['pairs']} | {mean:+.4f} {spread} | {test} |")
     return "\n".join(lines)
 
 
@@ -369,22 +418,39 @@ def main() -> None:
     parser.add_argument(
         "--figures", type=Path, help="draw each lr-grid sweep's bars into this folder"
     )
+    parser.add_argument(
+        "--contrast",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="also A − B, paired by seed, for two group labels (repeatable)",
+    )
     args = parser.parse_args()
     sweeps = sorted(p.parent for p in args.runs.glob("*/results.sqlite"))
     if not sweeps:
         sys.exit(f"no */results.sqlite under {args.runs}")
     tables = {sweep.name: summarise(sweep) for sweep in sweeps}
+    found_contrasts: dict[str, dict[str, dict[str, Any]]] = {}
     if args.figures:
         args.figures.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         print(markdown(f"**{name}** (`{args.runs / name}`)", table))
+        if args.contrast:
+            found = contrasts(args.runs / name, [tuple(pair) for pair in args.contrast])
+            if any(found.values()):
+                print(f"\n**{name}**, contrasts\n\n{contrast_markdown(found)}")
+                found_contrasts[name] = found
         best = best_learning_rates(table)
         if best:
             print(f"\n**{name}**, each optimizer at its best learning rate\n\n{best}")
             if args.figures:
                 plot_learning_rates(table, args.figures / f"replication-{name}.png", name)
     if args.json:
-        args.json.write_text(json.dumps(tables, indent=1) + "\n")
+        written: dict[str, Any] = dict(tables)
+        if args.contrast:
+            written["contrasts"] = found_contrasts
+        args.json.write_text(json.dumps(written, indent=1) + "\n")
 
 
 if __name__ == "__main__":

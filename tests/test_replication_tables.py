@@ -227,6 +227,13 @@ def test_a_difference_with_kept_test_correct_carries_the_paired_error(tables, tm
     assert row["paired_test_se"] < row["paired_binomial"]["best_test_acc"] / 3
     text = tables.markdown("t", tables.summarise(tmp_path))
     assert f"| +0.0100 ± 0.0000 (± {expected:.4f} paired) |" in text
+    found = tables.contrasts(tmp_path, [("none", "pla"), ("none", "absent")])
+    assert list(found) == ["none − pla"]  # a contrast with a group the sweep lacks: left out
+    assert found["none − pla"]["paired"]["best_test_acc"] == pytest.approx([-0.01, 0.0])
+    assert found["none − pla"]["paired_test_se"] == pytest.approx(expected)
+    assert f"| none − pla | 2 | -0.0100 ± 0.0000 | ± {expected:.4f} paired |" in (
+        tables.contrast_markdown(found)
+    )
     np.save(tmp_path / "runs" / "pla_lr=0_seed=1" / "test_correct.npy", base)  # 0.80 ≠ 0.81
     row = tables.summarise(tmp_path)["pla"]
     assert row["paired_test_se"] is None
