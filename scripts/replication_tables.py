@@ -169,7 +169,11 @@ def _test_correct(sweep_dir: Path, run: dict[str, Any]) -> np.ndarray | None:
     path = sweep_dir / "runs" / run["name"] / TEST_CORRECT
     if run["status"] != "finished" or not path.is_file():
         return None
-    correct = np.load(path, allow_pickle=False)
+    try:
+        correct = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:  # truncated, not .npy, or pickled objects
+        print(f"{path}: not a readable .npy ({err}); left out", file=sys.stderr)
+        return None
     final = run["final"]
     size = final.get("test_samples", len(correct))  # older runs did not record it
     if correct.shape != (size,) or correct.mean() != final["best_test_acc"]:

@@ -237,3 +237,7 @@ def test_a_difference_with_kept_test_correct_carries_the_paired_error(tables, tm
     np.save(tmp_path / "runs" / "pla_lr=0_seed=1" / "test_correct.npy", base)  # 0.80 ≠ 0.81
     row = tables.summarise(tmp_path)["pla"]
     assert row["paired_test_se"] is None
+    (tmp_path / "runs" / "pla_lr=0_seed=1" / "test_correct.npy").write_bytes(b"\x93NUMPY")
+    row = tables.summarise(tmp_path)["pla"]  # a truncated file: left out, not a crash
+    assert row["paired_test_se"] is None
+    assert row["paired"]["best_test_acc"][0] == pytest.approx(0.01)

@@ -312,9 +312,9 @@ def within_layer_temperatures(
         for part in (slice(0, None, 2), slice(1, None, 2))
     ]
     even_half, odd_half = halves
-    n = even_half.n + odd_half.n
-    mean = (even_half.n * even_half.mean_gradient() + odd_half.n * odd_half.mean_gradient()) / n
-    second = (even_half.products.square_sum() + odd_half.products.square_sum()) / n
+    total = even_half.n + odd_half.n
+    mean = (even_half.n * even_half.mean_gradient() + odd_half.n * odd_half.mean_gradient()) / total
+    second = (even_half.products.square_sum() + odd_half.products.square_sum()) / total
     diagonals = [
         even_half.space.unflatten(diagonal)
         for diagonal in ((second - mean.square()).clamp_min(0), *(h.diagonal() for h in halves))
