@@ -26,6 +26,8 @@ runs of every pair kept which test images their picked model classifies correctl
 difference averaged over the pairs, ``sd(δ) / sqrt(n)`` (McNemar's: only the images the
 two models disagree on count). ``--contrast A B`` (repeatable) adds ``A − B`` for two other
 groups the same way, e.g. Musso §4.2's ``"pla R=0.01 layers=fc2" "pla R=0.01 layers=fc1"``.
+``--figures DIR --versus LABEL`` draws those paired differences against a label (e.g.
+``loss.R``), both error bars shown (:func:`plot_paired_versus`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from sgdgeom.data import load_dataset
 from sgdgeom.errors import SgdgeomError
 from sgdgeom.experiments.plots import group_label, mean_and_error
 from sgdgeom.experiments.store import ResultStore
-from sgdgeom.files import save_figure
+from sgdgeom.files import safe_name, save_figure
 from sgdgeom.train import TEST_CORRECT
 
 METRICS = ("best_test_acc", "final_test_acc", "final_test_loss")
@@ -415,12 +417,78 @@ def plot_learning_rates(table: dict[str, dict[str, Any]], path: Path, title: str
     save_figure(fig, path)
 
 
+def paired_versus_series(
+    table: dict[str, dict[str, Any]], x: str
+) -> dict[str, list[tuple[float, float, float, float, int]]]:
+    """The groups with the label ``x`` by line (their label without ``x``), each point
+    ``(x, mean, seed s.e., total s.e., pairs)`` of the best-epoch test accuracy − the
+    :data:`BASELINE`, paired by seed, sorted by ``x``: the seed s.e. is the paired
+    differences' (0 for one pair), the total adds the test set's paired s.e. (or, without
+    ``test_correct.npy``, the binomial bound) in quadrature."""
+    series: dict[str, list[tuple[float, float, float, float, int]]] = defaultdict(list)
+    for row in table.values():
+        labels = row["labels"]
+        if x not in labels or not row.get("pairs"):
+            continue
+        mean, seed_se = row["paired"]["best_test_acc"]
+        test_se = row["paired_test_se"]
+        if test_se is None:
+            test_se = row["paired_binomial"]["best_test_acc"] or 0.0
+        line = group_label({k: v for k, v in labels.items() if k != x})
+        point = (float(labels[x]), mean, seed_se, math.hypot(seed_se, test_se), row["pairs"])
+        series[line].append(point)
+    return {line: sorted(points) for line, points in sorted(series.items())}
+
+
+def plot_paired_versus(table: dict[str, dict[str, Any]], x: str, path: Path, title: str) -> None:
+    """Each group's best-epoch test accuracy − the :data:`BASELINE`'s, paired by seed,
+    against the label ``x`` on a log axis (:func:`paired_versus_series`): thick bars the
+    seeds' s.e., thin capped bars with the test set's paired s.e. added, each point's
+    number of pairs written beside it where more than one; 0 is the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = paired_versus_series(table, x)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.axhline(0.0, color="k", lw=1, ls="--", label=f"{BASELINE} (paired by seed)")
+    for i, (line, points) in enumerate(series.items()):
+        xs, means, seed_se, total_se, pairs = (np.array(v) for v in zip(*points, strict=True))
+        shifted = xs * 1.04 ** (i - (len(series) - 1) / 2)  # side by side at a shared x
+        drawn = ax.errorbar(shifted, means, yerr=total_se, marker="o", ms=4, capsize=3,
+                            lw=1, label=line)  # fmt: skip
+        color = drawn[0].get_color()
+        ax.errorbar(shifted, means, yerr=seed_se, fmt="none", lw=3, color=color)
+        for px, py, n in zip(shifted, means, pairs, strict=True):
+            if n > 1:
+                ax.annotate(f"{n}", (px, py), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=color)  # fmt: skip
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    values = [point[0] for points in series.values() for point in points]
+    ax.set_xlim(min(values) / 2, max(values) * 2)
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"test acc − {BASELINE} at the picked epochs")
+    ax.set_title(f"{title}, paired by seed\nthick: the seeds' s.e.; thin: with the test set's")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="folder holding one folder per sweep")
     parser.add_argument("--json", type=Path, help="write every table here too")
     parser.add_argument(
         "--figures", type=Path, help="draw each lr-grid sweep's bars into this folder"
+    )
+    parser.add_argument(
+        "--versus",
+        metavar="LABEL",
+        help="with --figures, also draw each sweep's paired differences from "
+        f"{BASELINE!r} against this label (e.g. loss.R)",
     )
     parser.add_argument(
         "--contrast",
@@ -445,6 +513,9 @@ def main() -> None:
             if any(found.values()):
                 print(f"\n**{name}**, contrasts\n\n{contrast_markdown(found)}")
                 found_contrasts[name] = found
+        if args.figures and args.versus and paired_versus_series(table, args.versus):
+            stem = safe_name(f"replication-{name}-paired-versus-{args.versus}")
+            plot_paired_versus(table, args.versus, args.figures / f"{stem}.png", name)
         best = best_learning_rates(table)
         if best:
             print(f"\n**{name}**, each optimizer at its best learning rate\n\n{best}")

@@ -241,3 +241,42 @@ def test_a_difference_with_kept_test_correct_carries_the_paired_error(tables, tm
     row = tables.summarise(tmp_path)["pla"]  # a truncated file: left out, not a crash
     assert row["paired_test_se"] is None
     assert row["paired"]["best_test_acc"][0] == pytest.approx(0.01)
+
+
+def test_paired_differences_against_a_label_by_line(tables, tmp_path):
+    """Two layers' smoothing over R, paired by seed with the baseline: each point is the
+    mean difference, its seeds' s.e., that s.e. with the test set's bound added in
+    quadrature, and its number of pairs; one pair has no seed error."""
+    store = ResultStore(tmp_path / "results.sqlite")
+    accuracy = {("none", None, None, 0): 0.80, ("none", None, None, 1): 0.78,
+                ("pla", 0.01, "fc2", 0): 0.83, ("pla", 0.01, "fc2", 1): 0.79,
+                ("pla", 0.1, "fc2", 0): 0.75, ("pla", 0.01, "fc1", 1): 0.77}  # fmt: skip
+    runs = []
+    for variant, R, layers, seed in accuracy:
+        labels = {"variant": variant, "seed": seed}
+        if R is not None:
+            labels |= {"loss.R": R, "loss.layers": layers}
+        name = f"{variant}_{R}_{layers}_{seed}"
+        runs.append({"hash": name, "name": name, "labels": labels, "config": {},
+                     "run_dir": tmp_path / name})  # fmt: skip
+    store.register("sweep", runs)
+    for run, value in zip(runs, accuracy.values(), strict=True):
+        store.start(run["hash"], 0)
+        store.finish(run["hash"], {"best_test_acc": value, "final_test_acc": value,
+                                   "final_test_loss": 0.5, "test_samples": 1000})  # fmt: skip
+    table = tables.summarise(tmp_path)
+    series = tables.paired_versus_series(table, "loss.R")
+    assert list(series) == ["pla layers=fc1", "pla layers=fc2"]
+    (x, mean, seed_se, total, pairs), (x2, mean2, seed_se2, total2, pairs2) = series[
+        "pla layers=fc2"
+    ]
+    assert (x, x2, pairs, pairs2) == (0.01, 0.1, 2, 1)
+    assert (mean, seed_se) == pytest.approx((0.02, 0.01))  # differences +0.03 and +0.01
+    bound = (_binomial(0.81) ** 2 + _binomial(0.79) ** 2) ** 0.5
+    assert total == pytest.approx((0.01**2 + bound**2) ** 0.5)
+    assert (mean2, seed_se2) == pytest.approx((-0.05, 0.0))
+    assert total2 == pytest.approx((_binomial(0.75) ** 2 + _binomial(0.80) ** 2) ** 0.5)
+    fc1_bound = (_binomial(0.77) ** 2 + _binomial(0.78) ** 2) ** 0.5  # seed 1 only
+    assert series["pla layers=fc1"] == [pytest.approx((0.01, -0.01, 0.0, fc1_bound, 1))]
+    tables.plot_paired_versus(table, "loss.R", tmp_path / "paired.png", "sweep")
+    assert (tmp_path / "paired.png").stat().st_size > 0
