@@ -442,7 +442,8 @@ def paired_versus_series(
 
 def plot_paired_versus(table: dict[str, dict[str, Any]], x: str, path: Path, title: str) -> None:
     """Each group's best-epoch test accuracy − the :data:`BASELINE`'s, paired by seed,
-    against the label ``x`` on a log axis (:func:`paired_versus_series`): thick bars the
+    against the label ``x`` (:func:`paired_versus_series`; a log axis where every value is
+    positive, as R's, else a linear one, as a weight decay's with 0): thick bars the
     seeds' s.e., thin capped bars with the test set's paired s.e. added, each point's
     number of pairs written beside it where more than one; 0 is the baseline."""
     import matplotlib
@@ -451,11 +452,15 @@ def plot_paired_versus(table: dict[str, dict[str, Any]], x: str, path: Path, tit
     import matplotlib.pyplot as plt
 
     series = paired_versus_series(table, x)
+    values = [point[0] for points in series.values() for point in points]
+    log_x = min(values) > 0
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.axhline(0.0, color="k", lw=1, ls="--", label=f"{BASELINE} (paired by seed)")
     for i, (line, points) in enumerate(series.items()):
         xs, means, seed_se, total_se, pairs = (np.array(v) for v in zip(*points, strict=True))
-        shifted = xs * 1.04 ** (i - (len(series) - 1) / 2)  # side by side at a shared x
+        offset = i - (len(series) - 1) / 2  # lines side by side at a shared x
+        spread = max(values) - min(values) or 1.0
+        shifted = xs * 1.04**offset if log_x else xs + 0.01 * spread * offset
         drawn = ax.errorbar(shifted, means, yerr=total_se, marker="o", ms=4, capsize=3,
                             lw=1, label=line)  # fmt: skip
         color = drawn[0].get_color()
@@ -464,10 +469,10 @@ def plot_paired_versus(table: dict[str, dict[str, Any]], x: str, path: Path, tit
             if n > 1:
                 ax.annotate(f"{n}", (px, py), textcoords="offset points", xytext=(4, 4),
                             fontsize=7, color=color)  # fmt: skip
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    values = [point[0] for points in series.values() for point in points]
-    ax.set_xlim(min(values) / 2, max(values) * 2)
+    if log_x:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlim(min(values) / 2, max(values) * 2)
     ax.set_xlabel(x)
     ax.set_ylabel(f"test acc − {BASELINE} at the picked epochs")
     ax.set_title(f"{title}, paired by seed\nthick: the seeds' s.e.; thin: with the test set's")
@@ -482,7 +487,10 @@ def main() -> None:
     parser.add_argument("runs", type=Path, help="folder holding one folder per sweep")
     parser.add_argument("--json", type=Path, help="write every table here too")
     parser.add_argument(
-        "--figures", type=Path, help="draw each lr-grid sweep's bars into this folder"
+        "--figures",
+        type=Path,
+        help="draw each lr-grid sweep's bars (and, with --versus, the paired differences) "
+        "into this folder",
     )
     parser.add_argument(
         "--versus",
@@ -499,6 +507,8 @@ def main() -> None:
         help="also A − B, paired by seed, for two group labels (repeatable)",
     )
     args = parser.parse_args()
+    if args.versus and not args.figures:
+        parser.error("--versus draws a figure: give --figures DIR too")
     sweeps = sorted(p.parent for p in args.runs.glob("*/results.sqlite"))
     if not sweeps:
         sys.exit(f"no */results.sqlite under {args.runs}")

@@ -280,3 +280,15 @@ def test_paired_differences_against_a_label_by_line(tables, tmp_path):
     assert series["pla layers=fc1"] == [pytest.approx((0.01, -0.01, 0.0, fc1_bound, 1))]
     tables.plot_paired_versus(table, "loss.R", tmp_path / "paired.png", "sweep")
     assert (tmp_path / "paired.png").stat().st_size > 0
+    table["pla R=0.1 layers=fc2"]["labels"]["loss.R"] = 0.0  # no log axis for a 0
+    tables.plot_paired_versus(table, "loss.R", tmp_path / "linear.png", "sweep")
+    assert (tmp_path / "linear.png").stat().st_size > 0
+
+
+def test_versus_without_a_figures_folder_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--versus", "loss.R"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "--versus draws a figure" in proc.stderr
