@@ -424,7 +424,8 @@ def paired_versus_series(
     ``(x, mean, seed s.e., total s.e., pairs)`` of the best-epoch test accuracy − the
     :data:`BASELINE`, paired by seed, sorted by ``x``: the seed s.e. is the paired
     differences' (0 for one pair), the total adds the test set's paired s.e. (or, without
-    ``test_correct.npy``, the binomial bound) in quadrature."""
+    ``test_correct.npy``, the binomial bound; nothing where the test set's size is unknown,
+    so the two bars coincide) in quadrature."""
     series: dict[str, list[tuple[float, float, float, float, int]]] = defaultdict(list)
     for row in table.values():
         labels = row["labels"]
