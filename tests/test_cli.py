@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from sgdgeom.experiments.store import ResultStore
+from sgdgeom.experiments.sweep import SweepConfig, expand_sweep
 from tests.test_data import write_idx
 
 ROOT = Path(__file__).parents[1]
@@ -105,6 +106,22 @@ def test_sweep_command_runs_reports_and_refuses_bad_sweeps(tmp_path):
     into_the_first = sgdgeom("sweep", path, "--set", "train.epochs=2", "--out", tmp_path / "out")
     assert_one_line_error(into_the_first, "already holds a run of another config")
     assert_one_line_error(sgdgeom("sweep", path, "--set", "epochs"), "expected KEY=VALUE")
+
+    # --only runs part of a sweep into its store; the store's other (pending) runs are not
+    # this call's failures, and a pattern that matches nothing is refused
+    wider = {**sweep, "grid": {"optimizer.lr": [0.1, 0.2, 0.3, 0.4]}}
+    path.write_text(yaml.safe_dump(wider))
+    spec = expand_sweep(SweepConfig.model_validate(wider), tmp_path / "out")
+    store = ResultStore(tmp_path / "out" / "results.sqlite")
+    store.register("cli", [run.as_row() for run in spec.runs])
+    part = sgdgeom("sweep", path, "--out", tmp_path / "out", "--only", "*lr=0.3")
+    assert part.returncode == 0, part.stderr
+    assert "sweep cli: 1 runs into" in part.stdout
+    status = {run["name"]: run["status"] for run in store.runs()}
+    assert sorted(status.values()) == ["finished", "finished", "finished", "pending"]
+    assert status[next(name for name in status if name.endswith("lr=0.4"))] == "pending"
+    assert_one_line_error(sgdgeom("sweep", path, "--only", "*lr=0.5"), "matches no run")
+    path.write_text(yaml.safe_dump(sweep))
 
     assert_one_line_error(sgdgeom("sweep", path, "--engine", "dask"), "unknown engine")
     sweep["plots"] = [{"kind": "versus", "x": "loss.R"}]

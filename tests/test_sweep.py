@@ -24,6 +24,7 @@ from sgdgeom.experiments.sweep import (
     load_sweep,
     override_base,
     run_sweep,
+    select_runs,
 )
 
 BASE = {
@@ -266,6 +267,27 @@ def test_sweep_runs_skips_finished_and_reports(tmp_path):
     assert zoomed[0].stat().st_size > 0
 
 
+def test_only_selects_runs_by_name_in_the_sweeps_order_and_refuses_a_pattern_matching_none(
+    tmp_path,
+):
+    sweep = load_sweep(sweep_file(tmp_path, SMALL), tmp_path / "out")
+    names = [run.name for run in sweep.runs]
+    assert select_runs(sweep, []) is sweep
+    chosen = select_runs(sweep, ["*_seed=1", "none_*"])  # a union, in the sweep's order
+    assert [run.name for run in chosen.runs] == [
+        name for name in names if name.endswith("_seed=1") or name.startswith("none_")
+    ]
+    assert len(chosen.runs) == 4 and chosen.name == sweep.name and chosen.plots == sweep.plots
+    assert {run.hash for run in chosen.runs} <= {run.hash for run in sweep.runs}
+    assert [run.name for run in select_runs(sweep, ["pla_R=0.1_seed=0"]).runs] == [
+        "pla_R=0.1_seed=0"
+    ]
+    with pytest.raises(ConfigError, match=r"--only 'pla_R=0.5_\*' matches no run.*none_seed=0"):
+        select_runs(sweep, ["none_*", "pla_R=0.5_*"])
+    with pytest.raises(ConfigError, match="matches no run"):
+        select_runs(sweep, ["NONE_*"])  # case counts, as in the run folders' names
+
+
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     data = {
         **SMALL,
@@ -288,10 +310,20 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_killed_with_sigkill_resumes_exactly(tmp_path):
-    """Kill a sweep in the middle of its second run; resuming it skips the finished run,
-    continues the second from its checkpoint, and ends with the store an uninterrupted
-    sweep writes."""
+@pytest.mark.parametrize(
+    ("stop", "workers", "left"),
+    [
+        ("SIGKILL to the process group", 1, "running"),
+        ("SIGTERM to the sweep", 1, "interrupted"),
+        ("SIGTERM to the sweep", 2, "interrupted"),
+    ],
+)
+def test_sweep_killed_in_a_run_resumes_exactly(tmp_path, stop, workers, left):
+    """Kill a sweep in the middle of a run after one finished; resuming it skips the
+    finished run, continues the other from its checkpoint, and ends with the store an
+    uninterrupted sweep writes. A SIGTERM (``kill PID``) stops it as a Ctrl-C does: the
+    run is marked interrupted and no worker goes on training; a SIGKILL cannot be caught,
+    so the run stays marked running until the sweep resumes it."""
     data = {
         "name": "killed",
         "base": {
@@ -307,9 +339,10 @@ def test_sweep_killed_with_sigkill_resumes_exactly(tmp_path):
     out = tmp_path / "killed"
     command = [
         sys.executable, "-m", "sgdgeom", "sweep", str(path), "--out", str(out), "--threads", "1",
+        "--workers", str(workers),
     ]  # fmt: skip
     proc = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     store_path = out / STORE
     deadline = time.monotonic() + 240
@@ -322,8 +355,11 @@ def test_sweep_killed_with_sigkill_resumes_exactly(tmp_path):
             if finished and running:
                 epochs = len(ResultStore(store_path).epochs(running[0]["hash"]))
                 if 2 <= epochs < 7:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                    if stop.startswith("SIGKILL"):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    else:
+                        proc.send_signal(signal.SIGTERM)
+                    stderr = proc.communicate(timeout=60)[1].decode()
                     killed_at = (running[0]["hash"], epochs)
                     break
         time.sleep(0.02)
@@ -331,7 +367,12 @@ def test_sweep_killed_with_sigkill_resumes_exactly(tmp_path):
     store = ResultStore(store_path)
     before = {r["hash"]: r for r in store.runs()}
     finished_before = {h for h, r in before.items() if r["status"] == "finished"}
-    assert before[killed_at[0]]["status"] == "running"
+    assert before[killed_at[0]]["status"] == left
+    if left == "interrupted":
+        assert proc.returncode == 130 and "interrupted" in stderr
+        stopped = {h: len(store.epochs(h)) for h in before}
+        time.sleep(1.5)  # no worker outlives the sweep and goes on writing epochs
+        assert {h: len(store.epochs(h)) for h in before} == stopped
 
     sweep = load_sweep(path, out)
     run_sweep(sweep, out, threads=1, progress=False)

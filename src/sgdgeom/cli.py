@@ -182,13 +182,21 @@ def sweep(
             "sweep's name and default folder record it. Repeatable.",
         ),
     ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="GLOB: run only the runs whose names match (e.g. 'plea_R=0.01_*'); they join "
+            "the sweep's store. Repeatable.",
+        ),
+    ] = None,
     data_root: DataRoot = None,
     device: Device = None,
 ) -> None:
     """Run a grid of runs into a resumable SQLite store; plot it and write a report.
 
     Run it again after a kill: finished runs are skipped, unfinished ones resume from their
-    checkpoints.
+    checkpoints. With --only, the runs left out stay as they are in the store.
     """
     from sgdgeom.experiments.config import load_yaml_as
     from sgdgeom.experiments.report import write_report
@@ -198,11 +206,13 @@ def sweep(
         expand_sweep,
         override_base,
         run_sweep,
+        select_runs,
     )
 
     sweep_config = override_base(load_yaml_as(SweepConfig, config), assignments or [], str(config))
     out_dir = out if out is not None else Path("runs") / safe_name(sweep_config.name)
     spec = expand_sweep(sweep_config, out_dir, str(config), max_runs=None if yes else MAX_RUNS)
+    spec = select_runs(spec, only or [])
     typer.echo(f"sweep {spec.name}: {len(spec.runs)} runs into {out_dir}")
     result = run_sweep(
         spec,
@@ -215,7 +225,8 @@ def sweep(
         data_root=data_root,
         device=device,
     )
-    failed = [r for r in result["runs"] if r["status"] != "finished"]
+    asked = {run.hash for run in spec.runs}  # a store's other runs are not this call's failures
+    failed = [r for r in result["runs"] if r["hash"] in asked and r["status"] != "finished"]
     report = write_report(out_dir, figures=Path(out_dir) / "figures")
     typer.echo(f"report: {report}")
     if failed:
@@ -378,9 +389,19 @@ def main() -> None:
     except (SgdgeomError, OSError) as err:
         typer.echo(f"sgdgeom: error: {' '.join(str(err).split())}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("sgdgeom: interrupted; finished epochs and runs are kept", err=True)
-        sys.exit(130)
+    except SystemExit as stop:  # typer ends a Ctrl-C (or a sweep's SIGTERM) with status 130
+        if stop.code == 130 and _interrupted(stop):
+            typer.echo("sgdgeom: interrupted; finished epochs and runs are kept", err=True)
+        raise
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt lies in ``error``'s chain of causes and contexts."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 if __name__ == "__main__":

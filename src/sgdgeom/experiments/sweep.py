@@ -35,15 +35,18 @@ so the same seeds give the same numbers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,7 @@ __all__ = [
     "load_sweep",
     "override_base",
     "run_sweep",
+    "select_runs",
 ]
 
 MAX_RUNS = 2000
@@ -299,6 +303,32 @@ def expand_sweep(
     return Sweep(config.name, list(runs.values()), list(config.plots))
 
 
+def select_runs(sweep: Sweep, patterns: Sequence[str]) -> Sweep:
+    """The runs of ``sweep`` whose names match any of the shell-style ``patterns``
+    (``sgdgeom sweep --only 'plea_R=0.01_*'``), in the sweep's order; no patterns keep every
+    run. A pattern that matches no run is refused, with the run names, rather than quietly
+    running fewer runs than asked for. The selected runs have the sweep's hashes and
+    folders, so they join its store and a later run of the whole sweep skips them.
+
+    Examples:
+        >>> names = ["none_seed=0", "pla_R=0.1_seed=0", "pla_R=0.01_seed=0"]
+        >>> runs = [RunSpec(name, name, {}, {}, f"runs/{name}") for name in names]
+        >>> [run.name for run in select_runs(Sweep("demo", runs), ["pla_R=0.1_*"]).runs]
+        ['pla_R=0.1_seed=0']
+    """
+    if not patterns:
+        return sweep
+    names = [run.name for run in sweep.runs]
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ConfigError(
+                f"--only {pattern!r} matches no run of sweep {sweep.name!r}; its runs are {shown}"
+            )
+    runs = [run for run in sweep.runs if any(fnmatchcase(run.name, p) for p in patterns)]
+    return dataclasses.replace(sweep, runs=runs)
+
+
 def load_sweep(path: str | Path, out_dir: str | Path, max_runs: int | None = MAX_RUNS) -> Sweep:
     """Read, validate and expand a sweep config file."""
     return expand_sweep(load_yaml_as(SweepConfig, path), out_dir, str(path), max_runs)
@@ -372,6 +402,26 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="sgdgeom-parent-watch").start()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a sweep runs, a SIGTERM (``kill PID``, a scheduler's stop) stops it as a Ctrl-C
+    does: the queued runs never start, the running ones stop, and the store marks them
+    interrupted. A sweep started in the background from a script has SIGINT ignored, so
+    there SIGTERM is the way to stop it. Only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 Runner = Callable[[list[RunSpec], Callable[[RunSpec, dict[str, Any]], None]], None]
@@ -517,7 +567,8 @@ def run_sweep(
                     tqdm.write(f"FAILED {spec.name}: {result['error']}")
 
             try:
-                runner(pending, report)
+                with _sigterm_as_interrupt():
+                    runner(pending, report)
             except KeyboardInterrupt:
                 store.interrupt([spec.hash for spec in pending])
                 raise
