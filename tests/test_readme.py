@@ -151,6 +151,8 @@ COMMANDS = {
     "[--gpus-per-run 1]": RAY_TEST,
     ".venv/bin/sgdgeom sweep CONFIG --set train.epochs=1758": (
         "tests/test_cli.py::test_sweep_command_runs_reports_and_refuses_bad_sweeps"),
+    ".venv/bin/sgdgeom sweep CONFIG --only 'plea_R=0.01_*'": (
+        "tests/test_cli.py::test_sweep_command_runs_reports_and_refuses_bad_sweeps"),
     ".venv/bin/sgdgeom report runs/musso-4.2-mnist5k-fc2": (
         lambda t: (sweep_two_runs(t), sgdgeom(
             "sweep", "configs/quick/sweeps/musso-4.2-mnist5k-fc2.yaml", cwd=t)), None),
