@@ -97,6 +97,17 @@ def test_l1_norms_equal_a_float64_sum_on_both_routes(kernel, dtype, monkeypatch)
         l1_norms([])
 
 
+def test_l1_norms_of_bfloat16_on_the_cpu_sum_in_float64():
+    # numpy has no bfloat16, so the CPU takes the float64 sum whether numba is there or not
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(257, 129, generator=gen).bfloat16(), torch.randn(5).bfloat16()]
+    expected = [sum(abs(v) for v in t.double().flatten().tolist()) for t in tensors]
+    norms = l1_norms(tensors)
+    assert norms.dtype == torch.bfloat16
+    # the float64 sum rounded once: a sum accumulated in bfloat16 is off by ~3e-3 here
+    assert torch.equal(norms, torch.tensor(expected, dtype=torch.float64).bfloat16())
+
+
 def test_trace_equals_the_diffusion_block_trace():
     model, batches = tiny()
     probe = batches[0]

@@ -84,25 +84,25 @@ def _l1_kernel(parallel: bool) -> Any:
 def l1_norms(tensors: Sequence[Tensor]) -> Tensor:
     """``‖t‖₁`` of each tensor, ``(len(tensors),)`` in their dtype.
 
-    One pass that only reads: on the CPU a numba kernel on every thread, summing in float64
-    (torch's L1 reduction is not vectorised there, and ``|t|`` then a sum writes a copy:
-    both cost a monitored step more than the read); elsewhere,
-    or without numba, torch's fused ``_foreach_norm``, one kernel for all tensors. On the
-    CPU without numba, ``|t|`` then a float64 sum: torch's float32 L1 reduction on one
-    thread is off by 4e-6 (relative) on 90,000 entries, against 1e-8 rounded from float64,
-    and ``_foreach_norm`` accumulating in float64 is slower still (on the Fig. 1 net's
-    weights, 2 threads: 2.2 ms against 4.8 ms, and 1.1 ms for the float32 reduction).
+    On the CPU, one pass that only reads: a numba kernel on every thread, summing in
+    float64 (torch's L1 reduction is not vectorised there, and ``|t|`` then a sum writes a
+    copy: both cost a monitored step more than the read). Without numba, or for a dtype
+    numpy lacks (bfloat16, float16), ``|t|`` then a float64 sum: torch's float32 L1
+    reduction on one thread is off by 4e-6 (relative) on 90,000 entries, against 1e-8
+    rounded from float64, and ``_foreach_norm`` accumulating in float64 is slower (on the
+    Fig. 1 net's weights, 2 threads: 2.2 ms against 4.8 ms, and 1.1 ms for the float32
+    reduction). Elsewhere, torch's fused ``_foreach_norm``, one kernel for all tensors.
     """
     if not tensors:
         raise InputError("l1_norms needs at least one tensor")
     first = tensors[0]
-    on_cpu = all(t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS for t in tensors)
-    kernel = _l1_kernel(numba_parallel()) if on_cpu else None
-    if kernel is None and first.device.type == "cpu":
+    if not all(t.device.type == "cpu" for t in tensors):
+        return torch.stack(torch._foreach_norm(list(tensors), 1))
+    numpy_floats = all(t.dtype in _NUMPY_FLOATS for t in tensors)
+    kernel = _l1_kernel(numba_parallel()) if numpy_floats else None
+    if kernel is None:
         sums = [t.detach().abs().sum(dtype=torch.float64) for t in tensors]
         return torch.stack(sums).to(first.dtype)
-    if kernel is None:
-        return torch.stack(torch._foreach_norm(list(tensors), 1))
     numba_threads()
     values = [kernel(t.detach().reshape(-1).numpy()) for t in tensors]
     return torch.tensor(values, dtype=first.dtype)
