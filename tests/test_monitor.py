@@ -108,6 +108,18 @@ def test_l1_norms_of_bfloat16_on_the_cpu_sum_in_float64():
     assert torch.equal(norms, torch.tensor(expected, dtype=torch.float64).bfloat16())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_l1_norms_of_a_list_spanning_cpu_and_cuda_land_on_the_first_device():
+    # a model split over devices: torch's foreach norm returns each norm on its own device
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(300, 7, generator=gen), torch.randn(11, generator=gen).cuda()]
+    expected = torch.tensor([t.double().abs().sum().item() for t in tensors])
+    norms = l1_norms(tensors)
+    assert norms.device == tensors[0].device
+    assert torch.allclose(norms, expected, rtol=1e-6)
+    assert l1_norms(tensors[::-1]).device == tensors[1].device
+
+
 def test_trace_equals_the_diffusion_block_trace():
     model, batches = tiny()
     probe = batches[0]
