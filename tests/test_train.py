@@ -179,6 +179,7 @@ def test_test_correct_is_that_of_the_picked_epoch(tmp_path):
     correct = _test_correct(tmp_path / "full")
     assert correct.dtype == torch.bool and correct.shape == (final["test_samples"],)
     assert int(correct.sum()) / len(correct) == final["best_test_acc"]
+    assert final["device"] == "cpu"  # where it ran: runs of one store may come from several
     stopped = parse_config({**PICKED, "train": {"epochs": 5, "device": "cpu"}})
     trainer_dir = tmp_path / "stopped"
     run_training(stopped, trainer_dir, progress=False)

@@ -120,7 +120,7 @@ class Trainer:
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> final = Trainer(model, ds, opt, epochs=1, batch_size=32, progress=False).fit()
         >>> sorted(final)[:3]
-        ['best_epoch', 'best_test_acc', 'epochs']
+        ['best_epoch', 'best_test_acc', 'device']
     """
 
     def __init__(
@@ -409,7 +409,8 @@ class Trainer:
         ``best_test_acc`` is then the test accuracy *at that epoch*, the only test figure a
         pick may report; without one it is picked on the test part, as before.
         ``test_samples`` gives a test accuracy's binomial standard error,
-        ``sqrt(p (1 − p) / test_samples)``."""
+        ``sqrt(p (1 − p) / test_samples)``; ``device`` is where the last epochs ran (a
+        resumed run may have begun on another)."""
         if not self.history:
             return {"epochs": 0}
         key = self._selection_key()
@@ -424,6 +425,7 @@ class Trainer:
             "best_epoch": best["epoch"],
             "selected_by": key,
             "test_samples": len(self._y_test),
+            "device": str(self.device),
         }
         if key == "val_acc":
             out |= {"best_val_acc": best["val_acc"], "final_val_acc": last["val_acc"]}
