@@ -156,6 +156,8 @@ COMMANDS = {
     ".venv/bin/sgdgeom report runs/musso-4.2-mnist5k-fc2": (
         lambda t: (sweep_two_runs(t), sgdgeom(
             "sweep", "configs/quick/sweeps/musso-4.2-mnist5k-fc2.yaml", cwd=t)), None),
+    ".venv/bin/sgdgeom merge GPU_OUT --into runs/musso-4.2-mnist5k-fc2": (
+        "tests/test_merge.py::test_merge_command"),
     ".venv/bin/sgdgeom steady-state configs/quick/steady-state/aligned.yaml --out runs/steady": (
         quick("steady-state/aligned.yaml"), None),
     ".venv/bin/sgdgeom table1": (None, None),

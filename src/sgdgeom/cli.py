@@ -236,6 +236,34 @@ def sweep(
 
 
 @app.command()
+def merge(
+    source: Annotated[
+        Path, typer.Argument(help="A sweep directory made elsewhere (results.sqlite, runs/).")
+    ],
+    into: Annotated[
+        Path, typer.Option("--into", help="The sweep directory to merge into (made if missing).")
+    ],
+) -> None:
+    """Copy the finished runs of a sweep directory made elsewhere (a GPU machine, another
+    computer) into another, under the same config hashes; then rewrite its report.
+
+    A run already finished there is kept; one unfinished there is replaced, checkpoint and
+    all; a folder holding another config's run is refused before anything is written.
+    """
+    from sgdgeom.experiments.merge import merge_store
+    from sgdgeom.experiments.report import write_report
+
+    summary = merge_store(source, into)
+    typer.echo(
+        f"merged {len(summary.merged)} finished runs into {into}; {len(summary.kept)} were "
+        f"finished there already, {len(summary.unfinished)} unfinished in {source} left out"
+    )
+    for name in summary.merged:
+        typer.echo(f"  {name}")
+    typer.echo(f"report: {write_report(into, figures=Path(into) / 'figures')}")
+
+
+@app.command()
 def report(
     source: Annotated[Path, typer.Argument(help="A results.sqlite or the directory holding it.")],
     out: Annotated[

@@ -293,6 +293,34 @@ class ResultStore:
                 [(h,) for h in run_hashes],
             )
 
+    def adopt(
+        self, row: dict[str, Any], epochs: Sequence[dict[str, Any]], plots: Sequence[dict[str, Any]]
+    ) -> None:
+        """Take in a run finished in another store, in one transaction: its ``row`` (as
+        :meth:`runs` returns it, ``run_dir`` already pointing into this store's folder)
+        and its ``epochs``, replacing this store's row and epochs of the same hash; its
+        sweep's row is added with ``plots`` where this store lacks it."""
+        if row["status"] != "finished":
+            raise SgdgeomError(f"run {row['name']!r} is {row['status']}, not finished")
+        columns = sorted(_COLUMNS["runs"])
+        values = [json.dumps(row[c]) if c in _JSON_COLUMNS else row[c] for c in columns]
+        updates = ", ".join(f"{c}=excluded.{c}" for c in columns if c != "hash")
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO sweeps (name, plots) VALUES (?, ?)",
+                (row["sweep"], json.dumps(list(plots))),
+            )
+            db.execute(  # an upsert: a row already here keeps its place in the order
+                f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+                f" ON CONFLICT(hash) DO UPDATE SET {updates}",
+                values,
+            )
+            db.execute("DELETE FROM epochs WHERE hash=?", (row["hash"],))
+            db.executemany(
+                "INSERT INTO epochs (hash, epoch, metrics) VALUES (?, ?, ?)",
+                [(row["hash"], int(m["epoch"]), json.dumps(m)) for m in epochs],
+            )
+
     # ------------------------------------------------------------------ reads
 
     def runs(self, sweep: str | None = None) -> list[dict[str, Any]]:
