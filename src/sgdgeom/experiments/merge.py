@@ -60,7 +60,7 @@ def merge_store(source: str | Path, into: str | Path) -> MergeSummary:
         sgdgeom.errors.SgdgeomError: no result store at nowhere/results.sqlite: nothing to merge
     """
     source = Path(source)
-    source_dir = source.parent if source.name == STORE and source.is_file() else source
+    source_dir = source.parent if source.name == STORE else source
     if not (source_dir / STORE).is_file():
         raise SgdgeomError(f"no result store at {source_dir / STORE}: nothing to merge")
     target = Path(into)
