@@ -390,11 +390,15 @@ def _failed(store: ResultStore, spec: RunSpec, err: BaseException) -> dict[str, 
     return {"hash": spec.hash, "status": "failed", "error": reason}
 
 
-def _exit_with_parent(parent: int) -> None:
+def _init_worker(parent: int) -> None:
     """In a pool worker: end the process as soon as ``parent`` (the sweep) is gone, so that a
     killed sweep leaves no worker training queued runs. A Ctrl-C at the terminal reaches
-    the whole process group: the workers ignore it, and the sweep stops them itself."""
+    the whole process group: the workers ignore it, and the sweep stops them itself. The
+    progress bars lock with a thread lock: tqdm's default, a multiprocessing lock, is a
+    semaphore that a worker stopped by the sweep never releases, and the resource tracker
+    warns of it as "leaked" when the sweep exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -444,7 +448,7 @@ def _local_engine(
         pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=context,
-            initializer=_exit_with_parent,
+            initializer=_init_worker,
             initargs=(os.getpid(),),
         )
         try:
