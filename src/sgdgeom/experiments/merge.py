@@ -121,8 +121,9 @@ def _checked_source_folder(source_dir: Path, name: str) -> Path:
 
 def _replace_folder(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target``, replacing what is there: the copy is made beside it
-    under a hidden name and renamed into place, so a crash leaves the old folder or the
-    new one (and at most a hidden half-copy)."""
+    under a hidden name and renamed into place, so a crash leaves the old folder, the new
+    one, or (between the two renames) both under hidden names beside it; the run's row
+    is written after, so the next merge replaces whatever it finds."""
     staging = target.with_name(f".{target.name}.merging-{uuid.uuid4().hex[:12]}")
     staging.mkdir()
     try:
