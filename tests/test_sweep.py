@@ -370,7 +370,7 @@ def test_sweep_killed_in_a_run_resumes_exactly(tmp_path, stop, workers, left):
     assert before[killed_at[0]]["status"] == left
     if left == "interrupted":
         assert proc.returncode == 130 and "interrupted" in stderr
-        assert "leaked semaphore" not in stderr  # the pool's queues were freed
+        assert "leaked semaphore" not in stderr  # no worker leaves a lock behind
         stopped = {h: len(store.epochs(h)) for h in before}
         time.sleep(1.5)  # no worker outlives the sweep and goes on writing epochs
         assert {h: len(store.epochs(h)) for h in before} == stopped
