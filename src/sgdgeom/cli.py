@@ -238,14 +238,19 @@ def sweep(
 @app.command()
 def merge(
     source: Annotated[
-        Path, typer.Argument(help="A sweep directory made elsewhere (results.sqlite, runs/).")
+        Path,
+        typer.Argument(
+            help="A sweep directory made elsewhere (results.sqlite, runs/), or a run archive "
+            "that sgdgeom archive wrote."
+        ),
     ],
     into: Annotated[
         Path, typer.Option("--into", help="The sweep directory to merge into (made if missing).")
     ],
 ) -> None:
     """Copy the finished runs of a sweep directory made elsewhere (a GPU machine, another
-    computer) into another, under the same config hashes; then rewrite its report.
+    computer), or of a run archive, into another, under the same config hashes; then
+    rewrite its report.
 
     A run already finished there is kept; one unfinished there is replaced, checkpoint and
     all; a folder holding another config's run is refused before anything is written.
@@ -261,6 +266,23 @@ def merge(
     for name in summary.merged:
         typer.echo(f"  {name}")
     typer.echo(f"report: {write_report(into, figures=Path(into) / 'figures')}")
+
+
+@app.command()
+def archive(
+    source: Annotated[Path, typer.Argument(help="A sweep directory (results.sqlite, runs/).")],
+    out: Annotated[
+        Path, typer.Option("--out", help="The archive file to write (gzip-compressed JSON).")
+    ],
+) -> None:
+    """Pack a sweep's finished runs (rows, epochs, run files but checkpoints) into one
+    small file to commit; sgdgeom merge restores them on another machine."""
+    from sgdgeom.experiments.archive import write_archive
+
+    names = write_archive(source, out)
+    size = out.stat().st_size
+    typer.echo(f"archived {len(names)} finished runs of {source} into {out} ({size:,} bytes)")
+    typer.echo(f"restore them with: sgdgeom merge {out} --into {source}")
 
 
 @app.command()

@@ -35,7 +35,7 @@ try:
 except ImportError:  # Windows: no advisory locks; a second sweep is not refused there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["STORE", "ResultStore"]
+__all__ = ["RUN_COLUMNS", "STORE", "ResultStore"]
 
 STORE = "results.sqlite"
 
@@ -69,9 +69,8 @@ CREATE TABLE IF NOT EXISTS epochs (
 """
 
 _JSON_COLUMNS = ("labels", "config", "final")
-_COLUMNS = {
-    "sweeps": {"name", "plots"},
-    "runs": {
+RUN_COLUMNS = frozenset(
+    {
         "hash",
         "sweep",
         "name",
@@ -86,7 +85,12 @@ _COLUMNS = {
         "resumed_from",
         "final",
         "error",
-    },
+    }
+)
+"""The columns of a run's row."""
+_COLUMNS = {
+    "sweeps": {"name", "plots"},
+    "runs": set(RUN_COLUMNS),
     "epochs": {"hash", "epoch", "metrics"},
 }
 STATUSES = ("pending", "running", "finished", "failed", "interrupted")
