@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 import copy
-import gzip
 import json
+import lzma
 import os
 from pathlib import Path
 
@@ -44,11 +44,11 @@ def finished_content(store: ResultStore) -> dict:
 
 def test_an_archive_restores_the_finished_runs_as_they_were(tmp_path, swept):
     path, out, pending = swept
-    names = write_archive(out, tmp_path / "runs.json.gz")
+    names = write_archive(out, tmp_path / "runs.json.xz")
     assert sorted(names) == ["none_seed=0", "none_seed=1", "pla_R=0.1_seed=0"]
     assert pending not in names
 
-    summary = merge_store(tmp_path / "runs.json.gz", tmp_path / "new")
+    summary = merge_store(tmp_path / "runs.json.xz", tmp_path / "new")
     assert sorted(summary.merged) == sorted(names)
     restored = ResultStore(tmp_path / "new" / STORE)
     assert finished_content(restored) == finished_content(ResultStore(out / STORE))
@@ -62,8 +62,8 @@ def test_an_archive_restores_the_finished_runs_as_they_were(tmp_path, swept):
         assert Path(row["run_dir"]) == tmp_path / "new" / "runs" / row["name"]
 
     # archiving the restored runs gives the same file, byte for byte
-    write_archive(tmp_path / "new", tmp_path / "again.json.gz")
-    assert (tmp_path / "again.json.gz").read_bytes() == (tmp_path / "runs.json.gz").read_bytes()
+    write_archive(tmp_path / "new", tmp_path / "again.json.xz")
+    assert (tmp_path / "again.json.xz").read_bytes() == (tmp_path / "runs.json.xz").read_bytes()
 
     # a sweep there runs only what the archive lacked; a second merge keeps everything
     run_sweep(load_sweep(path, tmp_path / "new"), tmp_path / "new", threads=1, progress=False)
@@ -73,14 +73,14 @@ def test_an_archive_restores_the_finished_runs_as_they_were(tmp_path, swept):
             assert after[row["name"]] == row["finished"]
     assert len(after) == len(load_sweep(path, tmp_path / "new").runs)
     before = snapshot(tmp_path / "new")
-    again = merge_store(tmp_path / "runs.json.gz", tmp_path / "new")
+    again = merge_store(tmp_path / "runs.json.xz", tmp_path / "new")
     assert again.merged == [] and sorted(again.kept) == sorted(names)
     assert snapshot(tmp_path / "new") == before
 
 
 def test_an_archive_replaces_an_interrupted_run_and_its_checkpoint(tmp_path, swept):
     path, out, _ = swept
-    write_archive(out, tmp_path / "runs.json.gz")
+    write_archive(out, tmp_path / "runs.json.xz")
     here = tmp_path / "here"
     stale = next(r for r in load_sweep(path, here).runs if r.name == "pla_R=0.1_seed=0")
     ResultStore(here / STORE).register("small", [stale.as_row()])
@@ -88,7 +88,7 @@ def test_an_archive_replaces_an_interrupted_run_and_its_checkpoint(tmp_path, swe
     ResultStore(here / STORE).interrupt([stale.hash])
     Path(stale.run_dir).mkdir(parents=True)
     (Path(stale.run_dir) / "checkpoint.pt").write_bytes(b"stale")
-    summary = merge_store(tmp_path / "runs.json.gz", here)
+    summary = merge_store(tmp_path / "runs.json.xz", here)
     assert stale.name in summary.merged
     assert not (Path(stale.run_dir) / "checkpoint.pt").exists()
     assert ResultStore(here / STORE).runs()[0]["status"] == "finished"
@@ -100,18 +100,18 @@ def test_a_link_in_a_run_folder_is_refused_and_nothing_is_written(tmp_path, swep
     os.symlink(tmp_path, link)
     try:
         with pytest.raises(InputError, match="not a plain file or folder"):
-            write_archive(out, tmp_path / "runs.json.gz")
+            write_archive(out, tmp_path / "runs.json.xz")
     finally:
         link.unlink()
-    assert not (tmp_path / "runs.json.gz").exists()
+    assert not (tmp_path / "runs.json.xz").exists()
     with pytest.raises(SgdgeomError, match="nothing to archive"):
-        write_archive(tmp_path / "nowhere", tmp_path / "runs.json.gz")
+        write_archive(tmp_path / "nowhere", tmp_path / "runs.json.xz")
 
 
 def archive_document(tmp_path: Path, swept) -> dict:
     _, out, _ = swept
-    write_archive(out, tmp_path / "good.json.gz")
-    return json.loads(gzip.decompress((tmp_path / "good.json.gz").read_bytes()))
+    write_archive(out, tmp_path / "good.json.xz")
+    return json.loads(lzma.decompress((tmp_path / "good.json.xz").read_bytes()))
 
 
 def broken(document: dict, change) -> dict:
@@ -160,9 +160,9 @@ def test_a_bad_archive_is_refused_before_anything_is_written(tmp_path, swept, me
     target = tmp_path / "target"
     sweep_part(swept[0], target, "none_seed=0")
     before = snapshot(target)
-    bad = tmp_path / "bad.json.gz"
+    bad = tmp_path / "bad.json.xz"
     bad.write_bytes(
-        gzip.compress(json.dumps(broken(archive_document(tmp_path, swept), change)).encode())
+        lzma.compress(json.dumps(broken(archive_document(tmp_path, swept), change)).encode())
     )
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("{", r"\{")):
         merge_store(bad, target)
@@ -171,12 +171,12 @@ def test_a_bad_archive_is_refused_before_anything_is_written(tmp_path, swept, me
 
 
 def test_unreadable_archives_are_refused(tmp_path, swept):
-    bad = tmp_path / "bad.json.gz"
+    bad = tmp_path / "bad.json.xz"
     for content, message in (
-        (b"plain text", "not gzip-compressed"),
-        (gzip.compress(b"{not json"), "not JSON"),
-        (gzip.compress(b"[1, 2]"), "not an sgdgeom run archive"),
-        (gzip.compress(b'{"format": "sgdgeom-run-archive"}'), "has version None"),
+        (b"plain text", "not xz-compressed"),
+        (lzma.compress(b"{not json"), "not JSON"),
+        (lzma.compress(b"[1, 2]"), "not an sgdgeom run archive"),
+        (lzma.compress(b'{"format": "sgdgeom-run-archive"}'), "has version None"),
     ):
         bad.write_bytes(content)
         with pytest.raises(InputError, match=message):
@@ -184,7 +184,7 @@ def test_unreadable_archives_are_refused(tmp_path, swept):
     # an archive's config is checked as a config is
     document = archive_document(tmp_path, swept)
     document["runs"][0]["row"]["config"]["optimizer"]["lr"] = "fast"
-    bad.write_bytes(gzip.compress(json.dumps(document).encode()))
+    bad.write_bytes(lzma.compress(json.dumps(document).encode()))
     with pytest.raises(ConfigError, match="lr"):
         RunArchive.read(bad)
     # a text file and a binary one come back as their bytes
@@ -194,18 +194,18 @@ def test_unreadable_archives_are_refused(tmp_path, swept):
 
 def test_archive_command(tmp_path, swept):
     _, out, _ = swept
-    proc = sgdgeom("archive", out, "--out", tmp_path / "runs.json.gz")
+    proc = sgdgeom("archive", out, "--out", tmp_path / "runs.json.xz")
     assert proc.returncode == 0, proc.stderr
     assert "archived 3 finished runs" in proc.stdout and "sgdgeom merge" in proc.stdout
-    proc = sgdgeom("merge", tmp_path / "runs.json.gz", "--into", tmp_path / "here")
+    proc = sgdgeom("merge", tmp_path / "runs.json.xz", "--into", tmp_path / "here")
     assert proc.returncode == 0, proc.stderr
     assert "merged 3 finished runs" in proc.stdout
     assert (tmp_path / "here" / "report.html").is_file()
     assert_one_line_error(
-        sgdgeom("archive", tmp_path / "none", "--out", tmp_path / "x.gz"), "no result store"
+        sgdgeom("archive", tmp_path / "none", "--out", tmp_path / "x.xz"), "no result store"
     )
-    (tmp_path / "bad.json.gz").write_bytes(b"junk")
+    (tmp_path / "bad.json.xz").write_bytes(b"junk")
     assert_one_line_error(
-        sgdgeom("merge", tmp_path / "bad.json.gz", "--into", tmp_path / "y"), "not gzip-compressed"
+        sgdgeom("merge", tmp_path / "bad.json.xz", "--into", tmp_path / "y"), "not xz-compressed"
     )
     assert not (tmp_path / "y").exists()

@@ -158,9 +158,9 @@ COMMANDS = {
             "sweep", "configs/quick/sweeps/musso-4.2-mnist5k-fc2.yaml", cwd=t)), None),
     ".venv/bin/sgdgeom merge GPU_OUT --into runs/musso-4.2-mnist5k-fc2": (
         "tests/test_merge.py::test_merge_command"),
-    ".venv/bin/sgdgeom archive runs/musso-4.2-mnist5k-fc2 --out fc2.json.gz": (
+    ".venv/bin/sgdgeom archive runs/musso-4.2-mnist5k-fc2 --out fc2.json.xz": (
         "tests/test_archive.py::test_archive_command"),
-    ".venv/bin/sgdgeom merge fc2.json.gz --into runs/musso-4.2-mnist5k-fc2": (
+    ".venv/bin/sgdgeom merge fc2.json.xz --into runs/musso-4.2-mnist5k-fc2": (
         "tests/test_archive.py::test_archive_command"),
     ".venv/bin/sgdgeom steady-state configs/quick/steady-state/aligned.yaml --out runs/steady": (
         quick("steady-state/aligned.yaml"), None),

@@ -272,7 +272,7 @@ def merge(
 def archive(
     source: Annotated[Path, typer.Argument(help="A sweep directory (results.sqlite, runs/).")],
     out: Annotated[
-        Path, typer.Option("--out", help="The archive file to write (gzip-compressed JSON).")
+        Path, typer.Option("--out", help="The archive file to write (xz-compressed JSON).")
     ],
 ) -> None:
     """Pack a sweep's finished runs (rows, epochs, run files but checkpoints) into one

@@ -2,7 +2,7 @@
 
 A sweep directory (its ``results.sqlite`` and run folders) lives on the machine that ran
 it, and its checkpoints make it too large to commit. :func:`write_archive` packs its
-finished runs into one gzip-compressed JSON file: each run's store row, its epoch rows and
+finished runs into one xz-compressed JSON file: each run's store row, its epoch rows and
 the files of its folder but the checkpoint (``config.yaml``, ``metrics.jsonl``,
 ``final.json``, ``test_correct.npy``, ...), byte for byte. ``sgdgeom merge ARCHIVE --into
 DIR`` restores them on another machine (:class:`RunArchive` is the merge's source): a
@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import json
+import lzma
 import shutil
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -84,16 +83,16 @@ class RunArchive:
     @classmethod
     def read(cls, path: str | Path) -> RunArchive:
         """Read and check the archive at ``path``; an :class:`InputError` names what is
-        wrong (not gzip, not JSON, another format, a row, an epoch or a file name).
+        wrong (not xz, not JSON, another format, a row, an epoch or a file name).
 
         Examples:
             >>> import tempfile, os
-            >>> bad = os.path.join(tempfile.mkdtemp(), "runs.json.gz")
-            >>> _ = open(bad, "wb").write(b"not gzip")
+            >>> bad = os.path.join(tempfile.mkdtemp(), "runs.json.xz")
+            >>> _ = open(bad, "wb").write(b"not xz")
             >>> RunArchive.read(bad)
             Traceback (most recent call last):
             ...
-            sgdgeom.errors.InputError: run archive .../runs.json.gz is not gzip-compressed ...
+            sgdgeom.errors.InputError: run archive .../runs.json.xz is not xz-compressed ...
         """
         path = Path(path)
         data = _json_document(path)
@@ -151,12 +150,12 @@ class RunArchive:
 
 def write_archive(source: str | Path, out: str | Path) -> list[str]:
     """Write the finished runs of the sweep directory ``source`` (or its
-    ``results.sqlite``) to the archive file ``out`` (gzip-compressed JSON, written
+    ``results.sqlite``) to the archive file ``out`` (xz-compressed JSON, written
     atomically); the names of the runs archived. The checkpoint and hidden files are left
     out; a link in a run folder is refused.
 
     Examples:
-        >>> write_archive("nowhere", "runs.json.gz")
+        >>> write_archive("nowhere", "runs.json.xz")
         Traceback (most recent call last):
         ...
         sgdgeom.errors.SgdgeomError: no result store at nowhere/results.sqlite: nothing to archive
@@ -192,7 +191,7 @@ def write_archive(source: str | Path, out: str | Path) -> list[str]:
         "runs": runs,
     }
     text = json.dumps(document, separators=(",", ":")).encode()
-    atomic_write_bytes(out, gzip.compress(text, mtime=0))
+    atomic_write_bytes(out, lzma.compress(text))
     return [run["row"]["name"] for run in runs]
 
 
@@ -213,17 +212,17 @@ def _encode(data: bytes) -> dict[str, str]:
 
 
 def _json_document(path: Path) -> Any:
-    """The JSON document gzip-compressed in ``path``, at most :data:`ARCHIVE_LIMIT` bytes
+    """The JSON document xz-compressed in ``path``, at most :data:`ARCHIVE_LIMIT` bytes
     uncompressed."""
     where = f"run archive {path}"
     if not path.is_file():
         raise InputError(f"{where} does not exist (or is not a regular file)")
     try:
-        with gzip.open(path, "rb") as handle:
+        with lzma.open(path, "rb") as handle:
             raw = handle.read(ARCHIVE_LIMIT + 1)
-    except (OSError, EOFError, zlib.error) as err:
+    except (OSError, EOFError, lzma.LZMAError) as err:
         raise InputError(
-            f"{where} is not gzip-compressed (write one with sgdgeom archive): {err}"
+            f"{where} is not xz-compressed (write one with sgdgeom archive): {err}"
         ) from None
     if len(raw) > ARCHIVE_LIMIT:
         raise InputError(f"{where} holds more than {ARCHIVE_LIMIT} bytes uncompressed")
