@@ -75,6 +75,17 @@ def test_an_archive_restores_the_finished_runs_as_they_were(tmp_path, swept):
     before = snapshot(tmp_path / "new")
     again = merge_store(tmp_path / "runs.json.xz", tmp_path / "new")
     assert again.merged == [] and sorted(again.kept) == sorted(names)
+    assert again.differing == []
+    assert snapshot(tmp_path / "new") == before
+
+    # the same run with other digits (another machine): kept as it is here, and named
+    document = lzma.decompress((tmp_path / "runs.json.xz").read_bytes())
+    other = json.loads(document)
+    other["runs"][1]["row"]["final"]["final_test_acc"] += 0.001
+    (tmp_path / "other.json.xz").write_bytes(lzma.compress(json.dumps(other).encode()))
+    differs = merge_store(tmp_path / "other.json.xz", tmp_path / "new")
+    assert differs.differing == [other["runs"][1]["row"]["name"]]
+    assert sorted(differs.kept) == sorted(names) and differs.merged == []
     assert snapshot(tmp_path / "new") == before
 
 
@@ -201,6 +212,13 @@ def test_archive_command(tmp_path, swept):
     assert proc.returncode == 0, proc.stderr
     assert "merged 3 finished runs" in proc.stdout
     assert (tmp_path / "here" / "report.html").is_file()
+    other = json.loads(lzma.decompress((tmp_path / "runs.json.xz").read_bytes()))
+    other["runs"][0]["row"]["final"]["best_test_acc"] = 0.5
+    (tmp_path / "other.json.xz").write_bytes(lzma.compress(json.dumps(other).encode()))
+    proc = sgdgeom("merge", tmp_path / "other.json.xz", "--into", tmp_path / "here")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of the runs finished in both differ" in proc.stdout
+    assert f"  {other['runs'][0]['row']['name']}" in proc.stdout
     assert_one_line_error(
         sgdgeom("archive", tmp_path / "none", "--out", tmp_path / "x.xz"), "no result store"
     )

@@ -91,6 +91,7 @@ def test_a_merged_store_is_the_store_of_one_sweep(tmp_path, whole):
     before = snapshot(here)
     again = merge_store(elsewhere / STORE, here)
     assert again.merged == [] and sorted(again.kept) == sorted(summary.merged)
+    assert again.differing == []
     assert snapshot(here) == before
 
 

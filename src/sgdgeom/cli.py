@@ -252,8 +252,9 @@ def merge(
     computer), or of a run archive, into another, under the same config hashes; then
     rewrite its report.
 
-    A run already finished there is kept; one unfinished there is replaced, checkpoint and
-    all; a folder holding another config's run is refused before anything is written.
+    A run already finished there is kept (and named where its final metrics differ); one
+    unfinished there is replaced, checkpoint and all; a folder holding another config's run
+    is refused before anything is written.
     """
     from sgdgeom.experiments.merge import merge_store
     from sgdgeom.experiments.report import write_report
@@ -265,6 +266,13 @@ def merge(
     )
     for name in summary.merged:
         typer.echo(f"  {name}")
+    if summary.differing:
+        typer.echo(
+            f"{len(summary.differing)} of the runs finished in both differ in their final "
+            f"metrics (kept as {into} has them):"
+        )
+        for name in summary.differing:
+            typer.echo(f"  {name}")
     typer.echo(f"report: {write_report(into, figures=Path(into) / 'figures')}")
 
 

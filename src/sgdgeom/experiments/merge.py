@@ -10,7 +10,9 @@ its checkpoint if one was kept). The source may also be a run archive
 (:mod:`sgdgeom.experiments.archive`): the same runs, from a file that a new machine can
 be handed, without their checkpoints.
 
-- A run finished in both stores is kept as it is.
+- A run finished in both stores is kept as it is; where its final metrics differ between
+  the two (the same config on another machine need not give the same digits), the
+  summary names it.
 - A run unfinished in the target (pending, running, interrupted, failed) is replaced,
   folder and rows, so that its stale checkpoint is never resumed.
 - A run not finished in the source is left out.
@@ -45,10 +47,12 @@ _RUNS = "runs"
 @dataclass
 class MergeSummary:
     """The run names of a merge: ``merged`` (copied in), ``kept`` (already finished in the
-    target) and ``unfinished`` (not finished in the source, left out)."""
+    target), ``differing`` (those of ``kept`` whose final metrics, the device aside,
+    differ from the source's) and ``unfinished`` (not finished in the source, left out)."""
 
     merged: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    differing: list[str] = field(default_factory=list)
     unfinished: list[str] = field(default_factory=list)
 
 
@@ -117,6 +121,8 @@ def merge_store(source: str | Path, into: str | Path) -> MergeSummary:
                 continue
             if here.get(row["hash"], {}).get("status") == "finished":
                 summary.kept.append(name)
+                if _results(here[row["hash"]]) != _results(row):
+                    summary.differing.append(name)
                 continue
             entries = origin.files(name)
             if owners.get(name, row["hash"]) != row["hash"]:
@@ -138,6 +144,11 @@ def merge_store(source: str | Path, into: str | Path) -> MergeSummary:
             store.adopt(row, origin.epochs(row["hash"]), plots.get(row["sweep"], []))
             summary.merged.append(row["name"])
     return summary
+
+
+def _results(row: dict[str, Any]) -> dict[str, Any]:
+    """A finished row's final metrics without the device they ran on."""
+    return {k: v for k, v in row["final"].items() if k != "device"}
 
 
 def _open_source(source: Path, target: Path) -> MergeSource:
