@@ -292,3 +292,24 @@ def test_versus_without_a_figures_folder_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--versus", "loss.R"],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2 and "--versus draws a figure" in proc.stderr
+
+
+ARCHIVED = {
+    "replication-musso-5.json.xz": "musso-5-mnist5k-cnn-rerun",
+    "replication-musso-5.1.json.xz": "musso-5.1-mnist5k-cnn-conv",
+}
+"""Each committed run archive and the key of docs/benchmarks/replication.json made from it."""
+
+
+@pytest.mark.parametrize("archive", sorted(ARCHIVED))
+def test_the_report_numbers_come_back_from_the_committed_run_archives(tables, tmp_path, archive):
+    """Restoring a committed archive and summarising it gives the committed table, digit
+    for digit: the report's numbers can be rebuilt on a new machine."""
+    import json
+
+    from sgdgeom.experiments.merge import merge_store
+
+    root = Path(__file__).parents[1] / "docs" / "benchmarks"
+    merge_store(root / "archives" / archive, tmp_path / "store")
+    committed = json.loads((root / "replication.json").read_text())[ARCHIVED[archive]]
+    assert json.loads(json.dumps(tables.summarise(tmp_path / "store"))) == committed
