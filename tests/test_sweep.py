@@ -311,14 +311,15 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("stop", "workers", "left"),
+    ("stop", "workers", "engine", "left"),
     [
-        ("SIGKILL to the process group", 1, "running"),
-        ("SIGTERM to the sweep", 1, "interrupted"),
-        ("SIGTERM to the sweep", 2, "interrupted"),
+        ("SIGKILL to the process group", 1, "local", "running"),
+        ("SIGTERM to the sweep", 1, "local", "interrupted"),
+        ("SIGTERM to the sweep", 2, "local", "interrupted"),
+        ("SIGTERM to the sweep", 2, "ray", "interrupted"),
     ],
 )
-def test_sweep_killed_in_a_run_resumes_exactly(tmp_path, stop, workers, left):
+def test_sweep_killed_in_a_run_resumes_exactly(tmp_path, stop, workers, engine, left):
     """Kill a sweep in the middle of a run after one finished; resuming it skips the
     finished run, continues the other from its checkpoint, and ends with the store an
     uninterrupted sweep writes. A SIGTERM (``kill PID``) stops it as a Ctrl-C does: the
@@ -339,7 +340,7 @@ def test_sweep_killed_in_a_run_resumes_exactly(tmp_path, stop, workers, left):
     out = tmp_path / "killed"
     command = [
         sys.executable, "-m", "sgdgeom", "sweep", str(path), "--out", str(out), "--threads", "1",
-        "--workers", str(workers),
+        "--workers", str(workers), "--engine", engine,
     ]  # fmt: skip
     proc = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -487,10 +487,19 @@ def _ray_engine(
         try:
             task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=0)(execute_run)
             refs = {task.remote(spec, **options): spec for spec in pending}
-            while refs:
-                done, _ = ray.wait(list(refs), num_returns=1)
-                spec = refs.pop(done[0])
-                report(spec, ray.get(done[0]))
+            # ray.init installs its own SIGTERM handler, which exits at once: the sweep's
+            # again, so that a stop marks the runs interrupted; the tasks are cancelled,
+            # since a cluster at an address outlives this process
+            with _sigterm_as_interrupt():
+                try:
+                    while refs:  # a short wait, so that a signal is seen within it
+                        done, _ = ray.wait(list(refs), num_returns=1, timeout=0.2)
+                        for ref in done:
+                            report(refs.pop(ref), ray.get(ref))
+                except KeyboardInterrupt:
+                    for ref in refs:
+                        ray.cancel(ref, force=True)
+                    raise
         finally:
             if started_here:
                 ray.shutdown()
