@@ -143,6 +143,8 @@ BAD = [
     ("is not its config's hash", lambda d: d["runs"][0]["row"]["config"].__setitem__("seed", 7)),
     ("not a folder name", lambda d: d["runs"][0]["row"].__setitem__("name", "../up")),
     ("row's columns", lambda d: d["runs"][0]["row"].__setitem__("run_dir", "/tmp/x")),
+    ("attempts is not int", lambda d: d["runs"][0]["row"].__setitem__("attempts", [1])),
+    ("created is not int or float", lambda d: d["runs"][0]["row"].__setitem__("created", True)),
     ("not among the archive's", lambda d: d["runs"][0]["row"].__setitem__("sweep", "other")),
     ("distinct epochs", lambda d: d["runs"][0]["epochs"].append(d["runs"][0]["epochs"][0])),
     (
@@ -205,8 +207,9 @@ def test_unreadable_archives_are_refused(tmp_path, swept):
 
 def test_archive_command(tmp_path, swept):
     _, out, _ = swept
-    proc = sgdgeom("archive", out, "--out", tmp_path / "runs.json.xz")
+    proc = sgdgeom("archive", out, "--out", tmp_path / "new" / "runs.json.xz")
     assert proc.returncode == 0, proc.stderr
+    (tmp_path / "new" / "runs.json.xz").rename(tmp_path / "runs.json.xz")  # a folder made
     assert "archived 3 finished runs" in proc.stdout and "sgdgeom merge" in proc.stdout
     proc = sgdgeom("merge", tmp_path / "runs.json.xz", "--into", tmp_path / "here")
     assert proc.returncode == 0, proc.stderr

@@ -191,6 +191,7 @@ def write_archive(source: str | Path, out: str | Path) -> list[str]:
         "runs": runs,
     }
     text = json.dumps(document, separators=(",", ":")).encode()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, lzma.compress(text))
     return [run["row"]["name"] for run in runs]
 
@@ -239,18 +240,25 @@ def _checked_run(run: Any, where: str, sweeps: set[str]) -> dict[str, Any]:
     row, epochs, files = run["row"], run["epochs"], run["files"]
     if not isinstance(row, dict) or set(row) != _ROW_COLUMNS:
         raise InputError(f"{where}: row's columns are not {sorted(_ROW_COLUMNS)}")
-    kinds: dict[str, type] = {
-        "hash": str,
-        "sweep": str,
-        "name": str,
-        "status": str,
-        "labels": dict,
-        "config": dict,
-        "final": dict,
+    kinds: dict[str, tuple[type, ...]] = {
+        "hash": (str,),
+        "sweep": (str,),
+        "name": (str,),
+        "status": (str,),
+        "labels": (dict,),
+        "config": (dict,),
+        "final": (dict,),
+        "created": (int, float),
+        "started": (int, float, type(None)),
+        "finished": (int, float, type(None)),
+        "attempts": (int,),
+        "resumed_from": (int, type(None)),
+        "error": (str, type(None)),
     }
     for column, kind in kinds.items():
-        if not isinstance(row[column], kind):
-            raise InputError(f"{where}: {column} is not a {kind.__name__}")
+        if not isinstance(row[column], kind) or isinstance(row[column], bool):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kind)
+            raise InputError(f"{where}: {column} is not {names}")
     where = f"{where} ({row['name']!r})"
     if row["status"] != "finished":
         raise InputError(f"{where} is {row['status']}; an archive holds finished runs only")
