@@ -384,7 +384,10 @@ def test_sweep_killed_in_a_run_resumes_exactly(tmp_path, stop, workers, engine, 
         assert after[run_hash]["attempts"] == 1
     resumed = after[killed_at[0]]
     assert resumed["attempts"] == 2
-    assert 1 <= resumed["resumed_from"] <= killed_at[1]  # from its checkpoint, not epoch 0
+    assert resumed["resumed_from"] >= 1  # from its checkpoint, not epoch 0
+    if engine == "local":  # the pool's workers are terminated at once; Ray's raylet
+        # carries out a cancel a moment later, an epoch or two of this small run
+        assert resumed["resumed_from"] <= killed_at[1]
     assert all(r["status"] == "finished" for r in after.values())
 
     reference = tmp_path / "uninterrupted"

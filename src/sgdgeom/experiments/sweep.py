@@ -499,6 +499,9 @@ def _ray_engine(
                 except KeyboardInterrupt:
                     for ref in refs:
                         ray.cancel(ref, force=True)
+                    # a cancel is carried out by Ray's raylet: wait until the tasks are
+                    # gone, so that none writes after the store marks them interrupted
+                    ray.wait(list(refs), num_returns=len(refs), timeout=60)
                     raise
         finally:
             if started_here:
