@@ -313,3 +313,21 @@ def test_the_report_numbers_come_back_from_the_committed_run_archives(tables, tm
     merge_store(root / "archives" / archive, tmp_path / "store")
     committed = json.loads((root / "replication.json").read_text())[ARCHIVED[archive]]
     assert json.loads(json.dumps(tables.summarise(tmp_path / "store"))) == committed
+
+
+def test_the_fashion_archive_gives_the_summary_s_y8_groups(tables, tmp_path):
+    """The Fashion-MNIST archive, restored: its y = 8 groups and their contrasts with
+    y = 4 are the ones docs/benchmarks/musso-4.2-fashion-summary.json holds."""
+    import json
+
+    from sgdgeom.experiments.merge import merge_store
+
+    root = Path(__file__).parents[1] / "docs" / "benchmarks"
+    merge_store(root / "archives" / "musso-4.2-fashion-fc2.json.xz", tmp_path / "store")
+    summary = json.loads((root / "musso-4.2-fashion-summary.json").read_text())
+    table = json.loads(json.dumps(tables.summarise(tmp_path / "store")))
+    pairs = [(f"pla_y8 R={r} layers=fc2", f"pla R={r} layers=fc2") for r in ("0.01", "0.05")]
+    found = json.loads(json.dumps(tables.contrasts(tmp_path / "store", pairs)))
+    for y8, y4 in pairs:
+        assert table[y8] == summary["groups"][y8]
+        assert found[f"{y8} − {y4}"] == summary["contrasts"][f"{y8} − {y4}"]
