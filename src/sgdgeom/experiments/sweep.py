@@ -501,7 +501,8 @@ def _ray_engine(
                         ray.cancel(ref, force=True)
                     # a cancel is carried out by Ray's raylet: wait until the tasks are
                     # gone, so that none writes after the store marks them interrupted
-                    ray.wait(list(refs), num_returns=len(refs), timeout=60)
+                    if refs:
+                        ray.wait(list(refs), num_returns=len(refs), timeout=60)
                     raise
         finally:
             if started_here:
