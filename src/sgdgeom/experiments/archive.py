@@ -34,9 +34,9 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sgdgeom.errors import InputError, SgdgeomError
+from sgdgeom.errors import InputError
 from sgdgeom.experiments.config import config_hash, parse_config
-from sgdgeom.experiments.store import RUN_COLUMNS, STORE, ResultStore
+from sgdgeom.experiments.store import RUN_COLUMNS, STORE, ResultStore, sweep_folder
 from sgdgeom.files import atomic_write_bytes, safe_name
 from sgdgeom.train import CHECKPOINT, FINAL
 
@@ -160,10 +160,7 @@ def write_archive(source: str | Path, out: str | Path) -> list[str]:
         ...
         sgdgeom.errors.SgdgeomError: no result store at nowhere/results.sqlite: nothing to archive
     """
-    source = Path(source)
-    source_dir = source.parent if source.name == STORE else source
-    if not (source_dir / STORE).is_file():
-        raise SgdgeomError(f"no result store at {source_dir / STORE}: nothing to archive")
+    source_dir = sweep_folder(source, "nothing to archive")
     store = ResultStore(source_dir / STORE, read_only=True)
     runs: list[dict[str, Any]] = []
     for row in store.runs():

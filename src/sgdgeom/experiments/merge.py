@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from sgdgeom.errors import ConfigError, InputError, SgdgeomError
+from sgdgeom.errors import ConfigError, InputError
 from sgdgeom.experiments.archive import RunArchive, Writer, run_folder_files
-from sgdgeom.experiments.store import STORE, ResultStore
+from sgdgeom.experiments.store import STORE, ResultStore, sweep_folder
 from sgdgeom.files import refuse_links, safe_name
 
 __all__ = ["MergeSource", "MergeSummary", "SweepFolder", "merge_store"]
@@ -103,7 +103,7 @@ def merge_store(source: str | Path, into: str | Path) -> MergeSummary:
         >>> merge_store("nowhere", "anywhere")
         Traceback (most recent call last):
         ...
-        sgdgeom.errors.SgdgeomError: no result store at nowhere/results.sqlite: nothing to merge
+        sgdgeom.errors.SgdgeomError: no result store at nowhere/results.sqlite: nothing to merge ...
     """
     origin = _open_source(Path(source), Path(into))
     plots = origin.sweeps()
@@ -155,9 +155,7 @@ def _open_source(source: Path, target: Path) -> MergeSource:
     """A run archive where ``source`` is a file other than a store, else a sweep folder."""
     if source.is_file() and source.name != STORE:
         return RunArchive.read(source)
-    source_dir = source.parent if source.name == STORE else source
-    if not (source_dir / STORE).is_file():
-        raise SgdgeomError(f"no result store at {source_dir / STORE}: nothing to merge")
+    source_dir = sweep_folder(source, f"nothing to merge (nor is {source} a run archive)")
     if target.exists() and target.resolve() == source_dir.resolve():
         raise InputError(f"{source_dir} is the target itself: merge into another folder")
     return SweepFolder(source_dir, ResultStore(source_dir / STORE, read_only=True))

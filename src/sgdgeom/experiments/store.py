@@ -35,7 +35,7 @@ try:
 except ImportError:  # Windows: no advisory locks; a second sweep is not refused there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RUN_COLUMNS", "STORE", "ResultStore"]
+__all__ = ["RUN_COLUMNS", "STORE", "ResultStore", "sweep_folder"]
 
 STORE = "results.sqlite"
 
@@ -94,6 +94,17 @@ _COLUMNS = {
     "epochs": {"hash", "epoch", "metrics"},
 }
 STATUSES = ("pending", "running", "finished", "failed", "interrupted")
+
+
+def sweep_folder(source: str | Path, purpose: str) -> Path:
+    """The sweep directory that ``source`` names (the directory or its ``results.sqlite``),
+    or an :class:`SgdgeomError` saying there is no store there, ``purpose`` ("nothing to
+    merge") appended."""
+    source = Path(source)
+    folder = source.parent if source.name == STORE else source
+    if not (folder / STORE).is_file():
+        raise SgdgeomError(f"no result store at {folder / STORE}: {purpose}")
+    return folder
 
 
 class ResultStore:
