@@ -24,13 +24,17 @@ from tests.test_sweep import SMALL, store_content, sweep_file
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """Three runs of SMALL finished, one left pending, a hidden file in one folder."""
+    """Three runs of SMALL finished, one left pending, a hidden file in one folder and a
+    binary file two folders down in another."""
     root = tmp_path_factory.mktemp("archive")
     path = sweep_file(root, SMALL)
     sweep_part(path, root / "out", "none_*", "pla_R=0.1_seed=0")
     pending = load_sweep(path, root / "out").runs[-1]
     ResultStore(root / "out" / STORE).register("small", [pending.as_row()])
     (root / "out" / "runs" / "none_seed=0" / ".notes.swp").write_text("editor's")
+    nested = root / "out" / "runs" / "none_seed=1" / "figures" / "epochs"
+    nested.mkdir(parents=True)  # a folder two levels down travels too
+    (nested / "curve.png").write_bytes(bytes(range(256)))
     return path, root / "out", pending.name
 
 
