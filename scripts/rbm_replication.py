@@ -45,16 +45,19 @@ def summarise(
 ) -> dict[str, Any]:
     """Best and final test log-likelihood per update, the mean over the last :data:`LAST`
     epochs, and each one's difference from CD, paired by seed: ``[mean, s.e.]`` over the
-    runs; with ``train`` (the same runs' training log-likelihoods), the training mean over
-    the last epochs too, which picks a learning rate without looking at the test set."""
+    runs, and the last epochs' mean of each run in ``runs``' order (``..._per_run``, which
+    :func:`picks` pairs across learning rates); with ``train`` (the same runs' training
+    log-likelihoods), the training mean over the last epochs too, which picks a learning
+    rate without looking at the test set."""
     out: dict[str, Any] = {"runs": len(runs)}
     for u in updates:
         best = mean_and_error([r[u].max() for r in runs])
         final = mean_and_error([r[u][-1] for r in runs])
-        last = mean_and_error([r[u][-LAST:].mean() for r in runs])
+        per_run = [float(r[u][-LAST:].mean()) for r in runs]
         out[u] = {"best_test_loglik": [float(v) for v in best]}
         out[u]["final_test_loglik"] = [float(v) for v in final]
-        out[u][f"last{LAST}_test_loglik"] = [float(v) for v in last]
+        out[u][f"last{LAST}_test_loglik"] = [float(v) for v in mean_and_error(per_run)]
+        out[u][f"last{LAST}_test_loglik_per_run"] = per_run
         if u != updates[0]:
             base = updates[0]
             gain = mean_and_error([r[u][-1] - r[base][-1] for r in runs])
@@ -70,20 +73,20 @@ def summarise(
 def picks(by_lr: dict[str, dict[str, Any]], updates: list[str]) -> dict[str, Any]:
     """Each update at its learning rate with the best mean training log-likelihood over the
     last :data:`LAST` epochs (picked without the test set), and each metric update's test
-    difference from CD at CD's own pick (unpaired: mean ± combined s.e.)."""
+    difference from CD at CD's own pick, paired by seed (every learning rate runs the same
+    seeds, so the pairing holds across learning rates too): ``[mean, s.e.]``."""
     key = f"last{LAST}_train_loglik"
     chosen = {u: max(by_lr, key=lambda lr, u=u: by_lr[lr][u][key][0]) for u in updates}
     out: dict[str, Any] = {"by": key}
     base = updates[0]
-    control = by_lr[chosen[base]][base][f"last{LAST}_test_loglik"]
+    per_run = f"last{LAST}_test_loglik_per_run"
+    control = np.array(by_lr[chosen[base]][base][per_run])
     for u in updates:
-        test = by_lr[chosen[u]][u][f"last{LAST}_test_loglik"]
-        out[u] = {"lr": chosen[u], f"last{LAST}_test_loglik": test}
+        picked = by_lr[chosen[u]][u]
+        out[u] = {"lr": chosen[u], f"last{LAST}_test_loglik": picked[f"last{LAST}_test_loglik"]}
         if u != base:
-            out[u][f"minus_{base}_at_its_pick"] = [
-                test[0] - control[0],
-                float(np.hypot(test[1], control[1])),
-            ]
+            gain = mean_and_error(np.array(picked[per_run]) - control)
+            out[u][f"minus_{base}_at_its_pick"] = [float(v) for v in gain]
     return out
 
 

@@ -98,11 +98,40 @@ def test_the_rbm_script_runs_resumes_and_summarises(tmp_path):
         "final_test_loglik",
         "final_minus_cd",
         "last10_test_loglik",
+        "last10_test_loglik_per_run",
         "last10_minus_cd",
         "last10_train_loglik",
     }
     picked = json.loads((tmp_path / "out/summary.json").read_text())["picked"]
-    assert picked["cd"]["lr"] == "0.05" and "minus_cd_at_its_pick" in picked["metric-exact"]
+    assert picked["cd"]["lr"] == "0.05"
+    # one lr, so the pick's difference is the paired one of that lr, not the unpaired one
+    paired = summary["metric-exact"]["last10_minus_cd"]
+    assert picked["metric-exact"]["minus_cd_at_its_pick"] == pytest.approx(paired, abs=1e-12)
+
+
+def test_the_rbm_pick_pairs_seeds_across_learning_rates():
+    """Each rule at its own lr: the difference from CD pairs seed with seed (its s.e. is
+    that of the per-seed differences, not the two s.e.'s combined)."""
+    spec = importlib.util.spec_from_file_location("rbm", SCRIPT.parent / "rbm_replication.py")
+    rbm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rbm)
+
+    def run(cd: float, metric: float) -> dict[str, np.ndarray]:
+        return {"cd": np.full(12, cd), "metric": np.full(12, metric)}
+
+    seeds = [0.0, 1.0, 3.0]  # a seed offset shared by every rule and lr
+    by_lr = {
+        "0.1": rbm.summarise([run(-10 + s, -11 + s) for s in seeds], ["cd", "metric"],
+                             [{"cd": np.full(12, 5.0), "metric": np.full(12, 1.0)}] * 3),
+        "0.2": rbm.summarise([run(-12 + s, -9.5 + 2 * s) for s in seeds], ["cd", "metric"],
+                             [{"cd": np.full(12, 1.0), "metric": np.full(12, 5.0)}] * 3),
+    }  # fmt: skip
+    picked = rbm.picks(by_lr, ["cd", "metric"])
+    assert (picked["cd"]["lr"], picked["metric"]["lr"]) == ("0.1", "0.2")
+    differences = np.array([(-9.5 + 2 * s) - (-10 + s) for s in seeds])
+    assert picked["metric"]["minus_cd_at_its_pick"] == pytest.approx(
+        [differences.mean(), differences.std(ddof=1) / np.sqrt(3)], abs=1e-12
+    )
 
 
 def test_failed_runs_are_counted_and_a_failed_grid_point_is_never_best(tables, tmp_path):
