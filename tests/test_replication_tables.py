@@ -355,7 +355,9 @@ def test_the_fashion_archive_gives_the_summary_s_y8_groups(tables, tmp_path):
     merge_store(root / "archives" / "musso-4.2-fashion-fc2.json.xz", tmp_path / "store")
     summary = json.loads((root / "musso-4.2-fashion-summary.json").read_text())
     table = json.loads(json.dumps(tables.summarise(tmp_path / "store")))
-    pairs = [(f"pla_y8 R={r} layers=fc2", f"pla R={r} layers=fc2") for r in ("0.01", "0.05")]
+    cells = [("0.01", "fc2"), ("0.02", "fc2"), ("0.05", "fc2")]
+    cells += [("0.05", "fc1"), ("0.05", "fc1+fc2")]
+    pairs = [(f"pla_y8 R={r} layers={layers}", f"pla R={r} layers={layers}") for r, layers in cells]
     found = json.loads(json.dumps(tables.contrasts(tmp_path / "store", pairs)))
     for y8, y4 in pairs:
         assert table[y8] == summary["groups"][y8]
