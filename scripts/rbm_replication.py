@@ -62,7 +62,8 @@ def summarise(
             base = updates[0]
             gain = mean_and_error([r[u][-1] - r[base][-1] for r in runs])
             out[u][f"final_minus_{base}"] = [float(v) for v in gain]
-            gain = mean_and_error([r[u][-LAST:].mean() - r[base][-LAST:].mean() for r in runs])
+            base_per_run = out[base][f"last{LAST}_test_loglik_per_run"]
+            gain = mean_and_error(np.subtract(per_run, base_per_run))
             out[u][f"last{LAST}_minus_{base}"] = [float(v) for v in gain]
         if train is not None:
             fit = mean_and_error([r[u][-LAST:].mean() for r in train])
