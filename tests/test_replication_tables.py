@@ -344,9 +344,9 @@ def test_the_report_numbers_come_back_from_the_committed_run_archives(tables, tm
     assert json.loads(json.dumps(tables.summarise(tmp_path / "store"))) == committed
 
 
-def test_the_fashion_archive_gives_the_summary_s_y8_groups(tables, tmp_path):
-    """The Fashion-MNIST archive, restored: its y = 8 groups and their contrasts with
-    y = 4 are the ones docs/benchmarks/musso-4.2-fashion-summary.json holds."""
+def test_the_fashion_archive_gives_the_summary_s_rerun_groups(tables, tmp_path):
+    """The Fashion-MNIST archive, restored: its y = 8 and PLEA groups and their contrasts
+    with PLA at y = 4 are the ones docs/benchmarks/musso-4.2-fashion-summary.json holds."""
     import json
 
     from sgdgeom.experiments.merge import merge_store
@@ -355,10 +355,16 @@ def test_the_fashion_archive_gives_the_summary_s_y8_groups(tables, tmp_path):
     merge_store(root / "archives" / "musso-4.2-fashion-fc2.json.xz", tmp_path / "store")
     summary = json.loads((root / "musso-4.2-fashion-summary.json").read_text())
     table = json.loads(json.dumps(tables.summarise(tmp_path / "store")))
-    cells = [("0.01", "fc2"), ("0.02", "fc2"), ("0.05", "fc2")]
-    cells += [("0.05", "fc1"), ("0.05", "fc1+fc2")]
-    pairs = [(f"pla_y8 R={r} layers={layers}", f"pla R={r} layers={layers}") for r, layers in cells]
+    y8_cells = [("0.01", "fc2"), ("0.02", "fc2"), ("0.05", "fc2")]
+    y8_cells += [("0.05", "fc1"), ("0.05", "fc1+fc2")]
+    plea_cells = [("0.001", "fc2"), ("0.002", "fc2"), ("0.005", "fc2")]
+    plea_cells += [("0.05", "fc2"), ("0.05", "fc1"), ("0.05", "fc1+fc2")]
+    cells = [("pla_y8", *cell) for cell in y8_cells] + [("plea", *cell) for cell in plea_cells]
+    pairs = [
+        (f"{variant} R={r} layers={layers}", f"pla R={r} layers={layers}")
+        for variant, r, layers in cells
+    ]
     found = json.loads(json.dumps(tables.contrasts(tmp_path / "store", pairs)))
-    for y8, y4 in pairs:
-        assert table[y8] == summary["groups"][y8]
-        assert found[f"{y8} − {y4}"] == summary["contrasts"][f"{y8} − {y4}"]
+    for rerun, partner in pairs:
+        assert table[rerun] == summary["groups"][rerun]
+        assert found[f"{rerun} − {partner}"] == summary["contrasts"][f"{rerun} − {partner}"]
