@@ -369,8 +369,7 @@ def test_the_fashion_archive_gives_the_summary_s_rerun_groups(tables, tmp_path):
     pairs += [
         (f"pla R={r} layers=fc2", f"pla R={r} layers=fc1") for r in ("0.001", "0.002", "0.005")
     ]
-    pairs += [("pla R=0.001 layers=fc2", "pla R=0.001 layers=fc1+fc2")]
-    pairs += [("pla R=0.001 layers=fc1", "pla R=0.001 layers=fc1+fc2")]
+    pairs += [(f"pla R=0.001 layers={one}", "pla R=0.001 layers=fc1+fc2") for one in ("fc2", "fc1")]
     found = json.loads(json.dumps(tables.contrasts(tmp_path / "store", pairs)))
     for rerun, partner in pairs:
         assert table[rerun] == summary["groups"][rerun]
