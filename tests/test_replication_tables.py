@@ -357,9 +357,12 @@ def test_the_fashion_archive_gives_the_summary_s_rerun_groups(tables, tmp_path):
     summary = json.loads((root / "musso-4.2-fashion-summary.json").read_text())
     table = json.loads(json.dumps(tables.summarise(tmp_path / "store")))
     small_r = ("0.001", "0.002", "0.005")
-    y8_cells = [(r, "fc2") for r in (*small_r, "0.01", "0.02", "0.05", "0.1")]
-    y8_cells += [(r, layers) for r in ("0.001", "0.002", "0.05") for layers in ("fc1", "fc1+fc2")]
-    y8_cells += [("0.005", "fc1")]
+    y8_rs = {
+        "fc2": (*small_r, "0.01", "0.02", "0.05", "0.1"),
+        "fc1": (*small_r, "0.05"),
+        "fc1+fc2": ("0.001", "0.002", "0.05"),
+    }
+    y8_cells = [(r, layers) for layers, rs in y8_rs.items() for r in rs]
     plea_cells = [(r, layers) for r in small_r for layers in ("fc2", "fc1", "fc1+fc2")]
     plea_cells += [("0.05", "fc2"), ("0.05", "fc1"), ("0.05", "fc1+fc2")]
     cells = [("pla_y8", *cell) for cell in y8_cells] + [("plea", *cell) for cell in plea_cells]
